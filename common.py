@@ -1,0 +1,283 @@
+"""Helpers shared by every stage script (STYLE.md rule 11): dataclass config -> CLI flags, torchrun/DDP setup,
+print0, seeding, atomic checkpoints, diffusers-format folder writing, image grids, and the flow-matching
+schedule that training and sampling must share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import types
+import typing
+from pathlib import Path
+
+import numpy as np
+import safetensors.torch
+import torch
+import torch.distributed as dist
+
+# ----------------------------------------------------------------------------------------------------------------
+# config: one @dataclass per script, every field a `--field value` flag
+
+
+def parse_config(cls: type, argv: list[str] | None = None):
+    """Build `cls` from the command line: one flag per field, named exactly like it; bools are `--x/--no-x`.
+
+    The inline comment after each field (`lr: float = 1e-4  # peak learning rate`) becomes its `--help` text.
+    """
+    hints = typing.get_type_hints(cls)
+    comments = dict(re.findall(r"^\s*(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            tp = args[0]  # `X | None` -> X
+        kw = dict(default=default, help=comments.get(f.name, " "))
+        if tp is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(tp) in (list, tuple):
+            kw.update(nargs="*", type=typing.get_args(tp)[0])
+        else:
+            kw["type"] = tp
+        parser.add_argument(f"--{f.name}", **kw)
+    ns = vars(parser.parse_args(argv))
+    fix = {k: tuple(v) for k, v in ns.items() if typing.get_origin(hints[k]) is tuple and v is not None}
+    return cls(**{**ns, **fix})
+
+
+def save_config(cfg, out_dir: str | Path) -> None:
+    """Print the resolved config and save it as out_dir/config.json (STYLE.md rule 5), on the master only."""
+    if int(os.environ.get("RANK", 0)) == 0:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# distributed: torchrun sets RANK / LOCAL_RANK / WORLD_SIZE; without them this is one process
+
+
+@dataclasses.dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+
+def init_dist(device: str = "auto") -> Dist:
+    """Join the torchrun process group (nccl on GPU, gloo on CPU), or run as world size 1 under plain `python`."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    torchrun = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    rank, local_rank, world = (
+        (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if torchrun else (0, 0, 1)
+    )
+    dev = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if torchrun and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return Dist(rank, local_rank, world, dev)
+
+
+def cleanup_dist() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*args, log_file: str | Path | None = None) -> None:
+    """Print on the master process only; also append the line to `log_file` when given."""
+    if int(os.environ.get("RANK", 0)) != 0:
+        return
+    print(*args, flush=True)
+    if log_file is not None:
+        with open(log_file, "a") as f:
+            print(*args, file=f)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch. Stage scripts pass `seed + rank` so ranks draw different data (rule 17)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def run_info(world_size: int = 1) -> dict:
+    """What a run record needs to be reproducible: the git commit (and whether the tree was dirty), versions, GPU."""
+
+    def git(*a):
+        try:
+            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        except OSError:  # git not installed
+            return ""
+
+    return {
+        "git_commit": git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "world_size": world_size,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints: written atomically, so a crash mid-write never replaces the last good file
+
+
+def save_ckpt(obj, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """Save `obj` (torch.save dict, or a flat tensor dict for `.safetensors`) to a temp file, fsync, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if path.suffix == ".safetensors":
+                tensors = {k: v.detach().contiguous() for k, v in obj.items()}
+                f.write(safetensors.torch.save(tensors, metadata=metadata))
+            else:
+                torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load_ckpt(path: str | Path, device: str | torch.device = "cpu"):
+    """Load a checkpoint written by save_ckpt: safetensors, or torch.load with weights_only=True (no pickled code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    if path.suffix == ".safetensors":
+        return safetensors.torch.load_file(path, device=str(device))
+    return torch.load(path, map_location=device, weights_only=True)
+
+
+def save_pretrained(
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    config: dict,
+    name: str = "diffusion_pytorch_model",
+    max_shard_bytes: int = 10 * 2**30,
+) -> None:
+    """Write a diffusers-format folder: config.json plus `name`.safetensors, or shards and an index when large."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, size = [{}], 0
+    for k, v in state_dict.items():
+        nbytes = v.numel() * v.element_size()
+        if size + nbytes > max_shard_bytes and shards[-1]:
+            shards, size = shards + [{}], 0
+        shards[-1][k] = v
+        size += nbytes
+    for old in folder.glob(f"{name}*.safetensors*"):  # stale shards of an earlier save would confuse loaders
+        old.unlink()
+    if len(shards) == 1:
+        save_ckpt(shards[0], folder / f"{name}.safetensors", metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            file = f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+            save_ckpt(shard, folder / file, metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, file))
+        total = sum(v.numel() * v.element_size() for v in state_dict.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (folder / f"{name}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 4, text: dict | None = None) -> None:
+    """Save (B, 3, H, W) images in [-1, 1] as one PNG grid, `nrow` images wide, with `text` as PNG metadata."""
+    from PIL import Image, PngImagePlugin
+
+    B, _, H, W = images.shape
+    ncol = min(nrow, B)
+    rows = math.ceil(B / ncol)
+    x = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu()
+    grid = torch.zeros(3, rows * H, ncol * W, dtype=torch.uint8)
+    for i in range(B):
+        r, c = divmod(i, ncol)
+        grid[:, r * H : (r + 1) * H, c * W : (c + 1) * W] = x[i]
+    info = PngImagePlugin.PngInfo()
+    for k, v in (text or {}).items():
+        info.add_text(k, str(v))
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(path, pnginfo=info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# flow matching (rectified flow): x_t = (1 - sigma)·x0 + sigma·noise, velocity v = noise - x0,
+# sampled from sigma = 1 (pure noise) to sigma = 0 (data).
+#
+# Every resolution shift in use is the same map, sigma' = r·sigma / (1 + (r - 1)·sigma), with a different r:
+#   FLUX dynamic shift  r = e^mu, mu linear in image tokens (256 -> 0.5, 4096 -> 1.15); diffusers writes the same
+#                       map as sigma' = e^mu / (e^mu + 1/sigma - 1)                       [FluxPipeline]
+#   DC-Gen 1K ("flux2") r = sqrt(C·L / 4096), C latent channels, L image tokens           [paper.md A.4, A.6]
+#   SANA                r = flow_shift = 3.0
+# r > 1 spends more steps at high noise, which larger latents (more tokens, more channels) need.
+
+
+def time_shift(r: float, sigma: torch.Tensor) -> torch.Tensor:
+    """Shift noise levels towards 1 by the factor r (r = 1 is the identity)."""
+    return r * sigma / (1 + (r - 1) * sigma)
+
+
+def flux_mu(tokens: int, base_tokens=256, max_tokens=4096, base_shift=0.5, max_shift=1.15) -> float:
+    """FLUX's mu, linear in the number of image tokens: mu(256) = 0.5, mu(4096) = 1.15 (extrapolated beyond)."""
+    m = (max_shift - base_shift) / (max_tokens - base_tokens)
+    return base_shift + m * (tokens - base_tokens)
+
+
+def shift_factor(kind: str, tokens: int, channels: int, value: float = 3.0) -> float:
+    """The r of `time_shift` for a model trained with shift `kind` on `tokens` image tokens of `channels` channels."""
+    if kind == "flux":
+        return math.exp(flux_mu(tokens))
+    if kind == "dcgen":
+        return math.sqrt(channels * tokens / 4096)
+    if kind == "constant":
+        return value
+    raise ValueError(f"unknown shift kind {kind!r}; choose from 'flux', 'dcgen', 'constant'")
+
+
+def get_schedule(steps: int, r: float) -> torch.Tensor:
+    """Sampling noise levels: `steps` uniform levels 1 ... 1/steps, shifted by r, then a final 0. Shape (steps + 1,)."""
+    sigmas = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
+    return torch.cat([time_shift(r, sigmas), sigmas.new_zeros(1)]).float()
+
+
+def sample_sigmas(batch: int, r: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Training noise levels: u ~ logit-normal(0, 1) (SD3 §3.1), on the 1000-level grid, shifted by r. Shape (B,)."""
+    u = torch.sigmoid(torch.randn(batch, generator=generator, dtype=torch.float64))
+    # The official trainer indexes the shifted 1000-step schedule with int(u·1000) (paper.md A.4): sigma = 1 - i/1000.
+    return time_shift(r, 1 - torch.floor(u * 1000) / 1000).float()
+
+
+def get_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """Gaussian noise from a seeded CPU generator, so a seed gives the same image on any device (rule 12)."""
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
+
+
+def denoise(velocity: typing.Callable, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """Euler solver of dx/dsigma = v(x, sigma) from sigmas[0] = 1 to sigmas[-1] = 0; x stays in float32."""
+    for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
+        x = x + (sigma_next - sigma) * velocity(x, sigma).float()  # one Euler step towards the data
+    return x

@@ -1,0 +1,83 @@
+"""Reading diffusers-format model folders: `config.json` plus safetensors weights, in one file or in shards listed
+by an index. Shared by every model in models/, so each one loads real checkpoints with the same checks: built on
+the meta device (no memory), every key and shape compared with the checkpoint, then the tensors assigned in place.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+
+def read_config(folder: str | Path, what: str) -> dict:
+    """The folder's config.json; `what` names the expected model in the error, e.g. "FLUX transformer"."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "the folder does not exist"
+        raise FileNotFoundError(
+            f"{folder} is not a {what} folder: expected config.json and *.safetensors weights "
+            f"(diffusers layout), found {found}"
+        )
+    return json.loads((folder / "config.json").read_text())
+
+
+def weight_files(folder: str | Path, name: str) -> list[Path]:
+    """`name`.safetensors, or the shards listed in `name`.safetensors.index.json."""
+    folder = Path(folder)
+    index = folder / f"{name}.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (folder / s).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are not in {folder}: {missing}")
+        return [folder / s for s in shards]
+    if (folder / f"{name}.safetensors").is_file():
+        return [folder / f"{name}.safetensors"]
+    found = sorted(p.name for p in folder.glob("*.safetensors*"))
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected {name}.safetensors or {name}.safetensors.index.json, found {found or 'none'}"
+    )
+
+
+def read_state_dict(
+    folder: str | Path,
+    name: str = "diffusion_pytorch_model",
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, torch.Tensor]:
+    """All tensors of the folder's weights, floating ones cast to `dtype` when given (else kept as stored)."""
+    sd = {}
+    for file in weight_files(folder, name):
+        with safe_open(file, framework="pt", device=str(device)) as f:
+            for k in f.keys():
+                t = f.get_tensor(k)
+                sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+    return sd
+
+
+def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> nn.Module:
+    """Strictly load `sd` into `model` (usually built on the meta device) by assigning the tensors in place.
+
+    Fails before touching the model with a message naming the missing / unexpected keys, or the first key whose
+    shape differs, with both shapes: the usual sign of a config that does not match the checkpoint.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in sd]
+    unexpected = [k for k in sd if k not in expected]
+    if missing or unexpected:
+        raise ValueError(
+            f"{what}: checkpoint keys do not match the model. Missing {len(missing)}: {missing[:5]}; "
+            f"unexpected {len(unexpected)}: {unexpected[:5]}"
+        )
+    for k, v in expected.items():
+        if sd[k].shape != v.shape:
+            raise ValueError(
+                f"{what}: shape mismatch at {k!r}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}; "
+                "the config does not match the weights"
+            )
+    model.load_state_dict(sd, strict=True, assign=True)
+    return model
