@@ -1,0 +1,111 @@
+"""common.py: config flags, atomic checkpoints, diffusers-folder writing, PNG metadata, torchrun detection.
+
+Run: python -m pytest -q tests/test_common.py
+"""
+
+import dataclasses
+import pickle
+import socket
+
+import pytest
+import torch
+from PIL import Image
+
+import common
+from common import init_dist, load_ckpt, parse_config, save_ckpt, save_image_grid, save_pretrained
+from models.loading import read_state_dict
+
+
+@dataclasses.dataclass
+class Cfg:
+    lr: float = 1e-4  # peak learning rate
+    steps: int = 10  # optimizer steps
+    name: str = "run"  # run name
+    ema: bool = True  # keep an EMA of the weights
+    init: str | None = None  # checkpoint to start from
+    sizes: tuple[int, ...] = (256, 512)  # training resolutions in px
+
+
+def test_parse_config_types_bools_and_defaults():
+    cfg = parse_config(Cfg, ["--lr", "3e-4", "--no-ema", "--sizes", "1024", "2048", "--init", "a.pt"])
+    assert cfg == Cfg(lr=3e-4, steps=10, name="run", ema=False, init="a.pt", sizes=(1024, 2048))
+    assert parse_config(Cfg, []) == Cfg()
+    with pytest.raises(SystemExit):
+        parse_config(Cfg, ["--lr", "fast"])  # a value of the wrong type
+    with pytest.raises(SystemExit):
+        parse_config(Cfg, ["--learning_rate", "1"])  # a flag that is not a field
+
+
+def test_help_shows_the_field_comments(capsys):
+    with pytest.raises(SystemExit):
+        parse_config(Cfg, ["--help"])
+    out = capsys.readouterr().out
+    assert "peak learning rate" in out and "--ema, --no-ema" in out and "training resolutions in px" in out
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, suffix):
+    path = tmp_path / f"ckpt{suffix}"
+    good = {"w": torch.arange(6.0)}
+    save_ckpt(good, path)
+
+    def crash(*args, **kwargs):  # the process dies mid-write, after part of the file is out
+        f = args[1] if suffix == ".pt" else None
+        if f is not None:
+            f.write(b"half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(common.safetensors.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_ckpt({"w": torch.zeros(6)}, path)
+    assert torch.equal(load_ckpt(path)["w"], good["w"])
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
+
+
+def test_load_ckpt_refuses_pickled_code(tmp_path):
+    path = tmp_path / "evil.pt"
+    path.write_bytes(pickle.dumps({"w": Cfg()}))  # a pickle that would construct an arbitrary object
+    with pytest.raises(pickle.UnpicklingError):
+        load_ckpt(path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_ckpt(tmp_path / "missing.pt")
+
+
+def test_save_pretrained_shards_and_reads_back(tmp_path):
+    sd = {f"layer{i}.weight": torch.randn(64, 64) for i in range(5)}  # 16 KiB each
+    save_pretrained(tmp_path, sd, {"_class_name": "X"}, max_shard_bytes=40_000)
+    assert len(list(tmp_path.glob("diffusion_pytorch_model-0000*-of-00003.safetensors"))) == 3
+    back = read_state_dict(tmp_path)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    save_pretrained(tmp_path, sd, {"_class_name": "X"})  # re-saving unsharded removes the stale shards
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+
+
+def test_image_grid_layout_and_metadata(tmp_path):
+    images = torch.stack([torch.full((3, 8, 10), v) for v in (-1.0, 0.0, 1.0)])
+    save_image_grid(images, tmp_path / "g.png", nrow=2, text={"prompt": "a red circle", "seed": 7})
+    im = Image.open(tmp_path / "g.png")
+    assert im.size == (20, 16) and im.text == {"prompt": "a red circle", "seed": "7"}
+    assert im.getpixel((0, 0)) == (0, 0, 0) and im.getpixel((10, 0)) == (128, 128, 128)
+    assert im.getpixel((0, 8)) == (255, 255, 255) and im.getpixel((10, 8)) == (0, 0, 0)  # empty cell stays black
+
+
+def test_init_dist_single_process_and_torchrun(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    d = init_dist("cpu")
+    assert (d.rank, d.world_size, d.master, str(d.device)) == (0, 1, True, "cpu")
+    assert not torch.distributed.is_initialized()
+    with socket.socket() as s:  # a free port for a one-process gloo group
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    d = init_dist("cpu")
+    try:
+        assert torch.distributed.is_initialized() and torch.distributed.get_backend() == "gloo"
+    finally:
+        common.cleanup_dist()
+    assert not torch.distributed.is_initialized()
