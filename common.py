@@ -15,7 +15,6 @@ import random
 import re
 import subprocess
 import sys
-import tempfile
 import types
 import typing
 from pathlib import Path
@@ -24,6 +23,8 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
+
+from models.loading import atomic_write, save_pretrained  # noqa: F401  (save_pretrained: re-exported for the stages)
 
 # ----------------------------------------------------------------------------------------------------------------
 # config: one @dataclass per script, every field a `--field value` flag
@@ -143,23 +144,12 @@ def run_info(world_size: int = 1) -> dict:
 
 
 def save_ckpt(obj, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Save `obj` (torch.save dict, or a flat tensor dict for `.safetensors`) to a temp file, fsync, then rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            if path.suffix == ".safetensors":
-                tensors = {k: v.detach().contiguous() for k, v in obj.items()}
-                f.write(safetensors.torch.save(tensors, metadata=metadata))
-            else:
-                torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on POSIX: readers see the old file or the new one, never half of one
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Save `obj` (a torch.save dict, or a flat tensor dict for `.safetensors`) atomically: temp file, fsync, rename."""
+    if Path(path).suffix == ".safetensors":
+        tensors = {k: v.detach().contiguous() for k, v in obj.items()}
+        atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)))
+    else:
+        atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_ckpt(path: str | Path, device: str | torch.device = "cpu"):
@@ -170,39 +160,6 @@ def load_ckpt(path: str | Path, device: str | torch.device = "cpu"):
     if path.suffix == ".safetensors":
         return safetensors.torch.load_file(path, device=str(device))
     return torch.load(path, map_location=device, weights_only=True)
-
-
-def save_pretrained(
-    folder: str | Path,
-    state_dict: dict[str, torch.Tensor],
-    config: dict,
-    name: str = "diffusion_pytorch_model",
-    max_shard_bytes: int = 10 * 2**30,
-) -> None:
-    """Write a diffusers-format folder: config.json plus `name`.safetensors, or shards and an index when large."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    shards, size = [{}], 0
-    for k, v in state_dict.items():
-        nbytes = v.numel() * v.element_size()
-        if size + nbytes > max_shard_bytes and shards[-1]:
-            shards, size = shards + [{}], 0
-        shards[-1][k] = v
-        size += nbytes
-    for old in folder.glob(f"{name}*.safetensors*"):  # stale shards of an earlier save would confuse loaders
-        old.unlink()
-    if len(shards) == 1:
-        save_ckpt(shards[0], folder / f"{name}.safetensors", metadata={"format": "pt"})
-    else:
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_ckpt(shard, folder / file, metadata={"format": "pt"})
-            weight_map.update(dict.fromkeys(shard, file))
-        total = sum(v.numel() * v.element_size() for v in state_dict.values())
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        (folder / f"{name}.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 4, text: dict | None = None) -> None:

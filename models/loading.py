@@ -1,13 +1,18 @@
-"""Reading diffusers-format model folders: `config.json` plus safetensors weights, in one file or in shards listed
-by an index. Shared by every model in models/, so each one loads real checkpoints with the same checks: built on
-the meta device (no memory), every key and shape compared with the checkpoint, then the tensors assigned in place.
+"""Diffusers-format model folders: `config.json` plus safetensors weights, in one file or in shards listed by an
+index. Reading is shared by every model in models/, so each loads real checkpoints with the same checks: built on the
+meta device (no memory), every key and shape compared with the checkpoint, then the tensors assigned in place.
+Writing (`save_pretrained`) lives here too, so one file knows the format both ways; every file is written atomically.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+import safetensors.torch
 import torch
 from safetensors import safe_open
 from torch import nn
@@ -81,3 +86,57 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> nn
             )
     model.load_state_dict(sd, strict=True, assign=True)
     return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# writing
+
+
+def atomic_write(path: str | Path, write: Callable) -> None:
+    """Call `write(f)` on a temp file beside `path`, fsync, then rename it over `path`: readers (and a crash) see the
+    old file or the new one, never half of one. A checkpoint being written when the process dies never replaces
+    the last good one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on POSIX
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_pretrained(
+    folder: str | Path,
+    state_dict: dict[str, torch.Tensor],
+    config: dict,
+    name: str = "diffusion_pytorch_model",
+    max_shard_bytes: int = 10 * 2**30,
+) -> None:
+    """Write a diffusers-format folder: config.json plus `name`.safetensors, or shards and an index when large."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    shards, size = [{}], 0
+    for k, v in state_dict.items():
+        nbytes = v.numel() * v.element_size()
+        if size + nbytes > max_shard_bytes and shards[-1]:
+            shards, size = shards + [{}], 0
+        shards[-1][k] = v.detach().contiguous()
+        size += nbytes
+    for old in folder.glob(f"{name}*.safetensors*"):  # stale shards of an earlier save would confuse loaders
+        old.unlink()
+    files = [f"{name}.safetensors"] if len(shards) == 1 else []
+    files = files or [f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    for file, shard in zip(files, shards):
+        data = safetensors.torch.save(shard, metadata={"format": "pt"})
+        atomic_write(folder / file, lambda f, data=data: f.write(data))
+    if len(shards) > 1:
+        total = sum(v.numel() * v.element_size() for v in state_dict.values())
+        weight_map = {k: file for file, shard in zip(files, shards) for k in shard}
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        atomic_write(folder / f"{name}.safetensors.index.json", lambda f: f.write(json.dumps(index, indent=2).encode()))
+    atomic_write(folder / "config.json", lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
