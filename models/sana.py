@@ -276,8 +276,8 @@ class SanaBlock(nn.Module):
         img = img + gate1 * self.attn1(modulate(self.norm1(img), shift1, scale1))
         img = img + self.attn2(img, txt, mask)  # no norm, no gate: as in PixArt-α
         h = modulate(self.norm2(img), shift2, scale2)  # (B, h·w, D)
-        h = rearrange(h, "b (h w) d -> b d h w", h=hw[0], w=hw[1])  # tokens back on their grid for the convs
-        return img + gate2 * rearrange(self.ff(h), "b d h w -> b (h w) d")
+        h = h.unflatten(1, hw).permute(0, 3, 1, 2)  # (B, D, h, w): tokens back on their grid for the convs
+        return img + gate2 * self.ff(h).flatten(2).transpose(1, 2)  # views, no copies: (B, D, h·w) -> (B, h·w, D)
 
 
 class PatchEmbed(nn.Module):
