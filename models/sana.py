@@ -14,8 +14,8 @@ So one class serves SANA (32 channels, patch 1) and DC-Gen-SANA (128 channels, p
     v = unpatchify(proj_out(modulate(LN(img), emb)))                 velocity, same shape as x
 
 SANA has no positional embedding at all ("NoPE", SANA §2.2): the 3×3 depthwise convolution of the Mix-FFN tells
-tokens where they are, which is why a SANA trained at one resolution runs at any other, and why DC-Gen can change
-the token grid without touching positions. SANA-1.5 adds RMSNorm on queries and keys (`qk_norm`) over all heads.
+tokens where they are. Nothing is tied to a grid size, so DC-Gen can shrink the token grid 4x (f32 -> f64) without
+touching any position code. SANA-1.5 adds RMSNorm on queries and keys (`qk_norm`) over all heads.
 
 Interface (the same shape as models/flux.py): `Sana(params)(x, t, txt, txt_mask)` with t the noise level sigma in
 [0, 1]; the model scales it to diffusers' timestep (1000·sigma·timestep_scale), patchifies and unpatchifies itself.

@@ -100,6 +100,8 @@ def test_sana_encoder_feeds_the_backbone(sana_folder):
     with torch.no_grad():
         cond, null = model(x, t, **enc(["a cat", "a red square"])), model(x, t, **enc.null(2))
     assert cond.shape == x.shape and (cond - null).abs().max() > 1e-4
+    half = load_text_encoder(sana_folder, dtype=torch.bfloat16, max_length=16)  # as stage scripts load real Gemma
+    assert half(["a cat"])["txt"].dtype == torch.bfloat16 and model(x[:1], t[:1], **half(["a cat"])).isfinite().all()
 
 
 def test_drop_text_takes_null_rows(flux_folder):
