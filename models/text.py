@@ -75,8 +75,9 @@ class FluxTextEncoder(nn.Module):
         super().__init__()
         self.clip, self.clip_tokenizer, self.t5, self.t5_tokenizer = clip, clip_tokenizer, t5, t5_tokenizer
         self.requires_grad_(False).eval()
-        # T5 length: 512 for real FLUX; a tokenizer saved with a shorter model_max_length (the toy's) caps it
-        self.max_length = max_length or min(512, t5_tokenizer.model_max_length)
+        # T5 length: 512 for real FLUX (256 in DC-Gen training); a tokenizer saved with a shorter model_max_length
+        # (the toy's 32) caps it, so one call works for both
+        self.max_length = min(max_length or 512, t5_tokenizer.model_max_length)
         # CLIP length: diffusers uses tokenizer.model_max_length (77); capped by the position table for safety
         self.clip_length = min(clip_tokenizer.model_max_length, clip.config.max_position_embeddings)
         self.txt_dim, self.vec_dim = t5.config.d_model, clip.config.hidden_size  # the backbone's input widths
@@ -164,8 +165,8 @@ def load_text_encoder(
 ) -> FluxTextEncoder | SanaTextEncoder:
     """The frozen text encoder of a model folder, on `device`, in `dtype` (default: as stored).
 
-    `max_length`: T5 tokens for FLUX (default 512, or less if the tokenizer says so), Gemma tokens kept for SANA
-    (default 300). Nothing is downloaded: every part must be in the folder.
+    `max_length`: T5 tokens for FLUX (default 512; at most the T5 tokenizer's model_max_length, 32 for the toy),
+    Gemma tokens kept for SANA (default 300). Nothing is downloaded: every part must be in the folder.
     """
     folder = Path(folder)
     cfg = folder / "text_encoder" / "config.json"

@@ -48,7 +48,7 @@ def flux_pipeline(folder) -> FluxPipeline:
 
 @pytest.mark.parametrize("max_length", [512, 256])
 def test_flux_parity_with_diffusers(flux_folder, max_length):
-    ours = load_text_encoder(flux_folder, max_length=max_length if max_length != 512 else None)
+    ours = load_text_encoder(flux_folder, max_length=max_length if max_length != 512 else None)  # None: 512
     assert ours.max_length == max_length
     ref = flux_pipeline(flux_folder)
     prompts = PROMPTS + [LONG]
@@ -155,6 +155,7 @@ def test_toy_is_small_deterministic_and_a_real_flux_layout(toy, tmp_path):
     assert size < 1.5e6, size
     enc = load_text_encoder(folder)
     assert (enc.max_length, enc.txt_dim, enc.vec_dim) == (32, 64, 64)
+    assert load_text_encoder(folder, max_length=256).max_length == 32  # the training length request is capped
     again = load_text_encoder(build_toy_text_encoder(tmp_path / "again", corpus, seed=0))
     other = load_text_encoder(build_toy_text_encoder(tmp_path / "other", corpus, seed=1))
     a, b, c = enc(corpus[:2]), again(corpus[:2]), other(corpus[:2])
