@@ -28,7 +28,9 @@ with p = 1 a channel prefix c' is simply `weight[:, :c']` of the embedder and ro
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -85,27 +87,17 @@ def timestep_embedding(timestep: Tensor, dim: int = 256, max_period: float = 10_
 
 
 class MLPEmbedder(nn.Module):
-    """linear_1 -> SiLU -> linear_2 (diffusers' TimestepEmbedding)."""
+    """linear_1 -> act -> linear_2: SiLU for timesteps (diffusers' TimestepEmbedding), tanh-GELU for the caption
+    projection (PixArt-α's, diffusers' PixArtAlphaTextProjection)."""
 
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, in_dim: int, dim: int, act: Callable[[Tensor], Tensor] = F.silu):
         super().__init__()
+        self.act = act
         self.linear_1 = nn.Linear(in_dim, dim)
         self.linear_2 = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(F.silu(self.linear_1(x.to(self.linear_1.weight.dtype))))
-
-
-class CaptionProjection(nn.Module):
-    """linear_1 -> GELU(tanh) -> linear_2: text-encoder states to the model width (PixArt-α's caption projection)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.linear_2(F.gelu(self.linear_1(x), approximate="tanh"))
+        return self.linear_2(self.act(self.linear_1(x.to(self.linear_1.weight.dtype))))
 
 
 class TimestepEmbedder(nn.Module):
@@ -303,7 +295,7 @@ class Sana(nn.Module):
         assert D % p.num_heads == 0, f"hidden_size {D} not divisible by {p.num_heads} heads"
         self.patch_embed = PatchEmbed(p.in_channels, D, p.patch_size)
         self.time_embed = AdaLNSingleGuidance(D) if p.guidance_embed else AdaLNSingle(D)
-        self.caption_projection = CaptionProjection(p.caption_channels, D)
+        self.caption_projection = MLPEmbedder(p.caption_channels, D, partial(F.gelu, approximate="tanh"))
         self.caption_norm = RMSNorm(D, eps=1e-5)  # SANA §2.3: normalise Gemma's states, whose scale is large
         self.transformer_blocks = nn.ModuleList(SanaBlock(p) for _ in range(p.depth))
         self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)  # final layer: rows shift, scale
@@ -327,7 +319,7 @@ class Sana(nn.Module):
         timestep = t * 1000 * p.timestep_scale  # (B,)
         g = guidance * p.guidance_scale if guidance is not None else None
         mod, emb = self.time_embed(timestep, g)  # (B, 6D), (B, D)
-        txt = self.caption_norm(self.caption_projection(txt.to(dtype)))  # (B, L, D)
+        txt = self.caption_norm(self.caption_projection(txt))  # (B, L, D)
         mask = txt_mask.bool()[:, None, None, :] if txt_mask is not None else None  # (B, 1, 1, L) for SDPA
 
         for block in self.transformer_blocks:
