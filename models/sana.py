@@ -113,7 +113,7 @@ class TimestepEmbedder(nn.Module):
 
 class AdaLNSingle(nn.Module):
     """adaLN-single (PixArt-α §2.3): ONE linear regresses the 6 modulation vectors from t for the whole network; each
-    block only adds its own learned (6, D) table. Saves ~25% of the parameters of DiT's per-block adaLN."""
+    block only adds its own learned (6, D) table. DiT's per-block adaLN would cost 20·6·D² = 0.6 B more parameters."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -255,7 +255,7 @@ class SanaBlock(nn.Module):
         D = p.hidden_size
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.attn1 = LinearAttention(D, p.num_heads, p.qk_norm, p.qkv_bias)
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)  # the Mix-FFN's norm (diffusers' name)
         self.attn2 = CrossAttention(D, p.cross_heads, p.cross_head_dim, p.qk_norm)
         self.ff = GLUMBConv(D, p.mlp_ratio)
         # this block's offset to the shared modulation: rows shift1, scale1, gate1, shift2, scale2, gate2
