@@ -67,7 +67,7 @@ PRESETS = {
     "sana-1.0-1.6b-1024": SanaParams(qk_norm=False),
     # DC-Gen-SANA: the same backbone on the DC-AE 1.5 f64c128 latent (4x fewer tokens than f32 at any resolution).
     "dcgen-sana-1.6b-f64c128": SanaParams(in_channels=128),
-    # For tests: every structural feature (qk-norm, cross-attention, Mix-FFN), a few thousand parameters.
+    # For tests: every structural feature (qk-norm, cross-attention, Mix-FFN), 52 K parameters.
     "tiny": SanaParams(
         in_channels=4, hidden_size=32, num_heads=2, depth=2, cross_heads=2, cross_head_dim=12, caption_channels=24,
     ),
