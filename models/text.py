@@ -1,0 +1,259 @@
+"""Frozen text encoders, loaded with transformers from local folders only, returning exactly the backbone's kwargs.
+
+    encoder = load_text_encoder("path/to/FLUX.1-Krea-dev")    # or a SANA folder, or the toy zoo's folder
+    v = model(x, t, **encoder(prompts))                       # FLUX: {txt, y}; SANA: {txt, txt_mask}
+    v_null = model(x, t, **encoder.null(len(prompts)))        # empty prompt: CFG and DC-Gen's guide loss
+
+The folder layout decides the family, once (diffusers' pipeline layout; `model_index.json` is not needed):
+    FLUX  text_encoder/ CLIP-L text model + tokenizer/,  text_encoder_2/ T5-v1.1-XXL encoder + tokenizer_2/
+    SANA  text_encoder/ Gemma-2-2B + tokenizer/
+Each class reproduces its diffusers pipeline's `encode_prompt` exactly (tests/test_text.py checks to 1e-6):
+  - FLUX (FluxPipeline): T5 `last_hidden_state` padded to max_length (512 at sampling; DC-Gen trains with 256),
+    WITHOUT an attention mask, as FLUX was trained (the pads' states carry information); CLIP `pooler_output`
+    (the final-norm state at the first end-of-text token) of the prompt padded to 77 tokens.
+  - SANA (SanaPipeline, SANA §2.3): the prompt lower-cased, the "complex human instruction" prepended, Gemma-2's
+    last hidden states; of [BOS, instruction, prompt, padding] only BOS and the last max_length - 1 positions are
+    kept, with the padding mask: in effect BOS, the prompt's first max_length - 1 tokens, then padding (the
+    instruction's trailing space merges into the prompt's first word). The empty/negative prompt is encoded
+    WITHOUT the instruction.
+
+`build_toy_text_encoder` writes the toy zoo's text encoders: a FLUX-layout folder in miniature (tiny random frozen
+T5 and CLIP, a word-level tokenizer fitted to the toy captions), so the toy runs exactly the real FLUX code path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from transformers import (
+    AutoTokenizer,
+    CLIPTextConfig,
+    CLIPTextModel,
+    Gemma2Model,
+    PreTrainedTokenizerFast,
+    T5Config,
+    T5EncoderModel,
+)
+
+# SanaPipeline's default complex human instruction (diffusers 0.42 `SanaPipeline.__call__`; SANA's chi_prompt).
+# Gemma-2 is a decoder-only LLM: prefixing an instruction to "enhance" the prompt makes its hidden states better
+# conditioning (SANA §2.3). The lines are joined with "\n" and the user prompt follows "User Prompt: " directly.
+SANA_INSTRUCTION = [
+    "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",  # noqa: E501
+    "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",  # noqa: E501
+    "- If the prompt is already detailed, refine and enhance the existing details slightly without overcomplicating.",  # noqa: E501
+    "Here are examples of how to transform or refine prompts:",
+    "- User Prompt: A cat sleeping -> Enhanced: A small, fluffy white cat curled up in a round shape, sleeping peacefully on a warm sunny windowsill, surrounded by pots of blooming red flowers.",  # noqa: E501
+    "- User Prompt: A busy city street -> Enhanced: A bustling city street scene at dusk, featuring glowing street lamps, a diverse crowd of people in colorful clothing, and a double-decker bus passing by towering glass skyscrapers.",  # noqa: E501
+    "Please generate only the enhanced description for the prompt below and avoid including any additional commentary or evaluations:",  # noqa: E501
+    "User Prompt: ",
+]
+
+
+def expand(emb: dict[str, Tensor], batch: int) -> dict[str, Tensor]:
+    """A batch-1 embedding dict broadcast to `batch` rows (views, no copies)."""
+    return {k: v.expand(batch, *v.shape[1:]) for k, v in emb.items()}
+
+
+def drop_text(cond: dict[str, Tensor], null: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
+    """Per-sample text dropout for CFG training: rows where `drop` (B,) is True take the null embedding."""
+    return {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), null[k].to(v.dtype), v) for k, v in cond.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FLUX: T5 token states + CLIP pooled vector
+
+
+class FluxTextEncoder(nn.Module):
+    """CLIP-L pooled (B, 768) -> `y`, T5-XXL states (B, max_length, 4096) -> `txt`. Frozen, inference only."""
+
+    def __init__(self, clip: nn.Module, clip_tokenizer, t5: nn.Module, t5_tokenizer, max_length: int | None = None):
+        super().__init__()
+        self.clip, self.clip_tokenizer, self.t5, self.t5_tokenizer = clip, clip_tokenizer, t5, t5_tokenizer
+        self.requires_grad_(False).eval()
+        # T5 length: 512 for real FLUX (256 in DC-Gen training); a tokenizer saved with a shorter model_max_length
+        # (the toy's 32) caps it, so one call works for both
+        self.max_length = min(max_length or 512, t5_tokenizer.model_max_length)
+        # CLIP length: diffusers uses tokenizer.model_max_length (77); capped by the position table for safety
+        self.clip_length = min(clip_tokenizer.model_max_length, clip.config.max_position_embeddings)
+        self.txt_dim, self.vec_dim = t5.config.d_model, clip.config.hidden_size  # the backbone's input widths
+        self._null: dict[str, Tensor] | None = None
+
+    @torch.no_grad()
+    def forward(self, prompts: list[str]) -> dict[str, Tensor]:
+        """{"txt": (B, max_length, d_T5), "y": (B, d_CLIP)} for a list of prompts; longer prompts are truncated."""
+        assert isinstance(prompts, (list, tuple)), "pass a list of prompts"
+        tok = dict(padding="max_length", truncation=True, return_tensors="pt")
+        clip_ids = self.clip_tokenizer(list(prompts), max_length=self.clip_length, **tok).input_ids  # (B, 77)
+        t5_ids = self.t5_tokenizer(list(prompts), max_length=self.max_length, **tok).input_ids  # (B, L)
+        y = self.clip(clip_ids.to(self.clip.device)).pooler_output  # (B, d_CLIP), at the first end-of-text token
+        txt = self.t5(t5_ids.to(self.t5.device)).last_hidden_state  # (B, L, d_T5); no mask: FLUX attends to pads
+        return {"txt": txt, "y": y}
+
+    def null(self, batch: int) -> dict[str, Tensor]:
+        """The empty prompt's embedding, computed once and cached, broadcast to `batch` rows."""
+        if self._null is None or self._null["txt"].device != self.t5.device:
+            self._null = self([""])
+        return expand(self._null, batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# SANA: Gemma-2 states with the complex human instruction, plus the padding mask
+
+
+class SanaTextEncoder(nn.Module):
+    """Gemma-2 last hidden states (B, max_length, 2304) -> `txt`, padding mask (B, max_length) -> `txt_mask`."""
+
+    def __init__(self, gemma: nn.Module, tokenizer, max_length: int = 300, instruction: list[str] | None = None):
+        super().__init__()
+        self.gemma, self.tokenizer, self.max_length = gemma, tokenizer, max_length
+        self.requires_grad_(False).eval()
+        self.instruction = "\n".join(SANA_INSTRUCTION if instruction is None else instruction)  # [] disables it
+        # diffusers' budget: instruction tokens (with BOS and the trailing "▁") + max_length - 2. Right-padded, the
+        # kept window below then starts at the prompt's first token (that "▁" merges into it when tokenized jointly).
+        self.instruction_length = len(tokenizer.encode(self.instruction)) + max_length - 2
+        self.txt_dim = gemma.config.hidden_size
+        self._null: dict[str, Tensor] | None = None
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], instruction: bool = True) -> dict[str, Tensor]:
+        """{"txt": (B, max_length, d), "txt_mask": (B, max_length) bool}; `instruction` prepends the instruction."""
+        assert isinstance(prompts, (list, tuple)), "pass a list of prompts"
+        prompts = [p.lower().strip() for p in prompts]  # SanaPipeline's preprocessing (clean_caption=False)
+        length = self.max_length
+        if instruction and self.instruction:
+            prompts, length = [self.instruction + p for p in prompts], self.instruction_length
+        tok = self.tokenizer(
+            prompts, padding="max_length", max_length=length, truncation=True, padding_side="right", return_tensors="pt"
+        )
+        mask = tok.attention_mask.to(self.gemma.device)  # (B, length), 1 = real token
+        txt = self.gemma(tok.input_ids.to(self.gemma.device), attention_mask=mask).last_hidden_state  # (B, length, d)
+        # SANA §2.3: keep BOS and the last max_length - 1 positions; with the instruction this cuts it off (its
+        # information has flowed into the prompt's states through causal attention), without it this keeps all.
+        keep = [0, *range(length - self.max_length + 1, length)]
+        return {"txt": txt[:, keep], "txt_mask": mask[:, keep].bool()}
+
+    def forward(self, prompts: list[str]) -> dict[str, Tensor]:
+        return self.encode(prompts, instruction=True)
+
+    def null(self, batch: int) -> dict[str, Tensor]:
+        """The empty prompt's embedding (no instruction, as SanaPipeline's negative prompt), cached, `batch` rows."""
+        if self._null is None or self._null["txt"].device != self.gemma.device:
+            self._null = self.encode([""], instruction=False)
+        return expand(self._null, batch)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loading
+
+
+FLUX_LAYOUT = {"text_encoder": "CLIP text model", "tokenizer": "CLIP tokenizer", "text_encoder_2": "T5 encoder",
+               "tokenizer_2": "T5 tokenizer"}  # fmt: skip
+SANA_LAYOUT = {"text_encoder": "Gemma-2 model", "tokenizer": "Gemma tokenizer"}
+LAYOUTS = "FLUX (text_encoder/ CLIP + tokenizer/, text_encoder_2/ T5 + tokenizer_2/) or SANA (text_encoder/ Gemma-2 + tokenizer/)"  # noqa: E501
+
+
+def load_text_encoder(
+    folder: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    max_length: int | None = None,
+) -> FluxTextEncoder | SanaTextEncoder:
+    """The frozen text encoder of a model folder, on `device`, in `dtype` (default: as stored).
+
+    `max_length`: T5 tokens for FLUX (default 512; at most the T5 tokenizer's model_max_length, 32 for the toy),
+    Gemma tokens kept for SANA (default 300). Nothing is downloaded: every part must be in the folder.
+    """
+    folder = Path(folder)
+    cfg = folder / "text_encoder" / "config.json"
+    model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
+    if model_type == "clip_text_model" or (folder / "text_encoder_2").exists() or (folder / "tokenizer_2").exists():
+        family, layout = "FLUX", FLUX_LAYOUT
+    elif model_type in ("gemma2", "gemma2_text"):
+        family, layout = "SANA", SANA_LAYOUT
+    else:
+        what = (
+            f"text_encoder/ holds model_type {model_type!r}" if model_type else "there is no text_encoder/config.json"
+        )
+        raise FileNotFoundError(f"{folder}: no text encoder found ({what}); expected the layout of {LAYOUTS}")
+    missing = [f"{sub}/ ({what})" for sub, what in layout.items() if not (folder / sub).is_dir()]
+    if missing:
+        want = ", ".join(f"{sub}/ ({what})" for sub, what in layout.items())
+        raise FileNotFoundError(f"{folder}: {family} text layout is missing {', '.join(missing)}; it needs {want}")
+
+    kw = dict(dtype=dtype or "auto", local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    if family == "FLUX":
+        clip = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).to(device)
+        t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", **kw).to(device)
+        t5_tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
+        return FluxTextEncoder(clip, tokenizer, t5, t5_tokenizer, max_length)
+    gemma = Gemma2Model.from_pretrained(folder / "text_encoder", **kw).to(device)
+    return SanaTextEncoder(gemma, tokenizer, max_length or 300)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the toy zoo's text encoders
+
+
+def caption_words(text: str) -> list[str]:
+    """How the toy tokenizer splits text: lower-cased runs of letters/digits, and runs of other non-space marks."""
+    return re.findall(r"\w+|[^\w\s]+", text.lower())
+
+
+def word_tokenizer(words: list[str], template: str, max_length: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over `words` plus <pad> 0, </s> 1, <unk> 2, <s> 3; unknown words map to <unk>."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "<s>", *words])}
+    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tk.normalizer = normalizers.Lowercase()
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()  # the regex \w+|[^\w\s]+, as caption_words
+    tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 3), ("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
+        model_max_length=max_length,
+    )  # fmt: skip
+
+
+def build_toy_text_encoder(
+    folder: str | Path, corpus: list[str], seed: int = 0, dim: int = 64, max_length: int = 32
+) -> Path:
+    """Write a FLUX text layout in miniature to `folder` and return it: CLIP and T5 of width `dim` (2 layers, 4 heads,
+    random and frozen, deterministic from `seed`), with a word-level tokenizer over the words of `corpus`
+    (CLIP: "<s> words </s>", 77 tokens; T5: "words </s>", `max_length` tokens). Load it with load_text_encoder.
+
+    Why random weights work: a frozen random encoder is an injective-enough feature map, and the toy DiT learns to
+    read it from scratch. One change to the transformers init makes it keep word ORDER: FLUX puts every text token
+    at RoPE position 0, so the DiT sees T5's states as a set, and with the default relative-position bias (std
+    d_model^-0.5) each state is nearly context-free: "a red circle above a blue square" and "a blue circle above a
+    red square" give almost the same set. A bias of std 3 makes some heads attend to fixed neighbours, so each
+    state mixes in its neighbours' words and the two sets differ (tests/test_text.py measures this).
+    """
+    folder = Path(folder)
+    words = sorted({w for caption in corpus for w in caption_words(caption)})
+    word_tokenizer(words, "<s> $A </s>", 77).save_pretrained(folder / "tokenizer")
+    word_tokenizer(words, "$A </s>", max_length).save_pretrained(folder / "tokenizer_2")
+    V = len(words) + 4
+    clip_cfg = CLIPTextConfig(
+        vocab_size=V, hidden_size=dim, intermediate_size=2 * dim, projection_dim=dim, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, pad_token_id=0, eos_token_id=1, bos_token_id=3,
+    )  # fmt: skip
+    t5_cfg = T5Config(
+        vocab_size=V, d_model=dim, d_kv=dim // 4, d_ff=2 * dim, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=16, feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0,
+        eos_token_id=1, decoder_start_token_id=0,
+    )  # fmt: skip
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left untouched
+        torch.manual_seed(seed)
+        clip, t5 = CLIPTextModel(clip_cfg), T5EncoderModel(t5_cfg)
+        # NOTE(deviation): toy-only init (see the docstring); real encoders are pretrained and loaded as stored.
+        nn.init.normal_(t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight, std=3.0)
+    clip.save_pretrained(folder / "text_encoder")
+    t5.save_pretrained(folder / "text_encoder_2")
+    return folder
