@@ -1,6 +1,6 @@
 """The FLUX VAE: a KL autoencoder with f8 and 16 latent channels (diffusers `AutoencoderKL`, SD's VAE design), the
 latent space of the FLUX base model that DC-Gen starts from (paper.md A.1). It is the *teacher's* AE in DC-Gen's
-embedding alignment; the toy zoo uses a small one (`toy-f8c4`) in the same role.
+embedding alignment; the toy zoo uses a small one (`toy-vae-f8c4`) in the same role.
 
 FLUX normalises its latents with a shift and a scale (0.1159, 0.3611): `encode` returns (mean - shift)·scale, the
 posterior mean (deterministic), and `decode` inverts it. Module names mirror diffusers' state-dict keys, and
@@ -294,9 +294,9 @@ class VAE(nn.Module):
 
 PRESETS = {
     # black-forest-labs/FLUX.1-dev (and Krea-dev, schnell) vae/config.json (third-party copies, ecosystem.md §1a)
-    "flux": VAEParams(),
+    "flux-vae": VAEParams(),
     # Toy zoo (issue 6): the FLUX VAE's role, f8 with 4 channels; shift/scale are set by ae15.py after training.
-    "toy-f8c4": VAEParams(
+    "toy-vae-f8c4": VAEParams(
         latent_channels=4,
         block_out_channels=(16, 32, 64, 64),
         layers_per_block=1,
@@ -305,7 +305,7 @@ PRESETS = {
         shift_factor=0.0,
     ),
     # tests
-    "tiny": VAEParams(
+    "tiny-vae": VAEParams(
         latent_channels=4,
         block_out_channels=(8, 16),
         layers_per_block=1,
