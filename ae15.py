@@ -1,0 +1,411 @@
+"""ae15.py: train a DC-AE with DC-AE 1.5's structured latent space (arXiv 2508.00413 §3: channel-prefix masking), or a
+DC-AE 1.0-style AE (`--mask none`), or the toy zoo's KL VAE; and `--eval` any AE folder (PSNR / SSIM per prefix).
+
+Each step encodes the batch once and decodes K channel prefixes c' of the latent, c' drawn from a candidate set
+(paper.md B.3; with --always_max one of them is c' = C). Decoding the first c' channels is exactly decoding the latent
+with channels >= c' zeroed, the paper's mask. Loss = mean over the prefixes of L1 (+ LPIPS, + GAN when asked).
+
+Run:    python ae15.py --model dc-ae-1.5-f64c128 --data /path/to/images --size_px 256 --batch_size 16 --steps 200000
+        torchrun --standalone --nproc_per_node=8 ae15.py --model dc-ae-1.5-f64c128 --data /path/to/images --size_px 256
+Toy:    bash runs/ae15_ablation.sh   (two toy f32 AEs on procedural shapes, masked vs not, on a 2-core CPU)
+Eval:   python ae15.py --eval --init out/ae15/ae --data shapes --size_px 256
+Smoke:  python ae15.py --model tiny-1.5 --size_px 32 --batch_size 2 --steps 2 --device cpu --out_dir out/ae15-smoke
+Input:  a fresh --model preset (models/dcae.py or models/vae.py PRESETS), or --init: a diffusers-format AE folder
+        (ours or released); images from an image folder or "shapes" (data.py's procedural set).
+Output: out_dir/config.json, log.txt, ckpt_XXXXXXX.pt (AE + optimizer, --resume), samples/XXXXXXX.png (rows: input,
+        then each eval prefix), ae/ (diffusers layout with the measured latent scale; models.autoencoder reads it),
+        eval.json + eval.png with --eval.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from common import (
+    cleanup_dist,
+    init_dist,
+    load_ckpt,
+    parse_config,
+    print0,
+    run_info,
+    save_ckpt,
+    save_config,
+    save_image_grid,
+    save_pretrained,
+    seed_everything,
+)
+from data import ImageFolder, ShapesDataset, StepSampler
+from models import dcae, vae
+from models.autoencoder import build_autoencoder, load_autoencoder
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclasses.dataclass
+class Config:
+    model: str = "toy-f32c16"  # preset of a fresh AE (models/dcae.py or models/vae.py PRESETS); ignored with --init
+    init: str = ""  # diffusers-format AE folder to fine-tune, or to evaluate with --eval
+    data: str = "shapes"  # "shapes" (procedural captioned shapes, data.py) or an image folder
+    size_px: int = 128  # training / eval image size (square)
+    mask: str = "prefix"  # "prefix": DC-AE 1.5 channel masking; "none": DC-AE 1.0-style, full latent only
+    prefixes: tuple[int, ...] = ()  # candidate c' set; empty: 16, 20, ..., C when C >= 64, else C/8, 2C/8, ..., C
+    num_prefixes: int = 2  # K: channel prefixes decoded per step (one encoder pass)
+    always_max: bool = True  # one of the K prefixes is always c' = C (official always_sample_max_channel)
+    steps: int = 1500  # optimizer steps in total
+    batch_size: int = 16  # images per rank per step
+    lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, cosine decay to 10%)
+    warmup: int = 100  # warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # max gradient norm
+    kl_weight: float = 1e-4  # KL VAE only: weight of the KL term (per-element mean) against L1
+    lpips_weight: float = 0.0  # LPIPS weight; needs --lpips_path (no weights can be downloaded here)
+    lpips_path: str = ""  # folder with torchvision's vgg16-397923af.pth and the lpips package's v0.1 vgg.pth
+    gan_weight: float = 0.0  # hinge-GAN generator weight (PatchGAN trained from scratch); 0 = off
+    gan_start: int = 0  # step from which the GAN terms are on
+    eval: bool = False  # evaluate --init (or the fresh --model) and exit: PSNR / SSIM per prefix
+    eval_n: int = 64  # images evaluated (held-out procedural scenes, or the first of the folder)
+    eval_prefixes: tuple[int, ...] = ()  # c' evaluated and sampled; empty: C/8, C/4, C/2, C (adaptive) or C
+    log_every: int = 10  # steps between log lines
+    sample_every: int = 250  # steps between reconstruction grids
+    save_every: int = 500  # steps between checkpoints (the last step is always saved)
+    out_dir: str = "out/ae15"  # where everything goes
+    resume: bool = False  # continue from the newest out_dir/ckpt_*.pt
+    seed: int = 0  # base seed (rank r uses seed + r; prefixes and data are shared-seeded per step)
+    device: str = "auto"  # "auto", "cpu" or "cuda"
+    num_workers: int = 0  # DataLoader workers per rank
+    dry_run: bool = False  # print the config and parameter counts, then exit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+class Reconstruct(nn.Module):
+    """The training forward that DDP wraps: encode once, decode every channel prefix (DC-AE 1.5 §3.2)."""
+
+    def __init__(self, ae: nn.Module):
+        super().__init__()
+        self.ae = ae
+
+    def forward(self, x: torch.Tensor, prefixes: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+        if isinstance(self.ae, vae.VAE):  # KL VAE: reparameterised posterior sample, KL to N(0, I)
+            mean, logvar = self.ae.posterior(x)  # (B, C, h, w) each, raw units
+            p = self.ae.params
+            z = (mean + torch.randn_like(mean) * (0.5 * logvar).exp() - p.shift_factor) * p.scaling_factor
+            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
+        else:
+            z, kl = self.ae.encode(x), x.new_zeros(())  # (B, C, h, w)
+        return [self.ae.decode(z[:, :c]) for c in prefixes], kl  # zeroing channels >= c == slicing them off
+
+
+def candidate_prefixes(C: int, given: tuple[int, ...]) -> list[int]:
+    """The c' candidates: `given`, or every multiple of 4 from 16 (paper.md B.3; C >= 64) or of C/8 (toy latents)."""
+    assert all(1 <= c <= C for c in given), f"--prefixes {given} must lie in 1..{C}"
+    step = 4 if C >= 64 else max(1, C // 8)
+    default = range(16 if C >= 64 else step, C + 1, step)
+    return sorted(set(given or default) | {C})  # always including C
+
+
+def sample_prefixes(cands: list[int], cfg: Config, step: int) -> list[int]:
+    """K prefixes for this step, drawn uniformly from the candidates with a per-step seed: the same draw on every rank,
+    so every rank runs the same graph (DDP needs that; owl-wms #65 broadcasts c' for the same reason)."""
+    C = cands[-1]
+    if cfg.mask == "none":
+        return [C]
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    draws = [cands[i] for i in torch.randint(len(cands), (cfg.num_prefixes - cfg.always_max,), generator=g).tolist()]
+    return [C] * cfg.always_max + draws
+
+
+def lr_at(step: int, cfg: Config) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))  # cosine from lr to lr/10
+
+
+class LPIPS(nn.Module):
+    """LPIPS v0.1 with the VGG16 trunk (Zhang et al. 2018): unit-normalised features at 5 depths, squared differences
+    weighted by 1x1 convs, averaged over space, summed. Weights come from local files only."""
+
+    VGG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
+    TAPS = (3, 8, 15, 22, 29)  # torchvision vgg16.features indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+
+    def __init__(self):
+        super().__init__()
+        layers, c = [], 3
+        for v in self.VGG:
+            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
+            c = c if v == "M" else v
+        self.features = nn.Sequential(*layers)  # torchvision's key names: features.{i}.weight
+        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
+        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[:, None, None])
+        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[:, None, None])
+
+    @classmethod
+    def load(cls, folder: str) -> LPIPS:
+        vgg, lin = Path(folder) / "vgg16-397923af.pth", Path(folder) / "vgg.pth"
+        if not (vgg.is_file() and lin.is_file()):
+            raise FileNotFoundError(f"--lpips_path {folder} must hold {vgg.name} (torchvision) and {lin.name} (lpips)")
+        sd = {k: v for k, v in load_ckpt(vgg).items() if k.startswith("features.")}
+        sd.update({f"lins.{k[3]}.weight": v for k, v in load_ckpt(lin).items()})  # lin{k}.model.1.weight
+        model = cls()
+        model.load_state_dict({**sd, "shift": model.shift, "scale": model.scale}, strict=True)
+        return model.eval().requires_grad_(False)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # images in [-1, 1] -> (B,)
+        h, total = (torch.cat([x, y]) - self.shift) / self.scale, 0.0
+        for i, layer in enumerate(self.features[: self.TAPS[-1] + 1]):
+            h = layer(h)
+            if i in self.TAPS:
+                fx, fy = (h / (h.norm(dim=1, keepdim=True) + 1e-10)).chunk(2)
+                total = total + self.lins[self.TAPS.index(i)]((fx - fy).pow(2)).mean((1, 2, 3))
+        return total
+
+
+def patch_discriminator(width: int = 64) -> nn.Module:
+    """PatchGAN (pix2pix): one real/fake logit per ~70 px patch. Trained from scratch, so no weights are needed."""
+    block = lambda a, b: [nn.Conv2d(a, b, 4, 2, 1), nn.GroupNorm(8, b), nn.LeakyReLU(0.2)]
+    return nn.Sequential(
+        nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2), *block(width, 2 * width), *block(2 * width, 4 * width),
+        nn.Conv2d(4 * width, 1, 4, 1, 1),
+    )  # fmt: skip
+
+
+def quantize(x: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> 8-bit levels in [0, 1], as a saved PNG would hold them."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 255
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (B,) in dB, on 8-bit [0, 1] images
+    return 10 * torch.log10(1 / (quantize(x) - quantize(y)).pow(2).mean((1, 2, 3)).clamp_min(1e-10))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (B,): Gaussian window 11, sigma 1.5 (Wang et al. 2004)
+    x, y = quantize(x), quantize(y)
+    g = torch.exp(-((torch.arange(11, dtype=torch.float32) - 5) ** 2) / (2 * 1.5**2))
+    w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11).to(x.device)
+    blur = lambda t: F.conv2d(t, w, groups=3)  # valid window, per channel
+    mx, my = blur(x), blur(y)
+    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return s.mean((1, 2, 3))
+
+
+def make_dataset(cfg: Config, train: bool):
+    if cfg.data == "shapes":  # training scenes from the train captions; eval on held-out captions and seeds
+        return ShapesDataset(
+            cfg.size_px, seed=cfg.seed if train else cfg.seed + 10_000, split="train" if train else "test"
+        )
+    return ImageFolder(cfg.data, cfg.size_px, captions=False)
+
+
+def eval_batch(cfg: Config, n: int) -> torch.Tensor:
+    """The first n evaluation images, (n, 3, H, W)."""
+    ds = make_dataset(cfg, train=False)
+    return torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
+
+
+@torch.no_grad()
+def evaluate(ae: nn.Module, cfg: Config, prefixes: list[int], device: torch.device) -> dict:
+    """Mean PSNR / SSIM of the reconstruction of cfg.eval_n held-out images for each channel prefix c'."""
+    ae.eval()
+    x_all, sums = eval_batch(cfg, cfg.eval_n), {c: [0.0, 0.0] for c in prefixes}
+    for x in x_all.split(cfg.batch_size):
+        z = ae.encode(x.to(device))  # (B, C, h, w); z[:, :c] is exactly encode(x, channels=c)
+        for c in prefixes:
+            rec = ae.decode(z[:, :c]).float().cpu()
+            sums[c][0] += psnr(rec, x).sum().item()
+            sums[c][1] += ssim(rec, x).sum().item()
+    return {c: {"psnr": s[0] / len(x_all), "ssim": s[1] / len(x_all)} for c, s in sums.items()}
+
+
+@torch.no_grad()
+def recon_grid(ae: nn.Module, x: torch.Tensor, prefixes: list[int]) -> torch.Tensor:
+    """Rows: the inputs, then their reconstructions from each prefix. (n·(1 + P), 3, H, W)."""
+    z = ae.encode(x)
+    return torch.cat([x.cpu()] + [ae.decode(z[:, :c]).float().cpu() for c in prefixes])
+
+
+@torch.no_grad()
+def measure_latent_scale(ae: nn.Module, x: torch.Tensor) -> None:
+    """Set the latent normalisation from data: DC-AE s = 1/RMS (diffusers' definition); VAE shift = mean, s = 1/std."""
+    p = ae.params
+    raw = ae.encode(x) / p.scaling_factor + getattr(p, "shift_factor", 0.0)  # undo the current normalisation
+    if isinstance(ae, vae.VAE):
+        ae.params = dataclasses.replace(p, shift_factor=raw.mean().item(), scaling_factor=1 / raw.std().item())
+    else:
+        ae.params = dataclasses.replace(p, scaling_factor=1 / raw.pow(2).mean().sqrt().item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+
+def main():
+    cfg = parse_config(Config)
+    if cfg.mask not in ("prefix", "none"):
+        raise ValueError(f"--mask must be 'prefix' (DC-AE 1.5) or 'none' (DC-AE 1.0-style), got {cfg.mask!r}")
+    if cfg.lpips_weight > 0 and not cfg.lpips_path:
+        raise ValueError(
+            "--lpips_weight needs --lpips_path: LPIPS/VGG weights cannot be downloaded here and are not bundled; "
+            "put torchvision's vgg16-397923af.pth and lpips' v0.1 vgg.pth in a folder and pass it"
+        )
+    out = Path(cfg.out_dir)
+
+    # --- distributed init
+    dist = init_dist(cfg.device)
+    seed_everything(cfg.seed + dist.rank)
+    log = out / "log.txt"
+    ckpts = sorted(out.glob("ckpt_*.pt"))
+    if cfg.resume and not ckpts:
+        raise FileNotFoundError(f"--resume: no ckpt_*.pt in {out}")
+    if not cfg.eval and not cfg.dry_run:
+        save_config(cfg, out)
+        print0(" ".join(f"{k} {v}" for k, v in run_info(dist.world_size).items()), log_file=log)
+
+    # --- models: the AE (fresh preset, --init folder, or the --resume checkpoint's config), then the loss networks
+    ckpt = load_ckpt(ckpts[-1]) if cfg.resume else None
+    if ckpt is not None:
+        ae = build_autoencoder(ckpt["ae_config"], tile_px=None)
+        ae.load_state_dict(ckpt["model"])
+    elif cfg.init:
+        ae = load_autoencoder(cfg.init, dtype=torch.float32, tile_px=None)
+    elif cfg.model in dcae.PRESETS:
+        ae = dcae.DCAE(dcae.PRESETS[cfg.model], tile_px=None)
+    elif cfg.model in vae.PRESETS:
+        ae = vae.VAE(vae.PRESETS[cfg.model], tile_px=None)
+    else:
+        raise ValueError(f"unknown --model {cfg.model!r}; choose from {[*dcae.PRESETS, *vae.PRESETS]}")
+    ae = ae.to(dist.device)
+    C = ae.latent_channels
+    if cfg.mask == "prefix" and not ae.adaptive:
+        raise ValueError(f"--mask prefix needs an adaptive AE (DC-AE 1.5: no latent shortcuts); {cfg.model!r} is "
+                         "not one: train it with --mask none")  # fmt: skip
+    cands = candidate_prefixes(C, cfg.prefixes)
+    show = sorted(set(cfg.eval_prefixes) or ({C // 8, C // 4, C // 2, C} - {0} if ae.adaptive else {C}))
+    n_enc, n_dec = (sum(p.numel() for p in m.parameters()) for m in (ae.encoder, ae.decoder))
+    print0(f"AE {type(ae).__name__} f{ae.spatial_factor}c{C} | encoder {n_enc / 1e6:.3f}M | decoder {n_dec / 1e6:.3f}M"
+           f" | adaptive {ae.adaptive} | prefixes {cands if cfg.mask == 'prefix' else [C]}")  # fmt: skip
+    if cfg.dry_run:
+        return cleanup_dist()
+    if cfg.eval:
+        res = evaluate(ae, cfg, show, dist.device)
+        for c, r in res.items():
+            print0(f"channels {c:4d} | psnr {r['psnr']:.2f} | ssim {r['ssim']:.4f}")
+        if dist.master:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "eval.json").write_text(
+                json.dumps({"init": cfg.init or cfg.model, "n": cfg.eval_n, **res}, indent=2)
+            )
+            save_image_grid(recon_grid(ae, eval_batch(cfg, 4).to(dist.device), show), out / "eval.png", nrow=4)
+        return cleanup_dist()
+
+    ae.train()
+    model = Reconstruct(ae)
+    if dist.world_size > 1:
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
+    lpips = LPIPS.load(cfg.lpips_path).to(dist.device) if cfg.lpips_weight > 0 else None
+    disc = patch_discriminator().to(dist.device) if cfg.gan_weight > 0 else None
+    disc_ddp = DDP(disc) if disc is not None and dist.world_size > 1 else disc
+
+    # --- data: each rank takes its own slice of every global batch, indexed by step (exact resume)
+    start = ckpt["step"] if ckpt is not None else 0
+    ds = make_dataset(cfg, train=True)
+    sampler = StepSampler(len(ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed, start, cfg.data != "shapes")
+    batches = iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers))
+    fixed = eval_batch(cfg, 4).to(dist.device)  # the images of every sample grid
+
+    # --- optimizer and schedule
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc is not None else None
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        if disc is not None:
+            disc.load_state_dict(ckpt["disc"])
+            disc_opt.load_state_dict(ckpt["disc_opt"])
+        print0(f"resumed from {ckpts[-1]} at step {start}", log_file=log)
+
+    # --- training loop
+    timed, n_timed = 0.0, 0  # training time since the last log line (sampling and saving are not counted)
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x = next(batches)["image"].to(dist.device)  # (B, 3, H, W) in [-1, 1]
+        prefixes = sample_prefixes(cands, cfg, step)
+        recs, kl = model(x, prefixes)
+        # L = (1/K) Σ_k L_rec(D(z[:, :c_k]), x): every prefix must reconstruct the image on its own
+        l1 = sum((r - x).abs().mean() for r in recs) / len(recs)
+        loss = l1 + cfg.kl_weight * kl
+        if lpips is not None:
+            loss = loss + cfg.lpips_weight * sum(lpips(r, x).mean() for r in recs) / len(recs)
+        gan_on = disc is not None and step >= cfg.gan_start
+        if gan_on:  # generator side: fool the discriminator (its weights frozen for this term)
+            disc.requires_grad_(False)
+            loss = loss - cfg.gan_weight * sum(disc(r).mean() for r in recs) / len(recs)
+            disc.requires_grad_(True)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
+        opt.step()
+        if gan_on:  # discriminator side: hinge loss on real images vs detached reconstructions
+            fake = torch.cat([r.detach() for r in recs])
+            d_loss = F.relu(1 - disc_ddp(x)).mean() + F.relu(1 + disc_ddp(fake)).mean()
+            disc_opt.zero_grad(set_to_none=True)
+            d_loss.backward()
+            disc_opt.step()
+        if not math.isfinite(loss.item()):  # .item() also waits for the device, so the timing below is honest
+            raise RuntimeError(f"loss is {loss.item()} at step {step}; the last good checkpoint is kept in {out}")
+        timed, n_timed = timed + time.perf_counter() - t0, n_timed + 1
+
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            dt = timed / n_timed
+            mem = torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else \
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # fmt: skip
+            print0(
+                f"step {done:07d}/{cfg.steps:07d} | loss {loss.item():.4f} | l1 {l1.item():.4f} | kl {kl.item():.4f}"
+                f" | prefixes {','.join(map(str, prefixes))} | gnorm {gnorm.item():.3f} | lr {lr_at(step, cfg):.2e}"
+                f" | dt {dt * 1000:.0f}ms | img/s {cfg.batch_size * dist.world_size / dt:.1f} | mem {mem:.2f}GB",
+                log_file=log,
+            )
+            timed, n_timed = 0.0, 0
+        if dist.master and (done % cfg.sample_every == 0 or done == cfg.steps):
+            grid = recon_grid(ae.eval(), fixed, show)
+            save_image_grid(grid, out / "samples" / f"{done:07d}.png", nrow=4, text={"prefixes": show})
+            ae.train()
+        if dist.master and (done % cfg.save_every == 0 or done == cfg.steps):
+            state = {"model": ae.state_dict(), "optimizer": opt.state_dict(), "step": done,
+                     "config": dataclasses.asdict(cfg), "ae_config": ae.config()}  # fmt: skip
+            if disc is not None:
+                state.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
+            save_ckpt(state, out / f"ckpt_{done:07d}.pt")
+            for old in sorted(out.glob("ckpt_*.pt"))[:-2]:  # keep the newest two
+                old.unlink()
+
+    # --- export: measure the latent scale, write the diffusers-format folder, report held-out reconstruction quality
+    if dist.master:
+        ae.eval()
+        measure_latent_scale(ae, torch.stack([ds[i]["image"] for i in range(64)]).to(dist.device))
+        save_pretrained(out / "ae", {k: v.detach().cpu() for k, v in ae.state_dict().items()}, ae.config())
+        for c, r in evaluate(ae, cfg, show, dist.device).items():
+            print0(f"eval channels {c} | psnr {r['psnr']:.2f} | ssim {r['ssim']:.4f}", log_file=log)
+        print0(f"exported {out / 'ae'} (scaling_factor {ae.params.scaling_factor:.4f})", log_file=log)
+    cleanup_dist()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""data.py: the procedural shapes (determinism, resolution independence, held-out split), the scorer's acceptance
+figures, the image folder, and the step sampler's sharding and resume.
+
+Run: python -m pytest -q tests/test_data.py
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from data import (
+    ImageFolder,
+    ShapesDataset,
+    StepSampler,
+    accuracy,
+    all_specs,
+    eval_specs,
+    parse_caption,
+    render,
+    score,
+    split_of,
+)
+
+
+def test_scorer_acceptance():
+    """>= 95% on 200 ground-truth renders at 256 px with their own prompts, <= 20% with shuffled prompts."""
+    ds = ShapesDataset(256, seed=1234, split="all")
+    scenes = [ds.scene(i) for i in range(200)]
+    images = [render(s, 256) for s in scenes]
+    own = accuracy(images, [s.spec for s in scenes])
+    shuffled = accuracy(images, [scenes[(i + 1) % 200].spec for i in range(200)])  # every image gets another prompt
+    print(f"scorer accuracy: own prompts {own:.3f}, shuffled prompts {shuffled:.3f}")
+    assert own >= 0.95 and shuffled <= 0.20
+
+
+def test_scorer_reads_each_part_of_the_prompt():
+    scene = ShapesDataset(256, seed=7).scene(3)
+    img = render(scene, 256)
+    s = scene.spec
+    assert score(torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1, s.caption)["correct"]  # tensor input
+    other = {"red": "blue", "blue": "red"}.get(s.color_a, "red" if s.color_b != "red" else "green")
+    flips = {
+        "relation": {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}[s.relation],
+        "shape_a": "circle" if s.shape_a != "circle" else "square",
+        "color_a": other,
+        "background": "black" if s.background != "black" else "white",
+    }
+    for field, value in flips.items():
+        wrong = s.__class__(**{**s.__dict__, field: value})
+        result = score(img, wrong)
+        assert not result["correct"] and result["score"] < 1, field
+
+
+def test_render_is_deterministic_and_resolution_independent():
+    ds = ShapesDataset(64, seed=3)
+    a, b = ds[5], ShapesDataset(64, seed=3)[5]
+    assert torch.equal(a["image"], b["image"]) and a["caption"] == b["caption"]
+    assert not torch.equal(a["image"], ds[6]["image"])
+    assert a["image"].shape == (3, 64, 64) and a["image"].min() >= -1 and a["image"].max() <= 1
+    scene = ds.scene(5)
+    small = render(scene, 256).astype(np.float32)
+    big = np.asarray(Image.fromarray(render(scene, 1024)).resize((256, 256), Image.Resampling.BOX), np.float32)
+    assert np.abs(small - big).mean() < 1.0  # the 1024 px render box-filtered to 256 px is the 256 px render
+    edge = render(scene, 1024)
+    assert len(np.unique(edge.reshape(-1, 3), axis=0)) > 10  # anti-aliased edges (more than bg + 2 flat colours)
+
+
+def test_captions_and_split():
+    specs = all_specs()
+    assert len(specs) == 6 * 5 * 4 * 4 * 4 * 3 and len(set(s.caption for s in specs)) == len(specs)
+    assert all(parse_caption(s.caption) == s for s in specs[::97])
+    test = all_specs("test")
+    assert 0.08 < len(test) / len(specs) < 0.17
+    s = test[0]  # the mirrored wording of a held-out scene is held out too
+    flip = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}[s.relation]
+    assert split_of(s.__class__(s.color_b, s.shape_b, flip, s.color_a, s.shape_a, s.background)) == "test"
+    train = ShapesDataset(32, seed=0, split="train")
+    assert all(split_of(parse_caption(train[i]["caption"])) == "train" for i in range(50))
+    held = eval_specs(200, seed=0)
+    assert len(set(held)) == 200 and all(split_of(h) == "test" for h in held) and held == eval_specs(200, seed=0)
+    with pytest.raises(ValueError, match="expected 'a <color> <shape>"):
+        parse_caption("a cat on a mat")
+
+
+def test_image_folder(tmp_path):
+    Image.new("RGB", (300, 200), (255, 0, 0)).save(tmp_path / "a.png")
+    (tmp_path / "a.txt").write_text("a red image\n")
+    (tmp_path / "sub").mkdir()
+    Image.new("RGB", (100, 160), (0, 0, 255)).save(tmp_path / "sub" / "b.jpg")
+    with pytest.raises(ValueError, match="1 images .* have no caption"):
+        ImageFolder(tmp_path, 64)
+    (tmp_path / "captions.jsonl").write_text(json.dumps({"file_name": "sub/b.jpg", "caption": "blue"}) + "\n")
+    ds = ImageFolder(tmp_path, 64)
+    assert [ds[i]["caption"] for i in range(2)] == ["a red image", "blue"]
+    assert ds[0]["image"].shape == ds[1]["image"].shape == (3, 64, 64)
+    assert torch.allclose(ds[0]["image"][:, 32, 32], torch.tensor([1.0, -1.0, -1.0]), atol=0.02)
+    with pytest.raises(FileNotFoundError, match="no images"):
+        ImageFolder(tmp_path / "sub" / "nothing", 64) if (tmp_path / "sub" / "nothing").mkdir() is None else None
+
+
+def test_step_sampler_shards_and_resumes():
+    n, batch = 10, 3
+    one = StepSampler(n, 2 * batch, seed=5)  # one process with the global batch
+    ranks = [StepSampler(n, batch, rank=r, world=2, seed=5) for r in range(2)]
+    it1, its = iter(one), [iter(s) for s in ranks]
+    for _ in range(4):  # 24 samples: 2.4 epochs
+        glob, parts = next(it1), [next(i) for i in its]
+        assert parts[0] + parts[1] == glob  # rank r gets its slice of the single-process batch
+    epoch0 = [i for s in range(0, 10, 6) for i in StepSampler(n, 6, seed=5, start_step=s // 6).__iter__().__next__()]
+    assert sorted(epoch0[:10]) == list(range(10))  # each epoch is a permutation: every item once
+    resumed = iter(StepSampler(n, batch, rank=1, world=2, seed=5, start_step=2))
+    fresh = iter(StepSampler(n, batch, rank=1, world=2, seed=5))
+    [next(fresh) for _ in range(2)]
+    assert next(resumed) == next(fresh)
