@@ -298,6 +298,16 @@ class AdaLNOut(nn.Module):
 
 
 class Flux(nn.Module):
+    # The two layers that touch the latent, which DC-Gen re-learns (stage 1: the embedder, stage 2: the head).
+    latent_layers = ("x_embedder", "proj_out")
+    # DC-Gen's LoRA targets (paper.md A.3; the official PEFT list minus the top-level proj_out): every attention and
+    # MLP linear of every block, matched as full-name regexes.
+    lora_targets = (
+        r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
+        r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
+        r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)",
+    )
+
     def __init__(self, params: FluxParams):
         super().__init__()
         p = self.params = params
@@ -323,7 +333,15 @@ class Flux(nn.Module):
         assert H % p == 0 and W % p == 0, f"latent {H}x{W} is not divisible by the patch size {p}"
         dtype = self.x_embedder.weight.dtype
         img = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)  # (B, h·w, C·p²) like diffusers
-        img = self.x_embedder(img.to(dtype))  # (B, h·w, D)
+        # DC-AE 1.5 augmented training (paper.md B.4) also feeds channel prefixes x[:, :C'] of the latent: the token
+        # (c, p1, p2) layout puts them in the first C'·p² columns of the embedder and rows of the head, which are used
+        # alone (the official AdaptivePatchEmbed / AdaptiveFinalLayer).
+        prefix = C < self.params.in_channels
+        assert C <= self.params.in_channels, f"latent has {C} channels, the model {self.params.in_channels}"
+        if prefix:
+            img = F.linear(img.to(dtype), self.x_embedder.weight[:, : C * p * p], self.x_embedder.bias)
+        else:
+            img = self.x_embedder(img.to(dtype))  # (B, h·w, D)
         txt = self.context_embedder(txt.to(dtype))  # (B, L, D)
         vec = self.time_text_embed(t, guidance, y)  # (B, D)
         pe = rope(position_ids(txt.shape[1], H // p, W // p, x.device), self.params.axes_dim, self.params.theta)
@@ -334,7 +352,11 @@ class Flux(nn.Module):
         x_seq = torch.cat([txt, img], dim=1)  # (B, L + h·w, D)
         for block in self.single_transformer_blocks:
             x_seq = self.run_block(block, x_seq, vec, pe)
-        img = self.proj_out(self.norm_out(x_seq[:, txt.shape[1] :], vec))  # (B, h·w, C·p²)
+        img = self.norm_out(x_seq[:, txt.shape[1] :], vec)  # (B, h·w, D)
+        if prefix:
+            img = F.linear(img, self.proj_out.weight[: C * p * p], self.proj_out.bias[: C * p * p])
+        else:
+            img = self.proj_out(img)  # (B, h·w, C·p²)
         return rearrange(img, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H // p, p1=p, p2=p)
 
     def run_block(self, block: nn.Module, *args):

@@ -3,9 +3,9 @@
     y = W x + b + (alpha / r) · B A x,    A: (r, in) random,  B: (out, r) zero at init,
 
 so training starts exactly at the base model and only A and B (r·(in + out) numbers per layer) are learned.
-DC-Gen §3.3 (paper.md A.3) puts rank = alpha = 256 on every attention and MLP linear of every FLUX block and keeps
-the new `x_embedder` and `proj_out` fully trainable. Keys follow PEFT/diffusers (`<module>.lora_A.weight`,
-`<module>.lora_B.weight`), so a LoRA saved from here loads into diffusers + peft and vice versa.
+DC-Gen §3.3 (paper.md A.3) puts rank = alpha = 256 on every attention and MLP linear of every FLUX block
+(`Flux.lora_targets`) and keeps the new `x_embedder` and `proj_out` fully trainable. Keys follow PEFT/diffusers
+(`<module>.lora_A.weight`, `<module>.lora_B.weight`), so a LoRA saved here loads into diffusers + peft and back.
 """
 
 from __future__ import annotations
@@ -17,14 +17,6 @@ import re
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-
-# DC-Gen's FLUX targets (official code: the PEFT target list minus the top-level proj_out): every attention and MLP
-# linear of the 19 double-stream and 38 single-stream blocks. Patterns are full-name regexes (re.fullmatch).
-FLUX_TARGETS = (
-    r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
-    r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
-    r"single_transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v)|proj_mlp|proj_out)",
-)
 
 
 class LoRALinear(nn.Linear):
@@ -62,11 +54,13 @@ def inject_lora(
     rank: int,
     alpha: float,
     dropout: float = 0.0,
-    targets: tuple[str, ...] = FLUX_TARGETS,
+    targets: tuple[str, ...] | None = None,
     trainable: tuple[str, ...] = (),
 ) -> list[str]:
-    """Freeze `model`, wrap every nn.Linear whose full name matches a `targets` regex in a LoRALinear, and unfreeze
-    the modules named in `trainable` (e.g. "x_embedder", "proj_out"). Returns the wrapped names."""
+    """Freeze `model`, wrap every nn.Linear whose full name matches a `targets` regex (default: the model's
+    `lora_targets`, e.g. DC-Gen's FLUX list) in a LoRALinear, and unfreeze the modules named in `trainable` (e.g. the
+    model's `latent_layers`, "x_embedder" and "proj_out"). Returns the wrapped names."""
+    targets = model.lora_targets if targets is None else targets
     model.requires_grad_(False)
     names = [n for n, m in model.named_modules() if type(m) is nn.Linear and any(re.fullmatch(t, n) for t in targets)]
     if not names:

@@ -288,6 +288,12 @@ class PatchEmbed(nn.Module):
 
 
 class Sana(nn.Module):
+    # The two layers that touch the latent, which DC-Gen re-learns (stage 1: the embedder, stage 2: the head).
+    latent_layers = ("patch_embed", "proj_out")
+    # LoRA targets: every linear of both attentions. NOTE(deviation): the official DC-Gen-SANA targets are not
+    # published, and the Mix-FFN's 1×1 convolutions are Conv2d, which our LoRALinear does not wrap.
+    lora_targets = (r"transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)",)
+
     def __init__(self, params: SanaParams):
         super().__init__()
         p = self.params = params
@@ -311,10 +317,17 @@ class Sana(nn.Module):
         embedded guidance scale w (guidance-distilled models only). Returns (B, C, H, W)."""
         p, (H, W) = self.params, x.shape[-2:]
         assert H % p.patch_size == 0 and W % p.patch_size == 0, f"latent {H}x{W} not divisible by patch {p.patch_size}"
-        # (no check of C against in_channels: augmented training runs the model with sliced embedder and head)
-        h, w = H // p.patch_size, W // p.patch_size
+        h, w, C = H // p.patch_size, W // p.patch_size, x.shape[1]
         dtype = self.proj_out.weight.dtype
-        img = self.patch_embed(x.to(dtype))  # (B, h·w, D)
+        # DC-AE 1.5 augmented training (paper.md B.4) also feeds channel prefixes x[:, :C'] of the latent: they use the
+        # first C' input channels of the embedder and (patch 1) the first C' rows of the head.
+        prefix = C < p.in_channels
+        assert C <= p.in_channels and (not prefix or p.patch_size == 1), f"latent of {C} channels for {p.in_channels}"
+        if prefix:
+            conv = self.patch_embed.proj
+            img = F.conv2d(x.to(dtype), conv.weight[:, :C], conv.bias, stride=p.patch_size).flatten(2).transpose(1, 2)
+        else:
+            img = self.patch_embed(x.to(dtype))  # (B, h·w, D)
         # diffusers' SanaPipeline feeds the scheduler's timestep (1000·sigma) times timestep_scale
         timestep = t * 1000 * p.timestep_scale  # (B,)
         g = guidance * p.guidance_scale if guidance is not None else None
@@ -325,7 +338,8 @@ class Sana(nn.Module):
         for block in self.transformer_blocks:
             img = self.run_block(block, img, txt, mask, mod, (h, w))
         shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # each (B, 1, D)
-        img = self.proj_out(modulate(self.norm_out(img), shift, scale))  # (B, h·w, p²·C)
+        img = modulate(self.norm_out(img), shift, scale)  # (B, h·w, D)
+        img = F.linear(img, self.proj_out.weight[:C], self.proj_out.bias[:C]) if prefix else self.proj_out(img)
         return rearrange(img, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p.patch_size, p2=p.patch_size)
 
     def run_block(self, block: nn.Module, *args):

@@ -118,3 +118,20 @@ def test_tiny_forward_backward_and_checkpointing():
     assert all(torch.allclose(p.grad, grads[n], atol=1e-6) for n, p in model.named_parameters())
     with pytest.raises(AssertionError, match="guidance"):
         model(x, t, txt, y, None)
+
+
+@torch.no_grad()
+def test_channel_prefix_uses_the_first_columns_and_rows():
+    """DC-AE 1.5 augmented training: a latent prefix x[:, :c] runs as a model whose embedder and head were cut to
+    the first c channels (official AdaptivePatchEmbed / AdaptiveFinalLayer)."""
+    torch.manual_seed(0)
+    full = Flux(FluxParams(**{**PRESETS["tiny"].__dict__, "in_channels": 8}))
+    small = Flux(FluxParams(**{**PRESETS["tiny"].__dict__, "in_channels": 3}))
+    sd = full.state_dict()
+    k = 3 * 2 * 2  # c channels × p² positions: the (c, p1, p2) token layout puts them first
+    sd["x_embedder.weight"] = sd["x_embedder.weight"][:, :k]
+    sd["proj_out.weight"], sd["proj_out.bias"] = sd["proj_out.weight"][:k], sd["proj_out.bias"][:k]
+    small.load_state_dict(sd)
+    x, t, txt, y, g = torch.randn(2, 8, 4, 6), torch.rand(2), torch.randn(2, 5, 32), torch.randn(2, 16), torch.ones(2)
+    assert torch.allclose(full(x[:, :3], t, txt, y, g), small(x[:, :3], t, txt, y, g), atol=1e-6)
+    assert full(x[:, :3], t, txt, y, g).shape == (2, 3, 4, 6)

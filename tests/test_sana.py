@@ -113,3 +113,17 @@ def test_tiny_forward_backward_and_checkpointing():
     model.grad_checkpointing = True
     model(x, t, txt, mask).square().mean().backward()
     assert all(torch.allclose(prm.grad, grads[n], atol=1e-6) for n, prm in model.named_parameters())
+
+
+@torch.no_grad()
+def test_channel_prefix_uses_the_first_columns_and_rows():
+    """DC-AE 1.5 augmented training: a latent prefix x[:, :c] runs as a model cut to the first c channels."""
+    torch.manual_seed(0)
+    full = Sana(SanaParams(**{**PRESETS["tiny"].__dict__, "in_channels": 8}))
+    small = Sana(SanaParams(**{**PRESETS["tiny"].__dict__, "in_channels": 3}))
+    sd = full.state_dict()
+    sd["patch_embed.proj.weight"] = sd["patch_embed.proj.weight"][:, :3]
+    sd["proj_out.weight"], sd["proj_out.bias"] = sd["proj_out.weight"][:3], sd["proj_out.bias"][:3]
+    small.load_state_dict(sd)
+    x, t, txt, mask = torch.randn(2, 8, 4, 6), torch.rand(2), torch.randn(2, 5, 24), torch.ones(2, 5)
+    assert torch.allclose(full(x[:, :3], t, txt, mask), small(x[:, :3], t, txt, mask), atol=1e-6)

@@ -11,11 +11,12 @@ import shutil
 import pytest
 import torch
 from diffusers import FluxPipeline, SanaPipeline
-from tiny_text import build_flux_text, build_sana_text
 from transformers import AutoTokenizer, CLIPTextModel, Gemma2Model, T5EncoderModel
 
 from models.sana import PRESETS, Sana, SanaParams
 from models.text import SANA_INSTRUCTION, build_toy_text_encoder, drop_text, load_text_encoder
+
+from tiny_text import build_flux_text, build_sana_text
 
 PROMPTS = ["a red circle above a blue square", "A Photo of a CAT on the mat, 4k!", " "]
 LONG = " ".join(["a cat on the mat"] * 30)  # > 77 CLIP tokens: truncated by both
