@@ -13,6 +13,7 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -36,26 +37,31 @@ def parse_config(cls: type, argv: list[str] | None = None):
     The inline comment after each field (`lr: float = 1e-4  # peak learning rate`) becomes its `--help` text.
     """
     hints = typing.get_type_hints(cls)
-    comments = dict(re.findall(r"^\s*(\w+)\s*:[^#\n]*#\s*(.*)$", inspect.getsource(cls), re.M))
+    src = "".join(inspect.getsource(c) for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c))
+    comments = dict(re.findall(r"^\s*(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.M))  # a subclass's comment wins
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            tp = args[0]  # `X | None` -> X
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `X | None` -> X
+            tp = next(a for a in typing.get_args(tp) if a is not type(None))
         kw = dict(default=default, help=comments.get(f.name, " "))
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(tp) in (list, tuple):
-            kw.update(nargs="*", type=typing.get_args(tp)[0])
+        elif typing.get_origin(tp) in (list, tuple):  # `--x a b --x c` -> (a, b, c); given, it replaces the default
+            kw.update(nargs="*", type=typing.get_args(tp)[0], action=Extend)
         else:
             kw["type"] = tp
         parser.add_argument(f"--{f.name}", **kw)
     ns = vars(parser.parse_args(argv))
-    fix = {k: tuple(v) for k, v in ns.items() if typing.get_origin(hints[k]) is tuple and v is not None}
-    return cls(**{**ns, **fix})
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
+
+
+class Extend(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        old = getattr(namespace, self.dest)
+        setattr(namespace, self.dest, [*(old if old is not self.default else []), *values])
 
 
 def save_config(cfg, out_dir: str | Path) -> None:
@@ -76,10 +82,7 @@ class Dist:
     local_rank: int
     world_size: int
     device: torch.device
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
+    master: bool  # rank 0: the process that logs and writes files
 
 
 def init_dist(device: str = "auto") -> Dist:
@@ -95,12 +98,11 @@ def init_dist(device: str = "auto") -> Dist:
         torch.cuda.set_device(dev)
     if torchrun and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-    return Dist(rank, local_rank, world, dev)
+    return Dist(rank, local_rank, world, dev, rank == 0)
 
 
 def cleanup_dist() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    dist.destroy_process_group() if dist.is_initialized() else None
 
 
 def print0(*args, log_file: str | Path | None = None) -> None:
@@ -123,11 +125,10 @@ def seed_everything(seed: int) -> None:
 def run_info(world_size: int = 1) -> dict:
     """What a run record needs to be reproducible: the git commit (and whether the tree was dirty), versions, GPU."""
 
-    def git(*a):
-        try:
-            return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
-        except OSError:  # git not installed
+    def git(*a):  # "" when git is missing or this is not a checkout
+        if not shutil.which("git"):
             return ""
+        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
 
     return {
         "git_commit": git("rev-parse", "HEAD") or "unknown",
@@ -137,6 +138,48 @@ def run_info(world_size: int = 1) -> dict:
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "world_size": world_size,
     }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training: model wrapping, learning rate, EMA, and step-indexed randomness
+
+
+def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.Module:
+    """DDP over the ranks (gradients all-reduced in backward), or FSDP2: each transformer block sharded over the
+    ranks, then the root (PyTorch's fully_shard recipe), for bases too large to replicate (the 12B FLUX)."""
+    if d.world_size == 1:
+        return model
+    if fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for name in ("transformer_blocks", "single_transformer_blocks"):
+            for block in getattr(model, name, []):
+                fully_shard(block)
+        return fully_shard(model)
+    return torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[d.local_rank] if d.device.type == "cuda" else None
+    )
+
+
+def lr_at(step: int, lr: float, warmup: int, warmup_lr: float = 0.0) -> float:
+    """Linear warm-up from warmup_lr to lr over `warmup` steps (step 0 already moves), then constant."""
+    return lr if step >= warmup else warmup_lr + (lr - warmup_lr) * (step + 1) / warmup
+
+
+@torch.no_grad()
+def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay·ema + (1 - decay)·theta for the tensors named in `ema` (kept in float32)."""
+    for name, p in model.named_parameters():
+        if name in ema:
+            ema[name].lerp_(p.detach().float(), 1 - decay)
+
+
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of every random draw of one training step (noise, sigmas, text dropout, guidance scales).
+
+    Draws are made for the global batch and each rank takes its slice, so a resumed run repeats the uninterrupted one
+    exactly, and N ranks draw what one process with the same global batch draws."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -238,3 +281,20 @@ def denoise(velocity: typing.Callable, x: torch.Tensor, sigmas: torch.Tensor) ->
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         x = x + (sigma_next - sigma) * velocity(x, sigma).float()  # one Euler step towards the data
     return x
+
+
+def guided_velocity(model, cond: dict, null: dict | None = None, guidance: float | None = None, cfg: float = 1.0):
+    """v(x, sigma) for `denoise`, with guidance made explicit. A guidance-distilled model (FLUX.1-dev/Krea) takes
+    the scale w as an input, one pass; a CFG model takes two, v_u + cfg·(v_c - v_u), batched as [cond, null]."""
+
+    def v(x: torch.Tensor, sigma: float) -> torch.Tensor:
+        B = x.shape[0]
+        t = torch.full((B,), sigma, device=x.device)
+        w = {} if guidance is None else {"guidance": torch.full((B,), float(guidance), device=x.device)}
+        if cfg == 1.0:
+            return model(x, t, **cond, **w)
+        both = {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}
+        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), **both, **w).chunk(2)
+        return v_u + cfg * (v_c - v_u)
+
+    return v

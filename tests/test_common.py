@@ -30,6 +30,8 @@ def test_parse_config_types_bools_and_defaults():
     cfg = parse_config(Cfg, ["--lr", "3e-4", "--no-ema", "--sizes", "1024", "2048", "--init", "a.pt"])
     assert cfg == Cfg(lr=3e-4, steps=10, name="run", ema=False, init="a.pt", sizes=(1024, 2048))
     assert parse_config(Cfg, []) == Cfg()
+    assert parse_config(Cfg, ["--sizes", "1", "2", "--sizes", "3"]).sizes == (1, 2, 3)  # a repeated flag accumulates
+    assert parse_config(Cfg, ["--sizes"]).sizes == ()  # given, a list flag replaces its default
     with pytest.raises(SystemExit):
         parse_config(Cfg, ["--lr", "fast"])  # a value of the wrong type
     with pytest.raises(SystemExit):
