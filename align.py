@@ -1,0 +1,294 @@
+"""Stages 1 and 2 of DC-Gen, embedding alignment (paper §3.2, Eq. 1; paper.md A.2-A.3): move a pretrained DiT from
+its autoencoder's latent (the teacher AE, e.g. FLUX's f8c16 VAE) to a deeply compressed one (the student AE, DC-AE
+f32c32 or DC-AE 1.5 f64c128) without collapsing it. Only the two layers that touch the latent change:
+
+  --stage cache  encode an image set once with both AEs and its captions with the base's text encoders: the latent
+                 cache every later stage trains on (no AE or text encoder runs per training step).
+  --stage embed  a fresh patch embedder for the student latent (xavier, bias 0) learns to reproduce the frozen base
+                 embedder's output on the teacher latent of the same image, compared as 2-D maps:
+                   --align upsample    student map bilinearly upsampled to the teacher grid (official code default)
+                   --align downsample  teacher map average-pooled to the student grid (the paper's Eq. 1)
+                 then assembles the student: base backbone + new embedder + a fresh head (xavier, bias 0).
+  --stage head   embedder and head trained with the model's own loss (guide loss for FLUX, flow matching for
+                 SANA), backbone frozen: lora.py's loop with no LoRA, as the official stage 2 uses its stage-3
+                 trainer. Writes the complete student model folder for lora.py.
+
+Without alignment, fine-tuning on the new latent collapses (paper.md A.1: DiT-XL FID 456, SANA 259, FLUX 15.8 with
+artifacts); with it, LoRA fine-tuning starts from a model that already sees the new tokens almost as the old ones.
+
+Run:    python align.py --stage cache --data images/ --resolution 512 --teacher_ae FLUX.1-Krea-dev/vae \
+            --student_ae dc-ae-f32c32/ --text FLUX.1-Krea-dev --max_length 256 --out_dir out/cache-512
+        torchrun --standalone --nproc_per_node=8 align.py --stage embed --base FLUX.1-Krea-dev \
+            --cache out/cache-512 --out_dir out/embed
+        torchrun --standalone --nproc_per_node=8 align.py --stage head --init out/embed/model \
+            --cache out/cache-512 --out_dir out/head --dtype bf16 --grad_checkpointing
+Smoke:  python align.py --stage embed --base out/smoke/model --cache out/cache-tiny --steps 2 --out_dir out/e
+Input:  cache: images (+ captions) and the two AEs; embed: a base model folder and a cache with both latents;
+        head: the embed stage's model folder and the cache. Output: out_dir/ckpt_XXXXXXX.pt (only the new layers),
+        config.json, log.txt; cache: shard_*.safetensors + meta.json; embed and head: out_dir/model (model folder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+import lora
+from cache import LatentCache, epoch_batch
+from common import (
+    cleanup_dist,
+    init_dist,
+    load_ckpt,
+    parse_config,
+    print0,
+    run_info,
+    save_ckpt,
+    save_config,
+    seed_everything,
+    wrap_model,
+)
+from data import ImageFolder, ShapesDataset
+from models.autoencoder import load_autoencoder
+from models.pipeline import load_pipeline, write_pipeline
+from models.text import load_text_encoder
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+# Official recipes (paper.md A.2, A.3): embed 20k steps, AdamW (0.9, 0.95), constant lr 1e-4, no EMA;
+# head 5k steps, AdamW (0.9, 0.999), 1000 warm-up steps, clip 0.1, no EMA.
+RECIPES = {"embed": dict(steps=20_000, warmup=0, beta2=0.95, clip_grad=0.0), "head": dict(steps=5000, warmup=1000,
+           beta2=0.999, clip_grad=0.1), "cache": {}}  # fmt: skip
+
+
+@dataclass
+class Config:
+    stage: str = "embed"  # cache, embed or head
+    out_dir: str = "out/align"  # checkpoints, log.txt, config.json, model/ (or the cache's shards)
+    # cache
+    data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), or "shapes" (procedural)
+    count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
+    resolution: int = 512  # image size in px (resized, center-cropped)
+    teacher_ae: str = ""  # the base model's AE folder (e.g. FLUX.1-Krea-dev/vae); "" skips the teacher latents
+    student_ae: str = ""  # the deep-compression AE folder (DC-AE); "" skips the student latents
+    text: str = ""  # folder with the text encoders (the base model folder)
+    max_length: int = 0  # T5 tokens (official FLUX training: 256); 0: the encoder's default
+    shard_size: int = 256  # rows per shard file
+    # embed and head
+    base: str = ""  # embed: the base model folder (its transformer and its patch embedder)
+    init: str = ""  # head: the embed stage's model folder (default: <embed out_dir>/model is not guessed)
+    cache: str = "out/cache"  # the latent cache (both latents for embed; student latents + text for head)
+    align: str = "upsample"  # embed loss: upsample (official default) or downsample (paper Eq. 1)
+    patch_size: int = 1  # patch size of the student model (DC-Gen: 1)
+    loss: str = "auto"  # head: auto (guide loss if the model embeds guidance, else flow matching), fm or guide
+    shift: str = "flux"  # head: training noise-level shift (see lora.py)
+    # optimisation (-1: the stage's official recipe, RECIPES)
+    steps: int = -1  # optimizer steps
+    batch_size: int = 64  # global batch
+    lr: float = 1e-4  # learning rate
+    warmup: int = -1  # linear warm-up steps
+    beta2: float = -1.0  # AdamW beta2 (beta1 0.9)
+    clip_grad: float = -1.0  # max gradient norm (0: none)
+    # runtime
+    device: str = "auto"  # auto, cuda or cpu
+    dtype: str = "fp32"  # fp32 or bf16 (frozen weights in bf16, autocast)
+    fsdp: bool = False  # head: shard the model (FSDP2) instead of DDP
+    grad_checkpointing: bool = False  # head: recompute block activations in backward
+    seed: int = 0  # data order and draws
+    log_every: int = 10  # steps between log lines
+    save_every: int = 1000  # steps between checkpoints
+    sample_every: int = 0  # head: steps between preview grids
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    dry_run: bool = False  # print the config and parameter counts, then exit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers
+
+
+def embed_map(layer: nn.Module, z: torch.Tensor, p: int) -> torch.Tensor:
+    """A patch embedder applied to a latent z (B, C, H, W), as a 2-D map of token embeddings (B, D, H/p, W/p)."""
+    if isinstance(layer, nn.Conv2d):  # SANA: conv with kernel = stride = p
+        return layer(z)
+    tokens = rearrange(z, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p)  # FLUX: linear on p×p patches
+    return layer(tokens).permute(0, 3, 1, 2)
+
+
+def new_layer_like(old: nn.Module, c_in: int | None = None, c_out: int | None = None) -> nn.Module:
+    """A fresh layer of old's kind and width for the student latent: xavier-uniform weight, zero bias (official)."""
+    if isinstance(old, nn.Conv2d):
+        new = nn.Conv2d(c_in, old.out_channels, old.kernel_size, old.stride)
+    else:
+        new = nn.Linear(c_in or old.in_features, c_out or old.out_features)
+    nn.init.xavier_uniform_(new.weight)
+    nn.init.zeros_(new.bias)
+    return new
+
+
+def align_loss(e_t: torch.Tensor, e_s: torch.Tensor, mode: str) -> torch.Tensor:
+    """MSE between teacher and student embedding maps, compared on one grid (s = teacher grid / student grid)."""
+    s = e_t.shape[-1] // e_s.shape[-1]
+    if mode == "upsample":  # official default: at the teacher's resolution
+        return F.mse_loss(e_t, F.interpolate(e_s, scale_factor=s, mode="bilinear") if s > 1 else e_s)
+    return F.mse_loss(F.avg_pool2d(e_t, s) if s > 1 else e_t, e_s)  # the paper's Eq. 1: e' = AvgPool(e)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stages
+
+
+@torch.no_grad()
+def cache_stage(cfg: Config, d) -> None:
+    """Encode images with both AEs and captions with the text encoders into safetensors shards (resumable: a
+    finished shard is skipped). Each rank writes the shards i = rank (mod world); the master writes meta.json."""
+    assert cfg.teacher_ae or cfg.student_ae, "give --teacher_ae and/or --student_ae"
+    out = Path(cfg.out_dir)
+    data = ShapesDataset(size_px=cfg.resolution, seed=cfg.seed, length=cfg.count) if cfg.data == "shapes" else None
+    data = data or ImageFolder(cfg.data, size_px=cfg.resolution)
+    aes = {k: load_autoencoder(p, device=d.device).eval() for k, p in (("teacher", cfg.teacher_ae),
+           ("student", cfg.student_ae)) if p}  # fmt: skip
+    text = load_text_encoder(cfg.text, device=d.device, max_length=cfg.max_length or None)
+    n = len(data)
+    n_shards = math.ceil(n / cfg.shard_size)
+    for i in range(d.rank, n_shards, d.world_size):
+        path = out / f"shard_{i:05d}.safetensors"
+        if path.is_file():
+            continue
+        rows, captions = {}, []
+        for start in range(i * cfg.shard_size, min(n, (i + 1) * cfg.shard_size), cfg.batch_size):
+            items = [data[j] for j in range(start, min(n, (i + 1) * cfg.shard_size, start + cfg.batch_size))]
+            x = torch.stack([it["image"] for it in items]).to(d.device)  # (B, 3, H, W) in [-1, 1]
+            batch = {k: ae.encode(x) for k, ae in aes.items()} | text([it["caption"] for it in items])
+            for k, v in batch.items():
+                rows.setdefault(k, []).append(v.cpu())
+            captions += [it["caption"] for it in items]
+        save_ckpt({k: torch.cat(v) for k, v in rows.items()}, path, metadata={"captions": json.dumps(captions)})
+        print0(f"shard {i + 1}/{n_shards} ({len(captions)} rows) -> {path}")
+    if d.world_size > 1:
+        dist.barrier()
+    if d.master:
+        save_ckpt({k: v.cpu() for k, v in text.null(1).items()}, out / "null.safetensors")
+        probe = load_ckpt(out / "shard_00000.safetensors")
+        shards = [{"file": f"shard_{i:05d}.safetensors", "rows": min(cfg.shard_size, n - i * cfg.shard_size)}
+                  for i in range(n_shards)]  # fmt: skip
+        meta = {"count": n, "shards": shards, "shapes": {k: list(v.shape[1:]) for k, v in probe.items()},
+                "teacher_ae": str(Path(cfg.teacher_ae).resolve()) if cfg.teacher_ae else "",
+                "student_ae": str(Path(cfg.student_ae).resolve()) if cfg.student_ae else "",
+                "text": str(Path(cfg.text).resolve()), "resolution": cfg.resolution, "data": cfg.data}  # fmt: skip
+        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+        print0(f"cache of {n} rows: {meta['shapes']}")
+
+
+def embed_stage(cfg: Config, d) -> None:
+    out, log = Path(cfg.out_dir), Path(cfg.out_dir) / "log.txt"
+    cache = LatentCache(cfg.cache)
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    base = load_pipeline(cfg.base, dtype=dtype, parts=("transformer",)).transformer.eval().requires_grad_(False)
+    teacher = base.get_submodule(base.latent_layers[0]).to(d.device)  # the frozen base embedder
+    (C_t, h_t, w_t), (C_s, h_s, w_s) = cache.shape("teacher"), cache.shape("student")
+    p_t, p_s = base.params.patch_size, cfg.patch_size
+    grid_t, grid_s = (h_t // p_t, w_t // p_t), (h_s // p_s, w_s // p_s)
+    s = grid_t[0] // max(grid_s[0], 1)
+    if C_t != base.params.in_channels or grid_s[0] * s != grid_t[0] or grid_s[1] * s != grid_t[1]:
+        raise ValueError(
+            f"teacher latents {(C_t, h_t, w_t)} (base model: {base.params.in_channels} channels, patch {p_t} -> grid "
+            f"{grid_t}) and student latents {(C_s, h_s, w_s)} (patch {p_s} -> grid {grid_s}): the student grid must "
+            "divide the teacher grid by the same integer in both directions"
+        )
+    torch.manual_seed(cfg.seed)  # the same fresh embedder on every rank
+    student = new_layer_like(teacher, c_in=C_s if isinstance(teacher, nn.Conv2d) else C_s * p_s * p_s).to(d.device)
+    print0(f"embed: teacher grid {grid_t} -> student grid {grid_s} (x{s}), {cfg.align} loss; "
+           f"{sum(p.numel() for p in student.parameters())} trainable parameters", log_file=log)  # fmt: skip
+    if cfg.dry_run:
+        return
+    seed_everything(cfg.seed + d.rank)
+    model = wrap_model(student, d)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=0.0)
+    step, ckpt = 0, max(out.glob("ckpt_*.pt"), default=None) if cfg.resume else None
+    if ckpt is not None:
+        state = load_ckpt(ckpt, d.device)
+        student.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
+        step = state["step"]
+        print0(f"resumed from {ckpt} at step {step}", log_file=log)
+    b = cfg.batch_size // d.world_size
+    t0 = time.perf_counter()
+    while step < cfg.steps:
+        idx = epoch_batch(len(cache), step, cfg.batch_size, cfg.seed)[d.rank * b : (d.rank + 1) * b]
+        batch = {k: v.to(d.device, dtype) for k, v in cache.get(idx, ["teacher", "student"]).items()}
+        with torch.no_grad():
+            e_t = embed_map(teacher, batch["teacher"], p_t).float()  # (b, D, *grid_t): what the backbone expects
+        e_s = embed_map(model, batch["student"].float(), p_s)  # (b, D, *grid_s)
+        loss = align_loss(e_t, e_s, cfg.align)
+        loss.backward()
+        if cfg.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            other = align_loss(e_t, e_s.detach(), "downsample" if cfg.align == "upsample" else "upsample")
+            dt = (time.perf_counter() - t0) / cfg.log_every
+            print0(f"step {step:07d}/{cfg.steps:07d} | loss {loss.item():.5f} | other {other.item():.5f} | "
+                   f"dt {dt * 1e3:.0f}ms | samples/s {cfg.batch_size / dt:.1f}", log_file=log)  # fmt: skip
+            t0 = time.perf_counter()
+        if (step % cfg.save_every == 0 or step == cfg.steps) and d.master:
+            state = {"model": student.state_dict(), "ema": {}, "optimizer": opt.state_dict(), "step": step,
+                     "config": dataclasses.asdict(cfg)}  # fmt: skip
+            save_ckpt(state, out / f"ckpt_{step:07d}.pt")
+    # --- assemble the student: base backbone + the new embedder + a fresh head (official flux_assemble.py) ---
+    if d.master:
+        new = type(base)(dataclasses.replace(base.params, in_channels=C_s, patch_size=p_s)).to(dtype)
+        head = base.get_submodule(base.latent_layers[1])
+        sd = {k: v for k, v in base.state_dict().items() if not k.startswith(base.latent_layers)}
+        sd |= {f"{base.latent_layers[0]}.{k}": v.to(dtype) for k, v in student.state_dict().items()}
+        fresh = new_layer_like(head, c_out=new.get_submodule(base.latent_layers[1]).out_features)
+        sd |= {f"{base.latent_layers[1]}.{k}": v.to(dtype) for k, v in fresh.state_dict().items()}
+        new.load_state_dict(sd, strict=True)
+        write_pipeline(out / "model", new, cache.meta["student_ae"], cache.meta["text"], cfg.shift)
+        print0(f"student model (new embedder, fresh head) -> {out / 'model'}", log_file=log)
+
+
+def head_stage(cfg: Config) -> None:
+    """lora.py's loop with no LoRA and only the latent layers trainable, then the model folder of the result."""
+    keep = ("cache", "out_dir", "init", "loss", "shift", "steps", "batch_size", "lr", "warmup", "beta2", "clip_grad",
+            "device", "dtype", "fsdp", "grad_checkpointing", "seed", "log_every", "save_every", "sample_every",
+            "resume", "dry_run")  # fmt: skip
+    run = lora.Config(**{k: getattr(cfg, k) for k in keep}, latent="student", rank=1, lora_targets=(), ema=0.0)
+    last = lora.main(run)
+    if last is not None and not cfg.dry_run and int(os.environ.get("RANK", 0)) == 0:  # the master writes the folder
+        lora.merge(dataclasses.replace(run, merge=str(last), merge_ema=False, out_dir=str(Path(cfg.out_dir) / "model")))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+
+def main(argv: list[str] | None = None):
+    cfg = parse_config(Config, argv)
+    assert cfg.stage in RECIPES, f"--stage {cfg.stage!r}: choose cache, embed or head"
+    assert cfg.align in ("upsample", "downsample"), f"--align {cfg.align!r}: choose upsample or downsample"
+    recipe = {k: v for k, v in RECIPES[cfg.stage].items() if getattr(cfg, k) == -1}
+    cfg = dataclasses.replace(cfg, **recipe)
+    if cfg.stage == "head":
+        return head_stage(cfg)
+    d = init_dist(cfg.device)
+    if d.master:
+        save_config(cfg, cfg.out_dir)
+        print0(f"run {run_info(d.world_size)}", log_file=Path(cfg.out_dir) / "log.txt")
+    (cache_stage if cfg.stage == "cache" else embed_stage)(cfg, d)
+    cleanup_dist()
+
+
+if __name__ == "__main__":
+    main()

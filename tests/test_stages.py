@@ -1,0 +1,112 @@
+"""The DC-Gen stages end to end on a tiny world: align.py cache -> embed -> head, lora.py -> --merge (loaded by
+diffusers), distill.py; and their bad-input errors.
+
+Run: python -m pytest -q tests/test_stages.py
+"""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from diffusers import FluxTransformer2DModel
+
+import align
+import distill
+import lora
+from common import load_ckpt
+from models.pipeline import load_pipeline
+
+from tiny_world import SIZE, build_world
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = build_world(tmp_path_factory.mktemp("world"))
+    align.main(["--stage", "cache", "--data", "shapes", "--count", "10", "--resolution", str(SIZE), "--shard_size",
+                "4", "--batch_size", "3", "--teacher_ae", str(root / "teacher_ae"), "--student_ae",
+                str(root / "student_ae"), "--text", str(root / "text"), "--out_dir", str(root / "cache")])  # fmt: skip
+    return root
+
+
+def run(stage_main, world, out, *argv):
+    common = ["--cache", str(world / "cache"), "--out_dir", str(out), "--batch_size", "4", "--log_every", "1"]
+    return stage_main([*common, *argv])
+
+
+def test_cache_holds_paired_latents_and_text(world):
+    meta = json.loads((world / "cache" / "meta.json").read_text())
+    assert meta["count"] == 10 and [s["rows"] for s in meta["shards"]] == [4, 4, 2]
+    assert meta["shapes"] == {"teacher": [4, 8, 8], "student": [8, 2, 2], "txt": [8, 32], "y": [32]}
+    shard = load_ckpt(world / "cache" / "shard_00002.safetensors")
+    assert shard["student"].shape == (2, 8, 2, 2) and torch.isfinite(shard["teacher"]).all()
+    assert set(load_ckpt(world / "cache" / "null.safetensors")) == {"txt", "y"}
+
+
+@pytest.mark.parametrize("mode", ["upsample", "downsample"])
+def test_embed_stage_trains_only_the_embedder_and_assembles_the_student(world, tmp_path, mode):
+    run(align.main, world, tmp_path, "--stage", "embed", "--base", str(world / "base"), "--steps", "6",
+        "--align", mode, "--lr", "1e-2")  # fmt: skip
+    ckpt = load_ckpt(tmp_path / "ckpt_0000006.pt")
+    assert set(ckpt["model"]) == {"weight", "bias"} and ckpt["model"]["weight"].shape == (64, 8)  # Linear(8 -> D)
+    losses = [float(ln.split("loss ")[1].split()[0]) for ln in (tmp_path / "log.txt").read_text().splitlines()
+              if ln.startswith("step")]  # fmt: skip
+    assert losses[-1] < losses[0]  # the embedder learns to mimic the base's
+    student = load_pipeline(tmp_path / "model").transformer
+    base = load_pipeline(world / "base").transformer
+    assert (student.params.in_channels, student.params.patch_size) == (8, 1)
+    assert torch.equal(student.state_dict()["x_embedder.weight"], ckpt["model"]["weight"])
+    assert torch.equal(student.transformer_blocks[0].attn.to_q.weight, base.transformer_blocks[0].attn.to_q.weight)
+
+
+def test_head_then_lora_then_merge_loads_in_diffusers(world, tmp_path):
+    run(align.main, world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"), "--steps", "2")
+    run(align.main, world, tmp_path / "head", "--stage", "head", "--init", str(tmp_path / "embed" / "model"),
+        "--steps", "2", "--warmup", "1")  # fmt: skip
+    head = load_ckpt(tmp_path / "head" / "ckpt_0000002.pt")
+    assert {k.split(".")[0] for k in head["model"]} == {"x_embedder", "proj_out"}  # backbone frozen
+    cfg = lora.Config(init=str(tmp_path / "head" / "model"), cache=str(world / "cache"), out_dir=str(tmp_path / "lora"),
+                      rank=4, alpha=8, steps=2, batch_size=4, warmup=1, sample_every=1, ema=0.5)  # fmt: skip
+    last = lora.main(cfg)
+    assert (tmp_path / "lora" / "samples" / "0000001.png").is_file()  # previews decode through the student AE
+    merged = lora.merge(dataclasses.replace(cfg, merge=str(last), out_dir=str(tmp_path / "merged")))
+    ours = load_pipeline(merged).transformer
+    ref = FluxTransformer2DModel.from_pretrained(merged / "transformer").eval()
+    x, t, txt, y, g = torch.randn(2, 8, 2, 2), torch.rand(2), torch.randn(2, 8, 32), torch.randn(2, 32), torch.ones(2)
+    with torch.no_grad():
+        expected = ref(hidden_states=x.permute(0, 2, 3, 1).reshape(2, 4, 8), encoder_hidden_states=txt,
+                       pooled_projections=y, timestep=t, img_ids=torch.tensor([[0, 0, 0], [0, 0, 1], [0, 1, 0],
+                       [0, 1, 1]]), txt_ids=torch.zeros(8, 3), guidance=g, return_dict=False)[0]  # fmt: skip
+        assert (ours(x, t, txt, y, g).permute(0, 2, 3, 1).reshape(2, 4, 8) - expected).abs().max() < 1e-5
+    # the merged weights are the LoRA checkpoint's EMA folded into the head stage's model
+    ema = load_ckpt(last)["ema"]
+    assert torch.equal(ours.state_dict()["x_embedder.weight"], ema["x_embedder.weight"])
+
+
+def test_distill_starts_at_the_teacher_and_writes_a_guidance_model(world, tmp_path):
+    run(distill.main, world, tmp_path, "--init", str(world / "base_cfg"), "--latent", "teacher", "--steps", "2",
+        "--warmup", "1")  # fmt: skip
+    student = load_pipeline(tmp_path / "model").transformer
+    assert student.params.guidance_embed and load_ckpt(tmp_path / "ckpt_0000002.pt")["step"] == 2
+    teacher = distill.load_teacher(distill.Config(init=str(world / "base_cfg")), torch.float32)
+    cache = lora.LatentCache(world / "cache")
+    fresh = distill.build_student(distill.Config(init=str(world / "base_cfg"), latent="teacher"), cache, torch.float32,
+                                  teacher)  # fmt: skip
+    x, t, txt, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 8, 32), torch.randn(2, 32)
+    with torch.no_grad():  # at step 0 the student is the teacher's conditional velocity, whatever w
+        for w in (1.0, 7.0):
+            assert torch.allclose(fresh(x, t, txt, y, torch.full((2,), w)), teacher(x, t, txt, y), atol=1e-6)
+
+
+def test_student_grid_that_does_not_divide_the_teacher_grid_fails(world, tmp_path):
+    align.main(["--stage", "cache", "--data", "shapes", "--count", "2", "--resolution", str(SIZE),
+                "--teacher_ae", str(world / "teacher_ae"), "--student_ae", str(world / "teacher_ae"),
+                "--text", str(world / "text"), "--out_dir", str(tmp_path / "cache")])  # fmt: skip
+    with pytest.raises(ValueError, match=r"teacher latents \(4, 8, 8\).*student latents \(4, 8, 8\).*divide"):
+        align.main(["--stage", "embed", "--base", str(world / "base"), "--cache", str(tmp_path / "cache"),
+                    "--out_dir", str(tmp_path / "out"), "--steps", "1"])  # fmt: skip
+
+
+def test_lora_with_an_init_of_the_wrong_model_fails_before_training(world, tmp_path):
+    with pytest.raises(ValueError, match=r"takes latents of 4 channels.*student latents of shape \(8, 2, 2\)"):
+        lora.main(lora.Config(init=str(world / "base"), cache=str(world / "cache"), out_dir=str(tmp_path), steps=1))
