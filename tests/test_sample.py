@@ -1,0 +1,118 @@
+"""sample.py: the same image as diffusers' FluxPipeline from the same noise; PNG metadata; bad input.
+
+Run: python -m pytest -q tests/test_sample.py
+"""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from PIL import Image
+from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
+
+import sample
+from common import save_ckpt
+
+from tiny_world import build_world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("world"))
+
+
+def test_same_image_as_diffusers_flux_pipeline(world, tmp_path):
+    prompts, H, W, steps = ["a red circle above a blue square on a white background", "a green triangle"], 16, 24, 4
+    noise = torch.randn(2, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(5))  # tiny VAE: f2, 4 channels
+    save_ckpt({"noise": noise}, tmp_path / "noise.safetensors")
+    argv = [
+        "--model",
+        str(world / "base"),
+        "--prompt",
+        prompts[0],
+        "--prompt",
+        prompts[1],
+        "--height",
+        str(H),
+        "--width",
+        str(W),
+        "--steps",
+        str(steps),
+        "--guidance",
+        "3.5",
+        "--noise",
+        str(tmp_path / "noise.safetensors"),
+    ]
+    paths = sample.main([*argv, "--out", str(tmp_path / "ours.png")])  # fmt: skip
+    ours = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])  # (2, H, W, 3) in 0..255
+    text = world / "text"
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                  base_image_seq_len=256, max_image_seq_len=4096),
+        vae=AutoencoderKL.from_pretrained(world / "teacher_ae"),
+        text_encoder=CLIPTextModel.from_pretrained(text / "text_encoder"),
+        tokenizer=AutoTokenizer.from_pretrained(text / "tokenizer"),
+        text_encoder_2=T5EncoderModel.from_pretrained(text / "text_encoder_2"),
+        tokenizer_2=AutoTokenizer.from_pretrained(text / "tokenizer_2"),
+        transformer=FluxTransformer2DModel.from_pretrained(world / "base" / "transformer"),
+    )  # fmt: skip
+    latents = FluxPipeline._pack_latents(noise, 2, 4, H // 2, W // 2)  # the same noise, packed 2×2
+    with torch.no_grad():
+        ref = pipe(prompts, height=H, width=W, num_inference_steps=steps, guidance_scale=3.5, latents=latents,
+                   max_sequence_length=8, output_type="np").images * 255  # (2, H, W, 3)  # fmt: skip
+    assert ours.shape == ref.shape and ref.std() > 10  # a non-trivial image
+    assert np.abs(ours - ref).mean() <= 1.0  # <= 1/255 mean abs
+
+
+def test_png_metadata_and_grid(world, tmp_path):
+    out = tmp_path / "grid.png"
+    sample.main(["--model", str(world / "base"), "--prompt", "a red circle", "--prompt", "a blue square", "--size",
+                 "16", "--steps", "2", "--grid", "--seed", "7", "--out", str(out)])  # fmt: skip
+    im = Image.open(out)
+    assert im.size == (32, 16)
+    assert im.text["prompt"] == "a red circle | a blue square" and im.text["seed"] == "7"
+    assert im.text["steps"] == "2" and im.text["guidance"] == "3.5" and im.text["size"] == "16x16"
+    assert im.text["model"] == str(world / "base") and im.text["shift"].startswith("flux")
+
+
+def test_cfg_model_uses_true_cfg(world, tmp_path):
+    paths = sample.main(["--model", str(world / "base_cfg"), "--prompt", "a red circle", "--size", "16", "--steps",
+                         "2", "--cfg", "3.0", "--out", str(tmp_path / "cfg.png")])  # fmt: skip
+    assert Image.open(paths[0]).text["cfg"] == "3.0" and Image.open(paths[0]).text["guidance"] == "none"
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--size", "18"], "multiples of 4 px.*nearest valid height 18: 16 or 20"),
+        (["--prompts", "/nonexistent.txt"], "no such file"),
+        ([], "no prompts"),
+        (["--noise", "NOISE"], r"expected a tensor `noise` of shape \(1, 4, 8, 8\)"),
+    ],
+)
+def test_bad_input_is_one_clear_line(world, tmp_path, argv, message):
+    save_ckpt({"noise": torch.zeros(1, 4, 4, 4)}, tmp_path / "noise.safetensors")
+    argv = [str(tmp_path / "noise.safetensors") if a == "NOISE" else a for a in argv]
+    prompt = [] if not argv or argv[0] == "--prompts" else ["--prompt", "x"]
+    full = ["--model", str(world / "base"), *prompt, "--size", "16", "--steps", "1", *argv]
+    r = subprocess.run([sys.executable, "sample.py", *full, "--out", str(tmp_path / "x.png")], cwd=ROOT,
+                       capture_output=True, text=True)  # fmt: skip
+    last = r.stderr.strip().splitlines()[-1]  # (above it: the loaders' progress bars)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert last.startswith("error: ") and re.search(message, last), r.stderr
+
+
+def test_missing_model_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        sample.main(["--model", str(tmp_path / "nope"), "--prompt", "x"])
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "transformer").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"missing \['transformer/config.json', 'vae/config.json'"):
+        sample.main(["--model", str(tmp_path / "half"), "--prompt", "x"])
