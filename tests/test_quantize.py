@@ -1,0 +1,95 @@
+"""quantize.py as a stage: a tiny end-to-end run (calibrate, quantise, save, export, reload), --dry_run, the ablation
+mode, and --check refusing PyPI's unrelated `nunchaku` with a clear message.
+
+Run: python -m pytest -q tests/test_quantize.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import quantize
+from models.flux import PRESETS, Flux
+from models.svdquant import SVDQuantLinear, W4A16Linear, is_quantized, load_quantized
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--preset", "tiny", "--device", "cpu", "--num_grids", "2", "--lowrank_iters", "2", "--calib_batches", "2"]
+
+
+def run(args, env=None):
+    env = {**os.environ, **(env or {})}
+    return subprocess.run([sys.executable, "quantize.py", *args], cwd=ROOT, capture_output=True, text=True, env=env)
+
+
+@pytest.mark.parametrize("precision", ["nvfp4", "int4"])
+def test_tiny_end_to_end(tmp_path, precision):
+    quantize.main([*FAST, "--precision", precision, "--out_dir", str(tmp_path), "--name", "tiny"])
+    tag = "fp4" if precision == "nvfp4" else "int4"
+    export = tmp_path / f"svdq-{tag}_r32-tiny.safetensors"
+    assert {"config.json", "log.txt", "transformer", export.name} <= {p.name for p in tmp_path.iterdir()}
+    assert json.loads((tmp_path / "config.json").read_text())["precision"] == precision
+    log = (tmp_path / "log.txt").read_text()
+    assert "group 013/013" in log and "quantize |" in log and "save |" in log
+    # the emulated model reloads, is quantised, and stays close to the random fp32 model it came from
+    assert is_quantized(tmp_path / "transformer")
+    model = load_quantized(tmp_path / "transformer")
+    assert isinstance(model.transformer_blocks[0].attn.to_q, SVDQuantLinear)
+    assert isinstance(model.single_transformer_blocks[1].norm.linear, W4A16Linear)
+    assert isinstance(model.proj_out, torch.nn.Linear)  # the head stays 16-bit
+    torch.manual_seed(0)
+    ref = Flux(PRESETS["tiny"]).eval()  # same seed as quantize.py: the same random weights
+    x, t = torch.randn(1, 4, 8, 8), torch.tensor([0.5])
+    txt, y, g = torch.randn(1, 6, 32), torch.randn(1, 16), torch.tensor([3.5])
+    with torch.no_grad():
+        v, v_ref = model(x, t, txt, y, g), ref(x, t, txt, y, g)
+    assert 0 < ((v - v_ref).norm() / v_ref.norm()).item() < 0.3
+    with safe_open(export, "pt") as f:
+        meta, keys = f.metadata(), set(f.keys())
+    assert json.loads(meta["quantization_config"])["weight"]["dtype"] == ("fp4_e2m1_all" if tag == "fp4" else "int4")
+    assert json.loads(meta["config"])["num_single_layers"] == 2 and meta["model_class"].startswith("NunchakuFlux")
+    assert "transformer_blocks.0.qkv_proj.qweight" in keys and "single_transformer_blocks.1.mlp_fc2.lora_up" in keys
+    assert ("transformer_blocks.0.mlp_fc2.wtscale" in keys) == (tag == "fp4")
+
+
+def test_dry_run_prints_the_layer_plan(tmp_path):
+    r = run([*FAST, "--dry_run", "--out_dir", str(tmp_path)])
+    assert r.returncode == 0, r.stderr
+    assert "W4A4 linears 24 in 13 smoothing groups | W4A16 AdaLN linears 4" in r.stdout
+    assert not (tmp_path / "transformer").exists()
+
+
+def test_ablation_mode_svdquant_beats_rtn(tmp_path):
+    quantize.main([*FAST, "--ablation", "--out_dir", str(tmp_path), "--outlier_channels", "4", "--rank", "8"])
+    rows = {(r["precision"], r["method"]): r["rel_err"] for r in json.loads((tmp_path / "ablation.json").read_text())}
+    assert len(rows) == 4
+    for p in ("nvfp4", "int4"):
+        assert rows[(p, "svdquant")] < rows[(p, "rtn")], rows
+
+
+def test_check_names_the_unrelated_pypi_package(tmp_path):
+    """PyPI's `nunchaku` 0.16.1 ("piece-wise linear segments") under the real one's name: --check refuses, says why."""
+    site = tmp_path / "site"
+    (site / "nunchaku").mkdir(parents=True)
+    (site / "nunchaku" / "__init__.py").write_text("from .nunchaku import *  # the PyPI package's layout\n")
+    (site / "nunchaku" / "nunchaku.py").write_text("class Nunchaku:\n    pass\n")
+    dist = site / "nunchaku-0.16.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: nunchaku\nVersion: 0.16.1\n"
+        "Summary: Optimally partitioning data into piece-wise linear segments.\nAuthor: Yu Huo\n"
+    )
+    r = run([*FAST, "--check", "--out_dir", str(tmp_path / "out")], env={"PYTHONPATH": str(site)})
+    assert r.returncode != 0
+    assert "wrong package" in r.stderr and "nunchaku 0.16.1" in r.stderr and "piece-wise linear" in r.stderr
+    assert not (tmp_path / "out" / "transformer").exists()  # refused before quantising
+
+
+def test_check_without_nunchaku_says_it_is_not_installed(tmp_path):
+    r = run([*FAST, "--check", "--out_dir", str(tmp_path)])
+    assert r.returncode != 0 and "Nunchaku is not installed" in r.stderr and "GitHub releases" in r.stderr
