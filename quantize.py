@@ -91,7 +91,10 @@ class Config:
 
 class InputStats:
     """What one linear saw: per-input-channel min and max over every row, and a uniform sample of `rows` rows
-    (bottom-k reservoir: each row draws a random key, the rows with the k smallest keys are kept)."""
+    (bottom-k reservoir: each row draws a random key, the rows with the k smallest keys are kept).
+
+    NOTE(deviation): DeepCompressor keeps every calibration activation (128 prompts x all steps) on disk; the
+    extremes here are exact over all rows, the output-error objective uses the sample."""
 
     def __init__(self, rows: int, generator: torch.Generator):
         self.rows, self.gen = rows, generator
@@ -155,7 +158,14 @@ def run_batches(model: Flux, batches: list[dict]) -> list[Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers: SVDQuant of one smoothing group (DeepCompressor's algorithm; the objective is the layer's output error)
+# helpers: SVDQuant of one smoothing group (DeepCompressor's algorithm)
+#
+# NOTE(deviation): the objective is the squared output error of the group's own layers on the sampled rows.
+# DeepCompressor scores q/k/v candidates on the attention output and the single block's q/k/v + fc1 on the block
+# output (app/diffusion/quant/smooth.py eval_module); that needs the block re-run per candidate.
+# NOTE(deviation): the activations are fake-quantised as Nunchaku's kernel does at inference (ties to even, float
+# scale to quantise, FP8 copy to dequantise); DeepCompressor's calibration uses its own quantiser (FP8 scale first,
+# codebook ties up). The model is scored as it will run.
 
 
 @dataclass
@@ -199,8 +209,10 @@ def smooth_candidates(num_grids: int) -> list[tuple[float, float]]:
 
 
 def smooth_scale(xmax: Tensor, wmax: Tensor, alpha: float, beta: float) -> Tensor:
-    """λ = xmax^α / wmax^β (calib/smooth.py: get_smooth_scale), zeros -> 1, all ones if any inf/nan. Rounded to bf16
-    first, so the weights are smoothed with exactly the λ that Nunchaku's kernel divides the input by."""
+    """λ = xmax^α / wmax^β (calib/smooth.py: get_smooth_scale), zeros -> 1, all ones if any inf/nan.
+
+    NOTE(deviation): rounded to bf16 first, so the weights are smoothed with exactly the λ that Nunchaku's kernel
+    divides the input by; DeepCompressor smooths with the float32 λ and stores it as bf16."""
     if alpha == 0 and beta == 0:
         return torch.ones_like(xmax)
     lam = xmax.pow(alpha) / (wmax.pow(beta) if beta > 0 else 1)
@@ -396,7 +408,8 @@ def inject_outliers(model: Flux, k: int, scale: float, gen: torch.Generator) -> 
 
 
 def ablation(cfg: Config, device, log: Path) -> None:
-    """Relative output error vs fp32 of {RTN, SVDQuant} x {NVFP4, INT4} on a random 1 double + 1 single block stack."""
+    """{RTN, SVDQuant} x {NVFP4, INT4} on a random 1 double + 1 single block stack with outlier inputs: relative
+    error vs fp32 of the stack's output, and of every quantised linear on held-out input rows (mean over linears)."""
     params = replace(PRESETS[cfg.preset], depth=1, depth_single=1)
     model = Flux(params).to(device).eval()  # random init (seeded), fp32
     split_proj_out(model)
@@ -406,24 +419,33 @@ def ablation(cfg: Config, device, log: Path) -> None:
     groups, _ = flux_layers(model)
     names = [layer[0] for g in groups for layer in g]
     stats = calibrate(model, lambda: run_batches(model, calib), names, cfg.reservoir_rows, cfg.seed)
+    held = calibrate(model, lambda: run_batches(model, held_out), names, cfg.reservoir_rows, cfg.seed + 1)
     ref = run_batches(model, held_out)
+    rel = lambda a, b: math.sqrt(
+        sum((x - y).square().sum().item() for x, y in zip(a, b)) / sum(y.square().sum().item() for y in b)
+    )
     results = []
     for precision in ("nvfp4", "int4"):
         for method in ("rtn", "svdquant"):
             t0, qm = time.time(), copy.deepcopy(model)
             quantize_model(qm, stats, replace(cfg, precision=precision, method=method), log)
-            out = run_batches(qm, held_out)
-            err = math.sqrt(
-                sum((o - r).square().sum().item() for o, r in zip(out, ref)) / sum(r.square().sum().item() for r in ref)
-            )
-            results.append(dict(precision=precision, method=method, rel_err=err, seconds=round(time.time() - t0)))
-            print0(
-                f"ablation | {precision:<5} {method:<8} | rel_err {err:.4f} | dt {time.time() - t0:.0f}s", log_file=log
-            )
+            layer_errs = []
+            with torch.no_grad():
+                for layer in (layer for g in groups for layer in g):
+                    x = held[layer[0]].x.to(device)  # held-out rows of this layer's input
+                    layer_errs += [rel([qm.get_submodule(n)(x)], [model.get_submodule(n)(x)]) for n in layer]
+            r = dict(precision=precision, method=method, output_rel_err=rel(run_batches(qm, held_out), ref),
+                     layer_rel_err=sum(layer_errs) / len(layer_errs), seconds=round(time.time() - t0))  # fmt: skip
+            results.append(r)
+            print0(f"ablation | {precision:<5} {method:<8} | output rel_err {r['output_rel_err']:.4f} | "
+                   f"layer rel_err {r['layer_rel_err']:.4f} | dt {r['seconds']}s", log_file=log)  # fmt: skip
     (Path(cfg.out_dir) / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
-    print0("\n| precision | method | relative output error vs fp32 |\n|---|---|---|", log_file=log)
+    print0("\n| precision | method | stack output rel. error | mean layer rel. error (held-out rows) |", log_file=log)
+    print0("|---|---|---|---|", log_file=log)
     for r in results:
-        print0(f"| {r['precision']} | {r['method']} | {r['rel_err']:.4f} |", log_file=log)
+        print0(
+            f"| {r['precision']} | {r['method']} | {r['output_rel_err']:.4f} | {r['layer_rel_err']:.4f} |", log_file=log
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -121,7 +121,8 @@ def svdq_layer(parts: list[SVDQuantLinear]) -> dict[str, Tensor]:
         assert all(torch.equal(p.smooth, first.smooth) and torch.equal(p.proj_down, first.proj_down) for p in parts)
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])
     qweight, wscales, wcscales = cat("qweight"), cat("wscales"), cat("wcscales")
-    # A zero low-rank branch of rank 16 for rank 0 (the RTN ablation): every Nunchaku layer has one.
+    # NOTE(deviation): DeepCompressor never exports rank 0; for the RTN ablation we write a zero rank-16 branch,
+    # since every Nunchaku W4A4 layer has one (its packer pads ranks to multiples of 16).
     down, up = first.proj_down, cat("proj_up")
     if first.rank == 0:
         down, up = down.new_zeros(16, first.in_features), up.new_zeros(up.shape[0], 16)

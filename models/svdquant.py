@@ -182,7 +182,9 @@ class SVDQuantLinear(nn.Module):
         # Shift and smoothing in the activation dtype, like the kernel's `dst += shift; h2div(dst, smooth)`.
         xs = (x + self.act_shift) / self.smooth.to(x.dtype)
         xq = quantize_act(xs, self.fp4, unsigned=self.act_shift > 0)  # (..., in) float32, on the 4-bit grid
-        y = xq @ self.dequantized_weight().T  # 4-bit GEMM, float32 accumulation
+        # NOTE(deviation): the kernel multiplies codes and applies scales per 64-wide k tile; we multiply dequantised
+        # operands: the same products, float32 accumulation in another order.
+        y = xq @ self.dequantized_weight().T  # 4-bit GEMM
         y = y + (x.float() @ self.proj_down.float().T) @ self.proj_up.float().T  # 16-bit low-rank branch
         return (y + self.bias.float()).to(x.dtype)
 

@@ -15,11 +15,21 @@ import torch
 from safetensors import safe_open
 
 import quantize
+from common import save_ckpt, save_pretrained
 from models.flux import PRESETS, Flux
 from models.svdquant import SVDQuantLinear, W4A16Linear, is_quantized, load_quantized
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "tiny", "--device", "cpu", "--num_grids", "2", "--lowrank_iters", "2", "--calib_batches", "2"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices run on one thread: two OpenMP threads on a busy 2-core machine spin ~100x longer in small QRs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def run(args, env=None):
@@ -57,19 +67,40 @@ def test_tiny_end_to_end(tmp_path, precision):
     assert ("transformer_blocks.0.mlp_fc2.wtscale" in keys) == (tag == "fp4")
 
 
-def test_dry_run_prints_the_layer_plan(tmp_path):
-    r = run([*FAST, "--dry_run", "--out_dir", str(tmp_path)])
-    assert r.returncode == 0, r.stderr
-    assert "W4A4 linears 24 in 13 smoothing groups | W4A16 AdaLN linears 4" in r.stdout
-    assert not (tmp_path / "transformer").exists()
+def test_dry_run_prints_the_layer_plan(tmp_path, capsys):
+    quantize.main([*FAST, "--dry_run", "--out_dir", str(tmp_path)])
+    assert "W4A4 linears 24 in 13 smoothing groups | W4A16 AdaLN linears 4" in capsys.readouterr().out
+    assert (tmp_path / "config.json").exists() and not (tmp_path / "transformer").exists()
+
+
+def test_model_folder_and_recorded_calibration_inputs(tmp_path):
+    """--model reads a diffusers-layout folder (Flux.from_pretrained), --calib_file recorded inputs (x, t, txt, y)."""
+    torch.manual_seed(1)
+    model = Flux(PRESETS["tiny"])
+    save_pretrained(tmp_path / "base", model.state_dict(), model.diffusers_config())
+    n = 3
+    calib = dict(x=torch.randn(n, 4, 8, 8), t=torch.rand(n), txt=torch.randn(n, 5, 32), y=torch.randn(n, 16),
+                 guidance=torch.full((n,), 3.5))  # fmt: skip
+    save_ckpt(calib, tmp_path / "calib.safetensors")
+    base, recorded, out = (str(tmp_path / n) for n in ("base", "calib.safetensors", "q"))
+    quantize.main(
+        ["--model", base, "--calib_file", recorded, "--precision", "int4", "--method", "rtn", "--out_dir", out]
+    )
+    assert "calib | batches 2 | layers 16" in (tmp_path / "q" / "log.txt").read_text()  # 3 samples, batch size 2
+    q = load_quantized(tmp_path / "q" / "transformer")
+    assert q.transformer_blocks[0].attn.to_q.rank == 0 and q.transformer_blocks[0].attn.to_q.smooth.eq(1).all()
+    with safe_open(tmp_path / "q" / "svdq-int4_r0-model.safetensors", "pt") as f:
+        assert json.loads(f.metadata()["quantization_config"])["rank"] == 16  # RTN: a zero rank-16 branch
+        assert f.get_slice("transformer_blocks.0.qkv_proj.lora_up").get_shape() == [256, 16]
 
 
 def test_ablation_mode_svdquant_beats_rtn(tmp_path):
     quantize.main([*FAST, "--ablation", "--out_dir", str(tmp_path), "--outlier_channels", "4", "--rank", "8"])
-    rows = {(r["precision"], r["method"]): r["rel_err"] for r in json.loads((tmp_path / "ablation.json").read_text())}
+    rows = {(r["precision"], r["method"]): r for r in json.loads((tmp_path / "ablation.json").read_text())}
     assert len(rows) == 4
     for p in ("nvfp4", "int4"):
-        assert rows[(p, "svdquant")] < rows[(p, "rtn")], rows
+        for metric in ("output_rel_err", "layer_rel_err"):
+            assert 0 < rows[(p, "svdquant")][metric] < rows[(p, "rtn")][metric], rows
 
 
 def test_check_names_the_unrelated_pypi_package(tmp_path):
@@ -91,5 +122,5 @@ def test_check_names_the_unrelated_pypi_package(tmp_path):
 
 
 def test_check_without_nunchaku_says_it_is_not_installed(tmp_path):
-    r = run([*FAST, "--check", "--out_dir", str(tmp_path)])
-    assert r.returncode != 0 and "Nunchaku is not installed" in r.stderr and "GitHub releases" in r.stderr
+    with pytest.raises(SystemExit, match="Nunchaku is not installed.*GitHub releases"):
+        quantize.main([*FAST, "--check", "--out_dir", str(tmp_path)])

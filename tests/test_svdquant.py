@@ -32,6 +32,15 @@ E4M3 = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
 E4M3 = E4M3[E4M3.isfinite()].unique()  # every finite FP8 value, sorted
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices run on one thread: two OpenMP threads on a busy 2-core machine spin ~100x longer in small QRs."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # (a) fake quantisation
 
@@ -177,7 +186,7 @@ def make_layer(fp4, outliers=True, seed=0, name="lin", gelu=False):
 @pytest.mark.parametrize("fp4", [True, False])
 def test_svdquant_beats_rtn_and_refinement_never_hurts(fp4):
     _, layer = make_layer(fp4)
-    cfg = quantize.Config(num_grids=8, lowrank_iters=10, rank=16)
+    cfg = quantize.Config(num_grids=4, lowrank_iters=6, rank=16)
     _, _, (rtn,) = quantize.svdquant_group([layer], quantize.Config(method="rtn"), fp4)
     lam, (alpha, _), (svdq,) = quantize.svdquant_group([layer], cfg, fp4)
     one_shot = quantize.refine(layer, lam, cfg.rank, 1, cfg, fp4)
