@@ -152,9 +152,8 @@ def file_batches(path: str, batch_size: int) -> Iterator[dict]:
 
 @torch.no_grad()
 def run_batches(model: Flux, batches: list[dict]) -> list[Tensor]:
-    p = next(model.parameters())
-    to = lambda v: None if v is None else v.to(p.device, p.dtype if v.is_floating_point() else v.dtype)
-    return [model(**{k: to(v) for k, v in b.items()}) for b in batches]
+    device = next(model.parameters()).device  # Flux casts x, txt, y to its dtype and keeps t, guidance in float32
+    return [model(**{k: None if v is None else v.to(device) for k, v in b.items()}) for b in batches]
 
 
 # ----------------------------------------------------------------------------------------------------------------
