@@ -101,11 +101,14 @@ class InputStats:
         self.min = self.max = self.x = self.keys = None
 
     def update(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).float().cpu()  # (N, in)
-        mn, mx = x.amin(0), x.amax(0)
+        x = x.detach().reshape(-1, x.shape[-1])  # (N, in), on the model's device
+        mn, mx = x.amin(0).float().cpu(), x.amax(0).float().cpu()
         self.min = mn if self.min is None else torch.minimum(self.min, mn)
         self.max = mx if self.max is None else torch.maximum(self.max, mx)
+        # The k smallest keys of (kept ∪ new) are among (kept ∪ the k smallest new): only k rows leave the device.
         keys = torch.rand(x.shape[0], generator=self.gen)
+        new = keys.topk(min(self.rows, len(keys)), largest=False).indices
+        x, keys = x[new.to(x.device)].float().cpu(), keys[new]
         if self.x is not None:
             x, keys = torch.cat([self.x, x]), torch.cat([self.keys, keys])
         keep = keys.topk(min(self.rows, len(keys)), largest=False).indices
