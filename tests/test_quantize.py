@@ -124,3 +124,40 @@ def test_check_names_the_unrelated_pypi_package(tmp_path):
 def test_check_without_nunchaku_says_it_is_not_installed(tmp_path):
     with pytest.raises(SystemExit, match="Nunchaku is not installed.*GitHub releases"):
         quantize.main([*FAST, "--check", "--out_dir", str(tmp_path)])
+
+
+def test_check_glue_against_a_stand_in_with_diffusers_calling_convention(tmp_path, monkeypatch):
+    """The --check comparison, with Nunchaku replaced by a stand-in that takes packed tokens + img_ids/txt_ids like
+    NunchakuFluxTransformer2DModelV2.forward and places tokens by their ids: the same model must agree exactly."""
+
+    class StandIn:
+        @staticmethod
+        def from_pretrained(path, device, torch_dtype):
+            assert str(path).endswith(".safetensors") and torch_dtype == torch.bfloat16
+            return StandIn()
+
+        def __call__(self, hidden_states, encoder_hidden_states, pooled_projections, timestep, img_ids, txt_ids,
+                     guidance, return_dict):  # fmt: skip
+            p, B, D = model.params.patch_size, hidden_states.shape[0], hidden_states.shape[2]
+            rows, cols = img_ids[:, 1].long(), img_ids[:, 2].long()
+            x = torch.zeros(
+                B, D // p**2, p * (int(rows.max()) + 1), p * (int(cols.max()) + 1), dtype=hidden_states.dtype
+            )
+            for i, (r, c) in enumerate(zip(rows.tolist(), cols.tolist())):
+                x[:, :, r * p : (r + 1) * p, c * p : (c + 1) * p] = hidden_states[:, i].reshape(B, -1, p, p)
+            v = model(x, timestep, encoder_hidden_states, pooled_projections, guidance)
+            out = torch.stack([v[:, :, r * p : (r + 1) * p, c * p : (c + 1) * p].reshape(B, -1) for r, c in
+                               zip(rows.tolist(), cols.tolist())], dim=1)  # fmt: skip
+            assert not return_dict and txt_ids.shape == (encoder_hidden_states.shape[1], 3)
+            return (out,)
+
+    quantize.main([*FAST, "--out_dir", str(tmp_path), "--name", "t"])
+    model = load_quantized(tmp_path / "transformer")
+    fake = type(sys)("transformer_flux_v2")
+    fake.NunchakuFluxTransformer2DModelV2 = StandIn
+    monkeypatch.setitem(sys.modules, "nunchaku.models.transformers.transformer_flux_v2", fake)
+    cfg = quantize.Config(latent_hw=8, txt_len=5, calib_batch_size=2)
+    quantize.nunchaku_check(
+        tmp_path / "svdq-fp4_r32-t.safetensors", tmp_path / "transformer", cfg, "cpu", tmp_path / "c"
+    )
+    assert (tmp_path / "c").read_text().strip() == "check | nunchaku vs emulation | rel_err 0.0000"
