@@ -310,7 +310,7 @@ def install(model: Flux, layer: Layer, lam: Tensor, res: Result, fp4: bool) -> N
 def quantize_model(model: Flux, stats: dict, cfg: Config, log: Path | None = None) -> None:
     """In place: every W4A4 group of flux_layers through svdquant_group, then the AdaLN linears to W4A16."""
     fp4, device = cfg.precision == "nvfp4", next(model.parameters()).device
-    groups, w4a16 = flux_layers(model)
+    groups, _ = flux_layers(model)
     for i, group in enumerate(groups):
         t0 = time.time()
         layers = [make_layer(model, names, stats[names[0]], fp4, device) for names in group]
@@ -321,10 +321,16 @@ def quantize_model(model: Flux, stats: dict, cfg: Config, log: Path | None = Non
         print0(f"group {i + 1:03d}/{len(groups):03d} | {'+'.join(layer.names[0] for layer in layers):<40} | "
                f"alpha {alpha:.2f} beta {beta:.2f} | iters {max(r.iters for r in results):3d} | rel_err {rel:.4f} | "
                f"dt {1000 * (time.time() - t0):.0f}ms", log_file=log)  # fmt: skip
-    for name in w4a16:
+    quantize_adaln(model)
+
+
+@torch.no_grad()
+def quantize_adaln(model: Flux) -> None:
+    """In place: the AdaLN linears to W4A16, INT4 group 64 round-to-nearest (DeepCompressor's extra_wgts)."""
+    for name in flux_layers(model)[1]:
         lin = model.get_submodule(name)
         q, s, _ = quantize_weight(lin.weight.float(), fp4=False)
-        m = W4A16Linear(lin.in_features, lin.out_features, device=device)
+        m = W4A16Linear(lin.in_features, lin.out_features, device=lin.weight.device)
         m.load_state_dict(dict(qweight=encode(q, fp4=False), wscales=s, bias=lin.bias))
         set_module(model, name, m)
 
@@ -426,7 +432,11 @@ def ablation(cfg: Config, device, log: Path) -> None:
     rel = lambda a, b: math.sqrt(
         sum((x - y).square().sum().item() for x, y in zip(a, b)) / sum(y.square().sum().item() for y in b)
     )
-    results = []
+    floor = copy.deepcopy(model)
+    quantize_adaln(floor)  # what every row below shares: only the AdaLN linears quantised (W4A16)
+    results = [dict(precision="-", method="adaln-w4a16-only", output_rel_err=rel(run_batches(floor, held_out), ref),
+                    layer_rel_err=None, seconds=0)]  # fmt: skip
+    del floor
     for precision in ("nvfp4", "int4"):
         for method in ("rtn", "svdquant"):
             t0, qm = time.time(), copy.deepcopy(model)
@@ -445,9 +455,8 @@ def ablation(cfg: Config, device, log: Path) -> None:
     print0("\n| precision | method | stack output rel. error | mean layer rel. error (held-out rows) |", log_file=log)
     print0("|---|---|---|---|", log_file=log)
     for r in results:
-        print0(
-            f"| {r['precision']} | {r['method']} | {r['output_rel_err']:.4f} | {r['layer_rel_err']:.4f} |", log_file=log
-        )
+        layer = "-" if r["layer_rel_err"] is None else f"{r['layer_rel_err']:.4f}"
+        print0(f"| {r['precision']} | {r['method']} | {r['output_rel_err']:.4f} | {layer} |", log_file=log)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -97,7 +97,8 @@ def test_model_folder_and_recorded_calibration_inputs(tmp_path):
 def test_ablation_mode_svdquant_beats_rtn(tmp_path):
     quantize.main([*FAST, "--ablation", "--out_dir", str(tmp_path), "--outlier_channels", "4", "--rank", "8"])
     rows = {(r["precision"], r["method"]): r for r in json.loads((tmp_path / "ablation.json").read_text())}
-    assert len(rows) == 4
+    floor = rows[("-", "adaln-w4a16-only")]
+    assert len(rows) == 5 and floor["output_rel_err"] > 0 and floor["layer_rel_err"] is None
     for p in ("nvfp4", "int4"):
         for metric in ("output_rel_err", "layer_rel_err"):
             assert 0 < rows[(p, "svdquant")][metric] < rows[(p, "rtn")][metric], rows
