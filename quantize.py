@@ -1,0 +1,531 @@
+"""quantize.py: SVDQuant W4A4 post-training quantisation of a FLUX-layout transformer (DC-Gen's NVFP4 step, paper.md
+A.8), emulated in PyTorch and exported to Nunchaku's checkpoint format.
+
+SVDQuant (Li et al., ICLR 2025, arXiv 2411.05007 §4), per linear layer y = x·Wᵀ + b of every transformer block:
+  1. smoothing    λ_j = max|x_j|^α / max|W_j|^β, x̂ = x/λ, Ŵ = W·diag(λ): input outliers move into the weight;
+                  (α, β) from a grid by output error (DeepCompressor calib/smooth.py, configs/svdquant/__default__.yaml)
+  2. low rank     Ŵ = L_up·L_down + R, rank r = 32 in 16 bits, refined L <- SVD_r(Ŵ - Q(Ŵ - L)) (calib/lowrank.py)
+  3. 4-bit        y ≈ Q(x̂)·Q(R)ᵀ + x̂·L_downᵀ·L_upᵀ + b: NVFP4 (E2M1, FP8 scale per 16) or INT4 (group 64)
+AdaLN linears become W4A16; embedders, norm_out and proj_out stay 16-bit (Nunchaku's layout; models/svdquant.py).
+
+Run:      python quantize.py --model out/distill/transformer --calib_file out/calib/inputs.safetensors --name dcgen-flux
+          (one process on one GPU: calibration and the per-layer search are sequential, there is no torchrun variant)
+Smoke:    python quantize.py --preset tiny --device cpu --num_grids 4 --lowrank_iters 3 --out_dir out/quantize-smoke
+Ablation: bash runs/quant_ablation.sh   (--ablation: RTN vs SVDQuant x NVFP4 vs INT4 on a FLUX-shaped random stack)
+Check:    add --check on a Blackwell (NVFP4) / Ada (INT4) GPU with Nunchaku installed: Nunchaku vs the emulation
+Input:    a FLUX-layout transformer folder (Flux.from_pretrained), or --preset for random weights; calibration inputs
+          recorded from the sampler (x, t, txt, y[, guidance] stacked), or random ones.
+Output:   out_dir/transformer/ (the emulated model: models.svdquant.load_quantized),
+          out_dir/svdq-{fp4|int4}_r{rank}-{name}.safetensors (Nunchaku's NunchakuFluxTransformer2DModelV2 loads it),
+          out_dir/config.json, out_dir/log.txt
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import importlib.util
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from common import load_ckpt, parse_config, print0, run_info, save_ckpt, save_config, save_pretrained, seed_everything
+from models.flux import PRESETS, Flux, position_ids
+from models.nunchaku import nunchaku_metadata, nunchaku_state_dict
+from models.svdquant import (
+    SVDQuantLinear,
+    W4A16Linear,
+    act_shift,
+    encode,
+    flux_layers,
+    load_quantized,
+    quantize_act,
+    quantize_weight,
+    set_module,
+    split_proj_out,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    model: str = ""  # FLUX-layout transformer folder (config.json + safetensors); "" = random weights of `preset`
+    preset: str = "tiny"  # models/flux.py preset of the random model (used when `model` is "", and by --ablation)
+    patch_size: int = 0  # latent patch size of `model` (0: its config's `_patch_size`, else 1)
+    out_dir: str = "out/quantize"  # transformer/ (emulation), svdq-*.safetensors (Nunchaku), config.json, log.txt
+    name: str = "model"  # model name in the export file name svdq-{fp4|int4}_r{rank}-{name}.safetensors
+    precision: str = "nvfp4"  # nvfp4 (Blackwell RTX 50) | int4 (Turing/Ampere/Ada)
+    method: str = "svdquant"  # svdquant | rtn (round-to-nearest W4A4, no smoothing, no low-rank branch: the ablation)
+    rank: int = 32  # rank r of the 16-bit low-rank branch
+    num_grids: int = 20  # α grid i/n, i = 1..n-1, of the smoothing search (DeepCompressor 20; its fast.yaml 10)
+    lowrank_iters: int = 100  # at most this many refinements L <- SVD_r(Ŵ - Q(Ŵ - L)); stops when the error rises
+    svd_niter: int = 4  # power iterations of the randomised truncated SVD
+    calib_file: str = ""  # safetensors of recorded model inputs x, t, txt, y[, guidance], each (N, ...); "" = random
+    calib_batch_size: int = 2  # samples per calibration forward
+    calib_batches: int = 4  # random calibration forwards (when calib_file is "")
+    latent_hw: int = 16  # side of the random calibration latents, latent pixels
+    txt_len: int = 32  # text tokens of the random calibration inputs
+    guidance: float = 3.5  # embedded guidance scale of the random calibration inputs (guidance-distilled models)
+    reservoir_rows: int = 512  # input rows kept per layer (uniform sample) for the output-error objective
+    check: bool = False  # load the export with the real Nunchaku (Blackwell/Ada GPU) and compare one forward
+    ablation: bool = False  # instead: output error of {RTN, SVDQuant} x {NVFP4, INT4} on a 1+1-block `preset` stack
+    outlier_channels: int = 16  # ablation: input channels per layer turned into outliers
+    outlier_scale: float = 20.0  # ablation: their magnitude factor
+    device: str = "auto"  # cuda | cpu | auto
+    seed: int = 0
+    dry_run: bool = False  # print the config and the layer counts, then exit
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers: calibration
+
+
+class InputStats:
+    """What one linear saw: per-input-channel min and max over every row, and a uniform sample of `rows` rows
+    (bottom-k reservoir: each row draws a random key, the rows with the k smallest keys are kept).
+
+    NOTE(deviation): DeepCompressor keeps every calibration activation (128 prompts x all steps) on disk; the
+    extremes here are exact over all rows, the output-error objective uses the sample."""
+
+    def __init__(self, rows: int, generator: torch.Generator):
+        self.rows, self.gen = rows, generator
+        self.min = self.max = self.x = self.keys = None
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1])  # (N, in), on the model's device
+        mn, mx = x.amin(0).float().cpu(), x.amax(0).float().cpu()
+        self.min = mn if self.min is None else torch.minimum(self.min, mn)
+        self.max = mx if self.max is None else torch.maximum(self.max, mx)
+        # The k smallest keys of (kept ∪ new) are among (kept ∪ the k smallest new): only k rows leave the device.
+        keys = torch.rand(x.shape[0], generator=self.gen)
+        new = keys.topk(min(self.rows, len(keys)), largest=False).indices
+        x, keys = x[new.to(x.device)].float().cpu(), keys[new]
+        if self.x is not None:
+            x, keys = torch.cat([self.x, x]), torch.cat([self.keys, keys])
+        keep = keys.topk(min(self.rows, len(keys)), largest=False).indices
+        self.x, self.keys = x[keep], keys[keep]
+
+
+@torch.no_grad()
+def calibrate(model: torch.nn.Module, run: Callable[[], None], names: list[str], rows: int = 512, seed: int = 0):
+    """Hook the inputs of the linears `names`, call `run()` (any code that runs the model: the sampler over N prompts
+    at its timesteps, or a loop over recorded inputs), unhook. Returns {name: InputStats}."""
+    gen = torch.Generator().manual_seed(seed)
+    stats = {n: InputStats(rows, gen) for n in names}
+    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: stats[n].update(a[0])) for n in names]
+    try:
+        run()
+    finally:
+        for h in hooks:
+            h.remove()
+    unseen = [n for n, s in stats.items() if s.x is None]
+    if unseen:
+        raise RuntimeError(f"calibration never ran {len(unseen)} hooked layers, e.g. {unseen[:3]}")
+    return stats
+
+
+def random_batches(params, cfg: Config, seed: int, batches: int) -> Iterator[dict]:
+    """Random model inputs: latents (B, C, H, W), noise levels t, T5-like txt, pooled y, guidance."""
+    g = torch.Generator().manual_seed(seed)
+    B, hw = cfg.calib_batch_size, cfg.latent_hw
+    for _ in range(batches):
+        yield dict(
+            x=torch.randn(B, params.in_channels, hw, hw, generator=g), t=torch.rand(B, generator=g),
+            txt=torch.randn(B, cfg.txt_len, params.context_in_dim, generator=g),
+            y=torch.randn(B, params.vec_in_dim, generator=g),
+            guidance=torch.full((B,), cfg.guidance) if params.guidance_embed else None,
+        )  # fmt: skip
+
+
+def file_batches(path: str, batch_size: int) -> Iterator[dict]:
+    """Recorded model inputs (safetensors): x (N, C, H, W), t (N,), txt (N, L, 4096), y (N, 768)[, guidance (N,)]."""
+    d = load_ckpt(path)
+    for i in range(0, d["x"].shape[0], batch_size):
+        yield {k: d[k][i : i + batch_size] if k in d else None for k in ("x", "t", "txt", "y", "guidance")}
+
+
+@torch.no_grad()
+def run_batches(model: Flux, batches: list[dict]) -> list[Tensor]:
+    device = next(model.parameters()).device  # Flux casts x, txt, y to its dtype and keeps t, guidance in float32
+    return [model(**{k: None if v is None else v.to(device) for k, v in b.items()}) for b in batches]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers: SVDQuant of one smoothing group (DeepCompressor's algorithm)
+#
+# NOTE(deviation): the objective is the squared output error of the group's own layers on the sampled rows.
+# DeepCompressor scores q/k/v candidates on the attention output and the single block's q/k/v + fc1 on the block
+# output (app/diffusion/quant/smooth.py eval_module); that needs the block re-run per candidate.
+# NOTE(deviation): the activations are fake-quantised as Nunchaku's kernel does at inference (ties to even, float
+# scale to quantise, FP8 copy to dequantise); DeepCompressor's calibration uses its own quantiser (FP8 scale first,
+# codebook ties up). The model is scored as it will run.
+
+
+@dataclass
+class Layer:  # one Nunchaku W4A4 layer: our linears fused along the output (q/k/v), sharing input and low rank
+    names: list[str]
+    splits: list[int]  # output sizes of the fused linears (each has its own NVFP4 tensor scale)
+    w: Tensor  # (Σout, in) float32
+    b: Tensor  # (Σout,)
+    x: Tensor  # (N, in) calibration rows
+    y: Tensor  # (N, Σout) = x·Wᵀ, the reference output
+    xmax: Tensor  # (in,) max |x + shift| over all calibration rows
+    shift: float  # INT4 post-GELU shift, else 0
+
+
+@dataclass
+class Result:
+    err: float  # Σ (y_quant - y)² over the calibration rows
+    q: Tensor  # (Σout, in) R on the 4-bit grid (E2M1 values or INT4 integers)
+    wscales: Tensor  # (Σout, in/g) float32
+    wcscales: Tensor  # (Σout,) per-row tensor scale
+    down: Tensor  # (r, in) L_down, acting on x̂ = x/λ
+    up: Tensor  # (Σout, r) L_up
+    iters: int
+
+
+def make_layer(model: Flux, names: list[str], st: InputStats, fp4: bool, device) -> Layer:
+    lins = [model.get_submodule(n) for n in names]
+    w = torch.cat([m.weight.detach().float() for m in lins]).to(device)
+    b = torch.cat([m.bias.detach().float() if m.bias is not None else w.new_zeros(m.out_features) for m in lins])
+    s = act_shift(names[0], fp4)
+    x = st.x.float().to(device)
+    xmax = torch.maximum((st.max + s).abs(), (st.min + s).abs()).to(device)
+    return Layer(names, [m.out_features for m in lins], w, b.float().to(device), x, x @ w.T, xmax, s)
+
+
+def smooth_candidates(num_grids: int) -> list[tuple[float, float]]:
+    """(α, β) pairs of DeepCompressor's alpha 0.5, beta -2 (calib/config/smooth.py: get_alpha_beta_pairs): no
+    smoothing, activation-only (α, 0), and SmoothQuant's (α, 1 - α), α = i/num_grids."""
+    grid = [i / num_grids for i in range(1, num_grids)]
+    return [(0.0, 0.0)] + [(a, 0.0) for a in grid] + [(a, 1 - a) for a in grid]
+
+
+def smooth_scale(xmax: Tensor, wmax: Tensor, alpha: float, beta: float) -> Tensor:
+    """λ = xmax^α / wmax^β (calib/smooth.py: get_smooth_scale), zeros -> 1, all ones if any inf/nan.
+
+    NOTE(deviation): rounded to bf16 first, so the weights are smoothed with exactly the λ that Nunchaku's kernel
+    divides the input by; DeepCompressor smooths with the float32 λ and stores it as bf16."""
+    if alpha == 0 and beta == 0:
+        return torch.ones_like(xmax)
+    lam = xmax.pow(alpha) / (wmax.pow(beta) if beta > 0 else 1)
+    lam = torch.where(lam == 0, torch.ones_like(lam), lam)
+    if not lam.isfinite().all():
+        lam = torch.ones_like(lam)
+    return lam.to(torch.bfloat16).float()
+
+
+def lowrank(w: Tensor, rank: int, niter: int) -> tuple[Tensor, Tensor]:
+    """Rank-r truncation of w (out, in): L_down = V_rᵀ (r, in), L_up = U_r·S_r (out, r) (nn/patch/lowrank.py), both
+    rounded to 16 bits (bf16), the branch's storage format."""
+    rank = min(rank, *w.shape)
+    if rank == 0:
+        return w.new_zeros(0, w.shape[1]), w.new_zeros(w.shape[0], 0)
+    # NOTE(deviation): DeepCompressor takes a full float64 SVD (tens of seconds per 3072 x 12288 matrix on CPU, x39
+    # candidates x 570 layers); the randomised range finder (Halko et al. 2011) with power iterations gives the same
+    # top singular vectors up to a tiny error at ~1% of the cost.
+    with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):  # same input, same branch: reproducible
+        torch.manual_seed(0)
+        U, S, V = torch.svd_lowrank(w, q=min(rank + 16, *w.shape), niter=niter)
+    return V[:, :rank].T.to(torch.bfloat16).float(), (U[:, :rank] * S[:rank]).to(torch.bfloat16).float()
+
+
+def quantize_split(w: Tensor, splits: list[int], fp4: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """quantize_weight per fused part (each its own tensor scale) -> (grid values, group scales, per-row tensor scale,
+    dequantised weight), all (Σout, ...) float32."""
+    parts = [quantize_weight(part, fp4) for part in w.split(splits)]
+    q, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    c = torch.cat([t.expand(n) for (_, _, t), n in zip(parts, splits)])
+    return q, s, c, q * s.repeat_interleave(w.shape[1] // s.shape[1], dim=1) * c[:, None]
+
+
+def refine(layer: Layer, lam: Tensor, rank: int, iters: int, cfg: Config, fp4: bool) -> Result:
+    """Low-rank branch and 4-bit residual for a given λ: L <- SVD_r(Ŵ - Q(Ŵ - L)) from Q = 0, keeping the best
+    output error and stopping at the first increase (calib/lowrank.py, early_stop). iters = 1 is the one-shot
+    split DeepCompressor's smoothing search evaluates (allow_low_rank: true)."""
+    ws = layer.w * lam  # Ŵ = W·diag(λ)
+    xs = layer.x / lam  # x̂, input of the low-rank branch
+    xq = quantize_act((layer.x + layer.shift) / lam, fp4, unsigned=layer.shift > 0)  # Q(x̂) as the kernel makes it
+    qw, best = torch.zeros_like(ws), None
+    for it in range(iters):
+        down, up = lowrank(ws - qw, rank, cfg.svd_niter)
+        q, s, c, qw = quantize_split(ws - up @ down, layer.splits, fp4)
+        y = xq @ qw.T + (xs @ down.T) @ up.T  # (N, out)
+        if layer.shift:  # the shift's contribution, removed through the bias (see install)
+            y = y - (layer.shift / lam) @ (ws - up @ down).T
+        err = (y - layer.y).square().sum().item()
+        if best is not None and err > best.err:
+            break
+        best = Result(err, q, s, c, down, up, it + 1)
+    return best
+
+
+def svdquant_group(layers: list[Layer], cfg: Config, fp4: bool) -> tuple[Tensor, tuple[float, float], list[Result]]:
+    """One λ for the group (max over its inputs and weights), searched over the (α, β) grid by the summed output
+    error of its layers, then each layer's low-rank branch refined. method rtn: λ = 1, no branch."""
+    if cfg.method == "rtn":
+        lam = torch.ones_like(layers[0].xmax)
+        return lam, (0.0, 0.0), [refine(layer, lam, 0, 1, cfg, fp4) for layer in layers]
+    xmax = torch.stack([layer.xmax for layer in layers]).amax(0)
+    wmax = torch.cat([layer.w for layer in layers]).abs().amax(0)
+    best = None
+    for alpha, beta in smooth_candidates(cfg.num_grids):
+        lam = smooth_scale(xmax, wmax, alpha, beta)
+        err = sum(refine(layer, lam, cfg.rank, 1, cfg, fp4).err for layer in layers)
+        if best is None or err < best[0]:
+            best = (err, lam, (alpha, beta))
+    _, lam, ab = best
+    return lam, ab, [refine(layer, lam, cfg.rank, cfg.lowrank_iters, cfg, fp4) for layer in layers]
+
+
+def install(model: Flux, layer: Layer, lam: Tensor, res: Result, fp4: bool) -> None:
+    """Replace the layer's linears by SVDQuantLinear modules holding the result in Nunchaku's conventions."""
+    lam64, rank, start = lam.double(), res.down.shape[0], 0
+    down = (res.down.double() / lam64).to(torch.bfloat16)  # lora_down / smooth: the branch reads the raw x
+    bias = layer.b.double()
+    if layer.shift:  # ShiftedLinear's b - W·s plus the converter's + L_up·(L_down/λ)·s: b - (Ŵ - L)·(s/λ)
+        bias = bias - (layer.w.double() * lam64 - res.up.double() @ res.down.double()) @ (layer.shift / lam64)
+    codes = encode(res.q, fp4)
+    for name, n in zip(layer.names, layer.splits):
+        rows = slice(start, start + n)
+        m = SVDQuantLinear(layer.w.shape[1], n, rank, fp4, layer.shift, device=layer.w.device)
+        m.load_state_dict(dict(
+            qweight=codes[rows], wscales=res.wscales[rows].to(m.wscales.dtype), wcscales=res.wcscales[rows],
+            smooth=lam, proj_down=down, proj_up=res.up[rows], bias=bias[rows],
+        ))  # fmt: skip
+        set_module(model, name, m)
+        start += n
+
+
+@torch.no_grad()
+def quantize_model(model: Flux, stats: dict, cfg: Config, log: Path | None = None) -> None:
+    """In place: every W4A4 group of flux_layers through svdquant_group, then the AdaLN linears to W4A16."""
+    fp4, device = cfg.precision == "nvfp4", next(model.parameters()).device
+    groups, _ = flux_layers(model)
+    for i, group in enumerate(groups):
+        t0 = time.time()
+        layers = [make_layer(model, names, stats[names[0]], fp4, device) for names in group]
+        lam, (alpha, beta), results = svdquant_group(layers, cfg, fp4)
+        for layer, res in zip(layers, results):
+            install(model, layer, lam, res, fp4)
+        rel = math.sqrt(sum(r.err for r in results) / sum(layer.y.square().sum().item() for layer in layers))
+        print0(f"group {i + 1:03d}/{len(groups):03d} | {'+'.join(layer.names[0] for layer in layers):<40} | "
+               f"alpha {alpha:.2f} beta {beta:.2f} | iters {max(r.iters for r in results):3d} | rel_err {rel:.4f} | "
+               f"dt {1000 * (time.time() - t0):.0f}ms", log_file=log)  # fmt: skip
+    quantize_adaln(model)
+
+
+@torch.no_grad()
+def quantize_adaln(model: Flux) -> None:
+    """In place: the AdaLN linears to W4A16, INT4 group 64 round-to-nearest (DeepCompressor's extra_wgts)."""
+    for name in flux_layers(model)[1]:
+        lin = model.get_submodule(name)
+        q, s, _ = quantize_weight(lin.weight.float(), fp4=False)
+        m = W4A16Linear(lin.in_features, lin.out_features, device=lin.weight.device)
+        m.load_state_dict(dict(qweight=encode(q, fp4=False), wscales=s, bias=lin.bias))
+        set_module(model, name, m)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers: the real Nunchaku (--check) and the ablation stack
+
+
+def nunchaku_problem(fp4: bool) -> str | None:
+    """Why Nunchaku's FLUX loader cannot run here, or None. Imports nothing (the real package loads CUDA code)."""
+    spec = importlib.util.find_spec("nunchaku")
+    if spec is None:
+        return ("Nunchaku is not installed. It ships CUDA wheels on its GitHub releases (github.com/nunchaku-tech/"
+                "nunchaku/releases), not on PyPI, whose `nunchaku` is an unrelated package.")  # fmt: skip
+    try:
+        dist = importlib.metadata.distribution("nunchaku")
+        found = f"{dist.metadata['Name']} {dist.version} ({dist.metadata.get('Summary', 'no summary')!r})"
+    except importlib.metadata.PackageNotFoundError:
+        dist, found = None, f"a package without metadata at {spec.origin}"
+    loader = [Path(p) / "models/transformers/transformer_flux_v2.py" for p in spec.submodule_search_locations or []]
+    summary = (dist.metadata.get("Summary") or "") if dist else ""
+    if "piece-wise linear" in summary.lower() or not any(p.is_file() for p in loader):
+        return (f"the installed `nunchaku` is the wrong package: {found}. PyPI's `nunchaku` is an unrelated library "
+                "(piece-wise linear segmentation) without nunchaku.models.transformers.transformer_flux_v2; run "
+                "`pip uninstall nunchaku` and install Nunchaku's wheel from its GitHub releases.")  # fmt: skip
+    if not torch.cuda.is_available():
+        return "Nunchaku needs a CUDA GPU and none is visible."
+    sm = "".join(map(str, torch.cuda.get_device_capability()))
+    ok = ("120", "121") if fp4 else ("75", "80", "86", "89")  # nunchaku/utils.py: check_hardware_compatibility
+    if sm not in ok:
+        return (f"this GPU is sm_{sm}; Nunchaku runs {'NVFP4' if fp4 else 'INT4'} only on sm_{'/'.join(ok)} "
+                "(no 4-bit tensor-core kernels for it; Hopper sm_90 is not supported at all).")  # fmt: skip
+    return None
+
+
+@torch.no_grad()
+def nunchaku_check(export: Path, folder: Path, cfg: Config, device, log: Path) -> None:
+    """One forward of Nunchaku's NunchakuFluxTransformer2DModelV2 on the export vs our emulation, same inputs."""
+    from nunchaku.models.transformers.transformer_flux_v2 import NunchakuFluxTransformer2DModelV2
+
+    ours = load_quantized(folder, device)
+    theirs = NunchakuFluxTransformer2DModelV2.from_pretrained(str(export), device=device, torch_dtype=torch.bfloat16)
+    b = next(random_batches(ours.params, cfg, cfg.seed + 2, 1))
+    b = {k: None if v is None else v.to(device, torch.bfloat16) for k, v in b.items()}
+    v = ours(**b).float()
+    p, (H, W), L = ours.params.patch_size, b["x"].shape[2:], b["txt"].shape[1]
+    tokens = rearrange(b["x"], "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)  # diffusers' packing
+    ids = position_ids(L, H // p, W // p, device).float()
+    out = theirs(hidden_states=tokens, encoder_hidden_states=b["txt"], pooled_projections=b["y"], timestep=b["t"],
+                 img_ids=ids[L:], txt_ids=ids[:L], guidance=b["guidance"], return_dict=False)[0]  # fmt: skip
+    v_theirs = rearrange(out.float(), "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H // p, p1=p, p2=p)
+    rel = ((v_theirs - v).norm() / v.norm()).item()
+    print0(f"check | nunchaku vs emulation | rel_err {rel:.4f}{' | MISMATCH' if rel > 0.05 else ''}", log_file=log)
+
+
+@torch.no_grad()
+def inject_outliers(model: Flux, k: int, scale: float, gen: torch.Generator) -> None:
+    """Give every quantised layer's input k outlier channels, as real FLUX activations have:
+    - qkv / fc1 inputs: +scale on k channels of the AdaLN scale chunks, so x·(1 + scale) is ~scale times larger there;
+    - attention-out inputs: k rows of the v projection times `scale`, the matching out-projection columns / scale
+      (attention is linear in v: the network computes the same function);
+    - fc2 inputs: k rows of fc1 times `scale`, fc2 columns / scale (close to the same function through GELU)."""
+    D = model.params.hidden_size
+
+    def adaln(lin, chunks):
+        idx = torch.randperm(D, generator=gen)[:k]
+        for c in chunks:
+            lin.bias[c * D + idx] += scale
+
+    def pair(a, b):
+        idx = torch.randperm(a.out_features, generator=gen)[:k]
+        a.weight[idx] *= scale
+        a.bias[idx] *= scale
+        b.weight[:, idx] /= scale
+
+    for blk in model.transformer_blocks:
+        adaln(blk.norm1.linear, (1, 4)), adaln(blk.norm1_context.linear, (1, 4))
+        pair(blk.attn.to_v, blk.attn.to_out[0]), pair(blk.attn.add_v_proj, blk.attn.to_add_out)
+        pair(blk.ff.net[0].proj, blk.ff.net[2]), pair(blk.ff_context.net[0].proj, blk.ff_context.net[2])
+    for blk in model.single_transformer_blocks:
+        adaln(blk.norm.linear, (1,))
+        pair(blk.attn.to_v, blk.proj_out.linears[0]), pair(blk.proj_mlp, blk.proj_out.linears[1])
+
+
+def ablation(cfg: Config, device, log: Path) -> None:
+    """{RTN, SVDQuant} x {NVFP4, INT4} on a random 1 double + 1 single block stack with outlier inputs: relative
+    error vs fp32 of the stack's output, and of every quantised linear on held-out input rows (mean over linears)."""
+    params = replace(PRESETS[cfg.preset], depth=1, depth_single=1)
+    model = Flux(params).to(device).eval()  # random init (seeded), fp32
+    split_proj_out(model)
+    inject_outliers(model, cfg.outlier_channels, cfg.outlier_scale, torch.Generator().manual_seed(cfg.seed))
+    calib = list(random_batches(params, cfg, cfg.seed, cfg.calib_batches))
+    held_out = list(random_batches(params, cfg, cfg.seed + 1, 2))
+    groups, _ = flux_layers(model)
+    names = [layer[0] for g in groups for layer in g]
+    stats = calibrate(model, lambda: run_batches(model, calib), names, cfg.reservoir_rows, cfg.seed)
+    held = calibrate(model, lambda: run_batches(model, held_out), names, cfg.reservoir_rows, cfg.seed + 1)
+    ref = run_batches(model, held_out)
+    rel = lambda a, b: math.sqrt(
+        sum((x - y).square().sum().item() for x, y in zip(a, b)) / sum(y.square().sum().item() for y in b)
+    )
+    floor = copy.deepcopy(model)
+    quantize_adaln(floor)  # what every row below shares: only the AdaLN linears quantised (W4A16)
+    results = [dict(precision="-", method="adaln-w4a16-only", output_rel_err=rel(run_batches(floor, held_out), ref),
+                    layer_rel_err=None, seconds=0)]  # fmt: skip
+    del floor
+    for precision in ("nvfp4", "int4"):
+        for method in ("rtn", "svdquant"):
+            t0, qm = time.time(), copy.deepcopy(model)
+            quantize_model(qm, stats, replace(cfg, precision=precision, method=method), log)
+            layer_errs = []
+            with torch.no_grad():
+                for layer in (layer for g in groups for layer in g):
+                    x = held[layer[0]].x.to(device)  # held-out rows of this layer's input
+                    layer_errs += [rel([qm.get_submodule(n)(x)], [model.get_submodule(n)(x)]) for n in layer]
+            r = dict(precision=precision, method=method, output_rel_err=rel(run_batches(qm, held_out), ref),
+                     layer_rel_err=sum(layer_errs) / len(layer_errs), seconds=round(time.time() - t0))  # fmt: skip
+            results.append(r)
+            print0(f"ablation | {precision:<5} {method:<8} | output rel_err {r['output_rel_err']:.4f} | "
+                   f"layer rel_err {r['layer_rel_err']:.4f} | dt {r['seconds']}s", log_file=log)  # fmt: skip
+    (Path(cfg.out_dir) / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
+    print0("\n| precision | method | stack output rel. error | mean layer rel. error (held-out rows) |", log_file=log)
+    print0("|---|---|---|---|", log_file=log)
+    for r in results:
+        layer = "-" if r["layer_rel_err"] is None else f"{r['layer_rel_err']:.4f}"
+        print0(f"| {r['precision']} | {r['method']} | {r['output_rel_err']:.4f} | {layer} |", log_file=log)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(Config, argv)
+    if cfg.precision not in ("nvfp4", "int4"):
+        raise ValueError(f"unknown precision {cfg.precision!r}; choose from 'nvfp4', 'int4'")
+    if cfg.method not in ("svdquant", "rtn"):
+        raise ValueError(f"unknown method {cfg.method!r}; choose from 'svdquant', 'rtn'")
+    fp4, out = cfg.precision == "nvfp4", Path(cfg.out_dir)
+    save_config(cfg, out)
+    log = out / "log.txt"
+    if cfg.check and (problem := nunchaku_problem(fp4)):  # fail before hours of work, not after
+        raise SystemExit(f"--check cannot run: {problem}")
+
+    # --- device (one process: no distributed init)
+    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(cfg.seed)
+    print0(json.dumps(run_info()), log_file=log)
+    if cfg.ablation:
+        return ablation(cfg, device, log)
+
+    # --- model
+    if cfg.model:
+        model = Flux.from_pretrained(cfg.model, patch_size=cfg.patch_size or None, device=device)
+    else:
+        model = Flux(PRESETS[cfg.preset]).to(device).eval()  # random weights: smoke tests
+    split_proj_out(model)
+    groups, w4a16 = flux_layers(model)
+    n_w4a4 = sum(len(layer) for g in groups for layer in g)
+    print0(f"model | params {sum(p.numel() for p in model.parameters()):,} | W4A4 linears {n_w4a4} in {len(groups)} "
+           f"smoothing groups | W4A16 AdaLN linears {len(w4a16)}", log_file=log)  # fmt: skip
+    if model.params.hidden_size % 1024:
+        note = "Nunchaku's loaders need hidden_size % 1024 == 0 (AdaLN W4A16 scales; W4A4 dims % 128)"
+        print0(f"note | {note}: this export follows DeepCompressor's packer, which pads; only our unpacker reads it")
+    if cfg.dry_run:
+        return
+
+    # --- data: calibration inputs (recorded from the sampler, or random)
+    if cfg.calib_file:
+        batches = list(file_batches(cfg.calib_file, cfg.calib_batch_size))
+    else:
+        batches = list(random_batches(model.params, cfg, cfg.seed, cfg.calib_batches))
+    # Each fused layer reads one input; hook its first linear (q for q/k/v, proj_out.linears.0 for the split head).
+    names = [layer[0] for g in groups for layer in g]
+    t0 = time.time()
+    stats = calibrate(model, lambda: run_batches(model, batches), names, cfg.reservoir_rows, cfg.seed)
+    print0(f"calib | batches {len(batches)} | layers {len(names)} | dt {time.time() - t0:.1f}s", log_file=log)
+
+    # --- quantise, layer group by layer group
+    t0 = time.time()
+    quantize_model(model, stats, cfg, log)
+    print0(f"quantize | {cfg.precision} {cfg.method} rank {cfg.rank} | dt {time.time() - t0:.1f}s", log_file=log)
+
+    # --- save: the emulated model (load_quantized) and Nunchaku's file
+    rank = cfg.rank if cfg.method == "svdquant" else 0
+    folder = out / "transformer"
+    q = dict(precision=cfg.precision, method=cfg.method, rank=rank, config=asdict(cfg))
+    save_pretrained(folder, model.state_dict(), {**model.diffusers_config(), "_svdquant": q})
+    sd = nunchaku_state_dict(model)
+    packed_rank = next(v.shape[1] for k, v in sd.items() if k.endswith(".lora_down"))
+    export = out / f"svdq-{'fp4' if fp4 else 'int4'}_r{rank}-{cfg.name}.safetensors"
+    save_ckpt(sd, export, metadata=nunchaku_metadata(model, fp4, packed_rank))
+    print0(f"save | {folder} | {export} ({export.stat().st_size / 2**20:.1f} MiB)", log_file=log)
+    if cfg.check:
+        nunchaku_check(export, folder, cfg, device, log)
+
+
+if __name__ == "__main__":
+    main()
