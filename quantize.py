@@ -8,37 +8,54 @@ SVDQuant (Li et al., ICLR 2025, arXiv 2411.05007 §4), per linear layer y = x·W
   3. 4-bit        y ≈ Q(x̂)·Q(R)ᵀ + x̂·L_downᵀ·L_upᵀ + b: NVFP4 (E2M1, FP8 scale per 16) or INT4 (group 64)
 AdaLN linears become W4A16; embedders, norm_out and proj_out stay 16-bit (Nunchaku's layout; models/svdquant.py).
 
-Run:      python quantize.py --model out/distill/transformer --calib_file out/calib/inputs.safetensors --name dcgen-flux
+Run:      python quantize.py --model zoo/dcgen-4k --calib_size 4096 --name toy-dcgen-4k --out_dir out/quant-toy
+          python quantize.py --model DC-Gen-FLUX.1-Krea-Dev-v1.0-Res4K --calib_prompts prompts.txt --calib_size 4096
           (one process on one GPU: calibration and the per-layer search are sequential, there is no torchrun variant)
 Smoke:    python quantize.py --preset tiny --device cpu --num_grids 4 --lowrank_iters 3 --out_dir out/quantize-smoke
-Ablation: bash runs/quant_ablation.sh   (--ablation: RTN vs SVDQuant x NVFP4 vs INT4 on a FLUX-shaped random stack)
+Ablation: bash runs/quant_ablation.sh   (runs/quant_ablation.py: RTN vs SVDQuant x NVFP4 vs INT4, FLUX-shaped stack)
 Check:    add --check on a Blackwell (NVFP4) / Ada (INT4) GPU with Nunchaku installed: Nunchaku vs the emulation
-Input:    a FLUX-layout transformer folder (Flux.from_pretrained), or --preset for random weights; calibration inputs
-          recorded from the sampler (x, t, txt, y[, guidance] stacked), or random ones.
-Output:   out_dir/transformer/ (the emulated model: models.svdquant.load_quantized),
+Input:    a model folder (calibrated by running the sampler over --calib_count prompts), a FLUX transformer folder
+          with inputs recorded from the sampler (--calib_file: x, t, txt, y[, guidance] stacked), or --preset (random).
+Output:   out_dir/transformer/ (the emulated model: models.svdquant.load_quantized; for a model folder input, out_dir
+          is a model folder too: sample.py --model out_dir generates with the quantised model),
           out_dir/svdq-{fp4|int4}_r{rank}-{name}.safetensors (Nunchaku's NunchakuFluxTransformer2DModelV2 loads it),
           out_dir/config.json, out_dir/log.txt
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.metadata
 import importlib.util
 import json
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
-from common import load_ckpt, parse_config, print0, run_info, save_ckpt, save_config, save_pretrained, seed_everything
+from common import (
+    denoise,
+    get_noise,
+    get_schedule,
+    guided_velocity,
+    load_ckpt,
+    parse_config,
+    print0,
+    run_info,
+    save_ckpt,
+    save_config,
+    save_pretrained,
+    seed_everything,
+    shift_factor,
+)
+from data import ShapesDataset
 from models.flux import PRESETS, Flux, position_ids
 from models.nunchaku import nunchaku_metadata, nunchaku_state_dict
+from models.pipeline import load_pipeline, write_pipeline
 from models.svdquant import (
     SVDQuantLinear,
     W4A16Linear,
@@ -58,8 +75,8 @@ from models.svdquant import (
 
 @dataclass
 class Config:
-    model: str = ""  # FLUX-layout transformer folder (config.json + safetensors); "" = random weights of `preset`
-    preset: str = "tiny"  # models/flux.py preset of the random model (used when `model` is "", and by --ablation)
+    model: str = ""  # model folder (calibrated with the sampler) or FLUX transformer folder; "" = random `preset`
+    preset: str = "tiny"  # models/flux.py preset of the random model (used when `model` is "")
     patch_size: int = 0  # latent patch size of `model` (0: its config's `_patch_size`, else 1)
     out_dir: str = "out/quantize"  # transformer/ (emulation), svdq-*.safetensors (Nunchaku), config.json, log.txt
     name: str = "model"  # model name in the export file name svdq-{fp4|int4}_r{rank}-{name}.safetensors
@@ -70,6 +87,10 @@ class Config:
     lowrank_iters: int = 100  # at most this many refinements L <- SVD_r(Ŵ - Q(Ŵ - L)); stops when the error rises
     svd_niter: int = 4  # power iterations of the randomised truncated SVD
     calib_file: str = ""  # safetensors of recorded model inputs x, t, txt, y[, guidance], each (N, ...); "" = random
+    calib_prompts: str = ""  # model folder: prompt file for the sampler (one per line); "" = procedural captions
+    calib_count: int = 64  # model folder: prompts run through the sampler, every step's inputs recorded
+    calib_steps: int = 20  # model folder: sampler steps
+    calib_size: int = 1024  # model folder: image size in px of the calibration samples
     calib_batch_size: int = 2  # samples per calibration forward
     calib_batches: int = 4  # random calibration forwards (when calib_file is "")
     latent_hw: int = 16  # side of the random calibration latents, latent pixels
@@ -77,9 +98,6 @@ class Config:
     guidance: float = 3.5  # embedded guidance scale of the random calibration inputs (guidance-distilled models)
     reservoir_rows: int = 512  # input rows kept per layer (uniform sample) for the output-error objective
     check: bool = False  # load the export with the real Nunchaku (Blackwell/Ada GPU) and compare one forward
-    ablation: bool = False  # instead: output error of {RTN, SVDQuant} x {NVFP4, INT4} on a 1+1-block `preset` stack
-    outlier_channels: int = 16  # ablation: input channels per layer turned into outliers
-    outlier_scale: float = 20.0  # ablation: their magnitude factor
     device: str = "auto"  # cuda | cpu | auto
     seed: int = 0
     dry_run: bool = False  # print the config and the layer counts, then exit
@@ -157,6 +175,30 @@ def file_batches(path: str, batch_size: int) -> Iterator[dict]:
 def run_batches(model: Flux, batches: list[dict]) -> list[Tensor]:
     device = next(model.parameters()).device  # Flux casts x, txt, y to its dtype and keeps t, guidance in float32
     return [model(**{k: None if v is None else v.to(device) for k, v in b.items()}) for b in batches]
+
+
+def sampler_run(pipe, cfg: Config, device) -> Callable[[], None]:
+    """Calibration as SVDQuant does it: the sampler itself over N prompts, so every layer sees its inputs at every
+    noise level of a real generation (the model's own guidance, shift and resolution)."""
+    if cfg.calib_prompts:
+        prompts = [ln.strip() for ln in Path(cfg.calib_prompts).read_text().splitlines() if ln.strip()]
+    else:  # the toy's: procedural captions (seed + 1: not the scenes the toy models trained on first)
+        prompts = [ShapesDataset(seed=cfg.seed + 1)[i]["caption"] for i in range(cfg.calib_count)]
+    prompts = prompts[: cfg.calib_count]
+    model, f, p = pipe.transformer, pipe.ae.spatial_factor, pipe.patch_size()
+    C, h = model.params.in_channels, cfg.calib_size // f
+    sigmas = get_schedule(cfg.calib_steps, shift_factor(pipe.shift, (h // p) ** 2, C, pipe.shift_value))
+    distilled = model.params.guidance_embed
+
+    @torch.no_grad()
+    def run():
+        for i in range(0, len(prompts), cfg.calib_batch_size):
+            batch = prompts[i : i + cfg.calib_batch_size]
+            cond, null = pipe.text(batch), None if distilled else pipe.text.null(len(batch))
+            v = guided_velocity(model, cond, null, cfg.guidance if distilled else None, 1.0 if distilled else 4.5)
+            denoise(v, get_noise((len(batch), C, h, h), cfg.seed + i).to(device), sigmas)
+
+    return run
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -336,7 +378,7 @@ def quantize_adaln(model: Flux) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers: the real Nunchaku (--check) and the ablation stack
+# helpers: the real Nunchaku (--check)
 
 
 def nunchaku_problem(fp4: bool) -> str | None:
@@ -386,79 +428,6 @@ def nunchaku_check(export: Path, folder: Path, cfg: Config, device, log: Path) -
     print0(f"check | nunchaku vs emulation | rel_err {rel:.4f}{' | MISMATCH' if rel > 0.05 else ''}", log_file=log)
 
 
-@torch.no_grad()
-def inject_outliers(model: Flux, k: int, scale: float, gen: torch.Generator) -> None:
-    """Give every quantised layer's input k outlier channels, as real FLUX activations have:
-    - qkv / fc1 inputs: +scale on k channels of the AdaLN scale chunks, so x·(1 + scale) is ~scale times larger there;
-    - attention-out inputs: k rows of the v projection times `scale`, the matching out-projection columns / scale
-      (attention is linear in v: the network computes the same function);
-    - fc2 inputs: k rows of fc1 times `scale`, fc2 columns / scale (close to the same function through GELU)."""
-    D = model.params.hidden_size
-
-    def adaln(lin, chunks):
-        idx = torch.randperm(D, generator=gen)[:k]
-        for c in chunks:
-            lin.bias[c * D + idx] += scale
-
-    def pair(a, b):
-        idx = torch.randperm(a.out_features, generator=gen)[:k]
-        a.weight[idx] *= scale
-        a.bias[idx] *= scale
-        b.weight[:, idx] /= scale
-
-    for blk in model.transformer_blocks:
-        adaln(blk.norm1.linear, (1, 4)), adaln(blk.norm1_context.linear, (1, 4))
-        pair(blk.attn.to_v, blk.attn.to_out[0]), pair(blk.attn.add_v_proj, blk.attn.to_add_out)
-        pair(blk.ff.net[0].proj, blk.ff.net[2]), pair(blk.ff_context.net[0].proj, blk.ff_context.net[2])
-    for blk in model.single_transformer_blocks:
-        adaln(blk.norm.linear, (1,))
-        pair(blk.attn.to_v, blk.proj_out.linears[0]), pair(blk.proj_mlp, blk.proj_out.linears[1])
-
-
-def ablation(cfg: Config, device, log: Path) -> None:
-    """{RTN, SVDQuant} x {NVFP4, INT4} on a random 1 double + 1 single block stack with outlier inputs: relative
-    error vs fp32 of the stack's output, and of every quantised linear on held-out input rows (mean over linears)."""
-    params = replace(PRESETS[cfg.preset], depth=1, depth_single=1)
-    model = Flux(params).to(device).eval()  # random init (seeded), fp32
-    split_proj_out(model)
-    inject_outliers(model, cfg.outlier_channels, cfg.outlier_scale, torch.Generator().manual_seed(cfg.seed))
-    calib = list(random_batches(params, cfg, cfg.seed, cfg.calib_batches))
-    held_out = list(random_batches(params, cfg, cfg.seed + 1, 2))
-    groups, _ = flux_layers(model)
-    names = [layer[0] for g in groups for layer in g]
-    stats = calibrate(model, lambda: run_batches(model, calib), names, cfg.reservoir_rows, cfg.seed)
-    held = calibrate(model, lambda: run_batches(model, held_out), names, cfg.reservoir_rows, cfg.seed + 1)
-    ref = run_batches(model, held_out)
-    rel = lambda a, b: math.sqrt(
-        sum((x - y).square().sum().item() for x, y in zip(a, b)) / sum(y.square().sum().item() for y in b)
-    )
-    floor = copy.deepcopy(model)
-    quantize_adaln(floor)  # what every row below shares: only the AdaLN linears quantised (W4A16)
-    results = [dict(precision="-", method="adaln-w4a16-only", output_rel_err=rel(run_batches(floor, held_out), ref),
-                    layer_rel_err=None, seconds=0)]  # fmt: skip
-    del floor
-    for precision in ("nvfp4", "int4"):
-        for method in ("rtn", "svdquant"):
-            t0, qm = time.time(), copy.deepcopy(model)
-            quantize_model(qm, stats, replace(cfg, precision=precision, method=method), log)
-            layer_errs = []
-            with torch.no_grad():
-                for layer in (layer for g in groups for layer in g):
-                    x = held[layer[0]].x.to(device)  # held-out rows of this layer's input
-                    layer_errs += [rel([qm.get_submodule(n)(x)], [model.get_submodule(n)(x)]) for n in layer]
-            r = dict(precision=precision, method=method, output_rel_err=rel(run_batches(qm, held_out), ref),
-                     layer_rel_err=sum(layer_errs) / len(layer_errs), seconds=round(time.time() - t0))  # fmt: skip
-            results.append(r)
-            print0(f"ablation | {precision:<5} {method:<8} | output rel_err {r['output_rel_err']:.4f} | "
-                   f"layer rel_err {r['layer_rel_err']:.4f} | dt {r['seconds']}s", log_file=log)  # fmt: skip
-    (Path(cfg.out_dir) / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
-    print0("\n| precision | method | stack output rel. error | mean layer rel. error (held-out rows) |", log_file=log)
-    print0("|---|---|---|---|", log_file=log)
-    for r in results:
-        layer = "-" if r["layer_rel_err"] is None else f"{r['layer_rel_err']:.4f}"
-        print0(f"| {r['precision']} | {r['method']} | {r['output_rel_err']:.4f} | {layer} |", log_file=log)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -478,11 +447,12 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(cfg.seed)
     print0(json.dumps(run_info()), log_file=log)
-    if cfg.ablation:
-        return ablation(cfg, device, log)
 
-    # --- model
-    if cfg.model:
+    # --- model: a model folder (with its text encoder and AE, so the sampler can calibrate), or a bare transformer
+    pipe = load_pipeline(cfg.model, device=device) if (Path(cfg.model) / "transformer").is_dir() else None
+    if pipe is not None:
+        model = pipe.transformer
+    elif cfg.model:
         model = Flux.from_pretrained(cfg.model, patch_size=cfg.patch_size or None, device=device)
     else:
         model = Flux(PRESETS[cfg.preset]).to(device).eval()  # random weights: smoke tests
@@ -497,16 +467,18 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.dry_run:
         return
 
-    # --- data: calibration inputs (recorded from the sampler, or random)
-    if cfg.calib_file:
-        batches = list(file_batches(cfg.calib_file, cfg.calib_batch_size))
+    # --- data: calibration inputs (the sampler over N prompts, recorded inputs, or random)
+    if pipe is not None:
+        run, what = sampler_run(pipe, cfg, device), f"sampler {cfg.calib_count} prompts x {cfg.calib_steps} steps"
     else:
-        batches = list(random_batches(model.params, cfg, cfg.seed, cfg.calib_batches))
+        batches = list(file_batches(cfg.calib_file, cfg.calib_batch_size)) if cfg.calib_file else list(
+            random_batches(model.params, cfg, cfg.seed, cfg.calib_batches))  # fmt: skip
+        run, what = (lambda: run_batches(model, batches)), f"batches {len(batches)}"
     # Each fused layer reads one input; hook its first linear (q for q/k/v, proj_out.linears.0 for the split head).
     names = [layer[0] for g in groups for layer in g]
     t0 = time.time()
-    stats = calibrate(model, lambda: run_batches(model, batches), names, cfg.reservoir_rows, cfg.seed)
-    print0(f"calib | batches {len(batches)} | layers {len(names)} | dt {time.time() - t0:.1f}s", log_file=log)
+    stats = calibrate(model, run, names, cfg.reservoir_rows, cfg.seed)
+    print0(f"calib | {what} | layers {len(names)} | dt {time.time() - t0:.1f}s", log_file=log)
 
     # --- quantise, layer group by layer group
     t0 = time.time()
@@ -517,7 +489,11 @@ def main(argv: list[str] | None = None) -> None:
     rank = cfg.rank if cfg.method == "svdquant" else 0
     folder = out / "transformer"
     q = dict(precision=cfg.precision, method=cfg.method, rank=rank, config=asdict(cfg))
-    save_pretrained(folder, model.state_dict(), {**model.diffusers_config(), "_svdquant": q})
+    config = {**model.diffusers_config(), "_svdquant": q}
+    if pipe is not None:  # a whole model folder: sample.py --model out_dir runs the quantised model
+        write_pipeline(out, model, pipe.folder / "vae", pipe.folder, pipe.shift, pipe.shift_value, config=config)
+    else:
+        save_pretrained(folder, model.state_dict(), config)
     sd = nunchaku_state_dict(model)
     packed_rank = next(v.shape[1] for k, v in sd.items() if k.endswith(".lora_down"))
     export = out / f"svdq-{'fp4' if fp4 else 'int4'}_r{rank}-{cfg.name}.safetensors"

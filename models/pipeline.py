@@ -28,6 +28,7 @@ from models.autoencoder import load_autoencoder
 from models.flux import Flux
 from models.loading import atomic_write, read_config, save_pretrained
 from models.sana import Sana
+from models.svdquant import is_quantized, load_quantized
 from models.text import load_text_encoder
 
 TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
@@ -61,6 +62,8 @@ def load_transformer(folder: Path, ae_latent_channels: int | None, **kw) -> nn.M
     cls = transformer_class(folder)
     if cls is Sana:
         return Sana.from_pretrained(folder, **kw)
+    if is_quantized(folder):  # quantize.py's emulated SVDQuant model (W4A4 + low rank), called like any Flux
+        return load_quantized(folder, device=kw.get("device", "cpu"))
     cfg = read_config(folder, "FLUX transformer")
     patch = cfg.get("_patch_size")
     if patch is None and ae_latent_channels:
@@ -125,13 +128,15 @@ def write_pipeline(
     shift_value: float = 3.0,
     copy: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
+    config: dict | None = None,
 ) -> None:
-    """Write a model folder: the transformer's weights (`state_dict`, default its own), the AE and text encoders
-    linked (or copied, `copy=True`, e.g. for the committed toy zoo) from where they live, and the sampling shift."""
+    """Write a model folder: the transformer's weights (`state_dict`, default its own) and config (default its
+    diffusers config), the AE and text encoders linked (or copied, `copy=True`, e.g. for the committed toy zoo) from
+    where they live, and the sampling shift."""
     assert shift in SHIFTS, f"shift {shift!r} not in {SHIFTS}"
     folder = Path(folder)
     sd = transformer.state_dict() if state_dict is None else state_dict
-    save_pretrained(folder / "transformer", sd, transformer.diffusers_config())
+    save_pretrained(folder / "transformer", sd, config or transformer.diffusers_config())
     sources = {"vae": Path(ae_folder)} | {
         p: Path(text_folder) / p for p in TEXT_PARTS if (Path(text_folder) / p).is_dir()
     }

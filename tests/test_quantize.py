@@ -18,6 +18,7 @@ import quantize
 from common import save_ckpt, save_pretrained
 from models.flux import PRESETS, Flux
 from models.svdquant import SVDQuantLinear, W4A16Linear, is_quantized, load_quantized
+from runs import quant_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--preset", "tiny", "--device", "cpu", "--num_grids", "2", "--lowrank_iters", "2", "--calib_batches", "2"]
@@ -95,7 +96,9 @@ def test_model_folder_and_recorded_calibration_inputs(tmp_path):
 
 
 def test_ablation_mode_svdquant_beats_rtn(tmp_path):
-    quantize.main([*FAST, "--ablation", "--out_dir", str(tmp_path), "--outlier_channels", "4", "--rank", "8"])
+    quant_ablation.main(
+        [*FAST, "--preset", "tiny", "--out_dir", str(tmp_path), "--outlier_channels", "4", "--rank", "8"]
+    )
     rows = {(r["precision"], r["method"]): r for r in json.loads((tmp_path / "ablation.json").read_text())}
     floor = rows[("-", "adaln-w4a16-only")]
     assert len(rows) == 5 and floor["output_rel_err"] > 0 and floor["layer_rel_err"] is None
@@ -162,3 +165,21 @@ def test_check_glue_against_a_stand_in_with_diffusers_calling_convention(tmp_pat
         tmp_path / "svdq-fp4_r32-t.safetensors", tmp_path / "transformer", cfg, "cpu", tmp_path / "c"
     )
     assert (tmp_path / "c").read_text().strip() == "check | nunchaku vs emulation | rel_err 0.0000"
+
+
+def test_model_folder_is_calibrated_by_the_sampler_and_samples(tmp_path):
+    """A model folder in, a model folder out: calibration runs the sampler over prompts, sample.py runs the result."""
+    import sample
+
+    from tiny_world import build_world
+
+    world = build_world(tmp_path / "world")
+    quantize.main(["--model", str(world / "base"), "--device", "cpu", "--calib_count", "3", "--calib_steps", "2",
+                   "--calib_size", "16", "--calib_batch_size", "3", "--num_grids", "2", "--lowrank_iters", "2",
+                   "--rank", "4", "--out_dir", str(tmp_path / "q")])  # fmt: skip
+    log = (tmp_path / "q" / "log.txt").read_text()
+    assert "calib | sampler 3 prompts x 2 steps" in log
+    assert (tmp_path / "q" / "vae" / "config.json").is_file() and (tmp_path / "q" / "text_encoder_2").is_dir()
+    paths = sample.main(["--model", str(tmp_path / "q"), "--prompt", "a red circle", "--size", "16", "--steps", "2",
+                         "--out", str(tmp_path / "q.png")])  # fmt: skip
+    assert paths[0].is_file()
