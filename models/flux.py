@@ -54,7 +54,13 @@ PRESETS = {
     # DC-Gen-FLUX: the same backbone on DC-AE f32c32 (1K) or DC-AE 1.5 f64c128 (4K) latents, 1×1 patches.
     "dcgen-flux-1k": FluxParams(in_channels=32, patch_size=1),
     "dcgen-flux-4k": FluxParams(in_channels=128, patch_size=1),
-    # For tests: every structural feature (both block kinds, 3-axis RoPE, guidance), a few thousand parameters.
+    # The toy zoo's CFG base (runs/toy.sh): a FLUX in miniature on the toy f8c4 VAE latent, 2×2 patches, reading the
+    # toy text encoder (width 64); 2.4 M parameters. Its guidance-distilled and DC-Gen descendants keep the shape.
+    "toy": FluxParams(
+        in_channels=4, hidden_size=128, num_heads=2, depth=2, depth_single=4, axes_dim=(16, 24, 24),
+        context_in_dim=64, vec_in_dim=64, guidance_embed=False,
+    ),
+    # For tests: every structural feature (both block kinds, 3-axis RoPE, guidance), 0.33 M parameters.
     "tiny": FluxParams(
         in_channels=4, hidden_size=64, num_heads=2, depth=1, depth_single=2, axes_dim=(8, 12, 12),
         context_in_dim=32, vec_in_dim=16,
