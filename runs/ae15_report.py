@@ -25,13 +25,17 @@ runs = {"masked (DC-AE 1.5)": out / "prefix", "unmasked (1.0-style)": out / "non
 aes = {name: load_autoencoder(d / "ae", tile_px=None) for name, d in runs.items()}
 C = next(iter(aes.values())).latent_channels
 
-# --- the table: PSNR / SSIM per prefix, from ae15.py --eval
-print(f"| AE | eval px | {' | '.join(f'c={c}' for c in (C // 8, C // 4, C // 2, C))} |")
+# --- the table: PSNR (dB) / SSIM / scorer accuracy of the reconstructions per prefix, from ae15.py --eval
+heads = " | ".join(f"c'={c}" for c in (C // 8, C // 4, C // 2, C))
+print(f"| AE | eval px | {heads} |")
 print("|---|---|" + "---|" * 4)
 for px in (128, 256):
     for name, d in runs.items():
         res = json.loads((d / f"eval{px}" / "eval.json").read_text())
-        cells = [f"{res[str(c)]['psnr']:.2f} dB / {res[str(c)]['ssim']:.3f}" for c in (C // 8, C // 4, C // 2, C)]
+        cells = [
+            f"{res[str(c)]['psnr']:.2f} / {res[str(c)]['ssim']:.3f} / {res[str(c)]['acc']:.2f}"
+            for c in (C // 8, C // 4, C // 2, C)
+        ]
         print(f"| {name} | {px} | {' | '.join(cells)} |")
 
 # --- the strip: input, then each AE at c' = C/4, C/2, C, for a few held-out scenes
