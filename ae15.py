@@ -58,6 +58,7 @@ class Config:
     init: str = ""  # diffusers-format AE folder to fine-tune, or to evaluate with --eval
     data: str = "shapes"  # "shapes" (procedural captioned shapes, data.py) or an image folder
     size_px: int = 128  # training / eval image size (square)
+    zoom: tuple[float, float] = (1.0, 1.0)  # shapes only: train on size_px crops of scenes rendered up to x zoom
     mask: str = "prefix"  # "prefix": DC-AE 1.5 channel masking; "none": DC-AE 1.0-style, full latent only
     prefixes: tuple[int, ...] = ()  # candidate c' set; empty: 16, 20, ..., C when C >= 64, else C/8, 2C/8, ..., C
     num_prefixes: int = 2  # K: channel prefixes decoded per step (one encoder pass)
@@ -208,9 +209,9 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (B,): Gaussian wi
 
 def make_dataset(cfg: Config, train: bool):
     if cfg.data == "shapes":  # training scenes from the train captions; eval on held-out captions and seeds
-        return ShapesDataset(
-            cfg.size_px, seed=cfg.seed if train else cfg.seed + 10_000, split="train" if train else "test"
-        )
+        if not train:
+            return ShapesDataset(cfg.size_px, seed=cfg.seed + 10_000, split="test")
+        return ShapesDataset(cfg.size_px, seed=cfg.seed, split="train", zoom=cfg.zoom)
     return ImageFolder(cfg.data, cfg.size_px, captions=False)
 
 

@@ -77,7 +77,13 @@ def test_smoke_resume_eval_ddp(tmp_path, monkeypatch):
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     wd = load_ckpt(ddp / "ckpt_0000003.pt")["model"]
-    assert max((wd[k].float() - wb[k].float()).abs().max().item() for k in wb) <= 1e-5
+    diff = torch.cat([(wd[k].float() - wb[k].float()).abs().flatten() for k in wb])
+    # The all-reduced gradient equals the one-process gradient up to float summation order (~1e-9); Adam divides
+    # by sqrt(v), which turns that into up to ~5e-5 on the rare weights whose gradient is ~0: bound max and mean.
+    assert diff.max() <= 1e-4 and diff.mean() <= 1e-7
+    assert [line.split("| gnorm")[1][:7] for line in step_lines(ddp)] == [
+        line.split("| gnorm")[1][:7] for line in step_lines(b)
+    ]  # the global gradient norm of every step agrees to 3 decimals
 
 
 def dcae_default_scale() -> float:
