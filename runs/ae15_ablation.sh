@@ -21,4 +21,6 @@ for MASK in prefix none; do
       --batch_size 16 --device cpu --out_dir $OUT/$MASK/eval$PX
   done
 done
-flock /tmp/heavy.lock python runs/ae15_report.py --out $OUT --strip assets/ae15_ablation.png
+# the tiled-decode check uses the toy zoo's f32 AE (trained on zoomed crops): bash runs/ae15_toy.sh f32c16
+flock /tmp/heavy.lock python runs/ae15_report.py --out $OUT --strip assets/ae15_ablation.png \
+  --tiling_ae ${TILING_AE:-out/toy_ae/f32c16/ae}

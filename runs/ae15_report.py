@@ -12,13 +12,14 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import ShapesDataset  # noqa: E402
+from data import ShapesDataset, render, to_tensor  # noqa: E402
 from models.autoencoder import load_autoencoder  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--out", default="out/ae15_ablation", help="the ablation's output folder")
 parser.add_argument("--strip", default="assets/ae15_ablation.png", help="where to write the comparison strip")
 parser.add_argument("--rows", type=int, default=3, help="held-out scenes in the strip")
+parser.add_argument("--tiling_ae", default="out/toy_ae/f32c16/ae", help="AE folder for the tiled-decode check")
 args = parser.parse_args()
 out = Path(args.out)
 runs = {"masked (DC-AE 1.5)": out / "prefix", "unmasked (1.0-style)": out / "none"}
@@ -57,17 +58,14 @@ for k, name in enumerate(aes):
 for j, label in enumerate(["input"] + [f"c'={c}" for c in prefixes] * 2):
     draw.text((j * 128 + 4, head + 2), label, fill="black")
 Path(args.strip).parent.mkdir(parents=True, exist_ok=True)
-img.save(args.strip, optimize=True)
+img.quantize(colors=256, dither=Image.Dither.NONE).save(args.strip, optimize=True)  # palette PNG: small file
 print(f"strip: {args.strip} ({img.width}x{img.height})")
 
-# --- tiling: decode the latent of a 1024² image in one pass and in 256 px tiles (64 px overlap), compare. The image is
-# a mosaic of 8x8 held-out 128 px scenes: detail at the scale the toy AE was trained on, everywhere, including across
-# every tile seam. (A single scene rendered at 1024 px has objects 8x larger than any training image, which this toy
-# AE does not reconstruct, tiled or not.)
-ae = aes["masked (DC-AE 1.5)"]
-ds = ShapesDataset(128, seed=20_000, split="test")
-x = torch.stack([ds[i]["image"] for i in range(64)]).view(8, 8, 3, 128, 128)  # (row, col, 3, 128, 128)
-x = x.permute(2, 0, 3, 1, 4).reshape(1, 3, 1024, 1024)  # (1, 3, 1024, 1024)
+# --- tiling: decode the latent of a 1024² scene in one pass and in 256 px tiles (64 px overlap), compare. The AE is
+# --tiling_ae: the toy f32 AE of runs/ae15_toy.sh, trained on zoomed crops; the ablation's AEs saw only whole 128 px
+# scenes and do not reconstruct 8x larger shapes, tiled or not, so a seam test on them would measure nothing.
+ae = load_autoencoder(args.tiling_ae, tile_px=None)
+x = to_tensor(render(ShapesDataset(1024, seed=10_000, split="test").scene(0), 1024))[None]  # (1, 3, 1024, 1024)
 with torch.no_grad():
     z = ae.encode(x)  # (1, C, 32, 32)
     full = ae.decode(z).clamp(-1, 1)
@@ -79,10 +77,10 @@ diff = (q(tiles) - q(full)).abs()
 psnr = lambda t: 10 * torch.log10(4 / (t - x).pow(2).mean())
 print(
     f"tiled decode (256 px tiles, 64 px overlap) vs one pass at 1024²: mean |diff| {diff.mean():.3f} / 255, "
-    f"max {diff.max():.0f} / 255, 99.9th percentile {diff.flatten().quantile(0.999):.0f} / 255; reconstruction "
-    f"PSNR one pass {psnr(full):.2f} dB, tiled {psnr(tiles):.2f} dB; "
-    f"tiled encode: mean |diff| {(z_tiles - z).abs().mean():.4f} (latent std {z.std():.3f})"
+    f"99.9th percentile {diff.flatten().quantile(0.999):.0f} / 255, max {diff.max():.0f} / 255; reconstruction PSNR "
+    f"one pass {psnr(full):.2f} dB, tiled {psnr(tiles):.2f} dB; tiled encode: mean |z diff| "
+    f"{(z_tiles - z).abs().mean():.4f} (latent std {z.std():.3f})"
 )
-panel = torch.cat([full[0], tiles[0], (diff[0] / 127.5 * 20 - 1).clamp(-1, 1)], dim=2)  # one pass | tiled | 20x |diff|
+panel = torch.cat([x[0], full[0], tiles[0], (diff[0] / 127.5 * 20 - 1).clamp(-1, 1)], dim=2)
 Image.fromarray(((panel + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(out / "tiling.png")
-print(f"tiling panel (one pass | tiled | 20x |diff|): {out / 'tiling.png'}")
+print(f"tiling panel (input | one pass | tiled | 20x |diff|): {out / 'tiling.png'}")
