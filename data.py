@@ -183,17 +183,20 @@ def coverage(obj: Obj, size_px: int, box: tuple[int, int, int, int]) -> np.ndarr
     return np.clip(0.5 - sdf * size_px, 0.0, 1.0).astype(np.float32)
 
 
-def render(scene: Scene, size_px: int) -> np.ndarray:
-    """The scene as a (size_px, size_px, 3) uint8 RGB image."""
-    img = np.empty((size_px, size_px, 3), np.float32)
+def render(scene: Scene, size_px: int, window: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """The scene as a (size_px, size_px, 3) uint8 RGB image, or only the pixels window = (top, left, height, width)
+    of it (a crop of a huge render costs only the crop)."""
+    top, left, h, w = window or (0, 0, size_px, size_px)
+    img = np.empty((h, w, 3), np.float32)
     img[:] = BACKGROUNDS[scene.spec.background]
     for obj in (scene.a, scene.b):
-        half = obj.size / 2 * size_px + 2  # bounding box + 2 px, clipped to the image
-        y0, x0 = (max(0, int(c * size_px - half)) for c in (obj.y, obj.x))
-        y1, x1 = (min(size_px, math.ceil(c * size_px + half)) for c in (obj.y, obj.x))
-        box = (y0, y1, x0, x1)
-        alpha = coverage(obj, size_px, box)[..., None]  # (h, w, 1)
-        region = img[box[0] : box[1], box[2] : box[3]]
+        half = obj.size / 2 * size_px + 2  # bounding box + 2 px, clipped to the window
+        y0, x0 = (max(lo, int(c * size_px - half)) for c, lo in ((obj.y, top), (obj.x, left)))
+        y1, x1 = (min(hi, math.ceil(c * size_px + half)) for c, hi in ((obj.y, top + h), (obj.x, left + w)))
+        if y1 <= y0 or x1 <= x0:
+            continue  # the object is outside the window
+        alpha = coverage(obj, size_px, (y0, y1, x0, x1))[..., None]  # (y1 - y0, x1 - x0, 1)
+        region = img[y0 - top : y1 - top, x0 - left : x1 - left]
         region[:] = region * (1 - alpha) + np.float32(COLORS[obj.color]) * alpha
     return np.round(img).astype(np.uint8)
 
@@ -204,11 +207,19 @@ def to_tensor(img: np.ndarray) -> torch.Tensor:
 
 
 class ShapesDataset(torch.utils.data.Dataset):
-    """Procedural captioned shapes: item i is a deterministic function of (seed, i); `split` picks the captions."""
+    """Procedural captioned shapes: item i is a deterministic function of (seed, i); `split` picks the captions.
 
-    def __init__(self, size_px: int = 256, seed: int = 0, split: str = "train", length: int = 2**31 - 1):
+    zoom = (lo, hi) > 1 is for AE training: each item is a random size_px crop of the scene rendered at size_px·z,
+    z log-uniform in [lo, hi], so the AE sees edges and flat areas at every scale it will meet when decoding large
+    images (an AE trained only on whole 128 px scenes fails on 1024 px ones). The caption then describes the whole
+    scene, not the crop.
+    """
+
+    def __init__(self, size_px: int = 256, seed: int = 0, split: str = "train", length: int = 2**31 - 1,
+                 zoom: tuple[float, float] = (1.0, 1.0)):  # fmt: skip
         assert split in ("train", "test", "all"), f"split must be 'train', 'test' or 'all', got {split!r}"
-        self.size_px, self.seed, self.split, self.length = size_px, seed, split, length
+        assert 1 <= zoom[0] <= zoom[1], f"zoom must be (lo, hi) with 1 <= lo <= hi, got {zoom}"
+        self.size_px, self.seed, self.split, self.length, self.zoom = size_px, seed, split, length, zoom
         self.specs = all_specs(split)
 
     def __len__(self) -> int:
@@ -219,8 +230,13 @@ class ShapesDataset(torch.utils.data.Dataset):
         return random_scene(self.specs[rng.integers(len(self.specs))], rng)
 
     def __getitem__(self, i: int) -> dict:
-        scene = self.scene(i)
-        return {"image": to_tensor(render(scene, self.size_px)), "caption": scene.spec.caption}
+        scene, s = self.scene(i), self.size_px
+        if self.zoom == (1.0, 1.0):
+            return {"image": to_tensor(render(scene, s)), "caption": scene.spec.caption}
+        rng = np.random.default_rng([self.seed, i, 1])  # a stream of its own: scene(i) stays the same
+        full = round(s * math.exp(rng.uniform(math.log(self.zoom[0]), math.log(self.zoom[1]))))
+        top, left = rng.integers(0, full - s + 1, 2)
+        return {"image": to_tensor(render(scene, full, (top, left, s, s))), "caption": scene.spec.caption}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -369,7 +385,7 @@ class ImageFolder(torch.utils.data.Dataset):
         img = img.resize((w, h), Image.Resampling.BICUBIC)
         left, top = (w - self.size_px) // 2, (h - self.size_px) // 2
         img = img.crop((left, top, left + self.size_px, top + self.size_px))
-        return {"image": to_tensor(np.asarray(img)), "caption": self.captions[i]}
+        return {"image": to_tensor(np.array(img)), "caption": self.captions[i]}
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -74,11 +74,12 @@ def tiled(fn: Callable, x: torch.Tensor, tile: int, overlap: int, scale: float) 
     `fn` maps a window (B, C, h, w) to (B, C', h·scale, w·scale): scale = f for a decoder, 1/f for an encoder.
     """
     H, W = x.shape[-2:]
-    out = weight = None
+    out = weight = dtype = None
     ov = round(overlap * scale)  # the overlap in output samples
     for y0 in tile_starts(H, tile, overlap):
         for x0 in tile_starts(W, tile, overlap):
-            t = fn(x[..., y0 : y0 + tile, x0 : x0 + tile]).float()  # (B, C', th, tw)
+            t = fn(x[..., y0 : y0 + tile, x0 : x0 + tile])  # (B, C', th, tw)
+            dtype, t = t.dtype, t.float()  # blend in fp32, return in the model's dtype
             th, tw = t.shape[-2:]
             if out is None:
                 out = t.new_zeros(*t.shape[:2], round(H * scale), round(W * scale))  # (B, C', H', W')
@@ -87,7 +88,7 @@ def tiled(fn: Callable, x: torch.Tensor, tile: int, overlap: int, scale: float) 
             Y0, X0 = round(y0 * scale), round(x0 * scale)
             out[..., Y0 : Y0 + th, X0 : X0 + tw] += t * w
             weight[Y0 : Y0 + th, X0 : X0 + tw] += w
-    return out / weight
+    return (out / weight).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -121,7 +122,7 @@ def load_autoencoder(
     folder = Path(folder)
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is a pipeline folder; pass its autoencoder sub-folder {folder / 'vae'}")
-    kind = read_config(folder, "autoencoder (AutoencoderKL or AutoencoderDC)").get("_class_name")
+    kind = read_config(folder, "diffusers autoencoder (AutoencoderKL or AutoencoderDC)").get("_class_name")
     from models.dcae import DCAE
     from models.vae import VAE
 

@@ -34,14 +34,7 @@ class DCAEParams:
     latent_channels: int = 32  # C
     encoder_block_out_channels: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)  # width per stage; f = 2^(n-1)
     decoder_block_out_channels: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
-    encoder_layers_per_block: tuple[int, ...] = (
-        2,
-        2,
-        2,
-        3,
-        3,
-        3,
-    )  # blocks per stage; 0 in stage 0: conv_in downsamples
+    encoder_layers_per_block: tuple[int, ...] = (2, 2, 2, 3, 3, 3)  # blocks per stage (0 in stage 0: see Encoder)
     decoder_layers_per_block: tuple[int, ...] = (3, 3, 3, 3, 3, 3)
     encoder_block_types: tuple[str, ...] = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3  # per stage
     decoder_block_types: tuple[str, ...] = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
@@ -63,10 +56,9 @@ class DCAEParams:
         per_stage = lambda v: (v,) * n if isinstance(v, str) else tuple(v)  # diffusers allows one str for all
         for k in ("encoder_block_types", "decoder_block_types", "decoder_norm_types", "decoder_act_fns"):
             setattr(self, k, per_stage(getattr(self, k)))
-        for k in ("encoder_block_out_channels", "decoder_block_out_channels"):
-            setattr(self, k, tuple(getattr(self, k)))
-        for k in ("encoder_layers_per_block", "decoder_layers_per_block"):
-            setattr(self, k, tuple(getattr(self, k)))
+        for k in ("encoder_block_out_channels", "decoder_block_out_channels", "encoder_layers_per_block",
+                  "decoder_layers_per_block"):  # fmt: skip
+            setattr(self, k, tuple(getattr(self, k)))  # config.json holds lists
         for k in ("encoder_qkv_multiscales", "decoder_qkv_multiscales"):
             setattr(self, k, tuple(tuple(s) for s in getattr(self, k)))
         for k in ("encoder_block_types", "decoder_block_types"):

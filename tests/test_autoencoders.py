@@ -165,7 +165,7 @@ def test_bad_inputs(tmp_path):
         ae.decode(torch.zeros(1, 2, 4, 4))
     with pytest.raises(ValueError, match="not adaptive"):
         vae.VAE(vae.PRESETS["tiny-vae"]).encode(torch.zeros(1, 3, 16, 16), channels=2)
-    with pytest.raises(FileNotFoundError, match=r"not a autoencoder .*expected config.json"):
+    with pytest.raises(FileNotFoundError, match=r"not a diffusers autoencoder .*expected config.json"):
         load_autoencoder(tmp_path)  # empty folder
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
     with pytest.raises(ValueError, match="expected an autoencoder folder: 'AutoencoderKL'.*'AutoencoderDC'"):

@@ -68,6 +68,16 @@ def test_render_is_deterministic_and_resolution_independent():
     assert len(np.unique(edge.reshape(-1, 3), axis=0)) > 10  # anti-aliased edges (more than bg + 2 flat colours)
 
 
+def test_zoomed_crops_are_windows_of_big_renders():
+    ds = ShapesDataset(64, seed=2, zoom=(2.0, 4.0))
+    img = ds[9]["image"]
+    scene, full = ds.scene(9), render(ds.scene(9), 200)
+    assert img.shape == (3, 64, 64) and ds[9]["caption"] == scene.spec.caption
+    window = render(scene, 200, (17, 101, 64, 64))
+    assert np.array_equal(window, full[17:81, 101:165])  # a window costs only its pixels, and is exact
+    assert not torch.equal(img, ShapesDataset(64, seed=2)[9]["image"])
+
+
 def test_captions_and_split():
     specs = all_specs()
     assert len(specs) == 6 * 5 * 4 * 4 * 4 * 3 and len(set(s.caption for s in specs)) == len(specs)

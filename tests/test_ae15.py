@@ -1,0 +1,141 @@
+"""ae15.py: a 2-step smoke run (checkpoint keys, log, samples, exported folder), exact --resume, --eval of the
+exported folder, torchrun DDP == one process with the same global batch, the KL VAE + GAN path, LPIPS loading, and
+the input checks.
+
+Run: python -m pytest -q tests/test_ae15.py
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ae15
+from common import load_ckpt
+from models.autoencoder import load_autoencoder
+from models.dcae import DCAE
+from models.vae import VAE
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--model", "tiny-1.5", "--size_px", "32", "--batch_size", "2", "--device", "cpu", "--log_every", "1",
+        "--sample_every", "2", "--save_every", "1", "--eval_n", "2", "--warmup", "1"]  # fmt: skip
+
+
+def run(monkeypatch, *args):
+    """Run ae15.main() in this process with the given flags."""
+    monkeypatch.setattr(sys, "argv", ["ae15.py", *map(str, args)])
+    ae15.main()
+
+
+def step_lines(out: Path) -> list[str]:
+    return [line for line in (out / "log.txt").read_text().splitlines() if line.startswith("step ")]
+
+
+def test_smoke_resume_eval_ddp(tmp_path, monkeypatch):
+    a, b, ddp = tmp_path / "a", tmp_path / "b", tmp_path / "ddp"
+    run(monkeypatch, *TINY, "--steps", 2, "--out_dir", a)
+    ckpt = load_ckpt(a / "ckpt_0000002.pt")
+    assert ckpt.keys() == {"model", "optimizer", "step", "config", "ae_config"} and ckpt["step"] == 2
+    assert len(step_lines(a)) == 2 and (a / "samples" / "0000002.png").is_file() and (a / "config.json").is_file()
+    ae = load_autoencoder(a / "ae")  # the exported diffusers-format folder, with a measured latent scale
+    assert isinstance(ae, DCAE) and ae.adaptive and ae.params.scaling_factor != dcae_default_scale()
+    assert torch.equal(ae.state_dict()["decoder.conv_in.weight"], ckpt["model"]["decoder.conv_in.weight"])
+
+    # --resume from step 2 to 3 gives the same step-3 loss and weights as an uninterrupted 3-step run
+    run(monkeypatch, *TINY, "--steps", 3, "--out_dir", a, "--resume")
+    run(monkeypatch, *TINY, "--steps", 3, "--out_dir", b)
+    assert step_lines(a)[-1].split("| dt")[0] == step_lines(b)[-1].split("| dt")[0]
+    wa, wb = load_ckpt(a / "ckpt_0000003.pt")["model"], load_ckpt(b / "ckpt_0000003.pt")["model"]
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
+
+    # --eval of the exported folder: PSNR / SSIM per prefix c' = C/8, C/4, C/2, C
+    run(
+        monkeypatch,
+        "--eval",
+        "--init",
+        a / "ae",
+        "--size_px",
+        32,
+        "--eval_n",
+        2,
+        "--device",
+        "cpu",
+        "--out_dir",
+        a / "ev",
+    )
+    res = json.loads((a / "ev" / "eval.json").read_text())
+    assert {"1", "2", "4", "8"} <= res.keys() and all(0 < res[c]["psnr"] < 60 for c in ("1", "8"))
+
+    # torchrun, 2 ranks x batch 1 == 1 process x batch 2 (same samples per step, gradients averaged by DDP)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "ae15.py", *TINY]
+    cmd += ["--batch_size", "1", "--steps", "3", "--out_dir", str(ddp)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    wd = load_ckpt(ddp / "ckpt_0000003.pt")["model"]
+    diff = torch.cat([(wd[k].float() - wb[k].float()).abs().flatten() for k in wb])
+    # The all-reduced gradient equals the one-process gradient up to float summation order (~1e-9); Adam divides
+    # by sqrt(v), which turns that into up to ~5e-5 on the rare weights whose gradient is ~0: bound max and mean.
+    assert diff.max() <= 1e-4 and diff.mean() <= 1e-7
+    assert [line.split("| gnorm")[1][:7] for line in step_lines(ddp)] == [
+        line.split("| gnorm")[1][:7] for line in step_lines(b)
+    ]  # the global gradient norm of every step agrees to 3 decimals
+
+
+def dcae_default_scale() -> float:
+    return ae15.dcae.PRESETS["tiny-1.5"].scaling_factor
+
+
+def test_kl_vae_with_gan(tmp_path, monkeypatch):
+    out = tmp_path / "vae"
+    run(
+        monkeypatch, *TINY, "--model", "tiny-vae", "--mask", "none", "--gan_weight", 0.1, "--steps", 2, "--out_dir", out
+    )
+    ckpt = load_ckpt(out / "ckpt_0000002.pt")
+    assert {"disc", "disc_opt"} <= ckpt.keys() and " kl " in step_lines(out)[-1]
+    ae = load_autoencoder(out / "ae")
+    assert isinstance(ae, VAE) and ae.params.shift_factor != 0.1  # shift and scale measured on data at export
+
+
+def test_lpips_loads_local_weights(tmp_path):
+    torch.manual_seed(0)
+    ref = ae15.LPIPS()
+    vgg = {f"features.{k}": v for k, v in ref.features.state_dict().items()} | {"classifier.0.weight": torch.zeros(1)}
+    torch.save(vgg, tmp_path / "vgg16-397923af.pth")
+    torch.save({f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1) for i, c in enumerate((64, 128, 256, 512, 512))},
+               tmp_path / "vgg.pth")  # fmt: skip
+    lpips = ae15.LPIPS.load(tmp_path)
+    x, y = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    assert lpips(x, x).abs().max() < 1e-6 and (lpips(x, y) > 0).all() and lpips(x, y).shape == (2,)
+    with pytest.raises(FileNotFoundError, match="must hold vgg16-397923af.pth"):
+        ae15.LPIPS.load(tmp_path / "missing")
+
+
+@pytest.mark.parametrize(
+    "flags, error",
+    [
+        (["--model", "tiny"], "--mask prefix needs an adaptive AE"),  # a 1.0-type AE with latent shortcuts
+        (["--lpips_weight", "0.5"], "LPIPS/VGG weights cannot be downloaded"),
+        (["--mask", "random"], "--mask must be 'prefix'"),
+        (["--model", "nope"], "unknown --model 'nope'; choose from"),
+    ],
+)
+def test_bad_flags(tmp_path, monkeypatch, flags, error):
+    with pytest.raises((ValueError, FileNotFoundError), match=error):
+        run(monkeypatch, *TINY, *flags, "--steps", 1, "--out_dir", tmp_path)
+
+
+def test_prefix_sampling():
+    cfg = ae15.Config(num_prefixes=3, seed=1)
+    assert ae15.candidate_prefixes(128, ()) == list(range(16, 129, 4))  # the paper's set (paper.md B.3)
+    assert ae15.candidate_prefixes(16, ()) == [2, 4, 6, 8, 10, 12, 14, 16]  # toy latents: multiples of C/8
+    assert ae15.candidate_prefixes(16, (3, 5)) == [3, 5, 16]  # always including C
+    cands = ae15.candidate_prefixes(32, ())
+    draws = [ae15.sample_prefixes(cands, cfg, s) for s in range(200)]
+    assert all(d[0] == 32 and len(d) == 3 for d in draws) and draws[7] == ae15.sample_prefixes(cands, cfg, 7)
+    assert {c for d in draws for c in d[1:]} == set(cands)  # uniform over the candidates
+    assert ae15.sample_prefixes(cands, ae15.Config(mask="none"), 0) == [32]
