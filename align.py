@@ -45,7 +45,6 @@ from einops import rearrange
 from torch import nn
 
 import lora
-from cache import LatentCache, epoch_batch
 from common import (
     cleanup_dist,
     init_dist,
@@ -58,7 +57,7 @@ from common import (
     seed_everything,
     wrap_model,
 )
-from data import ImageFolder, ShapesDataset
+from data import ImageFolder, LatentCache, ShapesDataset, StepSampler
 from models.autoencoder import load_autoencoder
 from models.pipeline import load_pipeline, write_pipeline
 from models.text import load_text_encoder
@@ -79,6 +78,7 @@ class Config:
     # cache
     data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), or "shapes" (procedural)
     count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
+    split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation cache)
     resolution: int = 512  # image size in px (resized, center-cropped)
     teacher_ae: str = ""  # the base model's AE folder (e.g. FLUX.1-Krea-dev/vae); "" skips the teacher latents
     student_ae: str = ""  # the deep-compression AE folder (DC-AE); "" skips the student latents
@@ -154,7 +154,7 @@ def cache_stage(cfg: Config, d) -> None:
     finished shard is skipped). Each rank writes the shards i = rank (mod world); the master writes meta.json."""
     assert cfg.teacher_ae or cfg.student_ae, "give --teacher_ae and/or --student_ae"
     out = Path(cfg.out_dir)
-    data = ShapesDataset(size_px=cfg.resolution, seed=cfg.seed, length=cfg.count) if cfg.data == "shapes" else None
+    data = ShapesDataset(cfg.resolution, cfg.seed, cfg.split, cfg.count) if cfg.data == "shapes" else None
     data = data or ImageFolder(cfg.data, size_px=cfg.resolution)
     aes = {k: load_autoencoder(p, device=d.device).eval() for k, p in (("teacher", cfg.teacher_ae),
            ("student", cfg.student_ae)) if p}  # fmt: skip
@@ -222,9 +222,10 @@ def embed_stage(cfg: Config, d) -> None:
         step = state["step"]
         print0(f"resumed from {ckpt} at step {step}", log_file=log)
     b = cfg.batch_size // d.world_size
+    sampler = StepSampler(len(cache), b, d.rank, d.world_size, cfg.seed)  # ranks get disjoint shares of a step
     t0 = time.perf_counter()
     while step < cfg.steps:
-        idx = epoch_batch(len(cache), step, cfg.batch_size, cfg.seed)[d.rank * b : (d.rank + 1) * b]
+        idx = sampler.batch_of(step)
         batch = {k: v.to(d.device, dtype) for k, v in cache.get(idx, ["teacher", "student"]).items()}
         with torch.no_grad():
             e_t = embed_map(teacher, batch["teacher"], p_t).float()  # (b, D, *grid_t): what the backbone expects

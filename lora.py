@@ -46,7 +46,6 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from cache import LatentCache, epoch_batch
 from common import (
     cleanup_dist,
     denoise,
@@ -69,6 +68,7 @@ from common import (
     update_ema,
     wrap_model,
 )
+from data import LatentCache, StepSampler
 from models.autoencoder import load_autoencoder
 from models.flux import PRESETS, Flux
 from models.lora import inject_lora, lora_layers, unload_lora
@@ -273,6 +273,7 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
 
     # --- models: the frozen base, then the trainable parts ---
     cache = LatentCache(cfg.cache)
+    sampler = StepSampler(len(cache), b, d.rank, d.world_size, cfg.seed)  # this rank's rows of every step
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them; it does not broadcast)
     raw = (build or build_model)(cfg, cache, dtype)
     guide = cfg.loss == "guide" or (cfg.loss == "auto" and getattr(raw.params, "guidance_embed", False))
@@ -344,7 +345,7 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
     t0 = time.perf_counter()
     while step < cfg.steps:
         g = step_generator(cfg.seed, step)
-        idx = epoch_batch(len(cache), step, cfg.batch_size, cfg.seed)[d.rank * b : (d.rank + 1) * b]
+        idx = sampler.batch_of(step)
         batch = {k: v.to(d.device) for k, v in cache.get(idx, [cfg.latent, *text_keys]).items()}
         x0 = batch.pop(cfg.latent).float()  # (b, C, h, w)
         # DC-AE 1.5 augmented training: the full latent plus aug_k - 1 channel prefixes, each its own loss term
