@@ -104,6 +104,9 @@ def atomic_write(path: str | Path, write: Callable) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
         os.replace(tmp, path)  # atomic on POSIX
     except BaseException:
         os.unlink(tmp)

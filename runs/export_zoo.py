@@ -1,0 +1,87 @@
+"""Write the committed toy zoo (zoo/) from a runs/toy.sh output folder: the final model folders with their weights in
+fp16 (half the bytes; sample.py computes in fp32 on a CPU), one shared copy of the text encoders and of each AE that
+the model folders link to (relative symlinks), and zoo/README.md saying how each model was made.
+
+Run:    python runs/export_zoo.py --runs out/toy --out zoo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from models.loading import read_config, read_state_dict, save_pretrained  # noqa: E402
+from models.pipeline import TEXT_PARTS  # noqa: E402
+
+AES = {"vae-f8c4": "KL VAE f8c4: the FLUX VAE's role", "f32c16": "DC-AE 1.5 f32c16 (structured latent): the 1K role",
+       "f64c32": "DC-AE 1.5 f64c32 (structured latent): the 4K role"}  # fmt: skip
+MODELS = {  # zoo name: (run folder, AE, what it is, how it was made)
+    "base": ("base", "vae-f8c4", "CFG MMDiT trained from scratch at 256 px (16x16 tokens)",
+             "lora.py --preset toy --rank 0"),
+    "krea": ("krea", "vae-f8c4", "the base distilled to embedded guidance: the toy FLUX.1-Krea", "distill.py"),
+    "dcgen-1k": ("dcgen-1k", "f32c16", "DC-Gen of krea on f32c16 at 256 px (8x8 tokens, 4x fewer)",
+                 "align.py --stage embed -> --stage head -> lora.py -> lora.py --merge"),
+    "dcgen-4k": ("dcgen-4k-2048", "f64c32", "DC-Gen of krea on f64c32: 512 px (8x8 tokens, 16x fewer), then "
+                 "LoRA rungs at 1024 and 2048 px; the default of sample.py",
+                 "align.py embed -> head -> lora.py at 512 -> merge -> lora.py at 1024 -> merge -> at 2048 -> merge"),
+}  # fmt: skip
+
+
+def half(folder: Path, dst: Path, name: str = "diffusion_pytorch_model") -> int:
+    """Copy a diffusers-format weights folder with its floating tensors in fp16; returns the parameter count."""
+    sd = {k: v.half() if v.is_floating_point() else v for k, v in read_state_dict(folder, name).items()}
+    save_pretrained(dst, sd, read_config(folder, "weights folder"), name)
+    return sum(v.numel() for v in sd.values())
+
+
+def link(src: Path, dst: Path) -> None:
+    if dst.is_symlink() or dst.exists():
+        dst.unlink() if dst.is_symlink() else shutil.rmtree(dst)
+    dst.symlink_to(Path("..") / src.relative_to(dst.parent.parent), target_is_directory=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default="out/toy", help="output folder of runs/toy.sh")
+    ap.add_argument("--out", default="zoo", help="the zoo folder to (re)write")
+    args = ap.parse_args()
+    runs, out = Path(args.runs), Path(args.out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(runs / "text", out / "text")
+    lines = ["# The toy zoo", "", "Written by `bash runs/toy.sh` (then `python runs/export_zoo.py`) on a 2-core CPU, "
+             "from nothing but this repository's scripts and the procedural shapes of data.py. Weights in fp16; "
+             "the model folders link their `vae/` and text encoders to the shared copies here.", "",
+             "| folder | what | params | made by |", "|---|---|---|---|",
+             "| text/ | frozen random CLIP + T5 in miniature over the captions' words | - | "
+             "models.text.build_toy_text_encoder |"]  # fmt: skip
+    for name, what in AES.items():
+        n = half(runs / "ae" / name / "ae", out / "ae" / name)
+        lines.append(f"| ae/{name}/ | {what} | {n / 1e6:.2f} M | ae15.py (runs/ae15_toy.sh) |")
+    for name, (run, ae, what, how) in MODELS.items():
+        src, dst = runs / run / "model", out / name
+        n = half(src / "transformer", dst / "transformer")
+        for part in ("scheduler", "model_index.json"):
+            (shutil.copytree if (src / part).is_dir() else shutil.copy)(src / part, dst / part)
+        link(out / "ae" / ae, dst / "vae")
+        for part in TEXT_PARTS:
+            if (out / "text" / part).is_dir():
+                link(out / "text" / part, dst / part)
+        cfg = json.loads((runs / run / "config.json").read_text())
+        lines.append(f"| {name}/ | {what} | {n / 1e6:.2f} M | {how} ({runs / run}/config.json: "
+                     f"{cfg.get('steps')} steps, batch {cfg.get('batch_size')}) |")  # fmt: skip
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.is_symlink())
+    lines += ["", f"Total size: {size / 2**20:.1f} MiB."]
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    torch.set_grad_enabled(False)
+    main()

@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# The toy zoo (README "The toy zoo"): DC-Gen in miniature, from nothing, with the project's own scripts, on a 2-core CPU
+# in about 90 minutes. Deterministic for a given SEED; every step is skipped when its output exists, so a crashed run
+# continues where it stopped (delete a step's folder to redo it). At the end, runs/export_zoo.py writes zoo/.
+#
+#   text          frozen random CLIP + T5 in miniature over the captions' words          (models/text.py)
+#   ae/*          toy AEs: vae-f8c4 (the FLUX VAE's role), DC-AE 1.5 f32c16 (1K role), f64c32 (4K role)   (ae15.py)
+#   base          CFG MMDiT trained from scratch on vae-f8c4 latents at 256 px: 16x16 tokens   (lora.py --rank 0)
+#   krea          base distilled to embedded guidance: the toy FLUX.1-Krea                        (distill.py)
+#   dcgen-1k      krea -> f32c16 at 256 px, 8x8 tokens (4x fewer): align embed -> head -> LoRA -> merge
+#   dcgen-4k      krea -> f64c32 at 512 px (8x8 tokens, 16x fewer), then the resolution ladder 1024 -> 2048 px
+#                 (LoRA, merge, fresh LoRA: paper.md A.3), sampled at 4096 px on its 64x64 token grid
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/toy}
+SEED=${SEED:-0}
+mkdir -p "$OUT"
+step() {  # name, output that marks it done, command...
+  local name=$1 done=$2; shift 2
+  if [ -e "$done" ]; then echo "== $name: $done exists, skipped"; return; fi
+  echo "== $name"
+  /usr/bin/time -f "$name: wall %e s, peak RSS %M KB" "$@" 2>&1 | tee -a "$OUT/toy.log"
+}
+LOG="--device cpu --seed $SEED --log_every 50"
+
+step text "$OUT/text/tokenizer" python -c "import data; from models.text import build_toy_text_encoder as b; \
+b('$OUT/text', [s.caption for s in data.all_specs('all')], seed=$SEED)"
+step autoencoders "$OUT/ae/vae-f8c4/ae/config.json" env OUT="$OUT/ae" bash runs/ae15_toy.sh
+
+# --- latent caches: both latents + text, once (train captions; val: held-out captions)
+cache() {  # name, resolution, count, split, teacher AE (or ""), student AE
+  step "cache $1" "$OUT/cache/$1/meta.json" python align.py --stage cache --data shapes --resolution "$2" --count "$3" \
+    --split "$4" --teacher_ae "$5" --student_ae "$6" --text "$OUT/text" --batch_size 16 --shard_size 512 \
+    --seed $SEED --device cpu --out_dir "$OUT/cache/$1"
+}
+AE=$OUT/ae
+cache 256 256 3072 train "$AE/vae-f8c4/ae" "$AE/f32c16/ae"
+cache val256 256 256 test "$AE/vae-f8c4/ae" "$AE/f32c16/ae"
+cache 512 512 768 train "$AE/vae-f8c4/ae" "$AE/f64c32/ae"
+cache 1024 1024 192 train "" "$AE/f64c32/ae"
+cache 2048 2048 64 train "" "$AE/f64c32/ae"
+
+# --- the toy base models: a CFG model from scratch, then its guidance-distilled twin (the toy FLUX.1-Krea)
+C=$OUT/cache
+step base "$OUT/base/model" sh -c "python lora.py --preset toy --rank 0 --latent teacher --loss fm --cache $C/256 \
+  --val_cache $C/val256 --steps 1000 --batch_size 16 --lr 3e-4 --warmup 100 --clip_grad 1 --ema 0.995 \
+  --sample_every 500 --save_every 250 $LOG --out_dir $OUT/base && \
+  python lora.py --merge $OUT/base/ckpt_0001000.pt --out_dir $OUT/base/model"
+step krea "$OUT/krea/model" python distill.py --init "$OUT/base/model" --cache "$C/256" --latent teacher --steps 300 \
+  --batch_size 16 --lr 2e-4 --warmup 30 --clip_grad 1 --ema 0.99 --sample_every 300 --save_every 100 $LOG \
+  --out_dir "$OUT/krea"
+
+# --- DC-Gen: embed -> head -> LoRA (-> merge), on a student latent; then LoRA rungs at larger sizes
+lora() {  # name, init, cache, steps, batch, more flags
+  step "$1" "$OUT/$1/model" sh -c "python lora.py --init $2 --cache $3 --rank 32 --alpha 32 --steps $4 \
+    --batch_size $5 --lr 3e-4 --warmup 50 --clip_grad 1 --ema 0.99 --sample_every $4 --save_every 100 $LOG ${6:-} \
+    --out_dir $OUT/$1 && python lora.py --merge $OUT/$1/ckpt_$(printf %07d "$4").pt --out_dir $OUT/$1/model"
+}
+dcgen() {  # name, cache (both latents), embed steps, head steps
+  step "$1 embed" "$OUT/$1-embed/model" python align.py --stage embed --base "$OUT/krea/model" --cache "$2" \
+    --steps "$3" --batch_size 32 --lr 1e-3 $LOG --out_dir "$OUT/$1-embed"
+  step "$1 head" "$OUT/$1-head/model" python align.py --stage head --init "$OUT/$1-embed/model" --cache "$2" \
+    --steps "$4" --batch_size 16 --lr 1e-3 --warmup 20 $LOG --out_dir "$OUT/$1-head"
+}
+dcgen dcgen-1k "$C/256" 300 200
+lora dcgen-1k "$OUT/dcgen-1k-head/model" "$C/256" 600 16 "--val_cache $C/val256 --val_every 100"
+dcgen dcgen-4k-512 "$C/512" 300 200
+lora dcgen-4k-512 "$OUT/dcgen-4k-512-head/model" "$C/512" 400 16
+lora dcgen-4k-1024 "$OUT/dcgen-4k-512/model" "$C/1024" 200 8
+lora dcgen-4k-2048 "$OUT/dcgen-4k-1024/model" "$C/2048" 100 4
+
+step export zoo/README.md python runs/export_zoo.py --runs "$OUT" --out zoo
+echo "toy zoo done: $OUT -> zoo/; the log and each step's wall time and peak memory: $OUT/toy.log"
