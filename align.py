@@ -139,7 +139,9 @@ def new_layer_like(old: nn.Module, c_in: int | None = None, c_out: int | None = 
 def align_loss(e_t: torch.Tensor, e_s: torch.Tensor, mode: str) -> torch.Tensor:
     """MSE between teacher and student embedding maps, compared on one grid (s = teacher grid / student grid)."""
     s = e_t.shape[-1] // e_s.shape[-1]
-    if mode == "upsample":  # official default: at the teacher's resolution
+    # NOTE(deviation): the paper's Eq. 1 average-pools the teacher map; the official code's default bilinearly
+    # upsamples the student map instead. We follow the code; --align downsample is the paper's variant.
+    if mode == "upsample":  # at the teacher's resolution
         return F.mse_loss(e_t, F.interpolate(e_s, scale_factor=s, mode="bilinear") if s > 1 else e_s)
     return F.mse_loss(F.avg_pool2d(e_t, s) if s > 1 else e_t, e_s)  # the paper's Eq. 1: e' = AvgPool(e)
 

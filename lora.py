@@ -96,6 +96,7 @@ class Config:
     drop_text: float = 0.1  # probability of training a sample on the empty prompt
     w_min: float = 1.0  # guide loss: smallest guidance scale w
     w_max: float = 14.0  # guide loss: largest guidance scale w
+    guide_uncond: str = "one"  # guide loss: v_u at guidance 1 (official code) or at the sampled w ("w", the paper)
     shift: str = "flux"  # training noise-level shift: flux (mu linear in tokens), dcgen (sqrt(C·L/4096)), constant
     shift_value: float = 3.0  # r of the constant shift
     aug_channels: tuple[int, ...] = ()  # DC-AE 1.5 augmented training: candidate channel prefixes (empty: off)
@@ -185,9 +186,11 @@ def diffusion_loss(model, frozen, x0, cond, null, g, batch, rank, r, cfg, guide)
     if not guide:
         return F.mse_loss(model(x_t, sigma, **cond).float(), v.float())
     v_g = model(x_t, sigma, **cond, guidance=w)  # guided prediction at a random scale w
-    with torch.no_grad():  # the unconditional prediction, at w = 1, is a fixed target-side term (no gradient)
+    # NOTE(deviation): the official code evaluates v_u at guidance 1; the paper's Eq. 5-7 (as transcribed, paper.md
+    # A.4) at the same w as v_g. We follow the code; --guide_uncond w is the paper's variant.
+    with torch.no_grad():  # the unconditional prediction is a fixed target-side term (no gradient)
         null_b = {k: t.expand(len(x0), *t.shape[1:]) for k, t in null.items()}
-        v_u = frozen(x_t, sigma, **null_b, guidance=torch.ones_like(w))
+        v_u = frozen(x_t, sigma, **null_b, guidance=torch.ones_like(w) if cfg.guide_uncond == "one" else w)
     w = w[:, None, None, None]
     v_hat = (v_g.float() - (1 - w) * v_u.float()) / w  # the conditional velocity implied by v_g
     return F.mse_loss(v_hat, v.float())
@@ -259,6 +262,7 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
     if cfg.merge:
         return merge(cfg, build)
     assert loss_fn or cfg.loss in ("auto", "fm", "guide"), f"--loss {cfg.loss!r}: choose auto, fm or guide"
+    assert cfg.guide_uncond in ("one", "w"), f"--guide_uncond {cfg.guide_uncond!r}: choose one (code) or w (paper)"
 
     # --- distributed init ---
     d = init_dist(cfg.device)

@@ -4,9 +4,10 @@
 #   toy-f64c32    DC-AE 1.5, f64, C = 32: DC-Gen's 4K role (patch 1: 8x8 tokens of dim 32 at 512 px, 64x64 at 4096)
 #   toy-vae-f8c4  KL VAE, f8, C = 4: the FLUX VAE's role (the base DiT packs 2x2: 16x16 tokens of dim 16 at 256 px)
 # They train on random crops of scenes rendered at up to 8x zoom (--zoom 1 8), so they also decode the large flat
-# shapes of 1-4K images; MSE loss as in runs/ae15_ablation.sh. The f64 AE trains on
-# 128 px crops of 256-1024 px renders (--zoom 2 8): its 512 px scale at a quarter of the cost of 256 px crops. Outputs: $OUT/<name>/ae (diffusers layout, with the
-# measured latent scale), which models.autoencoder.load_autoencoder reads. Pass names to train only some of them.
+# shapes of 1-4K images; MSE loss as in runs/ae15_ablation.sh. The f64 AE trains on 128 px crops of 256-1024 px
+# renders (--zoom 2 8): its 512 px scale at a quarter of the cost of 256 px crops. The f8 VAE's task is easy (800
+# steps). Outputs: $OUT/<name>/ae (diffusers layout, with the measured latent scale), which
+# models.autoencoder.load_autoencoder reads. Pass names to train only some of them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy_ae}
@@ -23,7 +24,7 @@ for name in ${@:-f32c16 f64c32 vae-f8c4}; do
     f32c16) train f32c16 --model toy-f32c16 --size_px 128 --zoom 1 8 --batch_size 16 --steps ${STEPS:-2500} ;;
     f64c32) train f64c32 --model toy-f64c32 --size_px 128 --zoom 2 8 --batch_size 16 --steps ${STEPS:-1500} ;;
     vae-f8c4) train vae-f8c4 --model toy-vae-f8c4 --mask none --size_px 128 --zoom 1 8 --batch_size 16 \
-        --steps ${STEPS:-1500} ;;
+        --steps ${STEPS:-800} ;;
     *) echo "unknown toy AE $name (f32c16, f64c32, vae-f8c4)"; exit 1 ;;
   esac
 done
