@@ -340,7 +340,7 @@ class DCAE(nn.Module):
         # Channel prefixes are well defined only without the shortcuts around the latent (DC-AE 1.5 §3.2).
         self.adaptive = not (params.encoder_out_shortcut or params.decoder_in_shortcut)
         self.tile_px = tile_px  # images larger than this are encoded / decoded in overlapping tiles
-        self.tile_overlap_px = tile_px // 4 if tile_px else 0
+        self.tile_overlap_px: int | None = None  # overlap of the tiles; None: a quarter of tile_px, whatever it is
 
     def config(self) -> dict:
         """The diffusers config.json of this model."""
@@ -363,7 +363,7 @@ class DCAE(nn.Module):
         self._check_channels(c)
         x = x.to(self.encoder.conv_out.weight.dtype)
         if self.tile_px and max(x.shape[-2:]) > self.tile_px:
-            z = tiled(lambda t: self.encoder(t, c), x, self.tile_px, self.tile_overlap_px, 1 / f)
+            z = tiled(lambda t: self.encoder(t, c), x, self.tile_px, self.overlap_px, 1 / f)
         else:
             z = self.encoder(x, c)
         return z * self.params.scaling_factor
@@ -374,8 +374,12 @@ class DCAE(nn.Module):
         self._check_channels(z.shape[1])
         z = z.to(self.decoder.conv_in.weight.dtype) / self.params.scaling_factor
         if self.tile_px and max(z.shape[-2:]) * f > self.tile_px:
-            return tiled(self.decoder, z, self.tile_px // f, self.tile_overlap_px // f, f)
+            return tiled(self.decoder, z, self.tile_px // f, self.overlap_px // f, f)
         return self.decoder(z)
+
+    @property
+    def overlap_px(self) -> int:
+        return self.tile_overlap_px or self.tile_px // 4
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device="cpu", tile_px: int | None = 1024) -> DCAE:

@@ -231,7 +231,7 @@ class VAE(nn.Module):
         self.spatial_factor = 2 ** (len(params.block_out_channels) - 1)  # f
         self.latent_channels = C
         self.tile_px = tile_px  # images larger than this are encoded / decoded in overlapping tiles
-        self.tile_overlap_px = tile_px // 4 if tile_px else 0
+        self.tile_overlap_px: int | None = None  # overlap of the tiles; None: a quarter of tile_px, whatever it is
 
     def config(self) -> dict:
         """The diffusers config.json of this model (with the block-type lists diffusers needs to rebuild it)."""
@@ -255,7 +255,7 @@ class VAE(nn.Module):
                 f"VAE: channels={channels} given, but a KL VAE is not adaptive; it needs all C={p.latent_channels}"
             )
         if self.tile_px and max(x.shape[-2:]) > self.tile_px:
-            mean = tiled(lambda t: self.posterior(t)[0], x, self.tile_px, self.tile_overlap_px, 1 / f)
+            mean = tiled(lambda t: self.posterior(t)[0], x, self.tile_px, self.overlap_px, 1 / f)
         else:
             mean = self.posterior(x)[0]
         return (mean - p.shift_factor) * p.scaling_factor
@@ -271,8 +271,12 @@ class VAE(nn.Module):
             raise ValueError(f"VAE decode: latent has {z.shape[1]} channels, this VAE needs C={self.latent_channels}")
         z = z.to(self.decoder.conv_in.weight.dtype) / p.scaling_factor + p.shift_factor
         if self.tile_px and max(z.shape[-2:]) * f > self.tile_px:
-            return tiled(self._decode, z, self.tile_px // f, self.tile_overlap_px // f, f)
+            return tiled(self._decode, z, self.tile_px // f, self.overlap_px // f, f)
         return self._decode(z)
+
+    @property
+    def overlap_px(self) -> int:
+        return self.tile_overlap_px or self.tile_px // 4
 
     @classmethod
     def from_pretrained(cls, folder, dtype=None, device="cpu", tile_px: int | None = 1024) -> VAE:

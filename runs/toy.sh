@@ -43,11 +43,11 @@ cache 2048 2048 64 train "" "$AE/f64c32/ae"
 # --- the toy base models: a CFG model from scratch, then its guidance-distilled twin (the toy FLUX.1-Krea)
 C=$OUT/cache
 step base "$OUT/base/model" sh -c "python lora.py --preset toy --rank 0 --latent teacher --loss fm --cache $C/256 \
-  --val_cache $C/val256 --steps 700 --batch_size 16 --lr 3e-4 --warmup 100 --clip_grad 1 --ema 0.995 \
+  --val_cache $C/val256 --steps 1000 --batch_size 16 --lr 3e-4 --warmup 100 --clip_grad 1 --ema 0.995 \
   --sample_every 500 --save_every 250 $LOG --out_dir $OUT/base && \
-  python lora.py --merge $OUT/base/ckpt_0000700.pt --out_dir $OUT/base/model"
-step krea "$OUT/krea/model" python distill.py --init "$OUT/base/model" --cache "$C/256" --latent teacher --steps 200 \
-  --batch_size 16 --lr 2e-4 --warmup 20 --clip_grad 1 --ema 0.98 --sample_every 200 --save_every 100 $LOG \
+  python lora.py --merge $OUT/base/ckpt_0001000.pt --out_dir $OUT/base/model"
+step krea "$OUT/krea/model" python distill.py --init "$OUT/base/model" --cache "$C/256" --latent teacher --steps 300 \
+  --batch_size 16 --lr 2e-4 --warmup 20 --clip_grad 1 --ema 0.98 --sample_every 300 --save_every 100 $LOG \
   --out_dir "$OUT/krea"
 
 # --- DC-Gen: embed -> head -> LoRA (-> merge), on a student latent; then LoRA rungs at larger sizes

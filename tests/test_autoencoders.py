@@ -134,6 +134,9 @@ def test_tiling_blends_exactly():
     assert torch.allclose(tiled(up, x, 16, 4, 4), up(x), atol=1e-6)
     down = lambda t: torch.nn.functional.avg_pool2d(t, 4)
     assert torch.allclose(tiled(down, x, 16, 4, 0.25), down(x), atol=1e-6)
+    ae = dcae.DCAE(dcae.PRESETS["tiny-1.5"], tile_px=None)
+    ae.tile_px = 256  # set after construction (sample.py --tile_px, bench.py): the overlap follows the tile size
+    assert ae.overlap_px == 64
 
 
 def test_tiled_autoencoder_equals_untiled_when_local():
