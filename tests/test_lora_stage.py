@@ -79,7 +79,9 @@ def test_two_ranks_equal_one_process(tmp_path, fsdp):
     assert r.returncode == 0, r.stderr[-3000:]
     one, two = load_ckpt(tmp_path / "one" / "ckpt_0000003.pt"), load_ckpt(tmp_path / "two" / "ckpt_0000003.pt")
     assert one["model"].keys() == two["model"].keys()
-    assert max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"]) < 1e-5
+    diff = max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"])
+    print(f"{'FSDP' if fsdp else 'DDP'} 2 ranks vs 1 process after 3 steps: max abs parameter difference {diff:.2e}")
+    assert diff < 1e-5
     assert max((one["ema"][k] - two["ema"][k]).abs().max().item() for k in one["ema"]) < 1e-5
     assert all(abs(losses(tmp_path / "one")[s] - losses(tmp_path / "two")[s]) < 1e-5 for s in (1, 2, 3))
 
