@@ -25,7 +25,7 @@ LOG="--device cpu --seed $SEED --log_every 50"
 
 step text "$OUT/text/tokenizer" python -c "import data; from models.text import build_toy_text_encoder as b; \
 b('$OUT/text', [s.caption for s in data.all_specs('all')], seed=$SEED)"
-step autoencoders "$OUT/ae/vae-f8c4/ae/config.json" env OUT="$OUT/ae" bash runs/ae15_toy.sh
+env OUT="$OUT/ae" bash runs/ae15_toy.sh 2>&1 | tee -a "$OUT/toy.log"  # skips the AEs that exist
 
 # --- latent caches: both latents + text, once (train captions; val: held-out captions)
 cache() {  # name, resolution, count, split, teacher AE (or ""), student AE
