@@ -219,13 +219,13 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def preview(raw, ae, cond, null, latent_shape, cfg, guide, path):
+def preview(raw, ae, cond, null, latent_shape, cfg, path):
     """Fixed captions, fixed noise, the current weights: a grid to watch training by."""
     B = cond["txt"].shape[0]
     C, h, w = latent_shape
     x = get_noise((B, C, h, w), seed=cfg.seed).to(null["txt"].device)
     r = shift_factor(cfg.shift, (h // raw.params.patch_size) * (w // raw.params.patch_size), C, cfg.shift_value)
-    if guide:
+    if getattr(raw.params, "guidance_embed", False):  # embedded guidance (whatever the training loss)
         v = guided_velocity(raw, cond, guidance=cfg.sample_guidance)
     else:
         v = guided_velocity(raw, cond, null, cfg=cfg.sample_guidance)
@@ -387,7 +387,7 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
             t0 = time.perf_counter()
         if cfg.sample_every and step % cfg.sample_every == 0 and d.master and not cfg.fsdp:
             raw.eval()
-            preview(raw, ae, preview_cond, null, latent_shape, cfg, guide, out / "samples" / f"{step:07d}.png")
+            preview(raw, ae, preview_cond, null, latent_shape, cfg, out / "samples" / f"{step:07d}.png")
             raw.train()
             t0 = time.perf_counter()  # stop the clock: previews are not training time
         if (

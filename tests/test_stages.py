@@ -15,6 +15,7 @@ import align
 import distill
 import lora
 from common import load_ckpt
+from data import LatentCache
 from models.pipeline import load_pipeline
 
 from tiny_world import SIZE, build_world
@@ -85,11 +86,12 @@ def test_head_then_lora_then_merge_loads_in_diffusers(world, tmp_path):
 
 def test_distill_starts_at_the_teacher_and_writes_a_guidance_model(world, tmp_path):
     run(distill.main, world, tmp_path, "--init", str(world / "base_cfg"), "--latent", "teacher", "--steps", "2",
-        "--warmup", "1")  # fmt: skip
+        "--warmup", "1", "--sample_every", "2")  # fmt: skip
     student = load_pipeline(tmp_path / "model").transformer
     assert student.params.guidance_embed and load_ckpt(tmp_path / "ckpt_0000002.pt")["step"] == 2
+    assert (tmp_path / "samples" / "0000002.png").is_file()  # previews with embedded guidance, not CFG
     teacher = distill.load_teacher(distill.Config(init=str(world / "base_cfg")), torch.float32)
-    cache = lora.LatentCache(world / "cache")
+    cache = LatentCache(world / "cache")
     fresh = distill.build_student(distill.Config(init=str(world / "base_cfg"), latent="teacher"), cache, torch.float32,
                                   teacher)  # fmt: skip
     x, t, txt, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 8, 32), torch.randn(2, 32)
