@@ -12,8 +12,8 @@ Eval:   python ae15.py --eval --init out/ae15/ae --data shapes --size_px 256
 Smoke:  python ae15.py --model tiny-1.5 --size_px 32 --batch_size 2 --steps 2 --device cpu --out_dir out/ae15-smoke
 Input:  a fresh --model preset (models/dcae.py or models/vae.py PRESETS), or --init: a diffusers-format AE folder
         (ours or released); images from an image folder or "shapes" (data.py's procedural set).
-Output: out_dir/config.json, log.txt, ckpt_XXXXXXX.pt (AE + optimizer, --resume), samples/XXXXXXX.png (rows: input,
-        then each eval prefix), ae/ (diffusers layout with the measured latent scale; models.autoencoder reads it),
+Output: out_dir/config.json, log.txt, ckpt_{step:07d}.pt (AE + optimizer, --resume), samples/{step:07d}.png (rows:
+        input, then each eval prefix), ae/ (diffusers layout, measured latent scale; models.autoencoder reads it),
         eval.json + eval.png with --eval.
 """
 

@@ -24,7 +24,7 @@ Run:    python align.py --stage cache --data images/ --resolution 512 --teacher_
             --cache out/cache-512 --out_dir out/head --dtype bf16 --grad_checkpointing
 Smoke:  python align.py --stage embed --base out/smoke/model --cache out/cache-tiny --steps 2 --out_dir out/e
 Input:  cache: images (+ captions) and the two AEs; embed: a base model folder and a cache with both latents;
-        head: the embed stage's model folder and the cache. Output: out_dir/ckpt_XXXXXXX.pt (only the new layers),
+        head: the embed stage's model folder and the cache. Output: out_dir/ckpt_{step:07d}.pt (only the new layers),
         config.json, log.txt; cache: shard_*.safetensors + meta.json; embed and head: out_dir/model (model folder).
 """
 

@@ -19,7 +19,7 @@ Run:    python distill.py --init out/toy/base-cfg --cache out/cache-toy --latent
         torchrun --standalone --nproc_per_node=8 distill.py --init DC-Gen-SANA --cache out/cache-sana --dtype bf16
 Smoke:  python distill.py --init out/smoke/model --cache out/cache-tiny --latent teacher --steps 2 --out_dir out/d
 Input:  a CFG model folder (no guidance embedding) and a latent cache (align.py --stage cache).
-Output: out_dir/ckpt_XXXXXXX.pt, config.json, log.txt, samples/, and out_dir/model: the distilled model folder.
+Output: out_dir/ckpt_{step:07d}.pt, config.json, log.txt, samples/, and out_dir/model: the distilled model folder.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ Run:    python lora.py --init out/head/model --cache out/cache-512 --out_dir out
         python lora.py --merge out/lora-512/ckpt_0010000.pt --out_dir out/lora-512/model
 Smoke:  python lora.py --preset tiny --rank 0 --cache out/cache-tiny --latent teacher --steps 2 --out_dir out/smoke
 Input:  a model folder (align.py --stage head, a released base, or a merged stage) and a latent cache (align.py
-        --stage cache). Output: out_dir/ckpt_XXXXXXX.pt (trainable tensors, their EMA, optimizer, step, config),
-        config.json, log.txt, samples/XXXXXXX.png; with --merge, a model folder (transformer/ + linked vae/, text).
+        --stage cache). Output: out_dir/ckpt_{step:07d}.pt (trainable tensors, their EMA, optimizer, step, config),
+        config.json, log.txt, samples/{step:07d}.png; with --merge, a model folder (transformer/ + linked vae/, text).
 """
 
 from __future__ import annotations
