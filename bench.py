@@ -5,6 +5,7 @@ set against the FLOP ratio (paper §4, paper.md A.7: FLUX.1-Krea -> DC-Gen-FLUX 
 at 4K on an H100, 52.9x). Latency does not depend on weight values, so --random_weights builds the real shapes.
 
 Run:    python bench.py --pair toy --sizes 1024 4096                        # the toy zoo, on a CPU
+        python bench.py --pair toy --sizes 1024 --profile       # + where a step's time goes, kernel GFLOP/s
         python bench.py --pair flux --random_weights --depth 1 --depth_single 2 --sizes 1024 2048   # FLUX width
         python bench.py --pair flux --random_weights --device cuda --dtype bf16 --sizes 1024 2048 4096 --compile
         python bench.py --decode --random_weights --ae dc-ae-1.5-f64c128 --size 4096 --tile_px 1024  # peak memory
@@ -68,6 +69,7 @@ class Config:
     attention: str = "auto"  # SDPA backend: auto, flash, efficient, cudnn or math
     compile: bool = False  # torch.compile the transformers (mode max-autotune-no-cudagraphs)
     memory: bool = True  # peak memory of one step and of the decode, each in a fresh process (CPU) or reset (CUDA)
+    profile: bool = False  # also profile one step of each role: time in matmuls / attention / the rest, and GFLOP/s
     decode: bool = False  # instead: peak memory and time of one tiled decode (--ae, --size, --tile_px)
     ae: str = "dc-ae-1.5-f64c128"  # --decode: AE preset (models/dcae.py or vae.py) or folder
     size: int = 4096  # --decode: image size in px
@@ -204,6 +206,44 @@ def timed(fn, device) -> float:
     return time.perf_counter() - t0
 
 
+# op families of a profile: which kernels do the FLOPs of flux_flops' "linear" and "attention" terms
+MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul")
+ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention")
+
+
+def profile_step(fn, row: dict, device) -> dict:
+    """Where one step's time goes (torch.profiler, self time of each op): matmuls, attention, everything else; and the
+    throughput each family reaches on its share of the analytic FLOPs. A pair whose measured speed-up falls short of
+    the FLOP ratio shows here whether the smaller model is overhead-bound (a large "other" share) or runs its kernels
+    at a lower rate (small matmuls use the cores less well than big ones)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    repeats = 3  # amortise the profiler's start-up over a few steps
+    with profile(activities=activities) as prof:
+        for _ in range(repeats):
+            fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    family = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
+    for e in prof.key_averages():
+        kind = "matmul" if e.key in MATMUL_OPS else "attention" if e.key.startswith(ATTENTION_OPS) else "other"
+        family[kind] += getattr(e, attr, 0.0) / 1e6  # µs -> s
+    family = {k: v / repeats for k, v in family.items()}
+    total = sum(family.values())
+    flops = row["flops"] * (1 - row["attention_flop_share"]), row["flops"] * row["attention_flop_share"]
+    out = {f"{k}_share": v / total for k, v in family.items()}
+    out["matmul_gflops"] = flops[0] / family["matmul"] / 1e9 if family["matmul"] else None
+    out["attention_gflops"] = flops[1] / family["attention"] / 1e9 if family["attention"] else None
+    print(
+        f"  profile {row['model']} @ {row['size']}: matmul {out['matmul_share']:.0%}, attention "
+        f"{out['attention_share']:.0%}, other {out['other_share']:.0%} of {total * 1e3:.0f} ms a step; matmuls at "
+        f"{out['matmul_gflops'] or 0:.0f} GFLOP/s, attention at {out['attention_gflops'] or 0:.0f} GFLOP/s"
+    )
+    return out
+
+
 def peak_memory_gb(cfg: Config, role: str, size: int, what: str, device) -> float:
     """Peak memory of one step (or one decode) of `role` at `size`: a fresh process on CPU (its peak RSS: weights,
     activations, everything), the allocator's peak on CUDA."""
@@ -308,6 +348,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         times[role.name].append(dt)
             for role in roles:
                 row = measure_role(cfg, role, size, runs[role.name], statistics.median(times[role.name]), device)
+                if cfg.profile:
+                    row["profile"] = profile_step(runs[role.name][4], row, device)
                 if cfg.memory:
                     row["step_peak_memory_gb"] = peak_memory_gb(cfg, role.name, size, "step", device)
                 rows.append(row)

@@ -54,3 +54,14 @@ def test_flux_pair_runs_and_reports_ratios(tmp_path):
     assert base["model"].startswith("flux-dev") and dcgen["model"].startswith("dcgen-flux-1k")
     assert dcgen["flops_ratio"] == base["flops"] / dcgen["flops"] > 1 and base["step_s"] > 0
     assert json.loads(out.read_text())["rows"][1]["tokens"] == 64
+
+
+def test_profile_splits_a_step_into_matmul_attention_and_the_rest():
+    """The toy pair (committed zoo) at 256 px: both roles' step time is split into the three families."""
+    rows = bench.main(["--pair", "toy", "--sizes", "256", "--repeats", "1", "--warmup", "0", "--profile",
+                       "--no-memory", "--no-end_to_end", "--device", "cpu", "--out", ""])  # fmt: skip
+    for row in rows:
+        prof = row["profile"]
+        assert abs(prof["matmul_share"] + prof["attention_share"] + prof["other_share"] - 1) < 1e-6
+        assert prof["matmul_share"] > 0 and prof["attention_share"] > 0  # both families were found by name
+        assert prof["matmul_gflops"] > 0 and prof["attention_gflops"] > 0
