@@ -43,11 +43,11 @@ cache 2048 2048 64 train "" "$AE/f64c32/ae"
 # --- the toy base models: a CFG model from scratch, then its guidance-distilled twin (the toy FLUX.1-Krea)
 C=$OUT/cache
 step base "$OUT/base/model" sh -c "python lora.py --preset toy --rank 0 --latent teacher --loss fm --cache $C/256 \
-  --val_cache $C/val256 --steps 1000 --batch_size 16 --lr 3e-4 --warmup 100 --clip_grad 1 --ema 0.995 \
+  --val_cache $C/val256 --val_every 500 --steps 3500 --batch_size 16 --lr 1e-3 --warmup 200 --clip_grad 1 --ema 0.998 \
   --sample_every 500 --save_every 250 $LOG --out_dir $OUT/base && \
-  python lora.py --merge $OUT/base/ckpt_0001000.pt --out_dir $OUT/base/model"
-step krea "$OUT/krea/model" python distill.py --init "$OUT/base/model" --cache "$C/256" --latent teacher --steps 300 \
-  --batch_size 16 --lr 2e-4 --warmup 20 --clip_grad 1 --ema 0.98 --sample_every 300 --save_every 100 $LOG \
+  python lora.py --merge $OUT/base/ckpt_0003500.pt --out_dir $OUT/base/model"
+step krea "$OUT/krea/model" python distill.py --init "$OUT/base/model" --cache "$C/256" --latent teacher --steps 600 \
+  --batch_size 16 --lr 2e-4 --warmup 20 --clip_grad 1 --ema 0.99 --sample_every 300 --save_every 100 $LOG \
   --out_dir "$OUT/krea"
 
 # --- DC-Gen: embed -> head -> LoRA (-> merge), on a student latent; then LoRA rungs at larger sizes
@@ -63,11 +63,11 @@ dcgen() {  # name, cache (both latents), embed steps, head steps
     --steps "$4" --batch_size 16 --lr 1e-3 --warmup 20 $LOG --out_dir "$OUT/$1-head"
 }
 dcgen dcgen-1k "$C/256" 200 150
-lora dcgen-1k "$OUT/dcgen-1k-head/model" "$C/256" 400 16 "--val_cache $C/val256 --val_every 100"
+lora dcgen-1k "$OUT/dcgen-1k-head/model" "$C/256" 1000 16 "--val_cache $C/val256 --val_every 250"
 dcgen dcgen-4k-512 "$C/512" 200 150
-lora dcgen-4k-512 "$OUT/dcgen-4k-512-head/model" "$C/512" 300 16
-lora dcgen-4k-1024 "$OUT/dcgen-4k-512/model" "$C/1024" 150 8
-lora dcgen-4k-2048 "$OUT/dcgen-4k-1024/model" "$C/2048" 80 4
+lora dcgen-4k-512 "$OUT/dcgen-4k-512-head/model" "$C/512" 600 16
+lora dcgen-4k-1024 "$OUT/dcgen-4k-512/model" "$C/1024" 200 8
+lora dcgen-4k-2048 "$OUT/dcgen-4k-1024/model" "$C/2048" 100 4
 
 step export zoo/README.md python runs/export_zoo.py --runs "$OUT" --out zoo
 echo "toy zoo done: $OUT -> zoo/; the log and each step's wall time and peak memory: $OUT/toy.log"
