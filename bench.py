@@ -69,7 +69,7 @@ class Config:
     attention: str = "auto"  # SDPA backend: auto, flash, efficient, cudnn or math
     compile: bool = False  # torch.compile the transformers (mode max-autotune-no-cudagraphs)
     memory: bool = True  # peak memory of one step and of the decode, each in a fresh process (CPU) or reset (CUDA)
-    profile: bool = False  # also profile one step of each role: time in matmuls / attention / the rest, and GFLOP/s
+    profile: bool = False  # also profile 3 steps of each role: time in matmuls / attention / the rest, and GFLOP/s
     decode: bool = False  # instead: peak memory and time of one tiled decode (--ae, --size, --tile_px)
     ae: str = "dc-ae-1.5-f64c128"  # --decode: AE preset (models/dcae.py or vae.py) or folder
     size: int = 4096  # --decode: image size in px
@@ -212,10 +212,10 @@ ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_
 
 
 def profile_step(fn, row: dict, device) -> dict:
-    """Where one step's time goes (torch.profiler, self time of each op): matmuls, attention, everything else; and the
-    throughput each family reaches on its share of the analytic FLOPs. A pair whose measured speed-up falls short of
-    the FLOP ratio shows here whether the smaller model is overhead-bound (a large "other" share) or runs its kernels
-    at a lower rate (small matmuls use the cores less well than big ones)."""
+    """Where a step's time goes (torch.profiler, self time of each op, averaged over 3 steps): matmuls, attention,
+    everything else; and the throughput each family reaches on its share of the analytic FLOPs. A pair whose measured
+    speed-up falls short of the FLOP ratio shows here whether the smaller model is overhead-bound (a large "other"
+    share) or runs its kernels at a lower rate (small matmuls use the cores less well than big ones)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
