@@ -163,6 +163,7 @@ def cache_stage(cfg: Config, d) -> None:
     text = load_text_encoder(cfg.text, device=d.device, max_length=cfg.max_length or None)
     n = len(data)
     n_shards = math.ceil(n / cfg.shard_size)
+    t0, done = time.perf_counter(), 0
     for i in range(d.rank, n_shards, d.world_size):
         path = out / f"shard_{i:05d}.safetensors"
         if path.is_file():
@@ -175,6 +176,9 @@ def cache_stage(cfg: Config, d) -> None:
             for k, v in batch.items():
                 rows.setdefault(k, []).append(v.cpu())
             captions += [it["caption"] for it in items]
+            done += len(items)
+            if (start // cfg.batch_size + 1) % cfg.log_every == 0:  # large images take seconds each: show progress
+                print0(f"  {done} rows encoded, {(time.perf_counter() - t0) / done:.2f} s/row")
         save_ckpt({k: torch.cat(v) for k, v in rows.items()}, path, metadata={"captions": json.dumps(captions)})
         print0(f"shard {i + 1}/{n_shards} ({len(captions)} rows) -> {path}")
     if d.world_size > 1:
