@@ -66,7 +66,7 @@ dcgen() {  # name, cache (both latents), embed steps, head steps
 dcgen dcgen-1k "$C/256" 200 150
 lora dcgen-1k "$OUT/dcgen-1k-head/model" "$C/256" 1000 16 "--val_cache $C/val256 --val_every 250"
 dcgen dcgen-4k-512 "$C/512" 200 150
-lora dcgen-4k-512 "$OUT/dcgen-4k-512-head/model" "$C/512" 600 16
+lora dcgen-4k-512 "$OUT/dcgen-4k-512-head/model" "$C/512" 2000 16
 # The rungs are short, so they run at lr 1e-3 and without EMA: EMA 0.99 with no warm-up (as the official code,
 # paper.md A.3) still holds 0.99^100 = 37 % of the pre-rung weights after 100 steps. The earlier rungs (lr 3e-4, EMA
 # 0.99, 200 steps at 1024 px and 100 at 2048, none at 4096) tiled 2048 px samples with copies of small objects and
