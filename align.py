@@ -80,8 +80,11 @@ class Config:
     count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
     split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation cache)
     resolution: int = 512  # image size in px (resized, center-cropped)
+    teacher_resolution: int = 0  # px of the teacher's copy of each image (0: --resolution), area-downsampled; pairs
+    # a student at a large size with the base at its own size on the same token grid (the toy 4K model: README)
     teacher_ae: str = ""  # the base model's AE folder (e.g. FLUX.1-Krea-dev/vae); "" skips the teacher latents
     student_ae: str = ""  # the deep-compression AE folder (DC-AE); "" skips the student latents
+    student_channels: int = 0  # DC-AE 1.5: keep only the first c latent channels (its structured prefix); 0: all
     text: str = ""  # folder with the text encoders (the base model folder)
     max_length: int = 0  # T5 tokens (official FLUX training: 256); 0: the encoder's default
     shard_size: int = 256  # rows per shard file
@@ -161,6 +164,8 @@ def cache_stage(cfg: Config, d) -> None:
     aes = {k: load_autoencoder(p, device=d.device).eval() for k, p in (("teacher", cfg.teacher_ae),
            ("student", cfg.student_ae)) if p}  # fmt: skip
     text = load_text_encoder(cfg.text, device=d.device, max_length=cfg.max_length or None)
+    r, r_t = cfg.resolution, cfg.teacher_resolution or cfg.resolution
+    assert r_t <= r, f"--teacher_resolution {r_t} > --resolution {r}: the teacher's copy is a downsampled one"
     n = len(data)
     n_shards = math.ceil(n / cfg.shard_size)
     t0, done = time.perf_counter(), 0
@@ -172,7 +177,10 @@ def cache_stage(cfg: Config, d) -> None:
         for start in range(i * cfg.shard_size, min(n, (i + 1) * cfg.shard_size), cfg.batch_size):
             items = [data[j] for j in range(start, min(n, (i + 1) * cfg.shard_size, start + cfg.batch_size))]
             x = torch.stack([it["image"] for it in items]).to(d.device)  # (B, 3, H, W) in [-1, 1]
-            batch = {k: ae.encode(x) for k, ae in aes.items()} | text([it["caption"] for it in items])
+            images = {"student": x, "teacher": F.interpolate(x, size=(r_t, r_t), mode="area") if r_t != r else x}
+            channels = {"student": cfg.student_channels or None, "teacher": None}
+            batch = {k: ae.encode(images[k], channels[k]) for k, ae in aes.items()}
+            batch |= text([it["caption"] for it in items])
             for k, v in batch.items():
                 rows.setdefault(k, []).append(v.cpu())
             captions += [it["caption"] for it in items]
@@ -191,7 +199,8 @@ def cache_stage(cfg: Config, d) -> None:
         meta = {"count": n, "shards": shards, "shapes": {k: list(v.shape[1:]) for k, v in probe.items()},
                 "teacher_ae": str(Path(cfg.teacher_ae).resolve()) if cfg.teacher_ae else "",
                 "student_ae": str(Path(cfg.student_ae).resolve()) if cfg.student_ae else "",
-                "text": str(Path(cfg.text).resolve()), "resolution": cfg.resolution, "data": cfg.data}  # fmt: skip
+                "text": str(Path(cfg.text).resolve()), "resolution": r, "teacher_resolution": r_t,
+                "student_channels": cfg.student_channels, "data": cfg.data}  # fmt: skip
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         print0(f"cache of {n} rows: {meta['shapes']}")
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy zoo (README "The toy zoo"): DC-Gen in miniature, from nothing, with the project's own scripts, on a 2-core CPU
-# in about 3 hours. Deterministic for a given SEED; every step is skipped when its output exists, so a crashed run
+# in about 2.5 hours (README "The toy zoo"). Deterministic for a given SEED; every step is skipped when its output exists, so a crashed run
 # continues where it stopped (delete a step's folder to redo it). At the end, runs/export_zoo.py writes zoo/.
 #
 #   text          frozen random CLIP + T5 in miniature over the captions' words          (models/text.py)
@@ -8,8 +8,9 @@
 #   base          CFG MMDiT trained from scratch on vae-f8c4 latents at 256 px: 16x16 tokens   (lora.py --rank 0)
 #   krea          base distilled to embedded guidance: the toy FLUX.1-Krea                        (distill.py)
 #   dcgen-1k      krea -> f32c16 at 256 px, 8x8 tokens (4x fewer): align embed -> head -> LoRA -> merge
-#   dcgen-4k      krea -> f64c32 at 512 px (8x8 tokens, 16x fewer), then the resolution ladder 1024 -> 2048 -> 4096
-#                 px (LoRA, merge, fresh LoRA: paper.md A.3), so it has trained on the 64x64 token grid it samples
+#   dcgen-4k      krea -> f64c32 at 4096 px on the base's own 16x16 grid (as DC-Gen-FLUX 4K is on FLUX's 1K grid):
+#                 4x4 patches of the first 4 channels (DC-AE 1.5's structured prefix: 512-dim tokens of all 32 do not
+#                 fit the width-128 toy, whose loss then stalled), aligned to the teacher's copy of each image at 256 px
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy}
@@ -28,18 +29,15 @@ b('$OUT/text', [s.caption for s in data.all_specs('all')], seed=$SEED)"
 env OUT="$OUT/ae" bash runs/ae15_toy.sh 2>&1 | tee -a "$OUT/toy.log"  # skips the AEs that exist
 
 # --- latent caches: both latents + text, once (train captions; val: held-out captions)
-cache() {  # name, resolution, count, split, teacher AE (or ""), student AE, batch size (16)
+cache() {  # name, resolution, count, split, teacher AE (or ""), student AE, batch size (16), more flags
   step "cache $1" "$OUT/cache/$1/meta.json" python align.py --stage cache --data shapes --resolution "$2" --count "$3" \
     --split "$4" --teacher_ae "$5" --student_ae "$6" --text "$OUT/text" --batch_size "${7:-16}" --shard_size 512 \
-    --seed $SEED --device cpu --out_dir "$OUT/cache/$1"
+    --seed $SEED --device cpu ${8:-} --out_dir "$OUT/cache/$1"
 }
 AE=$OUT/ae
 cache 256 256 2048 train "$AE/vae-f8c4/ae" "$AE/f32c16/ae"
 cache val256 256 256 test "$AE/vae-f8c4/ae" "$AE/f32c16/ae"
-cache 512 512 512 train "$AE/vae-f8c4/ae" "$AE/f64c32/ae"
-cache 1024 1024 192 train "" "$AE/f64c32/ae"
-cache 2048 2048 64 train "" "$AE/f64c32/ae"
-cache 4096 4096 48 train "" "$AE/f64c32/ae" 4  # 11 s an image: the f64 encoder at 4096 px
+cache 4096c4 4096 256 train "$AE/vae-f8c4/ae" "$AE/f64c32/ae" 1 "--teacher_resolution 256 --student_channels 4"
 
 # --- the toy base models: a CFG model from scratch, then its guidance-distilled twin (the toy FLUX.1-Krea)
 C=$OUT/cache
@@ -57,24 +55,16 @@ lora() {  # name, init, cache, steps, batch, more flags
     --batch_size $5 --lr 3e-4 --warmup 50 --clip_grad 1 --ema 0.99 --sample_every $4 --save_every 100 $LOG ${6:-} \
     --out_dir $OUT/$1 && python lora.py --merge $OUT/$1/ckpt_$(printf %07d "$4").pt --out_dir $OUT/$1/model"
 }
-dcgen() {  # name, cache (both latents), embed steps, head steps
+dcgen() {  # name, cache (both latents), embed steps, head steps, student patch size (1)
   step "$1 embed" "$OUT/$1-embed/model" python align.py --stage embed --base "$OUT/krea/model" --cache "$2" \
-    --steps "$3" --batch_size 32 --lr 1e-3 $LOG --out_dir "$OUT/$1-embed"
+    --patch_size "${5:-1}" --steps "$3" --batch_size 32 --lr 1e-3 $LOG --out_dir "$OUT/$1-embed"
   step "$1 head" "$OUT/$1-head/model" python align.py --stage head --init "$OUT/$1-embed/model" --cache "$2" \
     --steps "$4" --batch_size 16 --lr 1e-3 --warmup 20 $LOG --out_dir "$OUT/$1-head"
 }
 dcgen dcgen-1k "$C/256" 200 150
 lora dcgen-1k "$OUT/dcgen-1k-head/model" "$C/256" 1000 16 "--val_cache $C/val256 --val_every 250"
-dcgen dcgen-4k-512 "$C/512" 200 150
-lora dcgen-4k-512 "$OUT/dcgen-4k-512-head/model" "$C/512" 2000 16  # at 600 steps its loss still fell; every rung gained
-# The rungs are short, so they run at lr 1e-3 and without EMA: EMA 0.99 with no warm-up (as the official code,
-# paper.md A.3) still holds 0.99^100 = 37 % of the pre-rung weights after 100 steps. The earlier rungs (lr 3e-4, EMA
-# 0.99, 200 steps at 1024 px and 100 at 2048, none at 4096) tiled 2048 px samples with copies of small objects and
-# drew red specks at 4096 px; these draw large objects at every rung (at 4096 px still repeated: README "Status").
-RUNG="--lr 1e-3 --warmup 20 --ema 0"
-lora dcgen-4k-1024 "$OUT/dcgen-4k-512/model" "$C/1024" 200 8 "$RUNG"
-lora dcgen-4k-2048 "$OUT/dcgen-4k-1024/model" "$C/2048" 400 4 "$RUNG"
-lora dcgen-4k-4096 "$OUT/dcgen-4k-2048/model" "$C/4096" 150 2 "$RUNG"
+dcgen dcgen-4k "$C/4096c4" 200 150 4
+lora dcgen-4k "$OUT/dcgen-4k-head/model" "$C/4096c4" 1000 16
 
 # always exported (10 s): zoo/ is committed, so its files cannot mark this step done
 echo "== export"; python runs/export_zoo.py --runs "$OUT" --out zoo 2>&1 | tee -a "$OUT/toy.log"

@@ -120,16 +120,15 @@ def test_missing_model_folder(tmp_path):
 
 def test_toy_zoo_is_the_default_and_small(tmp_path):
     """The committed zoo: every model folder loads, the whole of it stays under 40 MB, and sample.py without --model
-    draws from zoo/dcgen-4k (its shapes are judged by runs/toy_eval.py, not here: 2 steps make blobs). 1024 px, the
-    ladder's lowest rung: the 4K model, fine-tuned at 1024 -> 2048 -> 4096 px, has forgotten its 512 px alignment
-    size and draws a near-white canvas there."""
+    or --size draws a 4096 px image from zoo/dcgen-4k, a 4096 px model (its shapes are judged by runs/toy_eval.py, not
+    here: 2 steps make blobs)."""
     zoo = ROOT / "zoo"
     size = sum(f.stat().st_size for f in zoo.rglob("*") if f.is_file() and not f.is_symlink())
     assert size < 40 * 2**20, f"zoo/ is {size / 2**20:.1f} MiB, over the 40 MB budget"
     for name in ("base", "krea", "dcgen-1k", "dcgen-4k"):
         assert (zoo / name / "model_index.json").is_file() and (zoo / name / "vae" / "config.json").is_file(), name
-    (path,) = sample.main(["--prompt", "a red circle above a blue square", "--size", "1024", "--steps", "2",
-                           "--out", str(tmp_path / "zoo.png")])  # fmt: skip
+    (path,) = sample.main(["--prompt", "a red circle above a blue square", "--steps", "2", "--out",
+                           str(tmp_path / "zoo.png")])  # fmt: skip
     img = Image.open(path)
-    assert img.size == (1024, 1024) and "zoo/dcgen-4k" in img.text["model"]
+    assert img.size == (4096, 4096) and "zoo/dcgen-4k" in img.text["model"]
     assert np.asarray(img).std() > 5  # not a flat canvas

@@ -100,6 +100,38 @@ def test_distill_starts_at_the_teacher_and_writes_a_guidance_model(world, tmp_pa
             assert torch.allclose(fresh(x, t, txt, y, torch.full((2,), w)), teacher(x, t, txt, y), atol=1e-6)
 
 
+def test_a_student_at_a_larger_size_aligns_to_the_teacher_at_its_own_size(world, tmp_path):
+    """--teacher_resolution: the student's 4x-larger images (64 px, f8 latents 8x8) in 2x2 patches land on the
+    teacher's own 4x4 token grid (its images area-downsampled to 16 px): the toy 4K model's pairing (README)."""
+    align.main(["--stage", "cache", "--data", "shapes", "--count", "4", "--resolution", str(4 * SIZE),
+                "--teacher_resolution", str(SIZE), "--teacher_ae", str(world / "teacher_ae"), "--student_ae",
+                str(world / "student_ae"), "--text", str(world / "text"),
+                "--out_dir", str(tmp_path / "cache")])  # fmt: skip
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    assert meta["shapes"]["teacher"] == [4, 8, 8] and meta["shapes"]["student"] == [8, 8, 8]
+    assert (meta["resolution"], meta["teacher_resolution"]) == (4 * SIZE, SIZE)
+    # the same scenes as the world's cache (same seed): its teacher latents, up to anti-aliasing at 16 px
+    big, small = (
+        LatentCache(p).get([0, 1, 2, 3], ["teacher"])["teacher"] for p in (tmp_path / "cache", world / "cache")
+    )
+    assert (big - small).abs().mean() < 0.1 * small.std()
+    # --student_channels c: DC-AE 1.5's first c channels, the same numbers as the first c of the full latent
+    align.main(["--stage", "cache", "--data", "shapes", "--count", "4", "--resolution", str(4 * SIZE),
+                "--student_ae", str(world / "student_ae"), "--student_channels", "4", "--text", str(world / "text"),
+                "--out_dir", str(tmp_path / "cache4")])  # fmt: skip
+    full, prefix = (
+        LatentCache(p).get([0, 1, 2, 3], ["student"])["student"] for p in (tmp_path / "cache", tmp_path / "cache4")
+    )
+    assert prefix.shape[1] == 4 and torch.allclose(prefix, full[:, :4], atol=1e-6)
+    align.main(["--stage", "embed", "--base", str(world / "base"), "--cache", str(tmp_path / "cache"), "--patch_size",
+                "2", "--steps", "2", "--batch_size", "4", "--out_dir", str(tmp_path / "embed")])  # fmt: skip
+    log = (tmp_path / "embed" / "log.txt").read_text()
+    assert "teacher grid (4, 4) -> student grid (4, 4) (x1)" in log
+    student = load_pipeline(tmp_path / "embed" / "model").transformer
+    assert (student.params.in_channels, student.params.patch_size) == (8, 2)
+    assert student.state_dict()["x_embedder.weight"].shape == (64, 32)  # Linear(8 channels x 2 x 2 -> D)
+
+
 def test_student_grid_that_does_not_divide_the_teacher_grid_fails(world, tmp_path):
     align.main(["--stage", "cache", "--data", "shapes", "--count", "2", "--resolution", str(SIZE),
                 "--teacher_ae", str(world / "teacher_ae"), "--student_ae", str(world / "teacher_ae"),
