@@ -140,8 +140,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     H, W = image_size(cfg, f * p, native=1024 if cfg.model else 4096)  # zoo/dcgen-4k is a 4096 px model
     h, w = H // f, W // f  # latent grid
     n_params = sum(t.numel() for t in model.parameters()) / 1e6
-    print(f"model {folder} ({type(model).__name__}, {n_params:.1f} M parameters; AE f{f}c{C}, patch {p}) "
-          f"loaded in {time.perf_counter() - t0:.1f}s on {device}, {dtype}")  # fmt: skip
+    prefix = f", its first {C} channels" if C < ae.latent_channels else ""  # a DC-AE 1.5 channel-prefix model
+    print(f"model {folder} ({type(model).__name__}, {n_params:.1f} M parameters; AE f{f}c{ae.latent_channels}{prefix}, "
+          f"patch {p}) loaded in {time.perf_counter() - t0:.1f}s on {device}, {dtype}")  # fmt: skip
 
     # --- noise and schedule ---
     shape = (len(prompts), C, h, w)
