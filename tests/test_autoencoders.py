@@ -49,6 +49,13 @@ def test_dcae_matches_diffusers(tmp_path, name):
     assert x_ref.abs().mean() > 0.1  # a non-trivial output
 
 
+def test_half_precision_weights_are_upcast_on_cpu_unless_asked(tmp_path):
+    """The zoo stores AEs in fp16; CPU convolutions have no fast fp16 path, so dtype None on a CPU means fp32."""
+    AutoencoderDC(**dataclasses.asdict(dcae.PRESETS["tiny-1.5"])).half().save_pretrained(tmp_path)
+    assert next(load_autoencoder(tmp_path).parameters()).dtype == torch.float32
+    assert next(load_autoencoder(tmp_path, dtype=torch.float16).parameters()).dtype == torch.float16
+
+
 def test_vae_matches_diffusers(tmp_path):
     p = vae.PRESETS["tiny-vae"]
     cfg = {k: v for k, v in vae.VAE(p).config().items() if k != "_class_name"}
