@@ -177,10 +177,10 @@ def cache_stage(cfg: Config, d) -> None:
         for start in range(i * cfg.shard_size, min(n, (i + 1) * cfg.shard_size), cfg.batch_size):
             items = [data[j] for j in range(start, min(n, (i + 1) * cfg.shard_size, start + cfg.batch_size))]
             x = torch.stack([it["image"] for it in items]).to(d.device)  # (B, 3, H, W) in [-1, 1]
-            images = {"student": x, "teacher": F.interpolate(x, size=(r_t, r_t), mode="area") if r_t != r else x}
-            channels = {"student": cfg.student_channels or None, "teacher": None}
-            batch = {k: ae.encode(images[k], channels[k]) for k, ae in aes.items()}
-            batch |= text([it["caption"] for it in items])
+            inputs = {"student": (x, cfg.student_channels or None)}  # (images, latent channels to keep)
+            if "teacher" in aes:  # the teacher's copy at its own size: the same scene, the same token grid
+                inputs["teacher"] = (F.interpolate(x, size=(r_t, r_t), mode="area") if r_t != r else x, None)
+            batch = {k: ae.encode(*inputs[k]) for k, ae in aes.items()} | text([it["caption"] for it in items])
             for k, v in batch.items():
                 rows.setdefault(k, []).append(v.cpu())
             captions += [it["caption"] for it in items]

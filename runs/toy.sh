@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The toy zoo (README "The toy zoo"): DC-Gen in miniature, from nothing, with the project's own scripts, on a 2-core CPU
-# in about 2.5 hours (README "The toy zoo"). Deterministic for a given SEED; every step is skipped when its output exists, so a crashed run
+# in about 2 h 45 min. Deterministic for a given SEED; every step is skipped when its output exists, so a crashed run
 # continues where it stopped (delete a step's folder to redo it). At the end, runs/export_zoo.py writes zoo/.
 #
 #   text          frozen random CLIP + T5 in miniature over the captions' words          (models/text.py)
