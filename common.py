@@ -161,9 +161,13 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.
     )
 
 
-def lr_at(step: int, lr: float, warmup: int, warmup_lr: float = 0.0) -> float:
-    """Linear warm-up from warmup_lr to lr over `warmup` steps (step 0 already moves), then constant."""
-    return lr if step >= warmup else warmup_lr + (lr - warmup_lr) * (step + 1) / warmup
+def lr_at(step: int, lr: float, warmup: int, warmup_lr: float = 0.0, steps: int = 0, decay: int = 0) -> float:
+    """Linear warm-up from warmup_lr to lr over `warmup` steps (step 0 already moves), then constant; with `decay`,
+    linear decay towards 0 over the last `decay` of `steps` steps (warm-up, stable, decay: a run whose decay has not
+    begun is the same run as a shorter constant-lr one, so a finished run can be resumed and then decayed)."""
+    if step < warmup:
+        return warmup_lr + (lr - warmup_lr) * (step + 1) / warmup
+    return lr * min(1.0, (steps - step) / decay) if decay else lr
 
 
 @torch.no_grad()

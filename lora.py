@@ -106,6 +106,7 @@ class Config:
     batch_size: int = 64  # global batch, split over the ranks
     lr: float = 1e-4  # peak learning rate
     warmup: int = 1000  # linear warm-up steps, then constant
+    decay: int = 0  # linear decay to 0 over the last `decay` steps (0: none; the official recipe is constant)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     weight_decay: float = 0.0  # AdamW weight decay
@@ -363,8 +364,9 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
                 r = shift_factor(cfg.shift, tokens, c, cfg.shift_value)
                 term = loss_fn(model, raw, x0[:, :c], batch, null, g, cfg.batch_size, d.rank, r=r)
                 loss = loss + term / len(prefixes)
+        lr = lr_at(step, cfg.lr, cfg.warmup, steps=cfg.steps, decay=cfg.decay)
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg.lr, cfg.warmup)
+            group["lr"] = lr
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
         loss_value = loss.detach().clone()
@@ -382,7 +384,7 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
             dt = (time.perf_counter() - t0) / cfg.log_every
             mem = torch.cuda.max_memory_allocated() / 2**30 if d.device.type == "cuda" else 0.0
             print0(f"step {step:07d}/{cfg.steps:07d} | loss {loss_value.item():.4f} | grad {grad_norm.item():.3f} | "
-                   f"lr {lr_at(step - 1, cfg.lr, cfg.warmup):.2e} | dt {dt * 1e3:.0f}ms | "
+                   f"lr {lr:.2e} | dt {dt * 1e3:.0f}ms | "
                    f"samples/s {cfg.batch_size / dt:.1f} | mem {mem:.1f}GB", log_file=log)  # fmt: skip
             t0 = time.perf_counter()
         if cfg.sample_every and step % cfg.sample_every == 0 and d.master and not cfg.fsdp:

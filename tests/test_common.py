@@ -111,3 +111,11 @@ def test_init_dist_single_process_and_torchrun(monkeypatch):
     finally:
         common.cleanup_dist()
     assert not torch.distributed.is_initialized()
+
+
+def test_lr_warmup_stable_decay():
+    lr = [common.lr_at(s, 1.0, warmup=4, steps=20, decay=8) for s in range(20)]
+    assert lr[:4] == [0.25, 0.5, 0.75, 1.0] and lr[4:12] == [1.0] * 8  # warm-up, then stable until step 12
+    assert lr[12:] == [(20 - s) / 8 for s in range(12, 20)] and lr[-1] == 1 / 8  # linear to 0: the last step is > 0
+    # a run whose decay has not begun is the constant-lr run: resuming it with --steps/--decay extends it exactly
+    assert [common.lr_at(s, 1.0, 4) for s in range(12)] == lr[:12]
