@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The toy zoo (README "The toy zoo"): DC-Gen in miniature, from nothing, with the project's own scripts, on a 2-core CPU
-# in about 2 h 45 min. Deterministic for a given SEED; every step is skipped when its output exists, so a crashed run
+# in about 3 h 20 min. Deterministic for a given SEED; every step is skipped when its output exists, so a crashed run
 # continues where it stopped (delete a step's folder to redo it). At the end, runs/export_zoo.py writes zoo/.
 #
 #   text          frozen random CLIP + T5 in miniature over the captions' words          (models/text.py)
 #   ae/*          toy AEs: vae-f8c4 (the FLUX VAE's role), DC-AE 1.5 f32c16 (1K role), f64c32 (4K role)   (ae15.py)
-#   base          CFG MMDiT trained from scratch on vae-f8c4 latents at 256 px: 16x16 tokens   (lora.py --rank 0)
+#   base          CFG MMDiT from scratch on vae-f8c4 latents at 256 px, 16x16 tokens; lr decays over the last half
 #   krea          base distilled to embedded guidance: the toy FLUX.1-Krea                        (distill.py)
 #   dcgen-1k      krea -> f32c16 at 256 px, 8x8 tokens (4x fewer): align embed -> head -> LoRA -> merge
 #   dcgen-4k      krea -> f64c32 at 4096 px on the base's own 16x16 grid (as DC-Gen-FLUX 4K is on FLUX's 1K grid):
@@ -42,9 +42,9 @@ cache 4096c4 4096 256 train "$AE/vae-f8c4/ae" "$AE/f64c32/ae" 1 "--teacher_resol
 # --- the toy base models: a CFG model from scratch, then its guidance-distilled twin (the toy FLUX.1-Krea)
 C=$OUT/cache
 step base "$OUT/base/model" sh -c "python lora.py --preset toy --rank 0 --latent teacher --loss fm --cache $C/256 \
-  --val_cache $C/val256 --val_every 500 --steps 3500 --batch_size 16 --lr 1e-3 --warmup 200 --clip_grad 1 --ema 0.998 \
-  --sample_every 500 --save_every 250 $LOG --out_dir $OUT/base && \
-  python lora.py --merge $OUT/base/ckpt_0003500.pt --out_dir $OUT/base/model"
+  --val_cache $C/val256 --val_every 500 --steps 7000 --decay 3500 --batch_size 16 --lr 1e-3 --warmup 200 --clip_grad 1 \
+  --ema 0.998 --sample_every 500 --save_every 250 $LOG --out_dir $OUT/base && \
+  python lora.py --merge $OUT/base/ckpt_0007000.pt --out_dir $OUT/base/model"
 step krea "$OUT/krea/model" python distill.py --init "$OUT/base/model" --cache "$C/256" --latent teacher --steps 600 \
   --batch_size 16 --lr 2e-4 --warmup 20 --clip_grad 1 --ema 0.99 --sample_every 300 --save_every 100 $LOG \
   --out_dir "$OUT/krea"
