@@ -1,7 +1,6 @@
 """Helpers shared by every stage script (STYLE.md rule 11): dataclass config -> CLI flags, torchrun/DDP setup,
 print0, seeding, atomic checkpoints, diffusers-format folder writing, image grids, and the flow-matching
-schedule that training and sampling must share.
-"""
+schedule that training and sampling must share."""
 
 from __future__ import annotations
 
@@ -162,12 +161,9 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.
 
 
 def lr_at(step: int, lr: float, warmup: int, warmup_lr: float = 0.0, steps: int = 0, decay: int = 0) -> float:
-    """Linear warm-up from warmup_lr to lr over `warmup` steps (step 0 already moves), then constant; with `decay`,
-    linear decay towards 0 over the last `decay` of `steps` steps (warm-up, stable, decay: a run whose decay has not
-    begun is the same run as a shorter constant-lr one, so a finished run can be resumed and then decayed)."""
-    if step < warmup:
-        return warmup_lr + (lr - warmup_lr) * (step + 1) / warmup
-    return lr * min(1.0, (steps - step) / decay) if decay else lr
+    """Linear warm-up over `warmup` steps (step 0 already moves), constant, then linear to 0 over the last `decay`."""
+    warm = warmup_lr + (lr - warmup_lr) * (step + 1) / warmup if step < warmup else lr
+    return warm * min(1.0, (steps - step) / decay) if decay else warm  # before its decay, the constant-lr run
 
 
 @torch.no_grad()
