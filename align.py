@@ -158,14 +158,14 @@ def cache_stage(cfg: Config, d) -> None:
     """Encode images with both AEs and captions with the text encoders into safetensors shards (resumable: a
     finished shard is skipped). Each rank writes the shards i = rank (mod world); the master writes meta.json."""
     assert cfg.teacher_ae or cfg.student_ae, "give --teacher_ae and/or --student_ae"
+    r, r_t = cfg.resolution, cfg.teacher_resolution or cfg.resolution
+    assert r_t <= r, f"--teacher_resolution {r_t} > --resolution {r}: the teacher's copy is a downsampled one"
     out = Path(cfg.out_dir)
     data = ShapesDataset(cfg.resolution, cfg.seed, cfg.split, cfg.count) if cfg.data == "shapes" else None
     data = data or ImageFolder(cfg.data, size_px=cfg.resolution)
     aes = {k: load_autoencoder(p, device=d.device).eval() for k, p in (("teacher", cfg.teacher_ae),
            ("student", cfg.student_ae)) if p}  # fmt: skip
     text = load_text_encoder(cfg.text, device=d.device, max_length=cfg.max_length or None)
-    r, r_t = cfg.resolution, cfg.teacher_resolution or cfg.resolution
-    assert r_t <= r, f"--teacher_resolution {r_t} > --resolution {r}: the teacher's copy is a downsampled one"
     n = len(data)
     n_shards = math.ceil(n / cfg.shard_size)
     t0, done = time.perf_counter(), 0

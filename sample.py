@@ -51,7 +51,7 @@ class Config:
     model: str = ""  # model folder (default: the toy zoo's DC-Gen model, zoo/dcgen-4k)
     out: str = "out/sample.png"  # PNG; several images are written as out_0.png, out_1.png, ... unless --grid
     grid: bool = False  # write all images as one grid PNG
-    size: int = 0  # square image size in px (0: --width/--height, else 1024; 4096 for the default zoo model)
+    size: int = 0  # square image size in px (0: --width/--height, else 1024; 4096 for a model on an f64 AE)
     width: int = 0  # image width in px
     height: int = 0  # image height in px
     steps: int = 20  # Euler steps
@@ -137,7 +137,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                          tile_px=cfg.tile_px or None)  # fmt: skip
     model, ae = pipe.transformer.eval(), pipe.ae.eval()
     p, f, C = pipe.patch_size(), ae.spatial_factor, model.params.in_channels
-    H, W = image_size(cfg, f * p, native=1024 if cfg.model else 4096)  # zoo/dcgen-4k is a 4096 px model
+    H, W = image_size(cfg, f * p, native=4096 if f == 64 else 1024)  # f64 AEs are DC-Gen's 4K (Res4K, zoo/dcgen-4k)
     h, w = H // f, W // f  # latent grid
     n_params = sum(t.numel() for t in model.parameters()) / 1e6
     prefix = f", its first {C} channels" if C < ae.latent_channels else ""  # a DC-AE 1.5 channel-prefix model
