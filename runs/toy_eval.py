@@ -3,11 +3,18 @@ data.py's scorer (the toy's GenEval). Prints one line per model, writes eval.jso
 
 Run:    python runs/toy_eval.py --model zoo/krea --model zoo/dcgen-1k --size 256 --count 200 --out out/toy-eval
         python runs/toy_eval.py --model out/toy/base/model --name base --size 256 --extra=--cfg=4.5
+        python runs/toy_eval.py --model zoo/krea --count 64 --swap    # does the placement follow the word order?
+
+--swap also samples every prompt with its two objects named the other way round ("a blue square above a red circle"
+for "a red circle above a blue square"), from the same noise, and counts the prompts whose relation holds under both
+wordings: a model that reads the caption as a bag of words puts the colours where the noise suggests, whatever order
+they come in, and gets the relation right under at most one wording.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -36,7 +43,21 @@ def evaluate(model: str, out: Path, specs: list, size: int, steps: int, batch: i
     grid.save(out / "grid.png")
     return {"model": model, "size": size, "steps": steps, "count": len(specs), "extra": extra,
             "accuracy": sum(r["correct"] for r in results) / len(results), "checks": checks,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+            "seconds": time.perf_counter() - t0, "per_image": [r["checks"] for r in results]}  # fmt: skip
+
+
+def swapped(spec: data.Spec) -> data.Spec:
+    """The same scene with its objects named the other way round: 'a X above a Y' -> 'a Y above a X'."""
+    return dataclasses.replace(spec, color_a=spec.color_b, shape_a=spec.shape_b, color_b=spec.color_a,
+                               shape_b=spec.shape_a)  # fmt: skip
+
+
+def word_order(r: dict, r_swap: dict) -> dict:
+    """Of the prompts whose two colours are found under both wordings: under how many wordings the relation holds."""
+    found = lambda c: c["a_color"] and c["b_color"]  # noqa: E731
+    pairs = [(c, d) for c, d in zip(r["per_image"], r_swap["per_image"], strict=True) if found(c) and found(d)]
+    n_right = [c["relation"] + d["relation"] for c, d in pairs]
+    return {"pairs": len(pairs), "both": n_right.count(2), "one": n_right.count(1), "neither": n_right.count(0)}
 
 
 def main() -> None:
@@ -49,6 +70,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="images per forward pass")
     ap.add_argument("--extra", action="append", default=[], help="more sample.py flags, e.g. --extra=--cfg=4.5")
     ap.add_argument("--out", default="out/toy-eval", help="folder for images, grids and eval.json")
+    ap.add_argument("--swap", action="store_true", help="also sample each prompt with its objects' order swapped")
     args = ap.parse_args()
     specs, out = data.eval_specs(args.count), Path(args.out)
     names = args.name or [Path(m).name if Path(m).name != "model" else Path(m).parent.name for m in args.model]
@@ -59,6 +81,15 @@ def main() -> None:
         checks = " ".join(f"{k} {v:.2f}" for k, v in r["checks"].items())
         print(f"{name}: accuracy {r['accuracy']:.3f} on {r['count']} held-out prompts at {args.size}px | {checks} | "
               f"{r['seconds']:.0f}s", flush=True)  # fmt: skip
+        if args.swap:
+            r["swapped"] = evaluate(model, out / f"{name}-swapped", [swapped(s) for s in specs], args.size, args.steps,
+                                    args.batch, args.extra)  # fmt: skip
+            r["word_order"] = w = word_order(r, r["swapped"])
+            print(
+                f"{name}: word order: of {w['pairs']} prompts with both colours found under both wordings, the "
+                f"relation holds under both {w['both']}, one {w['one']}, neither {w['neither']}",
+                flush=True,
+            )
         (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
 
 

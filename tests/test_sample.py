@@ -15,6 +15,7 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
+import data
 import sample
 from common import save_ckpt
 
@@ -132,3 +133,17 @@ def test_toy_zoo_is_the_default_and_small(tmp_path):
     img = Image.open(path)
     assert img.size == (4096, 4096) and "zoo/dcgen-4k" in img.text["model"]
     assert np.asarray(img).std() > 5  # not a flat canvas
+
+
+def test_toy_eval_word_order_counts():
+    """runs/toy_eval.py --swap: the swapped wording names the same scene the other way round, and a model that put
+    the colours where the noise suggested (relation right under exactly one wording) scores 0 'both'."""
+    sys.path.insert(0, str(ROOT / "runs"))
+    import toy_eval
+
+    spec = data.parse_caption("a red circle above a blue square on a white background")
+    assert toy_eval.swapped(spec).caption == "a blue square above a red circle on a white background"
+    c = lambda rel, a=True: {"a_color": a, "b_color": True, "relation": rel}  # noqa: E731
+    r = {"per_image": [c(True), c(True), c(False), c(True, a=False)]}
+    r_swap = {"per_image": [c(False), c(True), c(False), c(True)]}
+    assert toy_eval.word_order(r, r_swap) == {"pairs": 3, "both": 1, "one": 1, "neither": 1}
