@@ -126,6 +126,22 @@ def parse_caption(text: str) -> Spec:
     return Spec(*m.groups())
 
 
+SIDES = {"above": (0, 1), "below": (1, 0), "left of": (2, 3), "right of": (3, 2)}  # (a, b): top, bottom, left, right
+
+
+def caption_roles(text: str) -> list[int]:
+    """Per word of a caption (as the toy tokenizer splits it): the side of the picture its object stands on, for
+    colour and shape words (0 top, 1 bottom, 2 left, 3 right), else -1. Read off the caption's grammar alone:
+    'a red circle above a blue square' puts red and circle on top, blue and square at the bottom."""
+    spec = parse_caption(text)
+    side_a, side_b = SIDES[spec.relation]
+    n_rel = len(spec.relation.split())
+    roles = [-1] * (10 + n_rel)  # a C S <relation> a C S on a B background
+    roles[1] = roles[2] = side_a
+    roles[4 + n_rel] = roles[5 + n_rel] = side_b
+    return roles
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # scenes: a train / test split of the captions, random layouts, and the resolution-independent renderer
 

@@ -28,6 +28,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import (
     AutoTokenizer,
@@ -222,18 +223,26 @@ def word_tokenizer(words: list[str], template: str, max_length: int) -> PreTrain
 
 
 def build_toy_text_encoder(
-    folder: str | Path, corpus: list[str], seed: int = 0, dim: int = 64, max_length: int = 32
+    folder: str | Path,
+    corpus: list[str],
+    seed: int = 0,
+    dim: int = 64,
+    max_length: int = 32,
+    roles: list[list[int]] | None = None,
+    pretrain_steps: int = 400,
 ) -> Path:
     """Write a FLUX text layout in miniature to `folder` and return it: CLIP and T5 of width `dim` (2 layers, 4 heads,
-    random and frozen, deterministic from `seed`), with a word-level tokenizer over the words of `corpus`
-    (CLIP: "<s> words </s>", 77 tokens; T5: "words </s>", `max_length` tokens). Load it with load_text_encoder.
+    deterministic from `seed`), with a word-level tokenizer over the words of `corpus` (CLIP: "<s> words </s>", 77
+    tokens; T5: "words </s>", `max_length` tokens). CLIP stays random. T5 is random too without `roles`; with them
+    (one label per word of each caption, -1 for none; the toy zoo's, data.caption_roles, are read off the caption
+    alone) it is pretrained on `corpus` for `pretrain_steps` (pretrain_toy_t5). Load it with load_text_encoder.
 
-    Why random weights work: a frozen random encoder is an injective-enough feature map, and the toy DiT learns to
-    read it from scratch. One change to the transformers init makes it keep word ORDER: FLUX puts every text token
-    at RoPE position 0, so the DiT sees T5's states as a set, and with the default relative-position bias (std
-    d_model^-0.5) each state is nearly context-free: "a red circle above a blue square" and "a blue circle above a
-    red square" give almost the same set. A bias of std 3 makes some heads attend to fixed neighbours, so each
-    state mixes in its neighbours' words and the two sets differ (tests/test_text.py measures this).
+    Why pretrain T5: FLUX puts every text token at RoPE position 0, so the DiT sees T5's states as a set, and which
+    object a colour belongs to, and where that object goes, reach it only through what each state says about its
+    sentence. Real T5 learned to say it from language; a random one says little: with the transformers init each
+    state is nearly context-free (a relative-position bias of std 3, kept as the init, makes heads attend to fixed
+    neighbours), and toy DiTs trained on it drew the two colours wherever the noise put them, whichever was named
+    first (README "The toy zoo": a DiT trained on the pretrained T5 follows the words).
     """
     folder = Path(folder)
     words = sorted({w for caption in corpus for w in caption_words(caption)})
@@ -252,8 +261,45 @@ def build_toy_text_encoder(
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left untouched
         torch.manual_seed(seed)
         clip, t5 = CLIPTextModel(clip_cfg), T5EncoderModel(t5_cfg)
-        # NOTE(deviation): toy-only init (see the docstring); real encoders are pretrained and loaded as stored.
+        # NOTE(deviation): toy-only init and pretraining (see the docstring); real encoders are loaded as stored.
         nn.init.normal_(t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight, std=3.0)
+        if roles is not None:
+            ids = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2")(
+                corpus, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            labels = torch.full_like(ids, -100)  # T5's tokens are the words, then </s> and pads
+            for row, r in zip(labels, roles, strict=True):
+                r = [x if x >= 0 else -100 for x in r][:max_length]
+                row[: len(r)] = torch.tensor(r)
+            pretrain_toy_t5(t5, ids, labels, pretrain_steps)
     clip.save_pretrained(folder / "text_encoder")
     t5.save_pretrained(folder / "text_encoder_2")
     return folder
+
+
+def pretrain_toy_t5(
+    t5: T5EncoderModel, ids: Tensor, roles: Tensor, steps: int, reach: int = 4, batch: int = 256, lr: float = 3e-3
+) -> tuple[float, float]:
+    """Pretrain a toy T5 in place on padded token ids (N, L), by two linear read-outs of every state: the words at
+    offsets -reach..reach (context prediction, a cousin of T5's span corruption: the state keeps its word and says
+    where it stands; pads are targets, never sources), and the token's role label (N, L; -100: none), here the side
+    of the picture its object stands on. Draws from the caller's RNG. Returns the last step's two losses."""
+    L, V, n_roles = ids.shape[1], t5.config.vocab_size, int(roles.max()) + 1
+    offsets = list(range(-reach, reach + 1))
+    context = torch.full((len(ids), L, len(offsets)), -100)  # -100: no word there (ignored by cross_entropy)
+    for j, o in enumerate(offsets):
+        context[:, max(0, -o) : L - max(0, o), j] = ids[:, max(0, o) : L - max(0, -o)]
+    context[ids == 0] = -100  # pad sources
+    read_context, read_role = nn.Linear(t5.config.d_model, len(offsets) * V), nn.Linear(t5.config.d_model, n_roles)
+    opt = torch.optim.Adam([*t5.parameters(), *read_context.parameters(), *read_role.parameters()], lr=lr)
+    t5.train()
+    for _ in range(steps):
+        rows = torch.randint(len(ids), (batch,))
+        h = t5(input_ids=ids[rows]).last_hidden_state  # (batch, L, d)
+        loss_context = F.cross_entropy(read_context(h).reshape(-1, V), context[rows].flatten())
+        loss_role = F.cross_entropy(read_role(h).reshape(-1, n_roles), roles[rows].flatten())
+        opt.zero_grad(set_to_none=True)
+        (loss_context + loss_role).backward()
+        opt.step()
+    t5.eval()
+    return loss_context.item(), loss_role.item()

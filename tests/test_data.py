@@ -17,8 +17,10 @@ from data import (
     StepSampler,
     accuracy,
     all_specs,
+    caption_roles,
     eval_specs,
     parse_caption,
+    random_scene,
     render,
     score,
     split_of,
@@ -93,6 +95,23 @@ def test_captions_and_split():
     assert len(set(held)) == 200 and all(split_of(h) == "test" for h in held) and held == eval_specs(200, seed=0)
     with pytest.raises(ValueError, match="expected 'a <color> <shape>"):
         parse_caption("a cat on a mat")
+
+
+def test_caption_roles_name_the_side_the_renderer_uses():
+    """The toy T5 is pretrained to read, per colour and shape word, the side its object goes (data.caption_roles):
+    those labels must be where random_scene puts the objects, for all four relations and both wordings."""
+    assert caption_roles("a red circle left of a blue square on a gray background") == [
+        -1, 2, 2, -1, -1, -1, 3, 3, -1, -1, -1, -1]  # fmt: skip
+    rng = np.random.default_rng(0)
+    for spec in all_specs()[::61]:
+        words, roles = spec.caption.split(), caption_roles(spec.caption)
+        assert len(roles) == len(words) and [w for w, r in zip(words, roles) if r >= 0] == [
+            spec.color_a, spec.shape_a, spec.color_b, spec.shape_b]  # fmt: skip
+        scene = random_scene(spec, rng)
+        side_a, side_b = (r for r in dict.fromkeys(x for x in roles if x >= 0))
+        axis = "y" if side_a < 2 else "x"  # top/bottom or left/right
+        first = getattr(scene.a, axis) < getattr(scene.b, axis)
+        assert first == (side_a in (0, 2)) and side_b == side_a ^ 1
 
 
 def test_image_folder(tmp_path):
