@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The toy zoo (README "The toy zoo"): DC-Gen in miniature, from nothing, with the project's own scripts, on a 2-core CPU
-# in about 3 h 20 min. Deterministic for a given SEED; every step is skipped when its output exists, so a crashed run
-# continues where it stopped (delete a step's folder to redo it). At the end, runs/export_zoo.py writes zoo/.
+# in about 3 h 20 min. Deterministic for a given SEED; every step is skipped when its output exists and a training step
+# resumes from its newest checkpoint (exactly: the same draws), so a crashed run continues where it stopped (delete a
+# step's folder to redo it). At the end, runs/export_zoo.py writes zoo/.
 #
 #   text          frozen random CLIP + T5 in miniature over the captions' words          (models/text.py)
 #   ae/*          toy AEs: vae-f8c4 (the FLUX VAE's role), DC-AE 1.5 f32c16 (1K role), f64c32 (4K role)   (ae15.py)
@@ -22,7 +23,7 @@ step() {  # name, output that marks it done, command...
   echo "== $name"
   /usr/bin/time -f "$name: wall %e s, peak RSS %M KB" "$@" 2>&1 | tee -a "$OUT/toy.log"
 }
-LOG="--device cpu --seed $SEED --log_every 50"
+LOG="--device cpu --seed $SEED --log_every 50 --resume"
 
 step text "$OUT/text/tokenizer" python -c "import data; from models.text import build_toy_text_encoder as b; \
 b('$OUT/text', [s.caption for s in data.all_specs('all')], seed=$SEED)"
