@@ -181,8 +181,9 @@ def random_scene(spec: Spec, rng: np.random.Generator) -> Scene:
     size_a, size_b = rng.uniform(0.20, 0.32, 2)
     near, far = rng.uniform(0.20, 0.32), rng.uniform(0.68, 0.80)  # centres along the relation's axis
     across_a, across_b = rng.uniform(0.35, 0.65, 2)  # the other axis: |difference| < 0.3 < along-axis gap 0.36
-    along_a, along_b = (far, near) if spec.relation in ("below", "right of") else (near, far)
-    horizontal = spec.relation in ("left of", "right of")
+    side_a = SIDES[spec.relation][0]  # 0 top, 1 bottom, 2 left, 3 right
+    along_a, along_b = (far, near) if side_a % 2 else (near, far)
+    horizontal = side_a >= 2
     xa, ya = (along_a, across_a) if horizontal else (across_a, along_a)
     xb, yb = (along_b, across_b) if horizontal else (across_b, along_b)
     return Scene(spec, Obj(spec.shape_a, spec.color_a, xa, ya, size_a), Obj(spec.shape_b, spec.color_b, xb, yb, size_b))

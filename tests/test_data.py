@@ -108,7 +108,8 @@ def test_caption_roles_name_the_side_the_renderer_uses():
         assert len(roles) == len(words) and [w for w, r in zip(words, roles) if r >= 0] == [
             spec.color_a, spec.shape_a, spec.color_b, spec.shape_b]  # fmt: skip
         scene = random_scene(spec, rng)
-        side_a, side_b = (r for r in dict.fromkeys(x for x in roles if x >= 0))
+        sides = [r for r in roles if r >= 0]
+        side_a, side_b = sides[0], sides[-1]
         axis = "y" if side_a < 2 else "x"  # top/bottom or left/right
         first = getattr(scene.a, axis) < getattr(scene.b, axis)
         assert first == (side_a in (0, 2)) and side_b == side_a ^ 1

@@ -206,9 +206,10 @@ def side_probe(enc, captions, fit):
     h = enc(captions)["txt"]
     x, y = [], []
     for state, c in zip(h, captions, strict=True):
-        for i, r in enumerate(data.caption_roles(c)):
-            if r >= 0 and c.split()[i] in data.COLORS:
-                x.append(state[i]), y.append(r)
+        for i, (word, r) in enumerate(zip(c.split(), data.caption_roles(c), strict=True)):
+            if word in data.COLORS:
+                x.append(state[i])
+                y.append(r)
     x, y = torch.stack(x), torch.tensor(y)
     x = torch.cat([x, torch.ones(len(x), 1)], 1)
     n = 2 * fit  # two colour words per caption
