@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_stages.py
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -144,3 +145,15 @@ def test_student_grid_that_does_not_divide_the_teacher_grid_fails(world, tmp_pat
 def test_lora_with_an_init_of_the_wrong_model_fails_before_training(world, tmp_path):
     with pytest.raises(ValueError, match=r"takes latents of 4 channels.*student latents of shape \(8, 2, 2\)"):
         lora.main(lora.Config(init=str(world / "base"), cache=str(world / "cache"), out_dir=str(tmp_path), steps=1))
+
+
+def test_a_cache_whose_text_encoders_moved_fails_with_their_path(world, tmp_path):
+    """A cache records where its AEs and text encoders live; moved since, the stage says so, not a model folder
+    that lacks its text encoders."""
+    shutil.copytree(world / "cache", tmp_path / "cache")
+    meta = json.loads((tmp_path / "cache" / "meta.json").read_text())
+    (tmp_path / "cache" / "meta.json").write_text(json.dumps({**meta, "text": str(tmp_path / "moved")}))
+    with pytest.raises(FileNotFoundError, match=r"text encoders in .*moved; is one of them gone or moved"):
+        align.main(["--stage", "embed", "--base", str(world / "base"), "--cache", str(tmp_path / "cache"),
+                    "--out_dir", str(tmp_path / "out"), "--steps", "0"])  # fmt: skip
+    assert not (tmp_path / "out" / "model" / "transformer").exists()
