@@ -8,7 +8,7 @@ r = sqrt(C·L/4096), FLUX.1 and DC-Gen-FLUX 4K the dynamic mu, SANA a constant f
 Guidance-distilled models (FLUX.1-Krea, DC-Gen-FLUX) take --guidance as an input (one pass per step); CFG models
 (SANA) use true classifier-free guidance --cfg (two passes). Positions are on the model's own token grid.
 
-Run:    python sample.py --prompt "a red circle above a blue square" --size 4096        # the toy zoo, on a CPU
+Run:    python sample.py --prompt "a red circle above a blue square on a black background" --size 4096  # toy zoo
         python sample.py --model DC-Gen-FLUX.1-Krea-Dev-v1.0-Res4K --prompt "a cozy cabin" --size 4096 --device cuda
         python sample.py --model FLUX.1-Krea-dev --prompts prompts.txt --size 1024 --batch 4 --grid --out grid.png
 Input:  a model folder: released FLUX.1-Krea-dev, DC-Gen-FLUX, SANA (diffusers layout), or one our stages wrote;
@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import data
 from common import (
     denoise,
     get_noise,
@@ -96,6 +97,16 @@ def image_size(cfg: Config, factor: int, native: int) -> tuple[int, int]:
     return H, W
 
 
+def check_toy_prompts(prompts: list[str]) -> None:
+    """The toy zoo learned only data.py's captions; say so (once) for a prompt outside that grammar."""
+    for prompt in prompts:
+        try:
+            data.parse_caption(prompt)
+        except ValueError as e:
+            print(f"note: the toy zoo knows only the captions it was trained on; {e}. Expect a poor image.")
+            return
+
+
 def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
@@ -136,6 +147,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
     pipe = load_pipeline(folder, dtype=dtype, device=device, max_length=cfg.max_length or None,
                          tile_px=cfg.tile_px or None)  # fmt: skip
     model, ae = pipe.transformer.eval(), pipe.ae.eval()
+    if folder.resolve().is_relative_to(ZOO):
+        check_toy_prompts(prompts)
     p, f, C = pipe.patch_size(), ae.spatial_factor, model.params.in_channels
     H, W = image_size(cfg, f * p, native=4096 if f == 64 else 1024)  # f64 AEs are DC-Gen's 4K (Res4K, zoo/dcgen-4k)
     h, w = H // f, W // f  # latent grid

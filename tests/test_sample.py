@@ -119,10 +119,10 @@ def test_missing_model_folder(tmp_path):
         sample.main(["--model", str(tmp_path / "half"), "--prompt", "x"])
 
 
-def test_toy_zoo_is_the_default_and_small(tmp_path):
+def test_toy_zoo_is_the_default_and_small(tmp_path, capsys):
     """The committed zoo: every model folder loads, the whole of it stays under 40 MB, and sample.py without --model
     or --size draws a 4096 px image from zoo/dcgen-4k, a 4096 px model (its shapes are judged by runs/toy_eval.py, not
-    here: 2 steps make blobs)."""
+    here: 2 steps make blobs). A prompt outside the zoo's caption grammar (no background) gets a note."""
     zoo = ROOT / "zoo"
     size = sum(f.stat().st_size for f in zoo.rglob("*") if f.is_file() and not f.is_symlink())
     assert size < 40 * 2**20, f"zoo/ is {size / 2**20:.1f} MiB, over the 40 MB budget"
@@ -133,6 +133,9 @@ def test_toy_zoo_is_the_default_and_small(tmp_path):
     img = Image.open(path)
     assert img.size == (4096, 4096) and "zoo/dcgen-4k" in img.text["model"]
     assert np.asarray(img).std() > 5  # not a flat canvas
+    assert "note: the toy zoo knows only the captions" in capsys.readouterr().out
+    sample.check_toy_prompts(["a red circle above a blue square on a black background"])
+    assert "note" not in capsys.readouterr().out
 
 
 def test_toy_eval_word_order_counts():
