@@ -59,8 +59,8 @@ def main() -> None:
              "from nothing but this repository's scripts and the procedural shapes of data.py. Weights in fp16; "
              "the model folders link their `vae/` and text encoders to the shared copies here.", "",
              "| folder | what | params | made by |", "|---|---|---|---|",
-             "| text/ | frozen random CLIP + T5 in miniature over the captions' words | - | "
-             "models.text.build_toy_text_encoder |"]  # fmt: skip
+             "| text/ | frozen CLIP + T5 in miniature over the captions' words: CLIP random, T5 pretrained for a "
+             "minute to say where each object goes | - | models.text.build_toy_text_encoder(roles=...) |"]  # fmt: skip
     for name, what in AES.items():
         n = half(runs / "ae" / name / "ae", out / "ae" / name)
         lines.append(f"| ae/{name}/ | {what} | {n / 1e6:.2f} M | ae15.py (runs/ae15_toy.sh) |")

@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The toy zoo (README "The toy zoo"): DC-Gen in miniature, from nothing, with the project's own scripts, on a 2-core CPU
-# in about 3 h 20 min. Deterministic for a given SEED; every step is skipped when its output exists and a training step
+# in about 3 h 30 min. Deterministic for a given SEED; every step is skipped when its output exists and a training step
 # resumes from its newest checkpoint (exactly: the same draws), so a crashed run continues where it stopped (delete a
 # step's folder to redo it). At the end, runs/export_zoo.py writes zoo/.
 #
-#   text          frozen random CLIP + T5 in miniature over the captions' words          (models/text.py)
+#   text          CLIP + T5 in miniature over the captions' words, frozen; T5 pretrained for a minute to say where
+#                 each object goes (the DiT sees T5's states as a set; a random T5 left it a bag of words)
+#                                                                                        (models/text.py)
 #   ae/*          toy AEs: vae-f8c4 (the FLUX VAE's role), DC-AE 1.5 f32c16 (1K role), f64c32 (4K role)   (ae15.py)
 #   base          CFG MMDiT from scratch on vae-f8c4 latents at 256 px, 16x16 tokens; lr decays over the last half
 #   krea          base distilled to embedded guidance: the toy FLUX.1-Krea                        (distill.py)
-#   dcgen-1k      krea -> f32c16 at 256 px, 8x8 tokens (4x fewer): align embed -> head -> LoRA -> merge
+#   dcgen-1k      krea -> f32c16 at 256 px, 8x8 tokens (4x fewer): align embed -> head -> LoRA (3000) -> merge
 #   dcgen-4k      krea -> f64c32 at 4096 px on the base's own 16x16 grid (as DC-Gen-FLUX 4K is on FLUX's 1K grid):
 #                 4x4 patches of the first 4 channels (DC-AE 1.5's structured prefix: 512-dim tokens of all 32 do not
 #                 fit the width-128 toy, whose loss then stalled), aligned to the teacher's copy of each image at 256 px
@@ -26,7 +28,8 @@ step() {  # name, output that marks it done, command...
 LOG="--device cpu --seed $SEED --log_every 50 --resume"
 
 step text "$OUT/text/tokenizer" python -c "import data; from models.text import build_toy_text_encoder as b; \
-b('$OUT/text', [s.caption for s in data.all_specs('all')], seed=$SEED)"
+c = [s.caption for s in data.all_specs('train')]; \
+b('$OUT/text', c, seed=$SEED, roles=[data.caption_roles(x) for x in c])"
 env OUT="$OUT/ae" bash runs/ae15_toy.sh 2>&1 | tee -a "$OUT/toy.log"  # skips the AEs that exist
 
 # --- latent caches: both latents + text, once (train captions; val: held-out captions)
@@ -63,7 +66,7 @@ dcgen() {  # name, cache (both latents), embed steps, head steps, student patch 
     --steps "$4" --batch_size 16 --lr 1e-3 --warmup 20 $LOG --out_dir "$OUT/$1-head"
 }
 dcgen dcgen-1k "$C/256" 200 150
-lora dcgen-1k "$OUT/dcgen-1k-head/model" "$C/256" 1000 16 "--val_cache $C/val256 --val_every 250"
+lora dcgen-1k "$OUT/dcgen-1k-head/model" "$C/256" 3000 16 "--val_cache $C/val256 --val_every 500 --decay 1000"
 dcgen dcgen-4k "$C/4096c4" 200 150 4
 lora dcgen-4k "$OUT/dcgen-4k-head/model" "$C/4096c4" 1000 16
 
