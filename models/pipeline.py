@@ -135,12 +135,11 @@ def write_pipeline(
     where they live, and the sampling shift."""
     assert shift in SHIFTS, f"shift {shift!r} not in {SHIFTS}"
     folder = Path(folder)
-    sources = {"vae": Path(ae_folder)} | {
-        p: Path(text_folder) / p for p in TEXT_PARTS if (Path(text_folder) / p).is_dir()
-    }
-    if not (Path(ae_folder) / "config.json").is_file() or len(sources) == 1:  # e.g. a cache's folders, since moved
+    text = {p: Path(text_folder) / p for p in TEXT_PARTS if (Path(text_folder) / p).is_dir()}
+    if not (Path(ae_folder) / "config.json").is_file() or not text:  # e.g. a cache's folders, since moved
         raise FileNotFoundError(f"model folder {folder}: needs an AE folder (got {ae_folder}) and text encoders in "
                                 f"{text_folder}; is one of them gone or moved?")  # fmt: skip
+    sources = {"vae": Path(ae_folder)} | text
     sd = transformer.state_dict() if state_dict is None else state_dict
     save_pretrained(folder / "transformer", sd, config or transformer.diffusers_config())
     for name, src in sources.items():

@@ -5,8 +5,7 @@
 # step's folder to redo it). At the end, runs/export_zoo.py writes zoo/.
 #
 #   text          CLIP + T5 in miniature over the captions' words, frozen; T5 pretrained for a minute to say where
-#                 each object goes (the DiT sees T5's states as a set; a random T5 left it a bag of words)
-#                                                                                        (models/text.py)
+#                 each object goes (with a random T5 the DiT read captions as bags of words)     (models/text.py)
 #   ae/*          toy AEs: vae-f8c4 (the FLUX VAE's role), DC-AE 1.5 f32c16 (1K role), f64c32 (4K role)   (ae15.py)
 #   base          CFG MMDiT from scratch on vae-f8c4 latents at 256 px, 16x16 tokens; lr decays over the last half
 #   krea          base distilled to embedded guidance: the toy FLUX.1-Krea                        (distill.py)
