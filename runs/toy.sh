@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The toy zoo (README "The toy zoo"): DC-Gen in miniature, from nothing, with the project's own scripts, on a 2-core CPU
-# in about 3 h 50 min. Deterministic for a given SEED; every step is skipped when its output exists and a training step
-# resumes from its newest checkpoint (exactly: the same draws), so a crashed run continues where it stopped (delete a
-# step's folder to redo it). At the end, runs/export_zoo.py writes zoo/.
+# in about 3 h 50 min. Deterministic for a given SEED on one machine (another CPU rounds floats differently, and the
+# weights drift: README "Prompt adherence"); every step is skipped when its output exists and a training step resumes
+# from its newest checkpoint (exactly: the same draws), so a crashed run continues where it stopped (delete a step's
+# folder to redo it). At the end, runs/export_zoo.py writes zoo/.
 #
 #   text          CLIP + T5 in miniature over the captions' words, frozen; T5 pretrained for a minute to say where
 #                 each object goes (with a random T5 the DiT read captions as bags of words)     (models/text.py)
