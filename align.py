@@ -105,7 +105,7 @@ class Config:
     clip_grad: float = -1.0  # max gradient norm (0: none)
     # runtime
     device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32 or bf16 (frozen weights in bf16, autocast)
+    dtype: str = "fp32"  # fp32 or bf16 (cache: the AEs encode under autocast; embed, head: frozen weights in bf16)
     fsdp: bool = False  # head: shard the model (FSDP2) instead of DDP
     grad_checkpointing: bool = False  # head: recompute block activations in backward
     seed: int = 0  # data order and draws
@@ -180,7 +180,9 @@ def cache_stage(cfg: Config, d) -> None:
             inputs = {"student": (x, cfg.student_channels or None)}  # (images, latent channels to keep)
             if "teacher" in aes:  # the teacher's copy at its own size: the same scene, the same token grid
                 inputs["teacher"] = (F.interpolate(x, size=(r_t, r_t), mode="area") if r_t != r else x, None)
-            batch = {k: ae.encode(*inputs[k]) for k, ae in aes.items()} | text([it["caption"] for it in items])
+            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+                batch = {k: ae.encode(*inputs[k]).float() for k, ae in aes.items()}
+            batch |= text([it["caption"] for it in items])
             for k, v in batch.items():
                 rows.setdefault(k, []).append(v.cpu())
             captions += [it["caption"] for it in items]
@@ -294,6 +296,7 @@ def main(argv: list[str] | None = None):
     cfg = parse_config(Config, argv)
     assert cfg.stage in RECIPES, f"--stage {cfg.stage!r}: choose cache, embed or head"
     assert cfg.align in ("upsample", "downsample"), f"--align {cfg.align!r}: choose upsample or downsample"
+    assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
     recipe = {k: v for k, v in RECIPES[cfg.stage].items() if getattr(cfg, k) == -1}
     cfg = dataclasses.replace(cfg, **recipe)
     if cfg.stage == "head":

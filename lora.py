@@ -264,6 +264,7 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
         return merge(cfg, build)
     assert loss_fn or cfg.loss in ("auto", "fm", "guide"), f"--loss {cfg.loss!r}: choose auto, fm or guide"
     assert cfg.guide_uncond in ("one", "w"), f"--guide_uncond {cfg.guide_uncond!r}: choose one (code) or w (paper)"
+    assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
 
     # --- distributed init ---
     d = init_dist(cfg.device)

@@ -101,6 +101,16 @@ def test_kl_vae_with_gan(tmp_path, monkeypatch):
     assert isinstance(ae, VAE) and ae.params.shift_factor != 0.1  # shift and scale measured on data at export
 
 
+def test_bf16_autocast_trains_like_fp32(tmp_path, monkeypatch):
+    for dtype in ("fp32", "bf16"):
+        run(monkeypatch, *TINY, "--steps", 2, "--dtype", dtype, "--out_dir", tmp_path / dtype)
+    loss = [float(step_lines(tmp_path / dtype)[-1].split("| loss ")[1].split()[0]) for dtype in ("fp32", "bf16")]
+    assert loss[1] == pytest.approx(loss[0], rel=0.05)  # the same step-2 loss to bf16 precision
+    w32, w16 = (load_ckpt(tmp_path / dtype / "ckpt_0000002.pt")["model"] for dtype in ("fp32", "bf16"))
+    assert w16["encoder.conv_in.conv.weight"].dtype == torch.float32  # fp32 master weights ...
+    assert not torch.equal(w32["encoder.conv_in.conv.weight"], w16["encoder.conv_in.conv.weight"])  # ... bf16 compute
+
+
 def test_lpips_loads_local_weights(tmp_path):
     torch.manual_seed(0)
     ref = ae15.LPIPS()
@@ -122,6 +132,7 @@ def test_lpips_loads_local_weights(tmp_path):
         (["--lpips_weight", "0.5"], "LPIPS/VGG weights cannot be downloaded"),
         (["--mask", "random"], "--mask must be 'prefix'"),
         (["--model", "nope"], "unknown --model 'nope'; choose from"),
+        (["--dtype", "fp16"], "--dtype must be fp32 or bf16"),
     ],
 )
 def test_bad_flags(tmp_path, monkeypatch, flags, error):

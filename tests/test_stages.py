@@ -45,6 +45,18 @@ def test_cache_holds_paired_latents_and_text(world):
     assert set(load_ckpt(world / "cache" / "null.safetensors")) == {"txt", "y"}
 
 
+def test_cache_under_bf16_autocast_matches_fp32_to_bf16_precision(world, tmp_path):
+    align.main(["--stage", "cache", "--data", "shapes", "--count", "4", "--resolution", str(SIZE), "--shard_size",
+                "4", "--batch_size", "3", "--teacher_ae", str(world / "teacher_ae"), "--student_ae",
+                str(world / "student_ae"), "--text", str(world / "text"), "--dtype", "bf16",
+                "--out_dir", str(tmp_path)])  # fmt: skip
+    bf16, fp32 = load_ckpt(tmp_path / "shard_00000.safetensors"), load_ckpt(world / "cache" / "shard_00000.safetensors")
+    for k in ("teacher", "student"):
+        err = (bf16[k] - fp32[k]).norm() / fp32[k].norm()
+        assert bf16[k].dtype == torch.float32 and 0 < err < 0.03, (k, err)  # computed in bf16, stored in fp32
+    assert torch.equal(bf16["txt"], fp32["txt"])  # the text encoders run in fp32 either way
+
+
 @pytest.mark.parametrize("mode", ["upsample", "downsample"])
 def test_embed_stage_trains_only_the_embedder_and_assembles_the_student(world, tmp_path, mode):
     run(align.main, world, tmp_path, "--stage", "embed", "--base", str(world / "base"), "--steps", "6",
@@ -157,3 +169,14 @@ def test_a_cache_whose_text_encoders_moved_fails_with_their_path(world, tmp_path
         align.main(["--stage", "embed", "--base", str(world / "base"), "--cache", str(tmp_path / "cache"),
                     "--out_dir", str(tmp_path / "out"), "--steps", "0"])  # fmt: skip
     assert not (tmp_path / "out" / "model" / "transformer").exists()
+
+
+def test_a_dtype_other_than_fp32_or_bf16_fails(world, tmp_path):
+    """--dtype fp16 would otherwise run silently in fp32 (every dtype check is `== "bf16"`)."""
+    with pytest.raises(AssertionError, match="--dtype 'fp16': choose fp32 or bf16"):
+        align.main(["--stage", "cache", "--data", "shapes", "--count", "2", "--resolution", str(SIZE), "--teacher_ae",
+                    str(world / "teacher_ae"), "--dtype", "fp16", "--out_dir", str(tmp_path)])  # fmt: skip
+    with pytest.raises(AssertionError, match="--dtype 'fp16': choose fp32 or bf16"):
+        lora.main(
+            lora.Config(init=str(world / "base"), cache=str(world / "cache"), out_dir=str(tmp_path), dtype="fp16")
+        )
