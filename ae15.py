@@ -6,7 +6,8 @@ Each step encodes the batch once and decodes K channel prefixes c' of the latent
 with channels >= c' zeroed, the paper's mask. Loss = mean over the prefixes of L1 (+ LPIPS, + GAN when asked).
 
 Run:    python ae15.py --model dc-ae-1.5-f64c128 --data /path/to/images --size_px 256 --batch_size 16 --steps 200000
-        torchrun --standalone --nproc_per_node=8 ae15.py --model dc-ae-1.5-f64c128 --data /path/to/images --size_px 256
+        torchrun --standalone --nproc_per_node=8 ae15.py --model dc-ae-1.5-f64c128 --data /path/to/images \
+            --size_px 256 --dtype bf16
 Toy:    bash runs/ae15_ablation.sh   (two toy f32 AEs on procedural shapes, masked vs not, on a 2-core CPU)
 Eval:   python ae15.py --eval --init out/ae15/ae --data shapes --size_px 256
 Smoke:  python ae15.py --model tiny-1.5 --size_px 32 --batch_size 2 --steps 2 --device cpu --out_dir out/ae15-smoke
@@ -86,7 +87,7 @@ class Config:
     resume: bool = False  # continue from the newest out_dir/ckpt_*.pt
     seed: int = 0  # base seed (rank r uses seed + r; prefixes and data are shared-seeded per step)
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    dtype: str = "fp32"  # fp32, or bf16: autocast over fp32 weights (2x faster on GPUs and on CPUs with AVX512-BF16)
+    dtype: str = "fp32"  # fp32, or bf16: autocast over fp32 weights (faster on GPUs and on CPUs with AVX512-BF16)
     num_workers: int = 0  # DataLoader workers per rank
     dry_run: bool = False  # print the config and parameter counts, then exit
 

@@ -45,7 +45,7 @@ def parse_config(cls: type, argv: list[str] | None = None):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `X | None` -> X
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        kw = dict(default=default, help=comments.get(f.name, " "))
+        kw = dict(default=default, help=comments.get(f.name, " ").replace("%", "%%"))  # argparse %-formats help
         if tp is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(tp) in (list, tuple):  # `--x a b --x c` -> (a, b, c); given, it replaces the default
