@@ -4,6 +4,7 @@ data.py's scorer (the toy's GenEval). Prints one line per model, writes eval.jso
 Run:    python runs/toy_eval.py --model zoo/krea --model zoo/dcgen-1k --size 256 --count 200 --out out/toy-eval
         python runs/toy_eval.py --model out/toy/base/model --name base --size 256 --extra=--cfg=4.5
         python runs/toy_eval.py --model zoo/krea --count 64 --swap    # does the placement follow the word order?
+        python runs/toy_eval.py --model zoo/dcgen-4k --size 4096 --count 24 --split train   # does it fit its data?
 
 --swap also samples every prompt with its two objects named the other way round ("a blue square above a red circle"
 for "a red circle above a blue square"), from the same noise, and counts the prompts whose relation holds under both
@@ -65,22 +66,30 @@ def main() -> None:
     ap.add_argument("--model", action="append", required=True, help="model folder (repeat for several)")
     ap.add_argument("--name", action="append", default=[], help="a name per --model (default: the folder's name)")
     ap.add_argument("--size", type=int, default=256, help="image size in px")
-    ap.add_argument("--count", type=int, default=200, help="held-out prompts (data.eval_specs)")
+    ap.add_argument("--count", type=int, default=200, help="prompts")
+    ap.add_argument("--split", choices=("test", "train"), default="test",
+                    help="test: held-out captions (data.eval_specs); train: those of the first --count training "
+                         "scenes, which runs/toy.sh's caches hold (seed 0): how well a model fits them")  # fmt: skip
     ap.add_argument("--steps", type=int, default=20, help="Euler steps")
     ap.add_argument("--batch", type=int, default=8, help="images per forward pass")
     ap.add_argument("--extra", action="append", default=[], help="more sample.py flags, e.g. --extra=--cfg=4.5")
     ap.add_argument("--out", default="out/toy-eval", help="folder for images, grids and eval.json")
     ap.add_argument("--swap", action="store_true", help="also sample each prompt with its objects' order swapped")
     args = ap.parse_args()
-    specs, out = data.eval_specs(args.count), Path(args.out)
+    if args.split == "test":
+        specs = data.eval_specs(args.count)
+    else:
+        scenes = data.ShapesDataset(seed=0, split="train")
+        specs = [scenes.scene(i).spec for i in range(args.count)]
+    out = Path(args.out)
     names = args.name or [Path(m).name if Path(m).name != "model" else Path(m).parent.name for m in args.model]
     report = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
     for name, model in zip(names, args.model, strict=True):
         r = evaluate(model, out / name, specs, args.size, args.steps, args.batch, args.extra)
         report[name] = r
         checks = " ".join(f"{k} {v:.2f}" for k, v in r["checks"].items())
-        print(f"{name}: accuracy {r['accuracy']:.3f} on {r['count']} held-out prompts at {args.size}px | {checks} | "
-              f"{r['seconds']:.0f}s", flush=True)  # fmt: skip
+        print(f"{name}: accuracy {r['accuracy']:.3f} on {r['count']} {args.split} prompts at {args.size}px | "
+              f"{checks} | {r['seconds']:.0f}s", flush=True)  # fmt: skip
         if args.swap:
             r["swapped"] = evaluate(model, out / f"{name}-swapped", [swapped(s) for s in specs], args.size, args.steps,
                                     args.batch, args.extra)  # fmt: skip
