@@ -45,13 +45,11 @@ def parse_config(cls: type, argv: list[str] | None = None):
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `X | None` -> X
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        kw = dict(default=default, help=comments.get(f.name, " ").replace("%", "%%"))  # argparse %-formats help
+        kw = dict(default=default, type=tp, help=comments.get(f.name, " ").replace("%", "%%"))  # help is %-formatted
         if tp is bool:
-            kw["action"] = argparse.BooleanOptionalAction
+            kw.update(action=argparse.BooleanOptionalAction, type=None)
         elif typing.get_origin(tp) in (list, tuple):  # `--x a b --x c` -> (a, b, c); given, it replaces the default
             kw.update(nargs="*", type=typing.get_args(tp)[0], action=Extend)
-        else:
-            kw["type"] = tp
         parser.add_argument(f"--{f.name}", **kw)
     ns = vars(parser.parse_args(argv))
     return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
@@ -101,7 +99,9 @@ def init_dist(device: str = "auto") -> Dist:
 
 
 def cleanup_dist() -> None:
-    dist.destroy_process_group() if dist.is_initialized() else None
+    if dist.is_initialized():
+        dist.barrier()  # every rank arrives before any tears the group down: gloo can abort a rank mid-teardown
+        dist.destroy_process_group()
 
 
 def print0(*args, log_file: str | Path | None = None) -> None:
