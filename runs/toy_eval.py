@@ -10,6 +10,9 @@ Run:    python runs/toy_eval.py --model zoo/krea --model zoo/dcgen-1k --size 256
 for "a red circle above a blue square"), from the same noise, and counts the prompts whose relation holds under both
 wordings: a model that reads the caption as a bag of words puts the colours where the noise suggests, whatever order
 they come in, and gets the relation right under at most one wording.
+
+--split train samples the captions of the first --count training scenes instead (those runs/toy.sh's latent caches
+hold): a model that scores much better there than on held-out prompts has memorised its data.
 """
 
 from __future__ import annotations
@@ -86,6 +89,7 @@ def main() -> None:
     report = json.loads((out / "eval.json").read_text()) if (out / "eval.json").is_file() else {}
     for name, model in zip(names, args.model, strict=True):
         r = evaluate(model, out / name, specs, args.size, args.steps, args.batch, args.extra)
+        r["split"] = args.split
         report[name] = r
         checks = " ".join(f"{k} {v:.2f}" for k, v in r["checks"].items())
         print(f"{name}: accuracy {r['accuracy']:.3f} on {r['count']} {args.split} prompts at {args.size}px | "
