@@ -52,7 +52,10 @@ def main() -> None:
     ap.add_argument("--runs", default="out/toy", help="output folder of runs/toy.sh")
     ap.add_argument("--out", default="zoo", help="the zoo folder to (re)write")
     args = ap.parse_args()
-    runs, out = Path(args.runs), Path(args.out)
+    # Written next to --out, then swapped in: a failed export leaves the old zoo whole, and run folders that link
+    # into it (a run resumed from the zoo's copies) stay readable while the new one is written.
+    runs, final = Path(args.runs), Path(args.out)
+    out = final.with_name(final.name + ".tmp")
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(runs / "text", out / "text")
@@ -80,7 +83,10 @@ def main() -> None:
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.is_symlink())
     lines += ["", f"Total size: {size / 2**20:.1f} MiB."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out} ({size / 2**20:.1f} MiB)")
+    if final.exists():
+        shutil.rmtree(final)
+    out.rename(final)
+    print(f"wrote {final} ({size / 2**20:.1f} MiB)")
 
 
 if __name__ == "__main__":
