@@ -75,9 +75,11 @@ dcgen dcgen-1k "$C/256" 200 150
 lora dcgen-1k "$OUT/dcgen-1k-head/model" "$C/256" 3000 16 1e-3 "--val_cache $C/val256 --val_every 500 --decay 1000"
 dcgen dcgen-4k "$C/4096c4" 200 150 4
 lora dcgen-4k "$OUT/dcgen-4k-head/model" "$C/4096c4" 3000 16 1e-3 "--decay 1000"
-lora dcgen-4k-2 "$OUT/dcgen-4k/model" "$C/4096c4" 3000 16 1e-3 "--decay 1000 --seed $((SEED + 1))"
-lora dcgen-4k-3 "$OUT/dcgen-4k-2/model" "$C/4096c4" 3000 16 1e-3 "--decay 1000 --seed $((SEED + 2))"
-lora dcgen-4k-4 "$OUT/dcgen-4k-3/model" "$C/4096c4" 3000 16 1e-3 "--decay 1000 --seed $((SEED + 3))"
+prev=$OUT/dcgen-4k
+for i in 2 3 4; do  # more LoRAs of the same recipe, each on the merged model before it, with fresh draws
+  lora "dcgen-4k-$i" "$prev/model" "$C/4096c4" 3000 16 1e-3 "--decay 1000 --seed $((SEED + i - 1))"
+  prev=$OUT/dcgen-4k-$i
+done
 
 # always exported (10 s): zoo/ is committed, so its files cannot mark this step done
 echo "== export"; python runs/export_zoo.py --runs "$OUT" --out zoo 2>&1 | tee -a "$OUT/toy.log"
