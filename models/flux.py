@@ -60,6 +60,12 @@ PRESETS = {
         in_channels=4, hidden_size=128, num_heads=2, depth=2, depth_single=4, axes_dim=(16, 24, 24),
         context_in_dim=64, vec_in_dim=64, guidance_embed=False,
     ),
+    # The same toy trained from scratch on the toy DC-AE 1.5 f32c16 latent, 1×1 patches: 8×8 tokens at 256 px, 4x
+    # fewer than "toy" (README "The toy zoo": the deep-compression latent as a base's own space).
+    "toy-f32c16": FluxParams(
+        in_channels=16, patch_size=1, hidden_size=128, num_heads=2, depth=2, depth_single=4, axes_dim=(16, 24, 24),
+        context_in_dim=64, vec_in_dim=64, guidance_embed=False,
+    ),
     # For tests: every structural feature (both block kinds, 3-axis RoPE, guidance), 0.33 M parameters.
     "tiny": FluxParams(
         in_channels=4, hidden_size=64, num_heads=2, depth=1, depth_single=2, axes_dim=(8, 12, 12),
