@@ -20,7 +20,7 @@ strict=True (see `Flux.from_pretrained`). One convention differs from diffusers:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -48,24 +48,23 @@ class FluxParams:
     guidance_embed: bool = True  # guidance-distilled model (FLUX.1-dev / Krea) with an embedded guidance scale w
 
 
+# The toy zoo's CFG base (runs/toy.sh): a FLUX in miniature on the toy f8c4 VAE latent, 2×2 patches, reading the toy
+# text encoder (width 64); 2.4 M parameters. Its guidance-distilled and DC-Gen descendants keep the shape.
+_TOY = FluxParams(
+    in_channels=4, hidden_size=128, num_heads=2, depth=2, depth_single=4, axes_dim=(16, 24, 24),
+    context_in_dim=64, vec_in_dim=64, guidance_embed=False,
+)  # fmt: skip
+
 PRESETS = {
     # FLUX.1-dev / FLUX.1-Krea-dev: 11.9 B parameters, f8c16 latent with 2×2 patches.
     "flux-dev": FluxParams(),
     # DC-Gen-FLUX: the same backbone on DC-AE f32c32 (1K) or DC-AE 1.5 f64c128 (4K) latents, 1×1 patches.
     "dcgen-flux-1k": FluxParams(in_channels=32, patch_size=1),
     "dcgen-flux-4k": FluxParams(in_channels=128, patch_size=1),
-    # The toy zoo's CFG base (runs/toy.sh): a FLUX in miniature on the toy f8c4 VAE latent, 2×2 patches, reading the
-    # toy text encoder (width 64); 2.4 M parameters. Its guidance-distilled and DC-Gen descendants keep the shape.
-    "toy": FluxParams(
-        in_channels=4, hidden_size=128, num_heads=2, depth=2, depth_single=4, axes_dim=(16, 24, 24),
-        context_in_dim=64, vec_in_dim=64, guidance_embed=False,
-    ),
+    "toy": _TOY,
     # The same toy trained from scratch on the toy DC-AE 1.5 f32c16 latent, 1×1 patches: 8×8 tokens at 256 px, 4x
     # fewer than "toy" (README "The toy zoo": the deep-compression latent as a base's own space).
-    "toy-f32c16": FluxParams(
-        in_channels=16, patch_size=1, hidden_size=128, num_heads=2, depth=2, depth_single=4, axes_dim=(16, 24, 24),
-        context_in_dim=64, vec_in_dim=64, guidance_embed=False,
-    ),
+    "toy-f32c16": replace(_TOY, in_channels=16, patch_size=1),
     # For tests: every structural feature (both block kinds, 3-axis RoPE, guidance), 0.33 M parameters.
     "tiny": FluxParams(
         in_channels=4, hidden_size=64, num_heads=2, depth=1, depth_single=2, axes_dim=(8, 12, 12),
