@@ -24,6 +24,7 @@ train() {  # name, then ae15.py flags
     python ae15.py $COMMON "$@" --out_dir "$OUT/$name"
 }
 for name in ${@:-f32c16 f64c32 vae-f8c4}; do
+  if [ -f "$OUT/$name/ae/config.json" ]; then echo "$name: $OUT/$name/ae exists, skipped"; continue; fi  # both phases
   case $name in
     f32c16) train f32c16-128 --model toy-f32c16 --size_px 128 --zoom 1 8 --batch_size 16 --steps ${STEPS:-2500}
         train f32c16 --init "$OUT/f32c16-128/ae" --size_px 256 --batch_size 16 --steps ${STEPS:-1000} ;;
