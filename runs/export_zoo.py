@@ -22,8 +22,8 @@ from models.pipeline import TEXT_PARTS  # noqa: E402
 AES = {"vae-f8c4": "KL VAE f8c4: the FLUX VAE's role", "f32c16": "DC-AE 1.5 f32c16 (structured latent): the 1K role",
        "f64c32": "DC-AE 1.5 f64c32 (structured latent): the 4K role"}  # fmt: skip
 MODELS = {  # zoo name: (run folder, AE, what it is, how it was made)
-    "base": ("base", "vae-f8c4", "CFG MMDiT trained from scratch at 256 px (16x16 tokens)",
-             "lora.py --preset toy --rank 0"),
+    "base": ("base-2", "vae-f8c4", "CFG MMDiT trained from scratch at 256 px (16x16 tokens)",
+             "lora.py --preset toy --rank 0 (7000 steps) -> lora.py --init --rank 0 (3000 more at a lower lr)"),
     "krea": ("krea", "vae-f8c4", "the base distilled to embedded guidance: the toy FLUX.1-Krea", "distill.py"),
     "dcgen-1k": ("dcgen-1k", "f32c16", "DC-Gen of krea on f32c16 at 256 px (8x8 tokens, 4x fewer)",
                  "align.py --stage embed -> --stage head -> lora.py -> lora.py --merge"),
