@@ -10,7 +10,7 @@
 #   ae/*          toy AEs: vae-f8c4 (the FLUX VAE's role), DC-AE 1.5 f32c16 (1K role), f64c32 (4K role)   (ae15.py)
 #   base          CFG MMDiT from scratch on vae-f8c4 latents at 256 px, 16x16 tokens; lr decays over the last half
 #   base-2        base trained 3000 steps more at lr 3e-4 decayed to 0, fresh draws (seed + 1): held-out accuracy 0.300
-#                 -> 0.420, and krea's 0.270 -> 0.365
+#                 -> 0.420, krea's 0.270 -> 0.365, DC-Gen 1K's 0.260 -> 0.330, DC-Gen 4K's 0.375 -> 0.438 (48 prompts)
 #   krea          base-2 distilled to embedded guidance: the toy FLUX.1-Krea                      (distill.py)
 #   dcgen-1k      krea -> f32c16 at 256 px, 8x8 tokens (4x fewer): align embed -> head -> LoRA (3000) -> merge; LoRA
 #                 lr 1e-3 (at 3e-4 the LoRA drew the layout but blobs for shapes: accuracy 0.04 against 0.26)
@@ -19,9 +19,9 @@
 #                 fit the width-128 toy, whose loss then stalled), aligned to the teacher's copy of each image at 256
 #                 px; LoRA 3000 steps at lr 1e-3 like 1K (1000 at 3e-4 drew blobs: shapes 0.33 / 0.17 against 0.50 /
 #                 0.21), then a second LoRA of 3000 on the merged model, fresh draws (seed + 1): shapes 0.67 / 0.33
-#   dcgen-4k-2..4 that second LoRA, then one more on each merged model (seed + 2, ...): shapes 0.625 / 0.46 after
-#                 the third, 0.71 / 0.50 after the fourth (a fifth scored lower: 0.29 against 0.375 on 48 held-out
-#                 prompts); dcgen-4k-4 is the zoo's dcgen-4k
+#   dcgen-4k-2..4 that second LoRA, then one more on each merged model (seed + 2, ...): on 24 held-out prompts 0.375
+#                 after the third, 0.458 after the fourth (0.438 on 48; krea 0.417); on the 7000-step base a fifth
+#                 scored lower (0.29 against 0.375 on 48); dcgen-4k-4 is the zoo's dcgen-4k
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy}
