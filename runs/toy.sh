@@ -18,10 +18,10 @@
 #                 4x4 patches of the first 4 channels (DC-AE 1.5's structured prefix: 512-dim tokens of all 32 do not
 #                 fit the width-128 toy, whose loss then stalled), aligned to the teacher's copy of each image at 256
 #                 px; LoRA 3000 steps at lr 1e-3 like 1K (1000 at 3e-4 drew blobs: shapes 0.33 / 0.17 against 0.50 /
-#                 0.21), then a second LoRA of 3000 on the merged model, fresh draws (seed + 1): shapes 0.67 / 0.33
-#   dcgen-4k-2..4 that second LoRA, then one more on each merged model (seed + 2, ...): on 24 held-out prompts 0.375
-#                 after the third, 0.458 after the fourth (0.438 on 48; krea 0.417); on the 7000-step base a fifth
-#                 scored lower (0.29 against 0.375 on 48); dcgen-4k-4 is the zoo's dcgen-4k
+#                 0.21; on the 7000-step base), then more LoRAs of 3000 on the merged model, fresh draws
+#   dcgen-4k-2..4 one more LoRA on each merged model (seed + 1, ...): on 24 held-out prompts 0.375 after the third,
+#                 0.458 after the fourth (0.438 on 48; krea 0.417); a fifth scored 0.521 on 48 here, within noise,
+#                 and 0.29 against 0.375 on the 7000-step base, so it is not run; dcgen-4k-4 is the zoo's dcgen-4k
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/toy}
