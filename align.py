@@ -122,16 +122,17 @@ class Config:
 
 def embed_map(layer: nn.Module, z: torch.Tensor, p: int) -> torch.Tensor:
     """A patch embedder applied to a latent z (B, C, H, W), as a 2-D map of token embeddings (B, D, H/p, W/p)."""
-    if isinstance(layer, nn.Conv2d):  # SANA: conv with kernel = stride = p
+    if isinstance(getattr(layer, "module", layer), nn.Conv2d):  # SANA: conv with kernel = stride = p (DDP-wrapped)
         return layer(z)
     tokens = rearrange(z, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p)  # FLUX: linear on p×p patches
     return layer(tokens).permute(0, 3, 1, 2)
 
 
-def new_layer_like(old: nn.Module, c_in: int | None = None, c_out: int | None = None) -> nn.Module:
-    """A fresh layer of old's kind and width for the student latent: xavier-uniform weight, zero bias (official)."""
+def new_layer_like(old: nn.Module, c_in: int | None = None, c_out: int | None = None, patch: int = 1) -> nn.Module:
+    """A fresh layer of old's kind and width for the student latent: xavier-uniform weight, zero bias (official). A
+    conv embedder gets kernel = stride = the student's patch size."""
     if isinstance(old, nn.Conv2d):
-        new = nn.Conv2d(c_in, old.out_channels, old.kernel_size, old.stride)
+        new = nn.Conv2d(c_in, old.out_channels, patch, stride=patch)
     else:
         new = nn.Linear(c_in or old.in_features, c_out or old.out_features)
     nn.init.xavier_uniform_(new.weight)
@@ -212,7 +213,9 @@ def embed_stage(cfg: Config, d) -> None:
     cache = LatentCache(cfg.cache)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
     base = load_pipeline(cfg.base, dtype=dtype, parts=("transformer",)).transformer.eval().requires_grad_(False)
-    teacher = base.get_submodule(base.latent_layers[0]).to(d.device)  # the frozen base embedder
+    # the frozen base embedder: FLUX's x_embedder is a Linear, SANA's patch_embed wraps a Conv2d (`proj`)
+    name = base.latent_layers[0] + (".proj" if hasattr(base.get_submodule(base.latent_layers[0]), "proj") else "")
+    teacher = base.get_submodule(name).to(d.device)
     (C_t, h_t, w_t), (C_s, h_s, w_s) = cache.shape("teacher"), cache.shape("student")
     p_t, p_s = base.params.patch_size, cfg.patch_size
     grid_t, grid_s = (h_t // p_t, w_t // p_t), (h_s // p_s, w_s // p_s)
@@ -224,7 +227,8 @@ def embed_stage(cfg: Config, d) -> None:
             "divide the teacher grid by the same integer in both directions"
         )
     torch.manual_seed(cfg.seed)  # the same fresh embedder on every rank
-    student = new_layer_like(teacher, c_in=C_s if isinstance(teacher, nn.Conv2d) else C_s * p_s * p_s).to(d.device)
+    conv = isinstance(teacher, nn.Conv2d)
+    student = new_layer_like(teacher, c_in=C_s if conv else C_s * p_s * p_s, patch=p_s).to(d.device)
     print0(f"embed: teacher grid {grid_t} -> student grid {grid_s} (x{s}), {cfg.align} loss; "
            f"{sum(p.numel() for p in student.parameters())} trainable parameters", log_file=log)  # fmt: skip
     if cfg.dry_run:
@@ -269,7 +273,7 @@ def embed_stage(cfg: Config, d) -> None:
         new = type(base)(dataclasses.replace(base.params, in_channels=C_s, patch_size=p_s)).to(dtype)
         head = base.get_submodule(base.latent_layers[1])
         sd = {k: v for k, v in base.state_dict().items() if not k.startswith(base.latent_layers)}
-        sd |= {f"{base.latent_layers[0]}.{k}": v.to(dtype) for k, v in student.state_dict().items()}
+        sd |= {f"{name}.{k}": v.to(dtype) for k, v in student.state_dict().items()}
         fresh = new_layer_like(head, c_out=new.get_submodule(base.latent_layers[1]).out_features)
         sd |= {f"{base.latent_layers[1]}.{k}": v.to(dtype) for k, v in fresh.state_dict().items()}
         new.load_state_dict(sd, strict=True)

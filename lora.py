@@ -101,6 +101,8 @@ class Config:
     shift_value: float = 3.0  # r of the constant shift
     aug_channels: tuple[int, ...] = ()  # DC-AE 1.5 augmented training: candidate channel prefixes (empty: off)
     aug_k: int = 2  # loss terms per step: the full latent plus aug_k - 1 prefixes drawn from aug_channels
+    aug_full: bool = True  # the full latent is always a term (official always_sample_max_channel); False: all aug_k
+    # terms are drawn from aug_channels and the full latent (the official default)
     # optimisation (official stage-3 recipe: AdamW (0.9, 0.95), wd 0, lr 1e-4, 1000 warm-up steps, clip 0.1, EMA 0.999)
     steps: int = 10_000  # optimizer steps
     batch_size: int = 64  # global batch, split over the ranks
@@ -110,7 +112,7 @@ class Config:
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     weight_decay: float = 0.0  # AdamW weight decay
-    clip_grad: float = 0.1  # max global gradient norm
+    clip_grad: float = 0.1  # max global gradient norm (0: none; the norm is still logged)
     ema: float = 0.999  # EMA decay of the trainable weights (0: no EMA)
     # runtime
     device: str = "auto"  # auto, cuda or cpu
@@ -184,8 +186,9 @@ def diffusion_loss(model, frozen, x0, cond, null, g, batch, rank, r, cfg, guide)
     """Stage 3's loss term on this rank's latents: flow matching, or the guide loss for guidance-distilled models."""
     x_t, sigma, v, drop, w = draw(x0, g, batch, rank, r, cfg)
     cond = drop_text(cond, null, drop)
-    if not guide:
-        return F.mse_loss(model(x_t, sigma, **cond).float(), v.float())
+    if not guide:  # plain flow matching; a guidance-distilled model is asked for its conditional velocity (w = 1)
+        w_one = {"guidance": torch.ones_like(sigma)} if getattr(frozen.params, "guidance_embed", False) else {}
+        return F.mse_loss(model(x_t, sigma, **cond, **w_one).float(), v.float())
     v_g = model(x_t, sigma, **cond, guidance=w)  # guided prediction at a random scale w
     # NOTE(deviation): the official code evaluates v_u at guidance 1; the paper's Eq. 5-7 (as transcribed, paper.md
     # A.4) at the same w as v_g. We follow the code; --guide_uncond w is the paper's variant.
@@ -344,7 +347,13 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
     if cfg.sample_every and d.master:  # the AE only decodes previews; training reads cached latents
         ae = load_autoencoder(cache.meta[f"{cfg.latent}_ae"], device=d.device).eval()
     candidates = [c for c in cfg.aug_channels if c < latent_shape[0]]
+    if cfg.aug_channels and not candidates:
+        raise SystemExit(f"--aug_channels {cfg.aug_channels}: no prefix shorter than the latent's {latent_shape[0]} "
+                         "channels, so augmented training would be off; give prefix lengths below it")  # fmt: skip
+    if candidates and not cfg.aug_full:
+        candidates.append(latent_shape[0])
     val = LatentCache(cfg.val_cache) if cfg.val_cache else None
+    amp = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
 
     # --- training loop ---
     last_good = ckpt_path
@@ -354,12 +363,15 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
         idx = sampler.batch_of(step)
         batch = {k: v.to(d.device) for k, v in cache.get(idx, [cfg.latent, *text_keys]).items()}
         x0 = batch.pop(cfg.latent).float()  # (b, C, h, w)
-        # DC-AE 1.5 augmented training: the full latent plus aug_k - 1 channel prefixes, each its own loss term
-        prefixes = [x0.shape[1]]
+        # DC-AE 1.5 augmented training: the full latent plus aug_k - 1 channel prefixes, each its own loss term.
+        # NOTE(deviation): the official trainer draws the prefixes from a per-GPU generator; here every rank draws the
+        # same ones (from the step's generator), so N ranks train exactly as one process and a resumed run replays.
+        prefixes = [x0.shape[1]] if cfg.aug_full or not candidates else []
         if candidates:
-            prefixes += [candidates[i] for i in torch.randint(len(candidates), (cfg.aug_k - 1,), generator=g)]
+            n = cfg.aug_k - len(prefixes)
+            prefixes += [candidates[i] for i in torch.randint(len(candidates), (n,), generator=g)]
         loss = 0.0
-        with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        with amp():
             for c in prefixes:
                 tokens = (x0.shape[2] // raw.params.patch_size) * (x0.shape[3] // raw.params.patch_size)
                 r = shift_factor(cfg.shift, tokens, c, cfg.shift_value)
@@ -369,7 +381,7 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
         for group in opt.param_groups:
             group["lr"] = lr
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad if cfg.clip_grad > 0 else math.inf)
         loss_value = loss.detach().clone()
         if d.world_size > 1:
             dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
@@ -390,7 +402,8 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
             t0 = time.perf_counter()
         if cfg.sample_every and step % cfg.sample_every == 0 and d.master and not cfg.fsdp:
             raw.eval()
-            preview(raw, ae, preview_cond, null, latent_shape, cfg, out / "samples" / f"{step:07d}.png")
+            with amp():  # under --dtype bf16 the frozen weights are bf16 and the trainable ones fp32, as in training
+                preview(raw, ae, preview_cond, null, latent_shape, cfg, out / "samples" / f"{step:07d}.png")
             raw.train()
             t0 = time.perf_counter()  # stop the clock: previews are not training time
         if (
@@ -399,7 +412,9 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
             and (d.master or cfg.fsdp)
         ):
             raw.eval()
-            print0(f"step {step:07d}/{cfg.steps:07d} | val_loss {validate(raw, val, cfg, d.device):.5f}", log_file=log)
+            with amp():
+                val_loss = validate(raw, val, cfg, d.device)
+            print0(f"step {step:07d}/{cfg.steps:07d} | val_loss {val_loss:.5f}", log_file=log)
             raw.train()
             t0 = time.perf_counter()
         if step % cfg.save_every == 0 or step == cfg.steps:

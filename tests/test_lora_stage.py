@@ -179,3 +179,46 @@ def test_validation_loss_is_logged_and_deterministic(tmp_path):
     model = lora.build_model(cfg, lora.LatentCache(cache), torch.float32)
     a, b = (lora.validate(model, lora.LatentCache(val), cfg, "cpu") for _ in range(2))
     assert a == b and 0.5 < a < 10  # same points every call; a random model's velocity error is O(1) per element
+
+
+def test_clip_grad_zero_means_no_clipping(tmp_path):
+    """--clip_grad 0 turns clipping off (it must not scale every gradient to zero and freeze the run)."""
+    cache = make_cache(tmp_path / "cache")
+    for name, clip in (("off", "0"), ("loose", "1e9")):
+        lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / name, "--steps", "2", "--clip_grad", clip)))
+    off, loose = (load_ckpt(tmp_path / n / "ckpt_0000002.pt")["model"] for n in ("off", "loose"))
+    cfg = lora.Config(preset="tiny", rank=0, cache=str(cache), latent="teacher")
+    torch.manual_seed(cfg.seed)  # the initial weights, as lora.main builds them
+    init = lora.build_model(cfg, lora.LatentCache(cache), torch.float32).state_dict()
+    assert all(torch.equal(off[k], loose[k]) for k in off)
+    assert not torch.equal(off["x_embedder.weight"], init["x_embedder.weight"])
+
+
+def test_flow_matching_loss_on_a_guidance_model(tmp_path):
+    """--loss fm on a guidance-distilled model (the plain-FM ablation of the guide loss) trains its w = 1 velocity."""
+    cache = make_cache(tmp_path / "cache")
+    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "2", "--loss", "fm")))
+    log = (tmp_path / "out" / "log.txt").read_text()
+    assert "loss flow matching" in log and sorted(losses(tmp_path / "out")) == [1, 2]
+
+
+def test_bf16_lora_run_validates(tmp_path):
+    """Under --dtype bf16 the frozen weights are bf16 and the trainable ones fp32: validation (and previews) must run
+    under autocast as the loss does, or the first mixed matmul fails."""
+    cache, val = make_cache(tmp_path / "cache"), make_cache(tmp_path / "val", n=5, seed=1)
+    extra = ["--steps", "2", "--rank", "4", "--dtype", "bf16", "--val_cache", str(val), "--val_every", "1"]
+    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", *extra)))
+    vals = [ln for ln in (tmp_path / "out" / "log.txt").read_text().splitlines() if "val_loss" in ln]
+    assert len(vals) == 2 and all(0.1 < float(ln.split()[-1]) < 10 for ln in vals)
+
+
+def test_augmented_training_adds_prefix_terms(tmp_path):
+    """--aug_channels: each step's loss is the mean over the full latent and a channel prefix, so it differs from
+    the plain run's on the same draws; prefixes none shorter than the latent are an error, not a silent no-op."""
+    cache = make_cache(tmp_path / "cache")
+    base = ["--steps", "1", "--rank", "4", "--loss", "fm"]
+    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "plain", *base)))
+    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "aug", *base, "--aug_channels", "2")))
+    assert losses(tmp_path / "plain")[1] != losses(tmp_path / "aug")[1]
+    with pytest.raises(SystemExit, match=r"--aug_channels \(4,\).*4 channels"):
+        lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "bad", *base, "--aug_channels", "4")))

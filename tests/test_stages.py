@@ -17,7 +17,9 @@ import distill
 import lora
 from common import load_ckpt
 from data import LatentCache
-from models.pipeline import load_pipeline
+from models.pipeline import load_pipeline, write_pipeline
+from models.sana import PRESETS as SANA_PRESETS
+from models.sana import Sana
 
 from tiny_world import SIZE, build_world
 
@@ -71,6 +73,22 @@ def test_embed_stage_trains_only_the_embedder_and_assembles_the_student(world, t
     assert (student.params.in_channels, student.params.patch_size) == (8, 1)
     assert torch.equal(student.state_dict()["x_embedder.weight"], ckpt["model"]["weight"])
     assert torch.equal(student.transformer_blocks[0].attn.to_q.weight, base.transformer_blocks[0].attn.to_q.weight)
+
+
+def test_embed_stage_aligns_a_sana_conv_embedder(world, tmp_path):
+    """SANA's embedder is a conv (`patch_embed.proj`): the student gets a fresh conv of its own patch size, learns to
+    mimic the base's, and lands at that key in the assembled model."""
+    write_pipeline(tmp_path / "sana", Sana(SANA_PRESETS["tiny"]), world / "teacher_ae", world / "text", "flux")
+    run(align.main, world, tmp_path / "out", "--stage", "embed", "--base", str(tmp_path / "sana"), "--steps", "6",
+        "--lr", "1e-2")  # fmt: skip
+    ckpt = load_ckpt(tmp_path / "out" / "ckpt_0000006.pt")
+    assert ckpt["model"]["weight"].shape == (32, 8, 1, 1)  # Conv2d(8 -> D, kernel = stride = 1)
+    losses = [float(ln.split("loss ")[1].split()[0]) for ln in (tmp_path / "out" / "log.txt").read_text().splitlines()
+              if ln.startswith("step")]  # fmt: skip
+    assert losses[-1] < losses[0]
+    student = load_pipeline(tmp_path / "out" / "model", parts=("transformer",)).transformer
+    assert isinstance(student, Sana) and (student.params.in_channels, student.params.patch_size) == (8, 1)
+    assert torch.equal(student.state_dict()["patch_embed.proj.weight"], ckpt["model"]["weight"])
 
 
 def test_head_then_lora_then_merge_loads_in_diffusers(world, tmp_path):
