@@ -288,13 +288,13 @@ def guided_velocity(model, cond: dict, null: dict | None = None, guidance: float
     the scale w as an input, one pass; a CFG model takes two, v_u + cfg·(v_c - v_u), batched as [cond, null]."""
 
     def v(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        B = x.shape[0]
-        t = torch.full((B,), sigma, device=x.device)
-        w = {} if guidance is None else {"guidance": torch.full((B,), float(guidance), device=x.device)}
+        n = x.shape[0] * (1 if cfg == 1.0 else 2)  # rows of the forward pass: [cond] or [cond, null]
+        t = torch.full((n,), sigma, device=x.device)
+        w = {} if guidance is None else {"guidance": torch.full((n,), float(guidance), device=x.device)}
         if cfg == 1.0:
             return model(x, t, **cond, **w)
         both = {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}
-        v_c, v_u = model(torch.cat([x, x]), torch.cat([t, t]), **both, **w).chunk(2)
+        v_c, v_u = model(torch.cat([x, x]), t, **both, **w).chunk(2)
         return v_u + cfg * (v_c - v_u)
 
     return v

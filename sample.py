@@ -37,6 +37,7 @@ from common import (
     save_image_grid,
     shift_factor,
 )
+from models.autoencoder import nearest_multiples
 from models.pipeline import SHIFTS, load_pipeline
 
 ZOO = Path(__file__).resolve().parent / "zoo"
@@ -66,7 +67,7 @@ class Config:
     device: str = "auto"  # auto (cuda if present), cuda or cpu
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
     tile_px: int = 1024  # AE decode tile size in px for large images (0: never tile)
-    max_length: int = 0  # T5 tokens (0: the encoder's default, 512)
+    max_length: int = 0  # text tokens: T5's for FLUX (0: 512, the most), Gemma's for SANA (0: 300)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -89,9 +90,7 @@ def image_size(cfg: Config, factor: int, native: int) -> tuple[int, int]:
     H, W = (cfg.size, cfg.size) if cfg.size else (cfg.height or native, cfg.width or native)
     bad = [(n, v) for n, v in (("height", H), ("width", W)) if v <= 0 or v % factor]
     if bad:
-        near = ", ".join(
-            f"{n} {v}: {max(factor, v // factor * factor)} or {(v // factor + 1) * factor}" for n, v in bad
-        )
+        near = ", ".join(f"{n} {v}: {nearest_multiples(v, factor)}" for n, v in bad)
         raise ValueError(f"image sizes must be multiples of {factor} px for this model (AE factor × patch); "
                          f"nearest valid {near}")  # fmt: skip
     return H, W
@@ -135,6 +134,9 @@ def progress(velocity, steps: int, sync):
 def main(argv: list[str] | None = None) -> list[Path]:
     cfg = parse_config(Config, argv)
     prompts = read_prompts(cfg)
+    for flag, value in (("steps", cfg.steps), ("batch", cfg.batch)):
+        if value < 1:
+            raise ValueError(f"--{flag} {value}: give a positive number")
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -150,6 +152,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     if folder.resolve().is_relative_to(ZOO):
         check_toy_prompts(prompts)
     p, f, C = pipe.patch_size(), ae.spatial_factor, model.params.in_channels
+    if 0 < cfg.tile_px < 4 * f or cfg.tile_px % f:
+        raise ValueError(f"--tile_px {cfg.tile_px}: give 0 (decode in one pass) or a multiple of this AE's factor "
+                         f"{f} px of at least {4 * f} px, so that tiles overlap by whole latent pixels")  # fmt: skip
     H, W = image_size(cfg, f * p, native=4096 if f == 64 else 1024)  # f64 AEs are DC-Gen's 4K (Res4K, zoo/dcgen-4k)
     h, w = H // f, W // f  # latent grid
     n_params = sum(t.numel() for t in model.parameters()) / 1e6

@@ -26,18 +26,20 @@ from models.loading import read_config
 # input checks
 
 
+def nearest_multiples(n: int, f: int) -> str:
+    """The valid sizes nearest n, as text: n itself if it is a positive multiple of f, else the multiples of f just
+    below and above it (just f for n <= f)."""
+    lo = max(n // f * f, 0)
+    return f"{n}" if lo == n > 0 else f"{f}" if lo == 0 else f"{lo} or {lo + f}"
+
+
 def check_image_size(h: int, w: int, f: int, what: str) -> None:
     """Raise a ValueError naming the nearest valid sizes when h or w is not a multiple of the spatial factor f."""
     if h % f == 0 and w % f == 0 and h > 0 and w > 0:
         return
-
-    def near(n):  # the multiples of f just below and just above n
-        lo = n // f * f
-        return f"{n}" if lo == n > 0 else f"{f}" if lo == 0 else f"{lo} or {lo + f}"
-
     raise ValueError(
         f"{what}: image size {h}x{w} (HxW) is not a multiple of its spatial factor f={f}; "
-        f"nearest valid sizes: height {near(h)}, width {near(w)}"
+        f"nearest valid sizes: height {nearest_multiples(h, f)}, width {nearest_multiples(w, f)}"
     )
 
 

@@ -89,10 +89,26 @@ def test_cfg_model_uses_true_cfg(world, tmp_path):
     assert Image.open(paths[0]).text["cfg"] == "3.0" and Image.open(paths[0]).text["guidance"] == "none"
 
 
+def test_true_cfg_on_a_guidance_model_batches_like_one_image_at_a_time(world, tmp_path):
+    """--cfg on a guidance-distilled model (as diffusers' true_cfg_scale): two passes per step, both at guidance w;
+    a batch of 2 gives the images of two runs of 1."""
+    common = ["--model", str(world / "base"), "--prompt", "a red circle", "--prompt", "a blue square", "--size", "16",
+              "--steps", "2", "--cfg", "2.0", "--seed", "3"]  # fmt: skip
+    two = sample.main([*common, "--batch", "2", "--out", str(tmp_path / "two.png")])
+    one = sample.main([*common, "--batch", "1", "--out", str(tmp_path / "one.png")])
+    pixels = [[np.asarray(Image.open(p), dtype=np.int16) for p in run] for run in (two, one)]
+    assert len(pixels[0]) == 2 and all(np.abs(a - b).max() <= 1 for a, b in zip(*pixels))
+    assert Image.open(two[0]).text["cfg"] == "2.0" and Image.open(two[0]).text["guidance"] == "3.5"
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [
         (["--size", "18"], "multiples of 4 px.*nearest valid height 18: 16 or 20"),
+        (["--size", "-16"], "nearest valid height -16: 4, width -16: 4$"),
+        (["--steps", "0"], "--steps 0: give a positive number"),
+        (["--batch", "0"], "--batch 0: give a positive number"),
+        (["--tile_px", "6"], "--tile_px 6: give 0 .* at least 8 px"),
         (["--prompts", "/nonexistent.txt"], "no such file"),
         ([], "no prompts"),
         (["--noise", "NOISE"], r"expected a tensor `noise` of shape \(1, 4, 8, 8\)"),
