@@ -123,14 +123,18 @@ def candidate_prefixes(C: int, given: tuple[int, ...]) -> list[int]:
 
 
 def sample_prefixes(cands: list[int], cfg: Config, step: int) -> list[int]:
-    """K prefixes for this step, drawn uniformly from the candidates with a per-step seed: the same draw on every rank,
-    so every rank runs the same graph (DDP needs that; owl-wms #65 broadcasts c' for the same reason)."""
+    """K prefixes for this step, drawn uniformly from the candidates with a per-step seed. With --always_max one of
+    them is C, except for K = 1, which draws its one c' (as the official trainer does for one channel count).
+
+    NOTE(deviation): every rank draws the same c' (the official trainer seeds a generator per rank, so 8 GPUs decode
+    up to 8·K different prefixes a step); here N ranks train exactly like one process and a resumed run replays."""
     C = cands[-1]
     if cfg.mask == "none":
         return [C]
+    fixed = int(cfg.always_max and cfg.num_prefixes > 1)
     g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    draws = [cands[i] for i in torch.randint(len(cands), (cfg.num_prefixes - cfg.always_max,), generator=g).tolist()]
-    return [C] * cfg.always_max + draws
+    draws = [cands[i] for i in torch.randint(len(cands), (cfg.num_prefixes - fixed,), generator=g).tolist()]
+    return [C] * fixed + draws
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -367,7 +371,8 @@ def main():
         l2 = sum((r - x).pow(2).mean() for r in recs) / len(recs)
         # NOTE(deviation): the paper's pixel loss is L1, with LPIPS doing the heavy lifting. Without LPIPS weights,
         # L1 alone collapses on our sparse procedural scenes (the median pixel is background, so a blank canvas is
-        # a strong local minimum); the toy runs add MSE (--l2_weight 1), whose gradient grows with the error.
+        # a strong local minimum); the toy runs use MSE instead (--l1_weight 0 --l2_weight 1), whose gradient grows with
+        # the error.
         loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
         if lpips is not None:
             loss = loss + cfg.lpips_weight * sum(lpips(r, x).mean() for r in recs) / len(recs)

@@ -157,12 +157,13 @@ class LiteMLA(nn.Module):
         qkv = torch.cat([qkv] + [m(qkv) for m in self.to_qkv_multiscale], dim=1)  # (B, 3D·(1+S), H, W)
         # Heads are consecutive groups of 3·d channels of the [q | k | v] stack: the official EfficientViT layout
         # (one fused qkv conv), which diffusers and we keep so released weights mean the same thing.
-        qkv = qkv.float().reshape(B, -1, 3 * self.head_dim, H * W)  # (B, heads', 3d, N), attention in fp32
-        q, k, v = qkv.chunk(3, dim=2)  # each (B, heads', d, N)
-        q, k = F.relu(q), F.relu(k)
-        v = F.pad(v, (0, 0, 0, 1), value=1.0)  # (B, heads', d+1, N): the row of ones yields the normaliser
-        out = (v @ k.transpose(-1, -2)) @ q  # (B, heads', d+1, d) @ (B, heads', d, N) -> (B, heads', d+1, N)
-        out = out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, heads', d, N)
+        qkv = qkv.float().reshape(B, -1, 3 * self.head_dim, H * W)  # (B, heads', 3d, N)
+        with torch.autocast(x.device.type, enabled=False):  # attention in fp32, also under bf16 autocast (official)
+            q, k, v = qkv.chunk(3, dim=2)  # each (B, heads', d, N)
+            q, k = F.relu(q), F.relu(k)
+            v = F.pad(v, (0, 0, 0, 1), value=1.0)  # (B, heads', d+1, N): the row of ones yields the normaliser
+            out = (v @ k.transpose(-1, -2)) @ q  # (B, heads', d+1, d) @ (B, heads', d, N) -> (B, heads', d+1, N)
+            out = out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, heads', d, N)
         # NOTE(deviation): diffusers switches to the quadratic order (k^T q first) when H·W <= d; it is the same
         # function, so we keep the linear order only (differences are float rounding).
         out = out.to(x.dtype).reshape(B, -1, H, W)  # (B, D·(1+S), H, W)

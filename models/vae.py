@@ -247,7 +247,10 @@ class VAE(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> model-ready latents (mean - shift)·scale, (B, C, H/f, W/f)."""
+        """Images (B, 3, H, W) in [-1, 1] -> model-ready latents (mean - shift)·scale, (B, C, H/f, W/f).
+
+        NOTE(deviation): the official DC-Gen AE wrapper encodes a posterior *sample*; we take the mean, so a latent
+        cache is deterministic. `posterior` returns the mean and log-variance, for a sample."""
         f, p = self.spatial_factor, self.params
         check_image_size(x.shape[-2], x.shape[-1], f, "VAE encode")
         if channels not in (None, self.latent_channels):

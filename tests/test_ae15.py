@@ -142,7 +142,7 @@ def test_bad_flags(tmp_path, monkeypatch, flags, error):
 
 def test_prefix_sampling():
     cfg = ae15.Config(num_prefixes=3, seed=1)
-    assert ae15.candidate_prefixes(128, ()) == list(range(16, 129, 4))  # the paper's set (paper.md B.3)
+    assert ae15.candidate_prefixes(128, ()) == list(range(16, 129, 4))  # owl-wms/medgen's set (paper.md B.3)
     assert ae15.candidate_prefixes(16, ()) == [2, 4, 6, 8, 10, 12, 14, 16]  # toy latents: multiples of C/8
     assert ae15.candidate_prefixes(16, (3, 5)) == [3, 5, 16]  # always including C
     cands = ae15.candidate_prefixes(32, ())
@@ -150,3 +150,5 @@ def test_prefix_sampling():
     assert all(d[0] == 32 and len(d) == 3 for d in draws) and draws[7] == ae15.sample_prefixes(cands, cfg, 7)
     assert {c for d in draws for c in d[1:]} == set(cands)  # uniform over the candidates
     assert ae15.sample_prefixes(cands, ae15.Config(mask="none"), 0) == [32]
+    one = [ae15.sample_prefixes(cands, ae15.Config(num_prefixes=1), s) for s in range(200)]  # K = 1: still masking
+    assert all(len(d) == 1 for d in one) and {d[0] for d in one} == set(cands)
