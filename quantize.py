@@ -426,6 +426,8 @@ def nunchaku_check(export: Path, folder: Path, cfg: Config, device, log: Path) -
     v_theirs = rearrange(out.float(), "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H // p, p1=p, p2=p)
     rel = ((v_theirs - v).norm() / v.norm()).item()
     print0(f"check | nunchaku vs emulation | rel_err {rel:.4f}{' | MISMATCH' if rel > 0.05 else ''}", log_file=log)
+    if rel > 0.05:
+        raise SystemExit(f"--check: Nunchaku's output differs from the emulation by {rel:.1%} (> 5%); see {log}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -438,10 +440,14 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.method not in ("svdquant", "rtn"):
         raise ValueError(f"unknown method {cfg.method!r}; choose from 'svdquant', 'rtn'")
     fp4, out = cfg.precision == "nvfp4", Path(cfg.out_dir)
-    save_config(cfg, out)
-    log = out / "log.txt"
     if cfg.check and (problem := nunchaku_problem(fp4)):  # fail before hours of work, not after
         raise SystemExit(f"--check cannot run: {problem}")
+    bare = cfg.model and not (Path(cfg.model) / "transformer").is_dir()  # a transformer folder, no sampler
+    if bare and not cfg.calib_file:
+        raise ValueError(f"--model {cfg.model} is a transformer folder: calibrate it on inputs recorded from the "
+                         "sampler (--calib_file), or pass the whole model folder so the sampler runs")  # fmt: skip
+    save_config(cfg, out)
+    log = out / "log.txt"
 
     # --- device (one process: no distributed init)
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
@@ -459,6 +465,13 @@ def main(argv: list[str] | None = None) -> None:
     split_proj_out(model)
     groups, w4a16 = flux_layers(model)
     n_w4a4 = sum(len(layer) for g in groups for layer in g)
+    if cfg.method == "svdquant":  # one rank for every layer: Nunchaku builds each from the file's single `rank`
+        layer_of = model.get_submodule
+        small = min(min(sum(layer_of(n).out_features for n in layer), layer_of(layer[0]).in_features)
+                    for g in groups for layer in g)  # fmt: skip
+        if cfg.rank > small:
+            raise ValueError(f"--rank {cfg.rank} exceeds this model's smallest W4A4 layer ({small} features in or "
+                             f"out), which cannot hold it; give --rank {small} or less")  # fmt: skip
     print0(f"model | params {sum(p.numel() for p in model.parameters()):,} | W4A4 linears {n_w4a4} in {len(groups)} "
            f"smoothing groups | W4A16 AdaLN linears {len(w4a16)}", log_file=log)  # fmt: skip
     if model.params.hidden_size % 1024:

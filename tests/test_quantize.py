@@ -93,6 +93,14 @@ def test_model_folder_and_recorded_calibration_inputs(tmp_path):
     with safe_open(tmp_path / "q" / "svdq-int4_r0-model.safetensors", "pt") as f:
         assert json.loads(f.metadata()["quantization_config"])["rank"] == 16  # RTN: a zero rank-16 branch
         assert f.get_slice("transformer_blocks.0.qkv_proj.lora_up").get_shape() == [256, 16]
+    with pytest.raises(ValueError, match="transformer folder: calibrate it on inputs recorded"):  # not on noise
+        quantize.main(["--model", base, "--out_dir", str(tmp_path / "q2")])
+
+
+def test_a_rank_no_layer_can_hold_is_refused_before_quantising(tmp_path):
+    with pytest.raises(ValueError, match=r"--rank 80 exceeds this model's smallest W4A4 layer \(64 .*--rank 64"):
+        quantize.main([*FAST, "--rank", "80", "--out_dir", str(tmp_path)])
+    assert not (tmp_path / "transformer").exists()
 
 
 def test_ablation_mode_svdquant_beats_rtn(tmp_path):
@@ -165,6 +173,11 @@ def test_check_glue_against_a_stand_in_with_diffusers_calling_convention(tmp_pat
         tmp_path / "svdq-fp4_r32-t.safetensors", tmp_path / "transformer", cfg, "cpu", tmp_path / "c"
     )
     assert (tmp_path / "c").read_text().strip() == "check | nunchaku vs emulation | rel_err 0.0000"
+    monkeypatch.setattr(model, "forward", lambda *a, f=model.forward: 1.1 * f(*a))  # a kernel 10 % off
+    with pytest.raises(SystemExit, match=r"differs from the emulation by 10\.0% \(> 5%\)"):
+        quantize.nunchaku_check(
+            tmp_path / "svdq-fp4_r32-t.safetensors", tmp_path / "transformer", cfg, "cpu", tmp_path / "c"
+        )
 
 
 def test_model_folder_is_calibrated_by_the_sampler_and_samples(tmp_path):
