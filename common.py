@@ -231,7 +231,7 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 4, text:
 # Every resolution shift in use is the same map, sigma' = r·sigma / (1 + (r - 1)·sigma), with a different r:
 #   FLUX dynamic shift  r = e^mu, mu linear in image tokens (256 -> 0.5, 4096 -> 1.15); diffusers writes the same
 #                       map as sigma' = e^mu / (e^mu + 1/sigma - 1)                       [FluxPipeline]
-#   DC-Gen 1K ("flux2") r = sqrt(C·L / 4096), C latent channels, L image tokens           [paper.md A.4, A.6]
+#   DC-Gen 1K ("flux2") r = sqrt(C·p²·L / 4096), C·p² values per token, L image tokens     [paper.md A.4, A.6]
 #   SANA                r = flow_shift = 3.0
 # r > 1 spends more steps at high noise, which larger latents (more tokens, more channels) need.
 
@@ -248,7 +248,9 @@ def flux_mu(tokens: int, base_tokens=256, max_tokens=4096, base_shift=0.5, max_s
 
 
 def shift_factor(kind: str, tokens: int, channels: int, value: float = 3.0) -> float:
-    """The r of `time_shift` for a model trained with shift `kind` on `tokens` image tokens of `channels` channels."""
+    """The r of `time_shift` for a model trained with shift `kind` on `tokens` image tokens of `channels` values
+    each (C·p² for p×p patches: the official DC-Gen pipeline's r = sqrt(L·latents.shape[2]/4096) on packed
+    latents, i.e. the latent's element count over 4096)."""
     if kind == "flux":
         return math.exp(flux_mu(tokens))
     if kind == "dcgen":

@@ -97,7 +97,7 @@ class Config:
     w_min: float = 1.0  # guide loss: smallest guidance scale w
     w_max: float = 14.0  # guide loss: largest guidance scale w
     guide_uncond: str = "one"  # guide loss: v_u at guidance 1 (official code) or at the sampled w ("w", the paper)
-    shift: str = "flux"  # training noise-level shift: flux (mu linear in tokens), dcgen (sqrt(C·L/4096)), constant
+    shift: str = "flux"  # training noise-level shift: flux (mu linear in tokens), dcgen (sqrt(C·p²·L/4096)), constant
     shift_value: float = 3.0  # r of the constant shift
     aug_channels: tuple[int, ...] = ()  # DC-AE 1.5 augmented training: candidate channel prefixes (empty: off)
     aug_k: int = 2  # loss terms per step: the full latent plus aug_k - 1 prefixes drawn from aug_channels
@@ -210,7 +210,8 @@ def validate(raw, cache: LatentCache, cfg: Config, device) -> float:
         idx = torch.arange(start, min(len(cache), start + cfg.batch_size))
         batch = {k: v.to(device) for k, v in cache.get(idx, keys).items()}
         x0 = batch.pop(cfg.latent).float()
-        r = shift_factor(cfg.shift, x0.shape[2] * x0.shape[3] // raw.params.patch_size**2, x0.shape[1], cfg.shift_value)
+        p = raw.params.patch_size
+        r = shift_factor(cfg.shift, x0.shape[2] * x0.shape[3] // p**2, x0.shape[1] * p**2, cfg.shift_value)
         x_t, sigma, v, _, _ = draw(x0, torch.Generator().manual_seed(start), len(idx), 0, r, cfg)
         w = {"guidance": torch.ones_like(sigma)} if getattr(raw.params, "guidance_embed", False) else {}
         total += F.mse_loss(raw(x_t, sigma, **batch, **w).float(), v.float(), reduction="sum").item()
@@ -228,7 +229,8 @@ def preview(raw, ae, cond, null, latent_shape, cfg, path):
     B = cond["txt"].shape[0]
     C, h, w = latent_shape
     x = get_noise((B, C, h, w), seed=cfg.seed).to(null["txt"].device)
-    r = shift_factor(cfg.shift, (h // raw.params.patch_size) * (w // raw.params.patch_size), C, cfg.shift_value)
+    p = raw.params.patch_size
+    r = shift_factor(cfg.shift, (h // p) * (w // p), C * p * p, cfg.shift_value)
     if getattr(raw.params, "guidance_embed", False):  # embedded guidance (whatever the training loss)
         v = guided_velocity(raw, cond, guidance=cfg.sample_guidance)
     else:
@@ -373,8 +375,8 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
         loss = 0.0
         with amp():
             for c in prefixes:
-                tokens = (x0.shape[2] // raw.params.patch_size) * (x0.shape[3] // raw.params.patch_size)
-                r = shift_factor(cfg.shift, tokens, c, cfg.shift_value)
+                p = raw.params.patch_size
+                r = shift_factor(cfg.shift, (x0.shape[2] // p) * (x0.shape[3] // p), c * p * p, cfg.shift_value)
                 term = loss_fn(model, raw, x0[:, :c], batch, null, g, cfg.batch_size, d.rank, r=r)
                 loss = loss + term / len(prefixes)
         lr = lr_at(step, cfg.lr, cfg.warmup, steps=cfg.steps, decay=cfg.decay)

@@ -187,7 +187,7 @@ def sampler_run(pipe, cfg: Config, device) -> Callable[[], None]:
     prompts = prompts[: cfg.calib_count]
     model, f, p = pipe.transformer, pipe.ae.spatial_factor, pipe.patch_size()
     C, h = model.params.in_channels, cfg.calib_size // f
-    sigmas = get_schedule(cfg.calib_steps, shift_factor(pipe.shift, (h // p) ** 2, C, pipe.shift_value))
+    sigmas = get_schedule(cfg.calib_steps, shift_factor(pipe.shift, (h // p) ** 2, C * p * p, pipe.shift_value))
     distilled = model.params.guidance_embed
 
     @torch.no_grad()

@@ -4,7 +4,7 @@ DC-Gen's claim (paper §4: 53x lower 4K latency than FLUX.1-Krea on an H100), so
     text encoding -> noise -> Euler flow-matching steps (common.denoise) with the model's shift -> tiled AE decode
 
 The shift is the one the model was trained with, read from its folder (models/pipeline.py): DC-Gen-FLUX 1K uses
-r = sqrt(C·L/4096), FLUX.1 and DC-Gen-FLUX 4K the dynamic mu, SANA a constant flow_shift; --shift overrides it.
+r = sqrt(C·p²·L/4096), FLUX.1 and DC-Gen-FLUX 4K the dynamic mu, SANA a constant flow_shift; --shift overrides it.
 Guidance-distilled models (FLUX.1-Krea, DC-Gen-FLUX) take --guidance as an input (one pass per step); CFG models
 (SANA) use true classifier-free guidance --cfg (two passes). Positions are on the model's own token grid.
 
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     else:
         noise = get_noise(shape, cfg.seed)
     kind = cfg.shift or pipe.shift
-    r = shift_factor(kind, (h // p) * (w // p), C, cfg.shift_value if cfg.shift else pipe.shift_value)
+    r = shift_factor(kind, (h // p) * (w // p), C * p * p, cfg.shift_value if cfg.shift else pipe.shift_value)
     sigmas = get_schedule(cfg.steps, r)
     distilled = bool(getattr(model.params, "guidance_embed", False))
     scale = cfg.cfg or (1.0 if distilled else 4.5)

@@ -83,6 +83,14 @@ def test_png_metadata_and_grid(world, tmp_path):
     assert im.text["model"] == str(world / "base") and im.text["shift"].startswith("flux")
 
 
+def test_dcgen_shift_counts_the_values_of_packed_tokens(world, tmp_path):
+    """--shift dcgen: r = sqrt(L·C·p²/4096) on the packed latent, as the official DC-Gen pipeline computes it. The
+    tiny base at 16 px: an 8x8 latent of 4 channels in 2x2 patches, 16 tokens of 16 values: r = sqrt(256/4096)."""
+    paths = sample.main(["--model", str(world / "base"), "--prompt", "a red circle", "--size", "16", "--steps", "1",
+                         "--shift", "dcgen", "--out", str(tmp_path / "d.png")])  # fmt: skip
+    assert Image.open(paths[0]).text["shift"] == "dcgen r=0.250"
+
+
 def test_cfg_model_uses_true_cfg(world, tmp_path):
     paths = sample.main(["--model", str(world / "base_cfg"), "--prompt", "a red circle", "--size", "16", "--steps",
                          "2", "--cfg", "3.0", "--out", str(tmp_path / "cfg.png")])  # fmt: skip
