@@ -20,7 +20,9 @@ $T align.py --stage head --init $OUT/embed/model --cache $OUT/cache-512 --batch_
 $T lora.py --init $OUT/head/model --cache $OUT/cache-512 --batch_size 512 --dtype bf16 --grad_checkpointing \
     --fsdp --steps 10000 --out_dir $OUT/lora-512
 python lora.py --merge $(ls $OUT/lora-512/ckpt_*.pt | tail -1) --out_dir $OUT/lora-512/model
-# the resolution ladder: a fresh LoRA at 1024 px on the merged model
+# the resolution ladder: a fresh LoRA at 1024 px on the merged model. NOTE(deviation): the official recipe trains with
+# FLUX's dynamic mu; this rung trains with the "flux2" r = sqrt(C·L/4096) that the released 1K sampler uses (which one
+# the released weights saw is open: paper.md, open question 4); drop --shift dcgen for the recipe's
 $T align.py --stage cache --data $IMAGES --resolution 1024 --student_ae $DCAE1K --text $FLUX --max_length 256 \
     --batch_size 16 --out_dir $OUT/cache-1024
 $T lora.py --init $OUT/lora-512/model --cache $OUT/cache-1024 --batch_size 256 --dtype bf16 --grad_checkpointing \

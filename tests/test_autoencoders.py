@@ -135,6 +135,10 @@ def test_adaptive_prefix_equals_zero_mask():
 def test_tiling_blends_exactly():
     """Weights of overlapping neighbours sum to 1; a local operator tiled equals it untiled."""
     assert torch.allclose(blend_ramp(8, 2, "cpu")[-2:] + blend_ramp(8, 2, "cpu")[:2], torch.ones(2))
+    ramp = blend_ramp(24, 8, "cpu")  # overlap 8: a dead margin of 2 at each shared edge, then a ramp over 4
+    assert ramp[:2].eq(0).all() and ramp[-2:].eq(0).all() and ramp[6:-6].eq(1).all()
+    assert torch.allclose(ramp[-8:] + ramp[:8], torch.ones(8))
+    assert blend_ramp(24, 8, "cpu", start=False)[:8].eq(1).all()  # an image border: no neighbour, no ramp
     assert tile_starts(40, 16, 4) == [0, 12, 24] and tile_starts(10, 16, 4) == [0]
     x = torch.randn(1, 4, 40, 56)
     up = lambda t: torch.nn.functional.interpolate(t, scale_factor=4) * 2  # pointwise in the input: no edge effects
