@@ -240,6 +240,15 @@ def preview(raw, ae, cond, null, latent_shape, cfg, path):
         save_image_grid(ae.decode(x.to(next(ae.parameters()).dtype)), path, nrow=B)
 
 
+def check_loaded(result, model: torch.nn.Module, source) -> None:
+    """A checkpoint holds a run's trainable tensors only: it must name no unknown tensor and miss no trainable one."""
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    unknown, missing = sorted(result.unexpected_keys), sorted(set(result.missing_keys) & trainable)
+    if unknown or missing:
+        raise ValueError(f"{source} does not fit the model its config builds: unknown tensors {unknown[:4]}, missing "
+                         f"trainable tensors {missing[:4]}; was it written by another run or version?")  # fmt: skip
+
+
 def merge(cfg: Config, build=None) -> Path:
     """Fold a checkpoint's (EMA) trainable weights into its base and write a model folder to out_dir. `build` must be
     the model builder the run used (default: this script's)."""
@@ -248,7 +257,7 @@ def merge(cfg: Config, build=None) -> Path:
     cache = LatentCache(run.cache)
     model = (build or build_model)(run, cache, torch.float32)
     weights = ckpt["ema"] if cfg.merge_ema and ckpt["ema"] else ckpt["model"]
-    model.load_state_dict(weights, strict=False)  # only the trainable tensors; the builder gave the rest
+    check_loaded(model.load_state_dict(weights, strict=False), model, cfg.merge)  # the trainable tensors only
     model = unload_lora(model) if lora_layers(model) else model
     ae, text = cache.meta[f"{run.latent}_ae"], cache.meta["text"]
     write_pipeline(cfg.out_dir, model, ae, text, run.shift, run.shift_value)
@@ -313,7 +322,8 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
     ckpt_path = max(out.glob("ckpt_*.pt"), default=None) if cfg.resume else None
     if ckpt_path is not None:  # every rank reads the file; FSDP re-shards what it loads
         ckpt = load_ckpt(ckpt_path)
-        set_model_state_dict(model, ckpt["model"], options=StateDictOptions(full_state_dict=True, strict=False))
+        opts = StateDictOptions(full_state_dict=True, strict=False)  # the trainable tensors only
+        check_loaded(set_model_state_dict(model, ckpt["model"], options=opts), raw, ckpt_path)
         set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
         for n, p in raw.named_parameters():
             if n in ema:  # EMA tensors live like their parameters: sharded under FSDP

@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_lora_stage.py
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -222,3 +223,18 @@ def test_augmented_training_adds_prefix_terms(tmp_path):
     assert losses(tmp_path / "plain")[1] != losses(tmp_path / "aug")[1]
     with pytest.raises(SystemExit, match=r"--aug_channels \(4,\).*4 channels"):
         lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "bad", *base, "--aug_channels", "4")))
+
+
+def test_merge_refuses_a_checkpoint_that_does_not_fit(tmp_path):
+    """--merge loads only the trainable tensors: a renamed or missing one must fail, not merge the base unchanged."""
+    cache = make_cache(tmp_path / "cache")
+    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "1", "--rank", "4")))
+    ckpt = load_ckpt(tmp_path / "out" / "ckpt_0000001.pt")
+    name = next(k for k in ckpt["ema"] if ".lora_B." in k)
+    ckpt["ema"]["renamed." + name] = ckpt["ema"].pop(name)
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(
+        ValueError, match=r"unknown tensors \['renamed\..*missing trainable tensors \['" + re.escape(name)
+    ):
+        lora.merge(lora.Config(merge=str(tmp_path / "bad.pt"), out_dir=str(tmp_path / "merged")))
+    assert not (tmp_path / "merged").exists()
