@@ -83,10 +83,15 @@ def sampling_shift(folder: Path, transformer_cfg: dict, ae_cfg: dict | None) -> 
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
     if "_shift" in sched:
         return sched["_shift"], float(sched.get("shift", 3.0))
-    if transformer_cfg.get("_class_name") == "SanaTransformer2DModel":
-        return "constant", float(sched.get("flow_shift", 3.0))
+    if transformer_cfg.get("_class_name") == "SanaTransformer2DModel":  # DPM-Solver configs say flow_shift
+        return "constant", float(sched.get("flow_shift", sched.get("shift", 3.0)))
     if ae_cfg and ae_cfg.get("_class_name") == "AutoencoderDC" and ae_cfg.get("latent_channels") == 32:
         return "dcgen", 1.0
+    if sched.get("use_dynamic_shifting") is False:  # a FlowMatchEuler config with a fixed shift
+        return "constant", float(sched.get("shift", 1.0))
+    flux = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    if other := {k: sched[k] for k in flux if k in sched and sched[k] != flux[k]}:
+        print(f"note: {sched_file} sets {other}; the sampler's dynamic shift uses FLUX's {flux} (--shift overrides)")
     return "flux", 1.0
 
 

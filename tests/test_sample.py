@@ -3,7 +3,9 @@
 Run: python -m pytest -q tests/test_sample.py
 """
 
+import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -89,6 +91,18 @@ def test_dcgen_shift_counts_the_values_of_packed_tokens(world, tmp_path):
     paths = sample.main(["--model", str(world / "base"), "--prompt", "a red circle", "--size", "16", "--steps", "1",
                          "--shift", "dcgen", "--out", str(tmp_path / "d.png")])  # fmt: skip
     assert Image.open(paths[0]).text["shift"] == "dcgen r=0.250"
+
+
+def test_a_diffusers_scheduler_config_with_a_fixed_shift_is_honoured(world, tmp_path):
+    """A folder diffusers wrote (no "_shift" of ours) whose FlowMatchEuler config turns dynamic shifting off is
+    sampled with its fixed `shift`, as FluxPipeline would."""
+    shutil.copytree(world / "base", tmp_path / "m")
+    config = tmp_path / "m" / "scheduler" / "scheduler_config.json"
+    sched = {k: v for k, v in json.loads(config.read_text()).items() if k != "_shift"}
+    config.write_text(json.dumps(sched | {"use_dynamic_shifting": False, "shift": 2.5}))
+    paths = sample.main(["--model", str(tmp_path / "m"), "--prompt", "a red circle", "--size", "16", "--steps", "1",
+                         "--out", str(tmp_path / "s.png")])  # fmt: skip
+    assert Image.open(paths[0]).text["shift"] == "constant r=2.500"
 
 
 def test_cfg_model_uses_true_cfg(world, tmp_path):
