@@ -242,6 +242,8 @@ def embed_stage(cfg: Config, d) -> None:
         student.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
         step = state["step"]
         print0(f"resumed from {ckpt} at step {step}", log_file=log)
+    if cfg.batch_size % d.world_size:
+        raise ValueError(f"--batch_size {cfg.batch_size} must be a multiple of the {d.world_size} ranks")
     b = cfg.batch_size // d.world_size
     sampler = StepSampler(len(cache), b, d.rank, d.world_size, cfg.seed)  # ranks get disjoint shares of a step
     t0 = time.perf_counter()

@@ -14,7 +14,7 @@ T="torchrun --standalone --nproc_per_node=${GPUS:-8}"
 # 1K: cache 512 px latents under both AEs (+ T5 at 256 tokens), align the embedder, then the head, then LoRA.
 $T align.py --stage cache --data $IMAGES --resolution 512 --teacher_ae $FLUX/vae --student_ae $DCAE1K --text $FLUX \
     --max_length 256 --batch_size 32 --out_dir $OUT/cache-512
-$T align.py --stage embed --base $FLUX --cache $OUT/cache-512 --batch_size 64 --out_dir $OUT/embed     # 20k steps
+$T align.py --stage embed --base $FLUX --cache $OUT/cache-512 --batch_size 64 --dtype bf16 --out_dir $OUT/embed   # 20k
 $T align.py --stage head --init $OUT/embed/model --cache $OUT/cache-512 --batch_size 512 --dtype bf16 \
     --grad_checkpointing --fsdp --out_dir $OUT/head                                                       # 5k steps
 $T lora.py --init $OUT/head/model --cache $OUT/cache-512 --batch_size 512 --dtype bf16 --grad_checkpointing \
@@ -34,7 +34,7 @@ python sample.py --model $OUT/dcgen-flux-1k --prompt "a cozy cabin in a snowy fo
 # trained too (DC-AE 1.5's augmented diffusion training), then a 4K LoRA.
 $T align.py --stage cache --data $IMAGES --resolution 1024 --teacher_ae $FLUX/vae --student_ae $DCAE4K --text $FLUX \
     --max_length 256 --batch_size 16 --out_dir $OUT/cache4k-1024
-$T align.py --stage embed --base $FLUX --cache $OUT/cache4k-1024 --out_dir $OUT/embed4k
+$T align.py --stage embed --base $FLUX --cache $OUT/cache4k-1024 --dtype bf16 --out_dir $OUT/embed4k
 $T align.py --stage head --init $OUT/embed4k/model --cache $OUT/cache4k-1024 --dtype bf16 --grad_checkpointing \
     --fsdp --out_dir $OUT/head4k
 $T lora.py --init $OUT/head4k/model --cache $OUT/cache4k-1024 --aug_channels 32 64 96 --dtype bf16 \
