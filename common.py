@@ -176,7 +176,6 @@ def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
 
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator of every random draw of one training step (noise, sigmas, text dropout, guidance scales).
-
     Draws are made for the global batch and each rank takes its slice, so a resumed run repeats the uninterrupted one
     exactly, and N ranks draw what one process with the same global batch draws."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -248,9 +247,8 @@ def flux_mu(tokens: int, base_tokens=256, max_tokens=4096, base_shift=0.5, max_s
 
 
 def shift_factor(kind: str, tokens: int, channels: int, value: float = 3.0) -> float:
-    """The r of `time_shift` for a model trained with shift `kind` on `tokens` image tokens of `channels` values
-    each (C·p² for p×p patches: the official DC-Gen pipeline's r = sqrt(L·latents.shape[2]/4096) on packed
-    latents, i.e. the latent's element count over 4096)."""
+    """The r of `time_shift` for shift `kind` on `tokens` image tokens of `channels` values each (C·p² for p×p
+    patches, as the official pipeline's sqrt(L·latents.shape[2]/4096) counts a packed latent's values)."""
     if kind == "flux":
         return math.exp(flux_mu(tokens))
     if kind == "dcgen":
