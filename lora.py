@@ -364,6 +364,7 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
                          "channels, so augmented training would be off; give prefix lengths below it")  # fmt: skip
     if candidates and not cfg.aug_full:
         candidates.append(latent_shape[0])
+    raw.adaptive_channels = bool(candidates)  # the model takes the channel prefixes
     val = LatentCache(cfg.val_cache) if cfg.val_cache else None
     amp = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16")
 

@@ -113,6 +113,8 @@ class TimeTextEmbed(nn.Module):
         if self.guidance_embedder is not None:
             assert guidance is not None, "this model is guidance-distilled: pass guidance (e.g. 3.5) for every sample"
             vec = vec + self.guidance_embedder(timestep_embedding(guidance).to(dtype))
+        else:
+            assert guidance is None, "this model has no guidance embedding (a CFG model): use true CFG, not guidance"
         return vec + self.text_embedder(y.to(dtype))  # (B, D)
 
 
@@ -335,6 +337,7 @@ class Flux(nn.Module):
         self.norm_out = AdaLNOut(D)
         self.proj_out = nn.Linear(D, token_dim)  # DC-Gen stage 2 re-learns this head
         self.grad_checkpointing = False  # recompute each block in backward: activation memory O(1) in depth
+        self.adaptive_channels = False  # accept channel prefixes x[:, :C'] (DC-AE 1.5 augmented training)
 
     def forward(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
         """Velocity v(x_t, t): x (B, C, H, W) noisy latent, t (B,) noise level sigma in [0, 1], txt (B, L, 4096) T5
@@ -348,7 +351,9 @@ class Flux(nn.Module):
         # (c, p1, p2) layout puts them in the first C'·p² columns of the embedder and rows of the head, which are used
         # alone (the official AdaptivePatchEmbed / AdaptiveFinalLayer).
         prefix = C < self.params.in_channels
-        assert C <= self.params.in_channels, f"latent has {C} channels, the model {self.params.in_channels}"
+        if C > self.params.in_channels or (prefix and not self.adaptive_channels):
+            raise ValueError(f"latent has {C} channels, the model {self.params.in_channels} (a channel prefix needs "
+                             "model.adaptive_channels = True, as lora.py --aug_channels sets)")  # fmt: skip
         if prefix:
             img = F.linear(img.to(dtype), self.x_embedder.weight[:, : C * p * p], self.x_embedder.bias)
         else:

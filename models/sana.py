@@ -214,7 +214,8 @@ class CrossAttention(nn.Module):
             q, k = self.norm_q(q), self.norm_k(k)
         q, k, v = (y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for y in (q, k, v))  # (B, H, *, d)
         # mask (B, 1, 1, L) bool, True = attend. NOTE(deviation): diffusers adds a -10000 bias to padded keys; a
-        # boolean mask is exactly zero weight. Identical in float32 unless a row has no valid token (then NaN here).
+        # boolean mask is exactly zero weight. Identical in float32 unless a row has no valid token (SDPA then
+        # returns zeros, diffusers the mean over the padding); SanaTextEncoder always keeps BOS, so none has.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, d)
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, N, D)
 
@@ -308,6 +309,7 @@ class Sana(nn.Module):
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(D, p.patch_size**2 * p.in_channels)  # DC-Gen stage 2 re-learns this head
         self.grad_checkpointing = False  # recompute each block in backward: activation memory O(1) in depth
+        self.adaptive_channels = False  # accept channel prefixes x[:, :C'] (DC-AE 1.5 augmented training)
 
     def forward(
         self, x: Tensor, t: Tensor, txt: Tensor, txt_mask: Tensor | None = None, guidance: Tensor | None = None
@@ -322,7 +324,9 @@ class Sana(nn.Module):
         # DC-AE 1.5 augmented training (paper.md B.4) also feeds channel prefixes x[:, :C'] of the latent: they use the
         # first C' input channels of the embedder and (patch 1) the first C' rows of the head.
         prefix = C < p.in_channels
-        assert C <= p.in_channels and (not prefix or p.patch_size == 1), f"latent of {C} channels for {p.in_channels}"
+        if C > p.in_channels or (prefix and not (self.adaptive_channels and p.patch_size == 1)):
+            raise ValueError(f"latent has {C} channels, the model {p.in_channels} (a channel prefix needs patch 1 "
+                             "and model.adaptive_channels = True, as lora.py --aug_channels sets)")  # fmt: skip
         if prefix:
             conv = self.patch_embed.proj
             img = F.conv2d(x.to(dtype), conv.weight[:, :C], conv.bias, stride=p.patch_size).flatten(2).transpose(1, 2)

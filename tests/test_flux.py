@@ -133,5 +133,8 @@ def test_channel_prefix_uses_the_first_columns_and_rows():
     sd["proj_out.weight"], sd["proj_out.bias"] = sd["proj_out.weight"][:k], sd["proj_out.bias"][:k]
     small.load_state_dict(sd)
     x, t, txt, y, g = torch.randn(2, 8, 4, 6), torch.rand(2), torch.randn(2, 5, 32), torch.randn(2, 16), torch.ones(2)
+    with pytest.raises(ValueError, match="latent has 3 channels, the model 8.*adaptive_channels"):
+        full(x[:, :3], t, txt, y, g)  # a prefix by accident is an error
+    full.adaptive_channels = True
     assert torch.allclose(full(x[:, :3], t, txt, y, g), small(x[:, :3], t, txt, y, g), atol=1e-6)
     assert full(x[:, :3], t, txt, y, g).shape == (2, 3, 4, 6)

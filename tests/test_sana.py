@@ -126,4 +126,7 @@ def test_channel_prefix_uses_the_first_columns_and_rows():
     sd["proj_out.weight"], sd["proj_out.bias"] = sd["proj_out.weight"][:3], sd["proj_out.bias"][:3]
     small.load_state_dict(sd)
     x, t, txt, mask = torch.randn(2, 8, 4, 6), torch.rand(2), torch.randn(2, 5, 24), torch.ones(2, 5)
+    with pytest.raises(ValueError, match="latent has 3 channels, the model 8.*adaptive_channels"):
+        full(x[:, :3], t, txt, mask)  # a prefix by accident is an error
+    full.adaptive_channels = True
     assert torch.allclose(full(x[:, :3], t, txt, mask), small(x[:, :3], t, txt, mask), atol=1e-6)
