@@ -43,7 +43,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        return y + self.scale * self.lora_B(self.lora_A(self.lora_dropout(x)))
+        a = self.lora_A.weight.dtype  # the branch may be fp32 beside a bf16 base (lora.py --dtype bf16), as in peft
+        return y + (self.scale * self.lora_B(self.lora_A(self.lora_dropout(x.to(a))))).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, alpha={self.alpha}, merged={self.merged}"
