@@ -186,15 +186,19 @@ def load_text_encoder(
         want = ", ".join(f"{sub}/ ({what})" for sub, what in layout.items())
         raise FileNotFoundError(f"{folder}: {family} text layout is missing {', '.join(missing)}; it needs {want}")
 
-    kw = dict(dtype=dtype or "auto", local_files_only=True)
+    def load(cls, sub: str):  # strict: transformers would fill a missing weight with random numbers and go on
+        model, info = cls.from_pretrained(folder / sub, dtype=dtype or "auto", local_files_only=True,
+                                          output_loading_info=True)  # fmt: skip
+        if bad := info["missing_keys"] or info["mismatched_keys"]:
+            raise ValueError(f"{folder / sub}: the weights do not fit its config.json ({sorted(bad)[:4]}, ...)")
+        return model.to(device)
+
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
     if family == "FLUX":
-        clip = CLIPTextModel.from_pretrained(folder / "text_encoder", **kw).to(device)
-        t5 = T5EncoderModel.from_pretrained(folder / "text_encoder_2", **kw).to(device)
+        clip, t5 = load(CLIPTextModel, "text_encoder"), load(T5EncoderModel, "text_encoder_2")
         t5_tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
         return FluxTextEncoder(clip, tokenizer, t5, t5_tokenizer, max_length)
-    gemma = Gemma2Model.from_pretrained(folder / "text_encoder", **kw).to(device)
-    return SanaTextEncoder(gemma, tokenizer, max_length or 300)
+    return SanaTextEncoder(load(Gemma2Model, "text_encoder"), tokenizer, max_length or 300)
 
 
 # ----------------------------------------------------------------------------------------------------------------

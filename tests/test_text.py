@@ -9,6 +9,7 @@ import random
 import shutil
 
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from diffusers import FluxPipeline, SanaPipeline
@@ -127,6 +128,17 @@ def test_missing_parts_are_named(flux_folder, sana_folder, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="expected the layout of FLUX"):
         load_text_encoder(tmp_path / "empty")
+
+
+def test_a_weight_missing_from_a_text_encoder_is_an_error(flux_folder, tmp_path):
+    """transformers fills a missing weight with random numbers and only logs it; the loader must refuse."""
+    broken = shutil.copytree(flux_folder, tmp_path / "flux")
+    (weights,) = (broken / "text_encoder_2").glob("*.safetensors")
+    sd = safetensors.torch.load_file(weights)
+    name = next(k for k in sd if k.endswith("layer_norm.weight"))
+    safetensors.torch.save_file({k: v for k, v in sd.items() if k != name}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"text_encoder_2: the weights do not fit its config.json"):
+        load_text_encoder(broken)
 
 
 # ----------------------------------------------------------------------------------------------------------------
