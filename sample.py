@@ -96,14 +96,28 @@ def image_size(cfg: Config, factor: int, native: int) -> tuple[int, int]:
     return H, W
 
 
-def check_toy_prompts(prompts: list[str]) -> None:
-    """The toy zoo learned only data.py's captions; say so (once) for a prompt outside that grammar."""
-    for prompt in prompts:
+def toy_prompts(prompts: list[str], background: str = "black") -> list[str]:
+    """The toy zoo learned only data.py's captions, which always end 'on a <colour> background': a prompt that is
+    such a caption but for the background gets `background` (said aloud; without one the toy models misdraw, e.g.
+    both objects red). Any other prompt outside the grammar gets a note, once."""
+
+    def problem(text: str) -> str | None:  # why text is not a caption of the toy dataset, or None
         try:
-            data.parse_caption(prompt)
+            data.parse_caption(text)
         except ValueError as e:
-            print(f"note: the toy zoo knows only the captions it was trained on; {e}. Expect a poor image.")
-            return
+            return str(e)
+        return None
+
+    out = []
+    for prompt in prompts:
+        completed = f"{prompt} on a {background} background"
+        if problem(prompt) and not problem(completed):
+            print(f"note: the toy zoo's captions always name a background; sampling {completed!r}")
+            prompt = completed
+        out.append(prompt)
+    if unknown := next(filter(None, map(problem, out)), None):
+        print(f"note: the toy zoo knows only the captions it was trained on; {unknown}. Expect a poor image.")
+    return out
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -150,7 +164,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                          tile_px=cfg.tile_px or None)  # fmt: skip
     model, ae = pipe.transformer.eval(), pipe.ae.eval()
     if folder.resolve().is_relative_to(ZOO):
-        check_toy_prompts(prompts)
+        prompts = toy_prompts(prompts)
     p, f, C = pipe.patch_size(), ae.spatial_factor, model.params.in_channels
     if 0 < cfg.tile_px < 4 * f or cfg.tile_px % f:
         raise ValueError(f"--tile_px {cfg.tile_px}: give 0 (decode in one pass) or a multiple of this AE's factor "

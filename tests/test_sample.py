@@ -160,7 +160,8 @@ def test_missing_model_folder(tmp_path):
 def test_toy_zoo_is_the_default_and_small(tmp_path, capsys):
     """The committed zoo: every model folder loads, the whole of it stays under 40 MB, and sample.py without --model
     or --size draws a 4096 px image from zoo/dcgen-4k, a 4096 px model (its shapes are judged by runs/toy_eval.py, not
-    here: 2 steps make blobs). A prompt outside the zoo's caption grammar (no background) gets a note."""
+    here: 2 steps make blobs). A caption without its background gets a black one, said aloud (the zoo's captions
+    always name one); any other prompt outside the zoo's grammar gets a note."""
     zoo = ROOT / "zoo"
     size = sum(f.stat().st_size for f in zoo.rglob("*") if f.is_file() and not f.is_symlink())
     assert size < 40 * 2**20, f"zoo/ is {size / 2**20:.1f} MiB, over the 40 MB budget"
@@ -170,10 +171,14 @@ def test_toy_zoo_is_the_default_and_small(tmp_path, capsys):
                            str(tmp_path / "zoo.png")])  # fmt: skip
     img = Image.open(path)
     assert img.size == (4096, 4096) and "zoo/dcgen-4k" in img.text["model"]
+    assert img.text["prompt"] == "a red circle above a blue square on a black background"  # what was sampled
     assert np.asarray(img).std() > 5  # not a flat canvas
-    assert "note: the toy zoo knows only the captions" in capsys.readouterr().out
-    sample.check_toy_prompts(["a red circle above a blue square on a black background"])
-    assert "note" not in capsys.readouterr().out
+    assert "sampling 'a red circle above a blue square on a black background'" in capsys.readouterr().out
+    given = ["a green circle left of a red square on a white background", "a cat on a mat", "a red circle above x"]
+    assert sample.toy_prompts(given) == given  # a whole caption, and prompts no background can complete, as they are
+    out = capsys.readouterr().out
+    assert "sampling" not in out and out.count("note: the toy zoo knows only the captions") == 1
+    assert "not a shapes caption: 'a cat on a mat'" in out
 
 
 def test_toy_eval_word_order_counts():
