@@ -1,6 +1,8 @@
 """Write the committed toy zoo (zoo/) from a runs/toy.sh output folder: the final model folders with their weights in
 fp16 (half the bytes; sample.py computes in fp32 on a CPU), one shared copy of the text encoders and of each AE that
-the model folders link to (relative symlinks), and zoo/README.md saying how each model was made.
+the model folders link to (relative symlinks), each model's training config (training_config.json), and
+zoo/README.md saying how each model was made. A part the run folder lacks (a rebuild that redid only the last steps)
+is kept from the zoo being replaced, as it is, and the script says so.
 
 Run:    python runs/export_zoo.py --runs out/toy --out zoo
 """
@@ -8,7 +10,6 @@ Run:    python runs/export_zoo.py --runs out/toy --out zoo
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 from pathlib import Path
@@ -21,7 +22,7 @@ from models.pipeline import TEXT_PARTS  # noqa: E402
 
 AES = {"vae-f8c4": "KL VAE f8c4: the FLUX VAE's role", "f32c16": "DC-AE 1.5 f32c16 (structured latent): the 1K role",
        "f64c32": "DC-AE 1.5 f64c32 (structured latent): the 4K role"}  # fmt: skip
-MODELS = {  # zoo name: (run folder, AE, what it is, how it was made)
+MODELS = {  # zoo name: (runs/toy.sh step and run folder, AE, what it is, how it was made)
     "base": ("base-2", "vae-f8c4", "CFG MMDiT trained from scratch at 256 px (16x16 tokens)",
              "lora.py --preset toy --rank 0 (7000 steps) -> lora.py --init --rank 0 (3000 more at a lower lr)"),
     "krea": ("krea", "vae-f8c4", "the base distilled to embedded guidance: the toy FLUX.1-Krea", "distill.py"),
@@ -47,6 +48,17 @@ def link(src: Path, dst: Path) -> None:
     dst.symlink_to(Path("..") / src.relative_to(dst.parent.parent), target_is_directory=True)
 
 
+def export(src: Path, kept: Path, dst: Path) -> int:
+    """fp16 copy of the weights folder src, or, when the run folder lacks it, the previous zoo's copy `kept` as is."""
+    if src.is_dir():
+        return half(src, dst)
+    if not kept.is_dir():
+        raise FileNotFoundError(f"{src} is missing and the zoo has no copy at {kept}: run runs/toy.sh first")
+    print(f"kept {kept} from the previous zoo ({src} is not there)")
+    shutil.copytree(kept, dst)
+    return sum(v.numel() for v in read_state_dict(dst, "diffusion_pytorch_model").values())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default="out/toy", help="output folder of runs/toy.sh")
@@ -58,28 +70,32 @@ def main() -> None:
     out = final.with_name(final.name + ".tmp")
     if out.exists():
         shutil.rmtree(out)
-    shutil.copytree(runs / "text", out / "text")
+    shutil.copytree(runs / "text" if (runs / "text").is_dir() else final / "text", out / "text")
     lines = ["# The toy zoo", "", "Written by `bash runs/toy.sh` (then `python runs/export_zoo.py`) on a 2-core CPU, "
              "from nothing but this repository's scripts and the procedural shapes of data.py. Weights in fp16; "
-             "the model folders link their `vae/` and text encoders to the shared copies here.", "",
+             "the model folders link their `vae/` and text encoders to the shared copies here; a model exported from a "
+             "run holds that run's config (`training_config.json`).", "",
              "| folder | what | params | made by |", "|---|---|---|---|",
              "| text/ | frozen CLIP + T5 in miniature over the captions' words: CLIP random, T5 pretrained for a "
              "minute to say where each object goes | - | models.text.build_toy_text_encoder(roles=...) |"]  # fmt: skip
     for name, what in AES.items():
-        n = half(runs / "ae" / name / "ae", out / "ae" / name)
+        n = export(runs / "ae" / name / "ae", final / "ae" / name, out / "ae" / name)
         lines.append(f"| ae/{name}/ | {what} | {n / 1e6:.2f} M | ae15.py (runs/ae15_toy.sh) |")
     for name, (run, ae, what, how) in MODELS.items():
         src, dst = runs / run / "model", out / name
-        n = half(src / "transformer", dst / "transformer")
+        from_run = (src / "transformer").is_dir()
+        n = export(src / "transformer", final / name / "transformer", dst / "transformer")
+        folder = src if from_run else final / name
         for part in ("scheduler", "model_index.json"):
-            (shutil.copytree if (src / part).is_dir() else shutil.copy)(src / part, dst / part)
+            (shutil.copytree if (folder / part).is_dir() else shutil.copy)(folder / part, dst / part)
+        train_cfg = runs / run / "config.json" if from_run else final / name / "training_config.json"
+        if train_cfg.is_file():
+            shutil.copy(train_cfg, dst / "training_config.json")
         link(out / "ae" / ae, dst / "vae")
         for part in TEXT_PARTS:
             if (out / "text" / part).is_dir():
                 link(out / "text" / part, dst / part)
-        cfg = json.loads((runs / run / "config.json").read_text())
-        lines.append(f"| {name}/ | {what} | {n / 1e6:.2f} M | {how} ({runs / run}/config.json: "
-                     f"{cfg.get('steps')} steps, batch {cfg.get('batch_size')}) |")  # fmt: skip
+        lines.append(f"| {name}/ | {what} | {n / 1e6:.2f} M | {how} (runs/toy.sh step `{run}`) |")
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and not f.is_symlink())
     lines += ["", f"Total size: {size / 2**20:.1f} MiB."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
