@@ -209,7 +209,11 @@ def main(argv: list[str] | None = None) -> list[Path]:
         times[part] += time.perf_counter() - t0
         return out
 
-    images = []
+    out, paths = Path(cfg.out), []
+    meta = {"model": str(folder), "size": f"{W}x{H}", "steps": cfg.steps, "cfg": scale, "shift": f"{kind} r={r:.3f}",
+            "guidance": cfg.guidance if distilled else "none", "seed": cfg.noise or cfg.seed}  # fmt: skip
+    one_file = cfg.grid or len(prompts) == 1
+    grid = []  # the images of the one file; else each batch is written as it is decoded (memory: one batch)
     with torch.no_grad():
         for start in range(0, len(prompts), cfg.batch):
             batch = prompts[start : start + cfg.batch]
@@ -218,20 +222,16 @@ def main(argv: list[str] | None = None) -> list[Path]:
             v = guided_velocity(model, cond, null, cfg.guidance if distilled else None, scale)
             v = progress(lambda x, sigma, v=v: v(x.to(dtype), sigma), cfg.steps, sync)
             x = timed("denoise", denoise, v, noise[start : start + len(batch)].to(device), sigmas)  # (B, C, h, w)
-            images.append(timed("decode", ae.decode, x.to(dtype)).float().cpu())  # (B, 3, H, W) in [-1, 1]
-    images = torch.cat(images)
-
-    # --- write PNGs with their recipe in the metadata ---
-    out, paths = Path(cfg.out), []
-    meta = {"model": str(folder), "size": f"{W}x{H}", "steps": cfg.steps, "cfg": scale, "shift": f"{kind} r={r:.3f}",
-            "guidance": cfg.guidance if distilled else "none", "seed": cfg.noise or cfg.seed}  # fmt: skip
-    if cfg.grid or len(prompts) == 1:
-        save_image_grid(images, out, nrow=min(4, len(prompts)), text={"prompt": " | ".join(prompts), **meta})
+            images = timed("decode", ae.decode, x.to(dtype)).float().cpu()  # (B, 3, H, W) in [-1, 1]
+            if one_file:
+                grid.append(images)
+                continue
+            for i, (img, prompt) in enumerate(zip(images, batch), start):  # PNGs with their recipe in the metadata
+                paths.append(out.with_name(f"{out.stem}_{i}{out.suffix}"))
+                save_image_grid(img[None], paths[-1], text={"prompt": prompt, "index": i, **meta})
+    if one_file:
+        save_image_grid(torch.cat(grid), out, nrow=min(4, len(prompts)), text={"prompt": " | ".join(prompts), **meta})
         paths.append(out)
-    else:
-        for i, (img, prompt) in enumerate(zip(images, prompts)):
-            paths.append(out.with_name(f"{out.stem}_{i}{out.suffix}"))
-            save_image_grid(img[None], paths[-1], text={"prompt": prompt, "index": i, **meta})
     per_step = times["denoise"] / (cfg.steps * -(-len(prompts) // cfg.batch))  # per step of one batch
     print(f"text encoding {times['text']:.2f}s | denoising {times['denoise']:.2f}s ({per_step:.3f}s/step) | "
           f"decoding {times['decode']:.2f}s | total {sum(times.values()):.2f}s | "
