@@ -38,12 +38,13 @@ def evaluate(model: str, out: Path, specs: list, size: int, steps: int, batch: i
     t0 = time.perf_counter()
     paths = sample.main(["--model", model, "--prompts", str(out / "prompts.txt"), "--size", str(size), "--steps",
                          str(steps), "--batch", str(batch), "--out", str(out / "img.png"), *extra])  # fmt: skip
-    images = [Image.open(p).convert("RGB") for p in paths]
-    results = [data.score(img, s) for img, s in zip(images, specs, strict=True)]
+    results, grid = [], Image.new("RGB", (8 * 128, 128))
+    for i, (path, spec) in enumerate(zip(paths, specs, strict=True)):  # one image in memory at a time (4K: 50 MB)
+        img = Image.open(path).convert("RGB")
+        results.append(data.score(img, spec))
+        if i < 8:
+            grid.paste(img.resize((128, 128), Image.Resampling.BOX), (128 * i, 0))
     checks = {k: sum(r["checks"][k] for r in results) / len(results) for k in results[0]["checks"]}
-    grid = Image.new("RGB", (8 * 128, 128))
-    for i, img in enumerate(images[:8]):
-        grid.paste(img.resize((128, 128), Image.Resampling.BOX), (128 * i, 0))
     grid.save(out / "grid.png")
     return {"model": model, "size": size, "steps": steps, "count": len(specs), "extra": extra,
             "accuracy": sum(r["correct"] for r in results) / len(results), "checks": checks,
