@@ -28,10 +28,10 @@ MODELS = {  # zoo name: (runs/toy.sh step and run folder, AE, what it is, how it
     "krea": ("krea", "vae-f8c4", "the base distilled to embedded guidance: the toy FLUX.1-Krea", "distill.py"),
     "dcgen-1k": ("dcgen-1k", "f32c16", "DC-Gen of krea on f32c16 at 256 px (8x8 tokens, 4x fewer)",
                  "align.py --stage embed -> --stage head -> lora.py -> lora.py --merge"),
-    "dcgen-4k": ("dcgen-4k-4", "f64c32", "DC-Gen of krea on f64c32 with 4x4 patches at 4096 px (16x16 tokens, the "
+    "dcgen-4k": ("dcgen-4k-5", "f64c32", "DC-Gen of krea on f64c32 with 4x4 patches at 4096 px (16x16 tokens, the "
                  "base's own grid); the default of sample.py",
                  "align.py --stage embed --patch_size 4 (teacher at 256 px) -> --stage head -> lora.py -> merge -> "
-                 "lora.py -> merge, three times more"),
+                 "lora.py -> merge, four times more"),
 }  # fmt: skip
 
 
