@@ -230,7 +230,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
                 paths.append(out.with_name(f"{out.stem}_{i}{out.suffix}"))
                 save_image_grid(img[None], paths[-1], text={"prompt": prompt, "index": i, **meta})
     if one_file:
-        save_image_grid(torch.cat(grid), out, nrow=min(4, len(prompts)), text={"prompt": " | ".join(prompts), **meta})
+        images = torch.cat(grid) if len(grid) > 1 else grid[0]
+        grid.clear()  # one copy of the pixels, not two, while the PNG is written (4096 px: 200 MB each)
+        save_image_grid(images, out, nrow=min(4, len(prompts)), text={"prompt": " | ".join(prompts), **meta})
         paths.append(out)
     per_step = times["denoise"] / (cfg.steps * -(-len(prompts) // cfg.batch))  # per step of one batch
     print(f"text encoding {times['text']:.2f}s | denoising {times['denoise']:.2f}s ({per_step:.3f}s/step) | "
