@@ -59,7 +59,7 @@ from common import (
 )
 from data import ImageFolder, LatentCache, ShapesDataset, StepSampler
 from models.autoencoder import load_autoencoder
-from models.pipeline import load_pipeline, write_pipeline
+from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import load_text_encoder
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,7 +86,10 @@ class Config:
     student_ae: str = ""  # the deep-compression AE folder (DC-AE); "" skips the student latents
     student_channels: int = 0  # DC-AE 1.5: keep only the first c latent channels (its structured prefix); 0: all
     text: str = ""  # folder with the text encoders (the base model folder)
-    max_length: int = 0  # T5 tokens (official FLUX training: 256); 0: the encoder's default
+    max_length: int = 256  # FLUX: T5 tokens (official training: 256, "t5-256"; sampling 512); SANA: Gemma tokens
+    # kept (its own 300 unless given); 0: the encoder's default (T5 512)
+    tile_px: int = 0  # encode in overlapping tiles of this many px (0: one pass, as the official code); tiles bound
+    # the AE's memory but their seams differ from one pass (README: differences)
     shard_size: int = 256  # rows per shard file
     # embed and head
     base: str = ""  # embed: the base model folder (its transformer and its patch embedder)
@@ -95,7 +98,9 @@ class Config:
     align: str = "upsample"  # embed loss: upsample (official default) or downsample (paper Eq. 1)
     patch_size: int = 1  # patch size of the student model (DC-Gen: 1)
     loss: str = "auto"  # head: auto (guide loss if the model embeds guidance, else flow matching), fm or guide
-    shift: str = "flux"  # head: training noise-level shift (see lora.py)
+    shift: str = ""  # embed, head: noise-level shift written to the model folder and trained with: "" the base
+    # folder's own (what sample.py uses for it), flux, dcgen or constant (see lora.py)
+    shift_value: float = 3.0  # r of --shift constant
     # optimisation (-1: the stage's official recipe, RECIPES)
     steps: int = -1  # optimizer steps
     batch_size: int = 64  # global batch
@@ -164,9 +169,11 @@ def cache_stage(cfg: Config, d) -> None:
     out = Path(cfg.out_dir)
     data = ShapesDataset(cfg.resolution, cfg.seed, cfg.split, cfg.count) if cfg.data == "shapes" else None
     data = data or ImageFolder(cfg.data, size_px=cfg.resolution)
-    aes = {k: load_autoencoder(p, device=d.device).eval() for k, p in (("teacher", cfg.teacher_ae),
+    tile = cfg.tile_px or None  # None: one pass
+    aes = {k: load_autoencoder(p, device=d.device, tile_px=tile).eval() for k, p in (("teacher", cfg.teacher_ae),
            ("student", cfg.student_ae)) if p}  # fmt: skip
-    text = load_text_encoder(cfg.text, device=d.device, max_length=cfg.max_length or None)
+    flux_text = (Path(cfg.text) / "text_encoder_2").is_dir()  # FLUX: CLIP + T5; SANA: Gemma-2 (keeps its own 300)
+    text = load_text_encoder(cfg.text, device=d.device, max_length=(cfg.max_length or None) if flux_text else None)
     n = len(data)
     n_shards = math.ceil(n / cfg.shard_size)
     t0, done = time.perf_counter(), 0
@@ -272,22 +279,24 @@ def embed_stage(cfg: Config, d) -> None:
             save_ckpt(state, out / f"ckpt_{step:07d}.pt")
     # --- assemble the student: base backbone + the new embedder + a fresh head (official flux_assemble.py) ---
     if d.master:
-        new = type(base)(dataclasses.replace(base.params, in_channels=C_s, patch_size=p_s)).to(dtype)
+        with torch.device("meta"):  # no memory: every tensor is assigned below, the backbone's shared with `base`
+            new = type(base)(dataclasses.replace(base.params, in_channels=C_s, patch_size=p_s))
         head = base.get_submodule(base.latent_layers[1])
         sd = {k: v for k, v in base.state_dict().items() if not k.startswith(base.latent_layers)}
         sd |= {f"{name}.{k}": v.to(dtype) for k, v in student.state_dict().items()}
         fresh = new_layer_like(head, c_out=new.get_submodule(base.latent_layers[1]).out_features)
         sd |= {f"{base.latent_layers[1]}.{k}": v.to(dtype) for k, v in fresh.state_dict().items()}
-        new.load_state_dict(sd, strict=True)
-        write_pipeline(out / "model", new, cache.meta["student_ae"], cache.meta["text"], cfg.shift)
+        new.load_state_dict(sd, strict=True, assign=True)
+        shift, value = (cfg.shift, cfg.shift_value) if cfg.shift else read_shift(cfg.base)  # the base's own
+        write_pipeline(out / "model", new, cache.meta["student_ae"], cache.meta["text"], shift, value)
         print0(f"student model (new embedder, fresh head) -> {out / 'model'}", log_file=log)
 
 
 def head_stage(cfg: Config) -> None:
     """lora.py's loop with no LoRA and only the latent layers trainable, then the model folder of the result."""
-    keep = ("cache", "out_dir", "init", "loss", "shift", "steps", "batch_size", "lr", "warmup", "beta2", "clip_grad",
-            "device", "dtype", "fsdp", "grad_checkpointing", "seed", "log_every", "save_every", "sample_every",
-            "resume", "dry_run")  # fmt: skip
+    keep = ("cache", "out_dir", "init", "loss", "shift", "shift_value", "steps", "batch_size", "lr", "warmup",
+            "beta2", "clip_grad", "device", "dtype", "fsdp", "grad_checkpointing", "seed", "log_every", "save_every",
+            "sample_every", "resume", "dry_run")  # fmt: skip
     run = lora.Config(**{k: getattr(cfg, k) for k in keep}, latent="student", rank=1, lora_targets=(), ema=0.0)
     last = lora.main(run)
     if last is not None and not cfg.dry_run and int(os.environ.get("RANK", 0)) == 0:  # the master writes the folder
@@ -303,6 +312,7 @@ def main(argv: list[str] | None = None):
     assert cfg.stage in RECIPES, f"--stage {cfg.stage!r}: choose cache, embed or head"
     assert cfg.align in ("upsample", "downsample"), f"--align {cfg.align!r}: choose upsample or downsample"
     assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
+    assert cfg.shift in ("", *SHIFTS), f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the base\'s own)'
     recipe = {k: v for k, v in RECIPES[cfg.stage].items() if getattr(cfg, k) == -1}
     cfg = dataclasses.replace(cfg, **recipe)
     if cfg.stage == "head":

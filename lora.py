@@ -72,7 +72,7 @@ from data import LatentCache, StepSampler
 from models.autoencoder import load_autoencoder
 from models.flux import PRESETS, Flux
 from models.lora import inject_lora, lora_layers, unload_lora
-from models.pipeline import load_pipeline, write_pipeline
+from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,8 +97,9 @@ class Config:
     w_min: float = 1.0  # guide loss: smallest guidance scale w
     w_max: float = 14.0  # guide loss: largest guidance scale w
     guide_uncond: str = "one"  # guide loss: v_u at guidance 1 (official code) or at the sampled w ("w", the paper)
-    shift: str = "flux"  # training noise-level shift: flux (mu linear in tokens), dcgen (sqrt(C·p²·L/4096)), constant
-    shift_value: float = 3.0  # r of the constant shift
+    shift: str = ""  # noise-level shift: "" the --init folder's own (sample.py's; flux for --preset), flux (mu linear
+    # in tokens), dcgen (sqrt(C·p²·L/4096)) or constant
+    shift_value: float = 3.0  # r of --shift constant (with --shift "", the folder's own value)
     aug_channels: tuple[int, ...] = ()  # DC-AE 1.5 augmented training: candidate channel prefixes (empty: off)
     aug_k: int = 2  # loss terms per step: the full latent plus aug_k - 1 prefixes drawn from aug_channels
     aug_full: bool = True  # the full latent is always a term (official always_sample_max_channel); False: all aug_k
@@ -240,6 +241,16 @@ def preview(raw, ae, cond, null, latent_shape, cfg, path):
         save_image_grid(ae.decode(x.to(next(ae.parameters()).dtype)), path, nrow=B)
 
 
+def with_shift(cfg: Config) -> Config:
+    """cfg with --shift resolved: given, or the --init folder's own, so that a run trains at the noise levels its model
+    samples at (SANA a constant 3.0, FLUX mu(L)) unless told otherwise. Resolved before config.json is written."""
+    if cfg.shift:
+        assert cfg.shift in SHIFTS, f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the model folder\'s own)'
+        return cfg
+    shift, value = read_shift(cfg.init) if cfg.init else ("flux", cfg.shift_value)
+    return dataclasses.replace(cfg, shift=shift, shift_value=value)
+
+
 def check_loaded(result, model: torch.nn.Module, source) -> None:
     """A checkpoint holds a run's trainable tensors only: it must name no unknown tensor and miss no trainable one."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -250,17 +261,20 @@ def check_loaded(result, model: torch.nn.Module, source) -> None:
 
 
 def merge(cfg: Config, build=None) -> Path:
-    """Fold a checkpoint's (EMA) trainable weights into its base and write a model folder to out_dir. `build` must be
-    the model builder the run used (default: this script's)."""
+    """Fold a checkpoint's (EMA) trainable weights into its base and write a model folder to out_dir, in the dtype
+    the run trained in (bf16 for --dtype bf16, as the released DC-Gen weights). `build` must be the model builder
+    the run used (default: this script's)."""
     ckpt = load_ckpt(cfg.merge)
     run = type(cfg)(**{**ckpt["config"], "merge": "", "resume": False})
     cache = LatentCache(run.cache)
-    model = (build or build_model)(run, cache, torch.float32)
+    dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32
+    model = (build or build_model)(run, cache, dtype)  # frozen weights in dtype, trainable ones fp32
     weights = ckpt["ema"] if cfg.merge_ema and ckpt["ema"] else ckpt["model"]
     check_loaded(model.load_state_dict(weights, strict=False), model, cfg.merge)  # the trainable tensors only
-    model = unload_lora(model) if lora_layers(model) else model
+    model = unload_lora(model) if lora_layers(model) else model  # W + (alpha / r)·B·A, in W's dtype
     ae, text = cache.meta[f"{run.latent}_ae"], cache.meta["text"]
-    write_pipeline(cfg.out_dir, model, ae, text, run.shift, run.shift_value)
+    sd = {k: v.to(dtype) for k, v in model.state_dict().items()}  # the fp32-trained layers join the base's dtype
+    write_pipeline(cfg.out_dir, model, ae, text, run.shift, run.shift_value, state_dict=sd)
     print(f"merged {'EMA' if weights is ckpt['ema'] else 'raw'} weights of {cfg.merge} (step {ckpt['step']}) into "
           f"{run.init or run.preset}; model folder {cfg.out_dir}")  # fmt: skip
     return Path(cfg.out_dir)
@@ -276,6 +290,7 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
     cfg = cfg or parse_config(Config)
     if cfg.merge:
         return merge(cfg, build)
+    cfg = with_shift(cfg)
     assert loss_fn or cfg.loss in ("auto", "fm", "guide"), f"--loss {cfg.loss!r}: choose auto, fm or guide"
     assert cfg.guide_uncond in ("one", "w"), f"--guide_uncond {cfg.guide_uncond!r}: choose one (code) or w (paper)"
     assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"

@@ -95,6 +95,15 @@ def sampling_shift(folder: Path, transformer_cfg: dict, ae_cfg: dict | None) -> 
     return "flux", 1.0
 
 
+def read_shift(folder: str | Path) -> tuple[str, float]:
+    """The shift a model folder samples with (`sampling_shift`), read from its configs alone: no weights are loaded.
+    Every training stage defaults to it, so a SANA run trains at SANA's constant 3.0 and a FLUX run at FLUX's mu."""
+    folder = Path(folder)
+    ae_file = folder / "vae" / "config.json"
+    ae_cfg = read_config(folder / "vae", "autoencoder") if ae_file.is_file() else None
+    return sampling_shift(folder, read_config(folder / "transformer", "transformer"), ae_cfg)
+
+
 def load_pipeline(
     folder: str | Path,
     dtype: torch.dtype | None = None,

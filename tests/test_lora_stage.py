@@ -176,7 +176,7 @@ def test_validation_loss_is_logged_and_deterministic(tmp_path):
                                                   "--val_every", "1")))  # fmt: skip
     lines = [ln for ln in (tmp_path / "out" / "log.txt").read_text().splitlines() if "val_loss" in ln]
     assert [ln.split()[1] for ln in lines] == ["0000001/0000002", "0000002/0000002"]
-    cfg = lora.Config(preset="tiny", rank=0, cache=str(cache), latent="teacher", batch_size=2)
+    cfg = lora.with_shift(lora.Config(preset="tiny", rank=0, cache=str(cache), latent="teacher", batch_size=2))
     model = lora.build_model(cfg, lora.LatentCache(cache), torch.float32)
     a, b = (lora.validate(model, lora.LatentCache(val), cfg, "cpu") for _ in range(2))
     assert a == b and 0.5 < a < 10  # same points every call; a random model's velocity error is O(1) per element

@@ -1,0 +1,159 @@
+"""What the real-size path (FLUX.1-Krea 12B on N GPUs) relies on, checked at tiny size: each stage trains and writes
+the base folder's own shift, folders keep the run's dtype, the cache encodes in one pass with T5 at 256 tokens, the
+embed stage assembles the student without materialising a second model, and the stated torch minimum is true.
+
+Run: python -m pytest -q tests/test_real_path.py
+"""
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import torch
+
+import align
+import lora
+from data import LatentCache
+from models.autoencoder import load_autoencoder
+from models.flux import Flux
+from models.pipeline import read_shift, write_pipeline
+from models.sana import PRESETS as SANA_PRESETS
+from models.sana import Sana
+
+from tiny_text import build_flux_text
+from tiny_world import SIZE, build_world
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = build_world(tmp_path_factory.mktemp("world"))
+    cache(root, root / "cache", "--count", "8")
+    return root
+
+
+def cache(world: Path, out: Path, *argv: str) -> Path:
+    align.main(["--stage", "cache", "--data", "shapes", "--resolution", str(SIZE), "--teacher_ae",
+                str(world / "teacher_ae"), "--student_ae", str(world / "student_ae"), "--text", str(world / "text"),
+                "--batch_size", "4", "--out_dir", str(out), *argv])  # fmt: skip
+    return out
+
+
+def stage(world: Path, out: Path, *argv: str) -> Path:
+    align.main(["--cache", str(world / "cache"), "--out_dir", str(out), "--batch_size", "4", "--log_every", "1",
+                "--steps", "2", *argv])  # fmt: skip
+    return out
+
+
+def without_our_shift(folder: Path, scheduler: dict) -> Path:
+    """A folder as released: its scheduler config is diffusers' own, without the "_shift" key our stages write."""
+    (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler))
+    return folder
+
+
+def tensor_dtypes(folder: Path) -> set[torch.dtype]:
+    sd = safetensors.torch.load_file(folder / "transformer" / "diffusion_pytorch_model.safetensors")
+    return {v.dtype for v in sd.values()}
+
+
+def test_every_stage_trains_and_writes_the_base_folders_own_shift(world, tmp_path):
+    """A base sampled with a fixed shift (FluxPipeline's use_dynamic_shifting false, shift 2) gives an embed folder,
+    a head run and a LoRA merge that all use it; before, every stage defaulted to FLUX's dynamic shift."""
+    base = tmp_path / "base"
+    shutil.copytree(world / "base", base, symlinks=True)
+    without_our_shift(base, {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": False,
+                             "shift": 2.0})  # fmt: skip
+    assert read_shift(base) == ("constant", 2.0)
+    embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(base))
+    assert read_shift(embed / "model") == ("constant", 2.0)
+    head = stage(world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"), "--warmup", "1")
+    run = json.loads((head / "config.json").read_text())
+    assert (run["shift"], run["shift_value"]) == ("constant", 2.0)  # trained at r = 2, and recorded so
+    assert read_shift(head / "model") == ("constant", 2.0)
+    # an explicit --shift still wins
+    cfg = lora.with_shift(lora.Config(init=str(head / "model"), shift="dcgen"))
+    assert cfg.shift == "dcgen"
+
+
+def test_a_sana_folder_trains_at_its_constant_flow_shift(world, tmp_path):
+    """DC-Gen-SANA: a released SANA folder (DPM-Solver config, flow_shift 3) trains at r = 3, not FLUX's mu."""
+    sana = tmp_path / "sana"
+    write_pipeline(sana, Sana(SANA_PRESETS["tiny"]), world / "teacher_ae", world / "text", "flux")
+    without_our_shift(sana, {"_class_name": "DPMSolverMultistepScheduler", "flow_shift": 3.0})
+    cfg = lora.with_shift(lora.Config(init=str(sana)))
+    assert (cfg.shift, cfg.shift_value) == ("constant", 3.0)
+    embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(sana))
+    assert read_shift(embed / "model") == ("constant", 3.0)
+
+
+def test_head_and_merged_folders_keep_the_runs_dtype(world, tmp_path):
+    """--dtype bf16 runs write bf16 folders (fp32 doubled a 12B folder to 48 GB); fp32 runs stay fp32."""
+    embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"), "--dtype", "bf16")
+    head = stage(world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"), "--dtype", "bf16",
+                 "--warmup", "1")  # fmt: skip
+    assert tensor_dtypes(embed / "model") == tensor_dtypes(head / "model") == {torch.bfloat16}
+    for dtype, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        cfg = lora.Config(init=str(head / "model"), cache=str(world / "cache"), out_dir=str(tmp_path / dtype),
+                          rank=4, steps=2, batch_size=4, warmup=1, sample_every=0, dtype=dtype)  # fmt: skip
+        last = lora.main(cfg)
+        merged = lora.merge(lora.Config(merge=str(last), out_dir=str(tmp_path / f"merged-{dtype}")))
+        assert tensor_dtypes(merged) == {want}
+        # the merged bf16 weights are the fp32 EMA weights rounded once
+        ema = lora.load_ckpt(last)["ema"]["x_embedder.weight"]
+        sd = safetensors.torch.load_file(merged / "transformer" / "diffusion_pytorch_model.safetensors")
+        assert torch.equal(sd["x_embedder.weight"], ema.to(want))
+
+
+def test_the_cache_encodes_in_one_pass_unless_told_to_tile(world, tmp_path):
+    """Tiles are one flag away (--tile_px); by default the cache holds the one-pass latents."""
+    one = LatentCache(world / "cache").get([0, 1], ["student", "teacher"])
+    tiled = LatentCache(cache(world, tmp_path / "tiled", "--count", "2", "--tile_px", "8")).get([0, 1], ["student"])
+    ae = load_autoencoder(world / "student_ae", tile_px=None).eval()
+    images = torch.stack([align.ShapesDataset(SIZE, 0, "train", 8)[i]["image"] for i in (0, 1)])
+    with torch.no_grad():
+        assert torch.allclose(one["student"], ae.encode(images), atol=1e-6)
+    assert not torch.allclose(tiled["student"], one["student"], atol=1e-3)  # the seams
+
+
+def test_the_cache_keeps_256_t5_tokens_as_official_training(world, tmp_path):
+    """align.py --stage cache on a FLUX text folder (T5 tokenizer of 512 tokens) stores 256 T5 states per caption."""
+    text = build_flux_text(tmp_path / "flux_text")
+    out = tmp_path / "cache"
+    align.main(["--stage", "cache", "--data", "shapes", "--count", "2", "--resolution", str(SIZE), "--student_ae",
+                str(world / "student_ae"), "--text", str(text), "--out_dir", str(out)])  # fmt: skip
+    assert LatentCache(out).shape("txt")[0] == 256
+
+
+def test_embed_stage_assembles_the_student_on_the_meta_device(world, tmp_path, monkeypatch):
+    """The student is built without memory and takes the base's tensors: a 12B base no longer costs a second,
+    random fp32 copy (48 GB) on the master while the other ranks wait."""
+    devices = []
+    init = Flux.__init__
+
+    def spy(self, params):
+        devices.append(torch.empty(0).device.type)  # where a tensor made now would live
+        init(self, params)
+
+    monkeypatch.setattr(Flux, "__init__", spy)
+    stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"))
+    assert devices[-1] == "meta"  # the last Flux built is the assembled student
+
+
+def test_the_stated_torch_minimum_covers_every_torch_api_the_code_imports():
+    """requirements.txt and the README state one torch minimum, no lower than the newest API the code imports."""
+    since = {  # import -> the first torch release with it public
+        r"from torch\.distributed\.fsdp import fully_shard": (2, 6),
+        r"from torch\.distributed\.tensor import": (2, 5),
+        r"from torch\.nn\.attention import": (2, 3),
+    }
+    code = "\n".join(p.read_text() for p in [*ROOT.glob("*.py"), *ROOT.glob("models/*.py"), *ROOT.glob("runs/*.py")])
+    need = max(v for pattern, v in since.items() if re.search(pattern, code))
+    stated = re.search(r"^torch>=(\d+)\.(\d+)", (ROOT / "requirements.txt").read_text(), re.M)
+    assert stated and tuple(map(int, stated.groups())) >= need, f"requirements.txt must say torch>={need}"
+    minimum = f"torch>={stated[1]}.{stated[2]}"
+    readme = (ROOT / "README.md").read_text()
+    assert minimum in readme and not re.search(r"torch>=(?!" + re.escape(minimum[7:]) + r"\b)", readme)
