@@ -22,7 +22,9 @@ Run:    python lora.py --init out/head/model --cache out/cache-512 --out_dir out
 Smoke:  python lora.py --preset tiny --rank 0 --cache out/cache-tiny --latent teacher --steps 2 --out_dir out/smoke
 Input:  a model folder (align.py --stage head, a released base, or a merged stage) and a latent cache (align.py
         --stage cache). Output: out_dir/ckpt_{step:07d}.pt (trainable tensors, their EMA, optimizer, step, config),
-        config.json, log.txt, samples/{step:07d}.png; with --merge, a model folder (transformer/ + linked vae/, text).
+        config.json, log.txt, samples/{step:07d}.png, pytorch_lora_weights.safetensors (diffusers' LoRA file, for
+        `pipe.load_lora_weights(out_dir)` on the --init folder: README); with --merge, a model folder (transformer/
+        + linked vae/, text).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ from common import (
 from data import LatentCache, StepSampler
 from models.autoencoder import load_autoencoder
 from models.flux import PRESETS, Flux
-from models.lora import inject_lora, lora_layers, unload_lora
+from models.lora import inject_lora, lora_layers, save_diffusers_lora, unload_lora
 from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text
 
@@ -241,6 +243,12 @@ def preview(raw, ae, cond, null, latent_shape, cfg, path):
         save_image_grid(ae.decode(x.to(next(ae.parameters()).dtype)), path, nrow=B)
 
 
+def full_layers(model: torch.nn.Module) -> tuple[str, ...]:
+    """The modules trained in full beside LoRA (DC-Gen: x_embedder and proj_out), by name."""
+    names = {n.rpartition(".")[0] for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    return tuple(sorted(names))
+
+
 def with_shift(cfg: Config) -> Config:
     """cfg with --shift resolved: given, or the --init folder's own, so that a run trains at the noise levels its model
     samples at (SANA a constant 3.0, FLUX mu(L)) unless told otherwise. Resolved before config.json is written."""
@@ -314,6 +322,15 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
     guide = cfg.loss == "guide" or (cfg.loss == "auto" and getattr(raw.params, "guidance_embed", False))
     assert not guide or raw.params.guidance_embed, "--loss guide needs a model with a guidance embedding"
     loss_fn = loss_fn or partial(diffusion_loss, cfg=cfg, guide=guide)
+    # diffusers' LoRA file, rewritten at every checkpoint: LoRA A/B plus the layers trained in full, written as
+    # their changes from the --init weights, which are kept here before training or resuming moves them
+    full = full_layers(raw)
+    linear = all(type(raw.get_submodule(n)) is torch.nn.Linear for n in full)  # SANA's conv embedder has no LoRA form
+    lora_file = bool(cfg.init and lora_layers(raw)) and linear
+    init_full = {}
+    for n in full if lora_file else ():
+        for k, v in raw.get_submodule(n).state_dict().items():
+            init_full[f"{n}.{k}"] = v.detach().float().cpu().clone()
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in raw.parameters())
     name = getattr(loss_fn, "__name__", "guide" if guide else "flow matching")
@@ -364,6 +381,9 @@ def main(cfg: Config | None = None, build=None, loss_fn=None):
         path = out / f"ckpt_{step:07d}.pt"
         if d.master:
             save_ckpt(state, path)
+        if d.master and lora_file:  # the EMA weights when there are, as --merge folds in
+            weights = state["ema"] or state["model"]
+            save_diffusers_lora(raw, out, full=full, base=init_full, state_dict=weights, dtype=dtype)
         return path
 
     # --- data and previews ---

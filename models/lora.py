@@ -3,9 +3,10 @@
     y = W x + b + (alpha / r) · B A x,    A: (r, in) random,  B: (out, r) zero at init,
 
 so training starts exactly at the base model and only A and B (r·(in + out) numbers per layer) are learned.
-DC-Gen §3.3 (paper.md A.3) puts rank = alpha = 256 on every attention and MLP linear of every FLUX block
+DC-Gen §3.3 and its official trainer put rank = alpha = 256 on every attention and MLP linear of every FLUX block
 (`Flux.lora_targets`) and keeps the new `x_embedder` and `proj_out` fully trainable. Keys follow PEFT/diffusers
-(`<module>.lora_A.weight`, `<module>.lora_B.weight`), so a LoRA saved here loads into diffusers + peft and back.
+(`<module>.lora_A.weight`, `<module>.lora_B.weight`), so a LoRA saved here loads into diffusers + peft and back;
+`save_diffusers_lora` writes diffusers' LoRA file, the fully trained modules included, for `pipe.load_lora_weights`.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from __future__ import annotations
 import json
 import math
 import re
+from pathlib import Path
 
+import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.loading import atomic_write
 
 
 class LoRALinear(nn.Linear):
@@ -122,13 +127,99 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
     model.load_state_dict(sd, strict=False)
 
 
-def diffusers_lora(model: nn.Module, prefix: str = "transformer") -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and safetensors metadata of diffusers' LoRA file (`pytorch_lora_weights.safetensors`): keys
-    `transformer.<module>.lora_A.weight`, and the peft LoraConfig (r, lora_alpha, targets) under the metadata key
-    "lora_adapter_metadata", so `FluxPipeline.load_lora_weights` rebuilds the same alpha / r scale."""
+# ----------------------------------------------------------------------------------------------------------------
+# diffusers' LoRA file format
+
+LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name `FluxPipeline.load_lora_weights(folder)` looks for
+
+
+def diffusers_lora(
+    model: nn.Module,
+    prefix: str = "transformer",
+    full: tuple[str, ...] = (),
+    base: dict[str, Tensor] | None = None,
+    state_dict: dict[str, Tensor] | None = None,
+) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """Tensors and safetensors metadata of diffusers' LoRA file: keys `<prefix>.<module>.lora_A.weight` (PEFT names),
+    and under the metadata key "lora_adapter_metadata" the peft LoraConfig as JSON, each field prefixed
+    (`{"transformer.r": 256, "transformer.lora_alpha": 256, ...}`), which diffusers turns into the LoraConfig as is.
+    The alpha / r scale is folded into B (B' = (alpha / r)·B, lora_alpha = r): loaders that miss the metadata assume
+    alpha = r (diffusers does for `transformer.load_lora_adapter(file)` and for a metadata-less file), and so still
+    build the same update.
+
+    `full` names plain nn.Linear modules trained in full (DC-Gen: `Flux.latent_layers`, x_embedder and proj_out).
+    diffusers' Flux loader has no format for full weights: kohya `.diff`/`.diff_b` keys are dropped; peft's
+    `modules_to_save` cannot single out the top-level `proj_out` (it matches names by suffix, so it also hits
+    `single_transformer_blocks.*.proj_out`, and fails); a plain `transformer.x_embedder.weight` key is only loaded by
+    accident (peft's `load_state_dict(strict=False, assign=True)`): the parameter takes the file's dtype and device,
+    and unload_lora_weights / set_adapters leave it alone. So each full module is written as an exact full-rank LoRA of
+    its change from `base`, its weights in the model folder the LoRA will be loaded onto (the run's --init): with
+    dW = W - W_base (out, in) and r = min(in, out),
+        A = I_r, B = dW  if in <= out,    A = dW, B = I_r  otherwise,    lora_B.bias = b - b_base,
+    at scale 1 (rank_pattern = alpha_pattern = r, anchored with "^" so `proj_out` is not `*.proj_out`). peft's
+    `lora_bias` is one switch for all layers, so every other LoRA layer gets a zero `lora_B.bias`. `base` maps
+    `<module>.weight` / `.bias` to tensors. `state_dict` overrides the model's own trainable tensors by their
+    state-dict names (e.g. lora.py's EMA: `{"transformer_blocks.0.attn.to_q.lora_A.weight": ..., "x_embedder.weight":
+    ...}`); give full (unsharded) tensors."""
     layers = lora_layers(model)
-    m = next(iter(layers.values()))
-    config = {"r": m.rank, "lora_alpha": m.alpha, "lora_dropout": m.lora_dropout.p, "target_modules": sorted(layers)}
-    tensors = {f"{prefix}.{k}": v for k, v in lora_state_dict(model).items()}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no LoRA layers: save the full model instead")
+    ranks = {m.rank for m in layers.values()}
+    assert len(ranks) == 1, f"diffusers' LoraConfig holds one rank here, got {sorted(ranks)}"
+    rank = ranks.pop()
+    own = model.state_dict()
+    trained = {k: v for k, v in own.items() if ".lora_A." in k or ".lora_B." in k or k.rpartition(".")[0] in full}
+    unknown = sorted((state_dict or {}).keys() - trained.keys())
+    if unknown:
+        raise ValueError(f"state_dict names no LoRA tensor or tensor of the full modules {full}: {unknown[:3]}")
+    trained.update(state_dict or {})
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"{prefix}.{name}.lora_A.weight"] = trained[f"{name}.lora_A.weight"].detach()
+        tensors[f"{prefix}.{name}.lora_B.weight"] = m.scale * trained[f"{name}.lora_B.weight"].detach().float()
+    # peft's `target_modules` as one regex, matched in full: the exact layers, no suffix matches
+    config = {"r": rank, "lora_alpha": rank, "lora_bias": bool(full)}
+    config["target_modules"] = "|".join(re.escape(n) for n in [*sorted(layers), *full])
+    if full:
+        assert base is not None, f"full modules {full} are written as changes from `base`: give their base weights"
+        for name, m in layers.items():
+            tensors[f"{prefix}.{name}.lora_B.bias"] = torch.zeros(m.out_features)  # the switch is global in peft
+        config["rank_pattern"], config["alpha_pattern"] = {}, {}
+    for name in full:
+        m = model.get_submodule(name)
+        assert type(m) is nn.Linear, f"full module {name} must be a plain nn.Linear, got {type(m).__name__}"
+        dW = trained[f"{name}.weight"].detach().float() - base[f"{name}.weight"].float()  # (out, in)
+        db = torch.zeros(m.out_features)  # a layer without bias still gets lora_B.bias in peft
+        if m.bias is not None:
+            db = trained[f"{name}.bias"].detach().float() - base[f"{name}.bias"].float()  # (out,)
+        r = min(dW.shape)
+        A, B = (torch.eye(r), dW) if dW.shape[1] == r else (dW, torch.eye(r))  # B·A = dW exactly
+        tensors.update({f"{prefix}.{name}.lora_A.weight": A, f"{prefix}.{name}.lora_B.weight": B})
+        tensors[f"{prefix}.{name}.lora_B.bias"] = db
+        pattern = f"^{re.escape(name)}"  # "^": this module only, not every `*.proj_out`
+        config["rank_pattern"][pattern] = r
+        config["alpha_pattern"][pattern] = r  # scale alpha / r = 1
     metadata = {f"{prefix}.{k}": v for k, v in config.items()}
-    return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(metadata)}
+    return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
+
+
+def save_diffusers_lora(
+    model: nn.Module,
+    folder: str | Path,
+    full: tuple[str, ...] = (),
+    base: dict[str, Tensor] | None = None,
+    state_dict: dict[str, Tensor] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    prefix: str = "transformer",
+) -> Path:
+    """Atomically write `folder/pytorch_lora_weights.safetensors` (see diffusers_lora for `full`, `base` and
+    `state_dict`), every tensor cast to `dtype` (bf16: the dtype FLUX is served in; half of fp32's size). diffusers
+    then loads the LoRA and the full modules in one call, onto the model folder `base` came from (the run's --init):
+        pipe = FluxPipeline.from_pretrained(init_folder)
+        pipe.load_lora_weights(folder)  # or pipe.transformer.load_lora_adapter(folder, weight_name=LORA_FILE,
+                                        #                                        prefix="transformer")"""
+    tensors, metadata = diffusers_lora(model, prefix, full, base, state_dict)
+    tensors = {k: v.to("cpu", dtype).contiguous() for k, v in tensors.items()}
+    path = Path(folder) / LORA_FILE
+    atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)))
+    return path

@@ -111,7 +111,7 @@ def test_lora_loads_into_diffusers_via_peft(tmp_path):
     ref = tiny_diffusers(16, True)
     ref.save_pretrained(tmp_path / "base")
     ours = Flux.from_pretrained(tmp_path / "base", patch_size=2)
-    inject_lora(ours, rank=4, alpha=12)  # scale 3: the metadata must carry alpha, not just the rank
+    inject_lora(ours, rank=4, alpha=12)  # scale 3: the file must give alpha / r = 3 (it is folded into B)
     randomize_lora(ours)
     tensors, metadata = diffusers_lora(ours)
     save_ckpt(tensors, tmp_path / "lora" / "pytorch_lora_weights.safetensors", metadata=metadata)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import safetensors.torch
 import torch
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 import align
 import lora
@@ -23,6 +24,7 @@ from models.pipeline import read_shift, write_pipeline
 from models.sana import PRESETS as SANA_PRESETS
 from models.sana import Sana
 
+from flux_reference import run_diffusers
 from tiny_text import build_flux_text
 from tiny_world import SIZE, build_world
 
@@ -157,3 +159,33 @@ def test_the_stated_torch_minimum_covers_every_torch_api_the_code_imports():
     minimum = f"torch>={stated[1]}.{stated[2]}"
     readme = (ROOT / "README.md").read_text()
     assert minimum in readme and not re.search(r"torch>=(?!" + re.escape(minimum[7:]) + r"\b)", readme)
+
+
+def test_a_lora_run_writes_a_file_diffusers_loads_onto_its_init_folder(world, tmp_path):
+    """lora.py's run folder holds pytorch_lora_weights.safetensors: diffusers' FluxPipeline.load_lora_weights on the
+    --init folder's transformer gives the merged model's output (x_embedder and proj_out, trained in full, included).
+    """
+    embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"))
+    head = stage(world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"), "--warmup", "1")
+    cfg = lora.Config(init=str(head / "model"), cache=str(world / "cache"), out_dir=str(tmp_path / "lora"), rank=4,
+                      alpha=8, steps=3, batch_size=4, warmup=1, lr=1e-2, sample_every=0, ema=0.5)  # fmt: skip
+    merged = lora.merge(lora.Config(merge=str(lora.main(cfg)), out_dir=str(tmp_path / "merged")))
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
+                        text_encoder_2=None, tokenizer_2=None,
+                        transformer=FluxTransformer2DModel.from_pretrained(head / "model" / "transformer"))  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    x, t, txt, y = (
+        torch.randn(2, 8, 2, 2, generator=g),
+        torch.rand(2, generator=g),
+        torch.randn(2, 8, 32),
+        torch.ones(2, 32),
+    )
+    args = (x, t, txt, y, torch.full((2,), 3.5), 1)
+    with torch.no_grad():
+        before = run_diffusers(pipe.transformer.eval(), *args)
+        pipe.load_lora_weights(tmp_path / "lora")
+        got = run_diffusers(pipe.transformer, *args)
+        want = run_diffusers(FluxTransformer2DModel.from_pretrained(merged / "transformer").eval(), *args)
+    scale = want.abs().max()
+    assert (got - before).abs().max() > 1e-2 * scale  # the run moved the model
+    assert (got - want).abs().max() < 1e-5 * scale  # an fp32 run writes an fp32 file
