@@ -34,6 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
     cleanup_dist,
+    draw_prefixes,
     init_dist,
     load_ckpt,
     parse_config,
@@ -44,10 +45,14 @@ from common import (
     save_image_grid,
     save_pretrained,
     seed_everything,
+    step_generator,
 )
-from data import ImageFolder, ShapesDataset, StepSampler, score
-from models import dcae, vae
-from models.autoencoder import build_autoencoder, load_autoencoder
+from data import ImageFolder, StepSampler
+from models import vae
+from models.autoencoder import PRESETS as AE_PRESETS
+from models.autoencoder import autoencoder_params, build_autoencoder, load_autoencoder
+from toy.score import score
+from toy.shapes import ShapesDataset
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
@@ -63,7 +68,7 @@ class Config:
     mask: str = "prefix"  # "prefix": DC-AE 1.5 channel masking; "none": DC-AE 1.0-style, full latent only
     prefixes: tuple[int, ...] = ()  # candidate c' set; empty: 16, 20, ..., C when C >= 64, else C/8, 2C/8, ..., C
     num_prefixes: int = 2  # K: channel prefixes decoded per step (one encoder pass)
-    always_max: bool = True  # one of the K prefixes is always c' = C (official always_sample_max_channel)
+    always_max: bool = True  # for K >= 2, one of the K prefixes is always c' = C (official always_sample_max_channel)
     steps: int = 1500  # optimizer steps in total
     batch_size: int = 16  # images per rank per step
     lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, cosine decay to 10%)
@@ -120,21 +125,6 @@ def candidate_prefixes(C: int, given: tuple[int, ...]) -> list[int]:
     step = 4 if C >= 64 else max(1, C // 8)
     default = range(16 if C >= 64 else step, C + 1, step)
     return sorted(set(given or default) | {C})  # always including C
-
-
-def sample_prefixes(cands: list[int], cfg: Config, step: int) -> list[int]:
-    """K prefixes for this step, drawn uniformly from the candidates with a per-step seed. With --always_max one of
-    them is C, except for K = 1, which draws its one c' (as the official trainer does for one channel count).
-
-    NOTE(deviation): every rank draws the same c' (the official trainer seeds a generator per rank, so 8 GPUs decode
-    up to 8·K different prefixes a step); here N ranks train exactly like one process and a resumed run replays."""
-    C = cands[-1]
-    if cfg.mask == "none":
-        return [C]
-    fixed = int(cfg.always_max and cfg.num_prefixes > 1)
-    g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    draws = [cands[i] for i in torch.randint(len(cands), (cfg.num_prefixes - fixed,), generator=g).tolist()]
-    return [C] * fixed + draws
 
 
 def lr_at(step: int, cfg: Config) -> float:
@@ -294,16 +284,14 @@ def main():
     # --- models: the AE (fresh preset, --init folder, or the --resume checkpoint's config), then the loss networks
     ckpt = load_ckpt(ckpts[-1]) if cfg.resume else None
     if ckpt is not None:
-        ae = build_autoencoder(ckpt["ae_config"], tile_px=None)
+        ae = build_autoencoder(autoencoder_params(ckpt["ae_config"]), tile_px=None)
         ae.load_state_dict(ckpt["model"])
     elif cfg.init:
         ae = load_autoencoder(cfg.init, dtype=torch.float32, tile_px=None)
-    elif cfg.model in dcae.PRESETS:
-        ae = dcae.DCAE(dcae.PRESETS[cfg.model], tile_px=None)
-    elif cfg.model in vae.PRESETS:
-        ae = vae.VAE(vae.PRESETS[cfg.model], tile_px=None)
+    elif cfg.model in AE_PRESETS:
+        ae = build_autoencoder(AE_PRESETS[cfg.model], tile_px=None)
     else:
-        raise ValueError(f"unknown --model {cfg.model!r}; choose from {[*dcae.PRESETS, *vae.PRESETS]}")
+        raise ValueError(f"unknown --model {cfg.model!r}; choose from {list(AE_PRESETS)}")
     ae = ae.to(dist.device)
     C = ae.latent_channels
     if cfg.mask == "prefix" and not ae.adaptive:
@@ -362,7 +350,11 @@ def main():
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x = next(batches)["image"].to(dist.device)  # (B, 3, H, W) in [-1, 1]
-        prefixes = sample_prefixes(cands, cfg, step)
+        # DC-AE 1.5 §3.2: K channel prefixes c' this step (common.draw_prefixes), each decoded from one encoding.
+        # NOTE(deviation): every rank draws the same c' from the step's generator (the official trainer seeds one per
+        # rank, so 8 GPUs decode up to 8·K different prefixes a step): N ranks train as one process; a resume replays.
+        g = step_generator(cfg.seed, step)
+        prefixes = draw_prefixes(g, cands, cfg.num_prefixes, cfg.always_max, C) if cfg.mask == "prefix" else [C]
         with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
             recs, kl = model(x, prefixes)
         recs, kl = [r.float() for r in recs], kl.float()  # the losses in fp32

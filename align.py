@@ -1,4 +1,4 @@
-"""Stages 1 and 2 of DC-Gen, embedding alignment (paper §3.2, Eq. 1; paper.md A.2-A.3): move a pretrained DiT from
+"""Stages 1 and 2 of DC-Gen, embedding alignment (DC-Gen §3.2, Eq. (1)): move a pretrained DiT from
 its autoencoder's latent (the teacher AE, e.g. FLUX's f8c16 VAE) to a deeply compressed one (the student AE, DC-AE
 f32c32 or DC-AE 1.5 f64c128) without collapsing it. Only the two layers that touch the latent change:
 
@@ -7,13 +7,13 @@ f32c32 or DC-AE 1.5 f64c128) without collapsing it. Only the two layers that tou
   --stage embed  a fresh patch embedder for the student latent (xavier, bias 0) learns to reproduce the frozen base
                  embedder's output on the teacher latent of the same image, compared as 2-D maps:
                    --align upsample    student map bilinearly upsampled to the teacher grid (official code default)
-                   --align downsample  teacher map average-pooled to the student grid (the paper's Eq. 1)
+                   --align downsample  teacher map average-pooled to the student grid (DC-Gen Eq. (1))
                  then assembles the student: base backbone + new embedder + a fresh head (xavier, bias 0).
   --stage head   embedder and head trained with the model's own loss (guide loss for FLUX, flow matching for
-                 SANA), backbone frozen: lora.py's loop with no LoRA, as the official stage 2 uses its stage-3
-                 trainer. Writes the complete student model folder for lora.py.
+                 SANA), backbone frozen: stage 3's loop (training.train) without LoRA, as the official stage 2
+                 runs its stage-3 trainer. Writes the complete student model folder for lora.py.
 
-Without alignment, fine-tuning on the new latent collapses (paper.md A.1: DiT-XL FID 456, SANA 259, FLUX 15.8 with
+Without alignment, fine-tuning on the new latent collapses (DC-Gen §3.2: DiT-XL FID 456, SANA 259, FLUX 15.8 with
 artifacts); with it, LoRA fine-tuning starts from a model that already sees the new tokens almost as the old ones.
 
 Run:    python align.py --stage cache --data images/ --resolution 512 --teacher_ae FLUX.1-Krea-dev/vae \
@@ -30,10 +30,10 @@ Input:  cache: images (+ captions) and the two AEs; embed: a base model folder a
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +44,6 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-import lora
 from common import (
     cleanup_dist,
     init_dist,
@@ -57,25 +56,26 @@ from common import (
     seed_everything,
     wrap_model,
 )
-from data import ImageFolder, LatentCache, ShapesDataset, StepSampler
+from data import ImageFolder, LatentCache, StepSampler
 from models.autoencoder import load_autoencoder
 from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
-from models.text import load_text_encoder
+from models.text import drop_text, load_text_encoder
+from toy.shapes import ShapesDataset
+from training import check_latent, draw, flow_matching_loss, guide_loss, merged_state_dict, prepare, train
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
 
-# Official recipes (paper.md A.2, A.3): embed 20k steps, AdamW (0.9, 0.95), constant lr 1e-4, no EMA;
-# head 5k steps, AdamW (0.9, 0.999), 1000 warm-up steps, clip 0.1, no EMA.
-RECIPES = {"embed": dict(steps=20_000, warmup=0, beta2=0.95, clip_grad=0.0), "head": dict(steps=5000, warmup=1000,
-           beta2=0.999, clip_grad=0.1), "cache": {}}  # fmt: skip
+# One dataclass per stage, each with its real defaults: `python align.py --stage head --help` lists the head
+# stage's flags only. The optimisation defaults are the official DC-Gen-FLUX recipe (`projects/DC-Gen/flux_t2i.md`
+# in the official repository): embed 20k steps, AdamW (0.9, 0.95), constant lr 1e-4; head 5k steps, AdamW
+# (0.9, 0.999), 1000 warm-up steps, clip 0.1; neither keeps an EMA.
 
 
 @dataclass
-class Config:
-    stage: str = "embed"  # cache, embed or head
-    out_dir: str = "out/align"  # checkpoints, log.txt, config.json, model/ (or the cache's shards)
-    # cache
+class CacheConfig:
+    stage: str = "cache"  # cache, embed or head (each has its own flags: align.py --stage X --help)
+    out_dir: str = "out/cache"  # shard_*.safetensors, null.safetensors, meta.json, config.json
     data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), or "shapes" (procedural)
     count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
     split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation cache)
@@ -91,34 +91,66 @@ class Config:
     tile_px: int = 0  # encode in overlapping tiles of this many px (0: one pass, as the official code); tiles bound
     # the AE's memory but their seams differ from one pass (README: differences)
     shard_size: int = 256  # rows per shard file
-    # embed and head
-    base: str = ""  # embed: the base model folder (its transformer and its patch embedder)
-    init: str = ""  # head: the embed stage's model folder (default: <embed out_dir>/model is not guessed)
-    cache: str = "out/cache"  # the latent cache (both latents for embed; student latents + text for head)
-    align: str = "upsample"  # embed loss: upsample (official default) or downsample (paper Eq. 1)
-    patch_size: int = 1  # patch size of the student model (DC-Gen: 1)
-    loss: str = "auto"  # head: auto (guide loss if the model embeds guidance, else flow matching), fm or guide
-    shift: str = ""  # embed, head: noise-level shift written to the model folder and trained with: "" the base
-    # folder's own (what sample.py uses for it), flux, dcgen or constant (see lora.py)
-    shift_value: float = 3.0  # r of --shift constant
-    # optimisation (-1: the stage's official recipe, RECIPES)
-    steps: int = -1  # optimizer steps
-    batch_size: int = 64  # global batch
-    lr: float = 1e-4  # learning rate
-    warmup: int = -1  # linear warm-up steps
-    beta2: float = -1.0  # AdamW beta2 (beta1 0.9)
-    clip_grad: float = -1.0  # max gradient norm (0: none)
-    # runtime
+    batch_size: int = 64  # images encoded at once
     device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32 or bf16 (cache: the AEs encode under autocast; embed, head: frozen weights in bf16)
-    fsdp: bool = False  # head: shard the model (FSDP2) instead of DDP
-    grad_checkpointing: bool = False  # head: recompute block activations in backward
+    dtype: str = "fp32"  # fp32 or bf16 (the AEs encode under bf16 autocast)
+    seed: int = 0  # "shapes": which scenes
+    log_every: int = 10  # batches between progress lines
+
+
+@dataclass
+class EmbedConfig:
+    stage: str = "embed"  # cache, embed or head (each has its own flags: align.py --stage X --help)
+    out_dir: str = "out/embed"  # checkpoints, log.txt, config.json, model/ (the assembled student)
+    base: str = ""  # the base model folder (its transformer and its patch embedder)
+    cache: str = "out/cache"  # the latent cache, with both latents
+    align: str = "upsample"  # loss: upsample (official default) or downsample (DC-Gen Eq. (1))
+    patch_size: int = 1  # patch size of the student model (DC-Gen: 1)
+    shift: str = ""  # noise-level shift written to the model folder: "" the base folder's own (what sample.py uses
+    # for it), flux, dcgen or constant (common.shift_factor)
+    shift_value: float = 3.0  # r of --shift constant
+    steps: int = 20_000  # optimizer steps
+    batch_size: int = 64  # global batch
+    lr: float = 1e-4  # learning rate (constant)
+    beta2: float = 0.95  # AdamW beta2 (beta1 0.9)
+    clip_grad: float = 0.0  # max gradient norm (0: none)
+    device: str = "auto"  # auto, cuda or cpu
+    dtype: str = "fp32"  # fp32 or bf16 (the frozen base in bf16)
+    seed: int = 0  # the fresh embedder's init and the data order
+    log_every: int = 10  # steps between log lines
+    save_every: int = 1000  # steps between checkpoints
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    dry_run: bool = False  # print the config and parameter counts, then exit
+
+
+@dataclass
+class HeadConfig:
+    stage: str = "head"  # cache, embed or head (each has its own flags: align.py --stage X --help)
+    out_dir: str = "out/head"  # checkpoints, log.txt, config.json, model/ (the complete student)
+    init: str = ""  # the embed stage's model folder
+    cache: str = "out/cache"  # the latent cache, with student latents and text states
+    loss: str = "auto"  # auto (guide loss if the model embeds guidance, else flow matching), fm or guide
+    shift: str = ""  # training noise-level shift: "" the --init folder's own, flux, dcgen or constant
+    shift_value: float = 3.0  # r of --shift constant
+    steps: int = 5000  # optimizer steps
+    batch_size: int = 64  # global batch, split over the ranks
+    lr: float = 1e-4  # peak learning rate
+    warmup: int = 1000  # linear warm-up steps, then constant
+    beta2: float = 0.999  # AdamW beta2 (beta1 0.9)
+    clip_grad: float = 0.1  # max global gradient norm (0: none)
+    device: str = "auto"  # auto, cuda or cpu
+    dtype: str = "fp32"  # fp32 or bf16 (frozen weights in bf16, autocast; the two trained layers fp32)
+    fsdp: bool = False  # shard the model (FSDP2, per block) instead of DDP
+    grad_checkpointing: bool = False  # recompute block activations in backward
     seed: int = 0  # data order and draws
     log_every: int = 10  # steps between log lines
     save_every: int = 1000  # steps between checkpoints
-    sample_every: int = 0  # head: steps between preview grids
+    sample_every: int = 0  # steps between preview grids (0: never)
     resume: bool = False  # continue from the newest checkpoint in out_dir
     dry_run: bool = False  # print the config and parameter counts, then exit
+
+
+STAGES = {"cache": CacheConfig, "embed": EmbedConfig, "head": HeadConfig}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -148,11 +180,11 @@ def new_layer_like(old: nn.Module, c_in: int | None = None, c_out: int | None = 
 def align_loss(e_t: torch.Tensor, e_s: torch.Tensor, mode: str) -> torch.Tensor:
     """MSE between teacher and student embedding maps, compared on one grid (s = teacher grid / student grid)."""
     s = e_t.shape[-1] // e_s.shape[-1]
-    # NOTE(deviation): the paper's Eq. 1 average-pools the teacher map; the official code's default bilinearly
+    # NOTE(deviation): DC-Gen Eq. (1) average-pools the teacher map; the official code's default bilinearly
     # upsamples the student map instead. We follow the code; --align downsample is the paper's variant.
     if mode == "upsample":  # at the teacher's resolution
         return F.mse_loss(e_t, F.interpolate(e_s, scale_factor=s, mode="bilinear") if s > 1 else e_s)
-    return F.mse_loss(F.avg_pool2d(e_t, s) if s > 1 else e_t, e_s)  # the paper's Eq. 1: e' = AvgPool(e)
+    return F.mse_loss(F.avg_pool2d(e_t, s) if s > 1 else e_t, e_s)  # DC-Gen Eq. (1): e' = AvgPool(e)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -160,7 +192,7 @@ def align_loss(e_t: torch.Tensor, e_s: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 @torch.no_grad()
-def cache_stage(cfg: Config, d) -> None:
+def cache_stage(cfg: CacheConfig, d) -> None:
     """Encode images with both AEs and captions with the text encoders into safetensors shards (resumable: a
     finished shard is skipped). Each rank writes the shards i = rank (mod world); the master writes meta.json."""
     assert cfg.teacher_ae or cfg.student_ae, "give --teacher_ae and/or --student_ae"
@@ -215,7 +247,7 @@ def cache_stage(cfg: Config, d) -> None:
         print0(f"cache of {n} rows: {meta['shapes']}")
 
 
-def embed_stage(cfg: Config, d) -> None:
+def embed_stage(cfg: EmbedConfig, d) -> None:
     out, log = Path(cfg.out_dir), Path(cfg.out_dir) / "log.txt"
     cache = LatentCache(cfg.cache)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
@@ -246,7 +278,8 @@ def embed_stage(cfg: Config, d) -> None:
     step, ckpt = 0, max(out.glob("ckpt_*.pt"), default=None) if cfg.resume else None
     if ckpt is not None:
         state = load_ckpt(ckpt, d.device)
-        student.load_state_dict(state["model"]), opt.load_state_dict(state["optimizer"])
+        student.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
         step = state["step"]
         print0(f"resumed from {ckpt} at step {step}", log_file=log)
     if cfg.batch_size % d.world_size:
@@ -292,15 +325,44 @@ def embed_stage(cfg: Config, d) -> None:
         print0(f"student model (new embedder, fresh head) -> {out / 'model'}", log_file=log)
 
 
-def head_stage(cfg: Config) -> None:
-    """lora.py's loop with no LoRA and only the latent layers trainable, then the model folder of the result."""
-    keep = ("cache", "out_dir", "init", "loss", "shift", "shift_value", "steps", "batch_size", "lr", "warmup",
-            "beta2", "clip_grad", "device", "dtype", "fsdp", "grad_checkpointing", "seed", "log_every", "save_every",
-            "sample_every", "resume", "dry_run")  # fmt: skip
-    run = lora.Config(**{k: getattr(cfg, k) for k in keep}, latent="student", rank=1, lora_targets=(), ema=0.0)
-    last = lora.main(run)
-    if last is not None and not cfg.dry_run and int(os.environ.get("RANK", 0)) == 0:  # the master writes the folder
-        lora.merge(dataclasses.replace(run, merge=str(last), merge_ema=False, out_dir=str(Path(cfg.out_dir) / "model")))
+def head_stage(cfg: HeadConfig, d) -> None:
+    """DC-Gen stage 2: the new embedder and a fresh head trained with the model's own loss, backbone frozen (the
+    official stage 2 runs its stage-3 trainer with the backbone frozen), then the complete student model folder."""
+    out, log = Path(cfg.out_dir), Path(cfg.out_dir) / "log.txt"
+    cache = LatentCache(cfg.cache)
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+    torch.manual_seed(cfg.seed)
+
+    def build() -> nn.Module:  # frozen weights in dtype, the two latent layers trainable in fp32
+        model = load_pipeline(cfg.init, dtype=dtype, parts=("transformer",)).transformer
+        return prepare(model, rank=1, alpha=1.0, targets=(), trainable=model.latent_layers)
+
+    raw = build()
+    check_latent(raw, cache.shape("student"), f"the cache {cfg.cache} (student)")
+    guide = cfg.loss == "guide" or (cfg.loss == "auto" and raw.params.guidance_embed)
+    assert not guide or raw.params.guidance_embed, "--loss guide needs a model with a guidance embedding"
+    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    print0(f"head: {raw.latent_layers} trainable ({n_train / 1e6:.2f} M parameters), backbone frozen; loss "
+           f"{'guide' if guide else 'flow matching'}", log_file=log)  # fmt: skip
+    if cfg.dry_run:
+        return
+    seed_everything(cfg.seed + d.rank)
+    null = {k: v.to(d.device) for k, v in cache.null.items()}
+
+    def loss_fn(model, x0, text, g, r):  # stage 3's objective (official recipe: text dropout 0.1, w ~ U(1, 14))
+        x_t, sigma, v, drop, w = draw(x0, g, cfg.batch_size, d.rank, r, 0.1, 1.0, 14.0)
+        cond = drop_text(text, null, drop)
+        if guide:
+            return guide_loss(model, raw, x_t, sigma, v, cond, null, w)
+        return flow_matching_loss(model, x_t, sigma, v, cond)
+
+    last = train(cfg, d, raw, cache, "student", loss_fn, log)
+    if d.master:  # the trained layers, from the checkpoint (FSDP leaves only shards in `raw`), in the run's dtype
+        model = build()
+        sd = merged_state_dict(model, load_ckpt(last)["model"], dtype, last)
+        init = Path(cfg.init)
+        write_pipeline(out / "model", model, init / "vae", init, cfg.shift, cfg.shift_value, state_dict=sd)
+        print0(f"student model (aligned embedder and head) -> {out / 'model'}", log_file=log)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -308,20 +370,22 @@ def head_stage(cfg: Config) -> None:
 
 
 def main(argv: list[str] | None = None):
-    cfg = parse_config(Config, argv)
-    assert cfg.stage in RECIPES, f"--stage {cfg.stage!r}: choose cache, embed or head"
-    assert cfg.align in ("upsample", "downsample"), f"--align {cfg.align!r}: choose upsample or downsample"
+    stage = argparse.ArgumentParser(add_help=False)
+    stage.add_argument("--stage", default="embed", choices=sorted(STAGES))
+    cfg = parse_config(STAGES[stage.parse_known_args(argv)[0].stage], argv)  # this stage's flags only
     assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
-    assert cfg.shift in ("", *SHIFTS), f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the base\'s own)'
-    recipe = {k: v for k, v in RECIPES[cfg.stage].items() if getattr(cfg, k) == -1}
-    cfg = dataclasses.replace(cfg, **recipe)
-    if cfg.stage == "head":
-        return head_stage(cfg)
+    if cfg.stage == "embed":
+        assert cfg.align in ("upsample", "downsample"), f"--align {cfg.align!r}: choose upsample or downsample"
+    if cfg.stage != "cache":
+        assert cfg.shift in ("", *SHIFTS), f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the base\'s own)'
+    if cfg.stage == "head" and not cfg.shift:  # train at the noise levels the model folder samples at
+        shift, value = read_shift(cfg.init)
+        cfg = dataclasses.replace(cfg, shift=shift, shift_value=value)
     d = init_dist(cfg.device)
     if d.master:
         save_config(cfg, cfg.out_dir)
         print0(f"run {run_info(d.world_size)}", log_file=Path(cfg.out_dir) / "log.txt")
-    (cache_stage if cfg.stage == "cache" else embed_stage)(cfg, d)
+    {"cache": cache_stage, "embed": embed_stage, "head": head_stage}[cfg.stage](cfg, d)
     cleanup_dist()
 
 

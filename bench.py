@@ -1,7 +1,7 @@
 """bench.py: DC-Gen's latency claim, measured. A base model and its DC-Gen counterpart run side by side at each
 resolution (alternating, after warm-up, median of repeats): transformer time per denoising step, end-to-end latency
 (text encoding + steps + decode), token counts, and the analytic FLOPs of one step, so the measured speed-up can be
-set against the FLOP ratio (paper §4, paper.md A.7: FLUX.1-Krea -> DC-Gen-FLUX 4.65 -> 1.10 s at 1K, 213.81 -> 4.04 s
+set against the FLOP ratio (DC-Gen arXiv 2509.25180: FLUX.1-Krea -> DC-Gen-FLUX 4.65 -> 1.10 s at 1K, 213.81 -> 4.04 s
 at 4K on an H100, 52.9x). Latency does not depend on weight values, so --random_weights builds the real shapes.
 
 Run:    python bench.py --pair toy --sizes 1024 4096                        # the toy zoo, on a CPU
@@ -31,9 +31,9 @@ from pathlib import Path
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from common import denoise, get_schedule, guided_velocity, parse_config, shift_factor
-from models.autoencoder import load_autoencoder
-from models.dcae import DCAE, DCAEParams
+from common import denoise, get_schedule, guided_velocity, parse_config, shift_for
+from models.autoencoder import PRESETS as AE_PRESETS
+from models.autoencoder import build_autoencoder, load_autoencoder
 from models.dcae import PRESETS as DCAE_PRESETS
 from models.flux import PRESETS as FLUX_PRESETS
 from models.flux import Flux
@@ -41,7 +41,6 @@ from models.pipeline import load_pipeline
 from models.sana import PRESETS as SANA_PRESETS
 from models.sana import Sana
 from models.vae import PRESETS as VAE_PRESETS
-from models.vae import VAE
 
 ZOO = Path(__file__).resolve().parent / "zoo"
 
@@ -154,13 +153,12 @@ def build_role(cfg: Config, role: str, size: int, device, dtype) -> Role:
     if cfg.depth_single >= 0 and cls is Flux:
         params = dataclasses.replace(params, depth_single=cfg.depth_single)
     with torch.device("meta"):
-        model, ae = cls(params), build_autoencoder_from_params(ae_cfg)
+        model, ae = cls(params), build_autoencoder(ae_cfg)
     label = f"{preset}" + (f" ({params.depth}+{params.depth_single} blocks)" if cfg.depth >= 0 and cls is Flux else "")
     return Role(role, label, random_init(model, device, dtype), random_init(ae, device, dtype), None, is_cfg)
 
 
-def build_autoencoder_from_params(params) -> torch.nn.Module:
-    return DCAE(params) if isinstance(params, DCAEParams) else VAE(params)
+build_autoencoder_from_params = build_autoencoder  # runs/gpu.py's name for it, until runs/gpu.py imports it from models
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -283,10 +281,11 @@ def decode_bench(cfg: Config, device, dtype) -> dict:
     """One decode of a --size image: time and this process's peak memory (run it alone, one tile size per run)."""
     if Path(cfg.ae).is_dir():
         ae = load_autoencoder(cfg.ae, dtype=dtype, device=device)
+    elif cfg.ae not in AE_PRESETS:
+        raise ValueError(f"--ae {cfg.ae!r} is neither a folder nor an AE preset; choose from {sorted(AE_PRESETS)}")
     else:
-        params = DCAE_PRESETS.get(cfg.ae) or VAE_PRESETS[cfg.ae]
         with torch.device("meta"):
-            ae = build_autoencoder_from_params(params)
+            ae = build_autoencoder(AE_PRESETS[cfg.ae])
         ae = random_init(ae, device, dtype)
     ae.tile_px = cfg.tile_px or None  # tiles overlap by a quarter of their size
     f = ae.spatial_factor
@@ -378,8 +377,7 @@ def measure_role(cfg: Config, role: Role, size: int, run, step_s: float, device)
     text_s = timed(lambda: role.text(["a red circle above a blue square"]), device) if role.text else 0.0
     decode_s = timed(lambda: role.ae.decode(x), device)
     if step_s <= cfg.e2e_max_step_s:
-        C, h = x.shape[1], x.shape[2] // p.patch_size
-        sigmas = get_schedule(cfg.steps, shift_factor("flux", h * h, C))
+        sigmas = get_schedule(cfg.steps, shift_for("flux", x.shape[1:], p.patch_size))
         w = 3.5 if p.guidance_embed else None
         v = guided_velocity(model, cond, null, w, cfg=1.0 if not role.cfg else 4.5)
         steps_s = timed(lambda: denoise(lambda z, s: v(z.to(x.dtype), s), x.float(), sigmas), device)

@@ -1,6 +1,5 @@
-"""Helpers shared by every stage script (STYLE.md rule 11): dataclass config -> CLI flags, torchrun/DDP setup,
-print0, seeding, atomic checkpoints, diffusers-format folder writing, image grids, and the flow-matching
-schedule that training and sampling must share."""
+"""Helpers shared by every stage script: dataclass config -> CLI flags, torchrun/DDP setup, print0, seeding, atomic
+checkpoints, diffusers-format folder writing, image grids, and the flow-matching schedule of training and sampling."""
 
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import subprocess
 import sys
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +62,7 @@ class Extend(argparse.Action):
 
 
 def save_config(cfg, out_dir: str | Path) -> None:
-    """Print the resolved config and save it as out_dir/config.json (STYLE.md rule 5), on the master only."""
+    """Print the resolved config and save it as out_dir/config.json, on the master only."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
@@ -115,7 +115,7 @@ def print0(*args, log_file: str | Path | None = None) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch. Stage scripts pass `seed + rank` so ranks draw different data (rule 17)."""
+    """Seed python, numpy and torch. Stage scripts pass `seed + rank` so ranks draw different data."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -181,6 +181,18 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def draw_prefixes(g: torch.Generator, candidates: Sequence[int], k: int, always_max: bool, C: int) -> list[int]:
+    """The K channel counts c' of one DC-AE 1.5 training step (§3.2 masking, §4.2 augmented diffusion training), drawn
+    uniformly with `g` from the candidates and C; with always_max and K >= 2, C first and K - 1 drawn. K = 1 draws one
+    either way, as dc-ai-projects/DC-Gen@cae2205 dc_gen/aecore/trainer.py `prepare_batch` (L373-420) does.
+    NOTE(deviation): dc_gen/c2icore/trainer.py L461-484 gives [C] alone for K = 1 with always_sample_max_channel."""
+    pool = sorted({*candidates, C})
+    if pool[0] < 1 or pool[-1] > C or k < 1:
+        raise ValueError(f"channel prefixes {list(candidates)} must lie in 1..{C}, and K={k} must be >= 1")
+    fixed = int(always_max and k > 1)
+    return [C] * fixed + [pool[i] for i in torch.randint(len(pool), (k - fixed,), generator=g).tolist()]
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # checkpoints: written atomically, so a crash mid-write never replaces the last good file
 
@@ -230,7 +242,8 @@ def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 4, text:
 # Every resolution shift in use is the same map, sigma' = r·sigma / (1 + (r - 1)·sigma), with a different r:
 #   FLUX dynamic shift  r = e^mu, mu linear in image tokens (256 -> 0.5, 4096 -> 1.15); diffusers writes the same
 #                       map as sigma' = e^mu / (e^mu + 1/sigma - 1)                       [FluxPipeline]
-#   DC-Gen 1K ("flux2") r = sqrt(C·p²·L / 4096), C·p² values per token, L image tokens     [paper.md A.4, A.6]
+#   DC-Gen 1K ("flux2") r = sqrt(C·p²·L / 4096), C·p² values per token, L image tokens
+#                       [DC-Gen pipeline_dcgen_flux.py set_timesteps_flux2; dc_ai/t2icore/scheduler/flux2_scheduler.py]
 #   SANA                r = flow_shift = 3.0
 # r > 1 spends more steps at high noise, which larger latents (more tokens, more channels) need.
 
@@ -258,6 +271,12 @@ def shift_factor(kind: str, tokens: int, channels: int, value: float = 3.0) -> f
     raise ValueError(f"unknown shift kind {kind!r}; choose from 'flux', 'dcgen', 'constant'")
 
 
+def shift_for(kind: str, latent_chw: tuple[int, int, int], patch: int, value: float = 3.0) -> float:
+    """`shift_factor` for a latent of shape (C, h, w) seen in p×p patches: (h/p)(w/p) tokens of C·p² values each."""
+    C, h, w = latent_chw
+    return shift_factor(kind, (h // patch) * (w // patch), C * patch * patch, value)
+
+
 def get_schedule(steps: int, r: float) -> torch.Tensor:
     """Sampling noise levels: `steps` uniform levels 1 ... 1/steps, shifted by r, then a final 0. Shape (steps + 1,)."""
     sigmas = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
@@ -267,12 +286,13 @@ def get_schedule(steps: int, r: float) -> torch.Tensor:
 def sample_sigmas(batch: int, r: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Training noise levels: u ~ logit-normal(0, 1) (SD3 §3.1), on the 1000-level grid, shifted by r. Shape (B,)."""
     u = torch.sigmoid(torch.randn(batch, generator=generator, dtype=torch.float64))
-    # The official trainer indexes the shifted 1000-step schedule with int(u·1000) (paper.md A.4): sigma = 1 - i/1000.
+    # As DC-Gen's dc_ai/t2icore/models/flux.py (Flux.forward_train): the shifted 1000-step schedule indexed by
+    # int(u·1000), sigma = 1 - i/1000.
     return time_shift(r, 1 - torch.floor(u * 1000) / 1000).float()
 
 
 def get_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Gaussian noise from a seeded CPU generator, so a seed gives the same image on any device (rule 12)."""
+    """Gaussian noise from a seeded CPU generator, so a seed gives the same image on any device."""
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float32)
 
 

@@ -25,34 +25,66 @@ Output: out_dir/ckpt_{step:07d}.pt, config.json, log.txt, samples/, and out_dir/
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-import lora
-from common import parse_config
-from models.pipeline import load_pipeline
+from common import cleanup_dist, init_dist, load_ckpt, parse_config, print0, run_info, save_config, seed_everything
+from data import LatentCache
+from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text
+from training import check_latent, draw, merged_state_dict, prepare, train
 
 # ----------------------------------------------------------------------------------------------------------------
-# config: lora.py's, with distillation's defaults
+# config
 
 
 @dataclass
-class Config(lora.Config):
+class Config:
+    # what to train
     init: str = ""  # the CFG model to distill: a model folder without a guidance embedding
+    cache: str = "out/cache"  # latent cache written by align.py --stage cache
+    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher (base AE)
     out_dir: str = "out/distill"  # checkpoints, log.txt, samples/, model/ (the distilled model folder)
     rank: int = 0  # 0: train all weights of the student; > 0: LoRA of that rank (plus the guidance embedder)
-    trainable: tuple[str, ...] | None = ()  # with LoRA: modules trained in full (the guidance embedder always is)
+    alpha: float = 256.0  # LoRA alpha: the update is (alpha / rank)·B·A
+    lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the model's); empty: no LoRA
+    trainable: tuple[str, ...] = ()  # with LoRA: modules trained in full (the guidance embedder always is)
+    # loss
+    drop_text: float = 0.1  # probability of training a sample on the empty prompt (its target: v_u at every w)
     w_min: float = 1.0  # smallest guidance scale distilled (w = 1: the conditional velocity)
     w_max: float = 14.0  # largest guidance scale distilled (the range DC-Gen's guide loss samples)
-    loss: str = "distill"  # (fixed)
-    warmup: int = 100  # linear warm-up steps
-    ema: float = 0.999  # EMA decay of the student's trainable weights
+    shift: str = ""  # noise-level shift: "" the --init folder's own, flux, dcgen or constant
+    shift_value: float = 3.0  # r of --shift constant (with --shift "", the folder's own value)
+    # optimisation
+    steps: int = 10_000  # optimizer steps
+    batch_size: int = 64  # global batch, split over the ranks
+    lr: float = 1e-4  # peak learning rate
+    warmup: int = 100  # linear warm-up steps, then constant
+    decay: int = 0  # linear decay to 0 over the last `decay` steps (0: none)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    weight_decay: float = 0.0  # AdamW weight decay
+    clip_grad: float = 0.1  # max global gradient norm (0: none; the norm is still logged)
+    ema: float = 0.999  # EMA decay of the student's trainable weights (0: no EMA)
+    # runtime
+    device: str = "auto"  # auto, cuda or cpu
+    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights fp32)
+    fsdp: bool = False  # shard the student over the ranks (FSDP2, per block) instead of replicating it (DDP)
+    grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in depth)
+    seed: int = 0  # seeds the data order and every draw of the loss
+    log_every: int = 10  # steps between log lines
+    sample_every: int = 1000  # steps between preview grids (0: never), with embedded guidance
+    sample_count: int = 4  # previews: the first cached captions, fixed noise
+    sample_steps: int = 20  # Euler steps of a preview
+    sample_guidance: float = 3.5  # previews: the embedded guidance scale
+    save_every: int = 1000  # steps between checkpoints
+    resume: bool = False  # continue from the newest checkpoint in out_dir
+    dry_run: bool = False  # print the config and parameter counts, then exit
+    merge: str = ""  # a checkpoint of this script: write its model folder (EMA weights) to out_dir
+    merge_ema: bool = True  # --merge: use the EMA weights (else the raw ones)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -66,59 +98,103 @@ def load_teacher(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
     return teacher
 
 
-def build_student(cfg: Config, cache, dtype: torch.dtype, teacher: torch.nn.Module) -> torch.nn.Module:
+def build_student(cfg: Config, dtype: torch.dtype, teacher: torch.nn.Module) -> torch.nn.Module:
     """The teacher plus a guidance embedder whose output starts at zero: student(x, t, c, w) = teacher(x, t, c)."""
     with torch.device("meta"):
         student = type(teacher)(dataclasses.replace(teacher.params, guidance_embed=True))
     # SANA's guidance layout (SANA-Sprint) keeps the timestep MLP one level up; FLUX only adds guidance_embedder.
-    sd = {k.replace("time_embed.emb.timestep_embedder.", "time_embed.timestep_embedder."): v.clone() for k, v in
-          teacher.state_dict().items()}  # fmt: skip
+    sd = {}
+    for k, v in teacher.state_dict().items():
+        sd[k.replace("time_embed.emb.timestep_embedder.", "time_embed.timestep_embedder.")] = v.clone()
     for name, t in student.state_dict().items():
-        if "guidance_embedder" in name:  # fresh: xavier-free default init, then the last layer zeroed below
+        if "guidance_embedder" in name:  # fresh: default init, then the last layer zeroed below
             sd[name] = torch.empty_like(t, device="cpu", dtype=dtype)
     student.load_state_dict(sd, strict=True, assign=True)
     for name, module in student.named_modules():
         if name.endswith("guidance_embedder"):
-            torch.nn.init.normal_(module.linear_1.weight, std=0.02), torch.nn.init.zeros_(module.linear_1.bias)
-            torch.nn.init.zeros_(module.linear_2.weight), torch.nn.init.zeros_(module.linear_2.bias)
+            torch.nn.init.normal_(module.linear_1.weight, std=0.02)
+            torch.nn.init.zeros_(module.linear_1.bias)
+            torch.nn.init.zeros_(module.linear_2.weight)
+            torch.nn.init.zeros_(module.linear_2.bias)
             guidance = name
-    C, h, w = cache.shape(cfg.latent)
-    if C != student.params.in_channels:
-        raise ValueError(f"{cfg.init} takes {student.params.in_channels}-channel latents; the cache holds {(C, h, w)}")
-    if cfg.rank == 0:
-        return student.float().requires_grad_(True)
-    lora.inject_lora(student, cfg.rank, cfg.alpha, targets=cfg.lora_targets, trainable=(*cfg.trainable, guidance))
-    for module in student.modules():  # trainable tensors in fp32 beside a bf16 base
-        if any(p.requires_grad for p in module.parameters(recurse=False)):
-            module.float()
-    return student
+    targets = student.lora_targets if cfg.lora_targets is None else cfg.lora_targets
+    return prepare(student, cfg.rank, cfg.alpha, targets, (*cfg.trainable, guidance))
 
 
-def distill_loss(student, frozen, x0, cond, null, g, batch, rank, r, cfg, teacher):
-    """|| student(x_t, c, w) - [v_u + w·(v_c - v_u)] ||² with v_c, v_u from the frozen teacher in one batched pass."""
-    x_t, sigma, _, drop, w = lora.draw(x0, g, batch, rank, r, cfg)  # the data's velocity is not the target here
-    cond = drop_text(cond, null, drop)
-    teacher.to(x0.device)
-    with torch.no_grad():
-        both = {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}  # [caption, empty prompt]
-        v_c, v_u = teacher(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), **both).float().chunk(2)
-        target = v_u + w[:, None, None, None] * (v_c - v_u)  # classifier-free guidance at scale w
-    return F.mse_loss(student(x_t, sigma, **cond, guidance=w).float(), target)
+def with_shift(cfg: Config) -> Config:
+    """--shift resolved before config.json is written: given, or the --init folder's own."""
+    if cfg.shift:
+        assert cfg.shift in SHIFTS, f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the model folder\'s own)'
+        return cfg
+    shift, value = read_shift(cfg.init)
+    return dataclasses.replace(cfg, shift=shift, shift_value=value)
+
+
+def merge(cfg: Config) -> Path:
+    """Write the model folder of a checkpoint of this script: the student with its (EMA) weights, in the run's dtype,
+    with the teacher folder's AE and text encoders."""
+    ckpt = load_ckpt(cfg.merge)
+    run = Config(**{**ckpt["config"], "merge": "", "resume": False})
+    dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32
+    student = build_student(run, dtype, load_teacher(run, dtype))
+    use_ema = cfg.merge_ema and bool(ckpt["ema"])
+    sd = merged_state_dict(student, ckpt["ema"] if use_ema else ckpt["model"], dtype, cfg.merge)
+    init = Path(run.init)
+    write_pipeline(cfg.out_dir, student, init / "vae", init, run.shift, run.shift_value, state_dict=sd)
+    print(f"distilled model (step {ckpt['step']}, {'EMA' if use_ema else 'raw'} weights) -> {cfg.out_dir}")
+    return Path(cfg.out_dir)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # main
 
 
-def main(argv: list[str] | None = None):
+def main(argv: list[str] | None = None) -> Path | None:
     cfg = parse_config(Config, argv)
-    teacher = load_teacher(cfg, torch.bfloat16 if cfg.dtype == "bf16" else torch.float32)
-    build = partial(build_student, teacher=teacher)
     if cfg.merge:  # write the model folder of any checkpoint of a distillation run
-        return lora.merge(cfg, build)
-    last = lora.main(cfg, build=build, loss_fn=partial(distill_loss, cfg=cfg, teacher=teacher))
-    if last is not None and int(os.environ.get("RANK", 0)) == 0:  # the master writes the model folder
-        lora.merge(dataclasses.replace(cfg, merge=str(last), out_dir=str(Path(cfg.out_dir) / "model")), build)
+        return merge(cfg)
+    cfg = with_shift(cfg)
+    assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
+
+    # --- distributed init ---
+    d = init_dist(cfg.device)
+    out = Path(cfg.out_dir)
+    log = out / "log.txt"
+    if d.master:
+        save_config(cfg, out)
+        print0(f"run {run_info(d.world_size)}", log_file=log)
+    assert cfg.batch_size % d.world_size == 0, f"batch_size {cfg.batch_size} not divisible by {d.world_size} ranks"
+    dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+
+    # --- models: the frozen CFG teacher, then the student ---
+    cache = LatentCache(cfg.cache)
+    teacher = load_teacher(cfg, dtype).to(d.device)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+    raw = build_student(cfg, dtype, teacher)
+    check_latent(raw, cache.shape(cfg.latent), f"the cache {cfg.cache} ({cfg.latent})")
+    n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
+    print0(f"student of {cfg.init}: {n_train / 1e6:.2f} M trainable parameters; loss distillation", log_file=log)
+    if cfg.dry_run:
+        return cleanup_dist()
+    seed_everything(cfg.seed + d.rank)
+    null = {k: v.to(d.device) for k, v in cache.null.items()}
+
+    # --- the loss: || student(x_t, c, w) - [v_u + w·(v_c - v_u)] ||², the teacher's guided velocity as target ---
+    def loss_fn(student, x0, text, g, r):
+        x_t, sigma, _, drop, w = draw(x0, g, cfg.batch_size, d.rank, r, cfg.drop_text, cfg.w_min, cfg.w_max)
+        cond = drop_text(text, null, drop)  # the data's velocity is not the target here
+        with torch.no_grad():  # v_c and v_u from the frozen teacher in one batched pass: [caption, empty prompt]
+            both = {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}
+            v_c, v_u = teacher(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), **both).float().chunk(2)
+            target = v_u + w[:, None, None, None] * (v_c - v_u)  # classifier-free guidance at scale w
+        return F.mse_loss(student(x_t, sigma, **cond, guidance=w).float(), target)
+
+    # --- training loop, then the distilled model folder ---
+    last = train(cfg, d, raw, cache, cfg.latent, loss_fn, log)
+    if d.master:
+        merge(dataclasses.replace(cfg, merge=str(last), out_dir=str(out / "model")))
+    cleanup_dist()
+    return last
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""quantize.py: SVDQuant W4A4 post-training quantisation of a FLUX-layout transformer (DC-Gen's NVFP4 step, paper.md
-A.8), emulated in PyTorch and exported to Nunchaku's checkpoint format.
+"""quantize.py: SVDQuant W4A4 post-training quantisation of a FLUX-layout transformer (the NVFP4 step of
+DC-Gen's abstract, arXiv 2509.25180), emulated in PyTorch and exported to Nunchaku's checkpoint format.
 
 SVDQuant (Li et al., ICLR 2025, arXiv 2411.05007 §4), per linear layer y = x·Wᵀ + b of every transformer block:
   1. smoothing    λ_j = max|x_j|^α / max|W_j|^β, x̂ = x/λ, Ŵ = W·diag(λ): input outliers move into the weight;
@@ -50,9 +50,8 @@ from common import (
     save_config,
     save_pretrained,
     seed_everything,
-    shift_factor,
+    shift_for,
 )
-from data import ShapesDataset
 from models.flux import PRESETS, Flux, position_ids
 from models.nunchaku import nunchaku_metadata, nunchaku_state_dict
 from models.pipeline import load_pipeline, write_pipeline
@@ -68,6 +67,7 @@ from models.svdquant import (
     set_module,
     split_proj_out,
 )
+from toy.shapes import ShapesDataset
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
@@ -187,7 +187,7 @@ def sampler_run(pipe, cfg: Config, device) -> Callable[[], None]:
     prompts = prompts[: cfg.calib_count]
     model, f, p = pipe.transformer, pipe.ae.spatial_factor, pipe.patch_size()
     C, h = model.params.in_channels, cfg.calib_size // f
-    sigmas = get_schedule(cfg.calib_steps, shift_factor(pipe.shift, (h // p) ** 2, C * p * p, pipe.shift_value))
+    sigmas = get_schedule(cfg.calib_steps, shift_for(pipe.shift, (C, h, h), p, pipe.shift_value))
     distilled = model.params.guidance_embed
 
     @torch.no_grad()

@@ -1,5 +1,5 @@
 """Text to image with any model of this project: prompts and a model folder in, PNGs and latencies out. Speed is
-DC-Gen's claim (paper §4: 53x lower 4K latency than FLUX.1-Krea on an H100), so the time of each part is reported.
+DC-Gen's claim (arXiv 2509.25180: 53x lower 4K latency than FLUX.1-Krea on an H100), so each part is timed.
 
     text encoding -> noise -> Euler flow-matching steps (common.denoise) with the model's shift -> tiled AE decode
 
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-import data
 from common import (
     denoise,
     get_noise,
@@ -35,10 +34,11 @@ from common import (
     load_ckpt,
     parse_config,
     save_image_grid,
-    shift_factor,
+    shift_for,
 )
-from models.autoencoder import nearest_multiples
 from models.pipeline import SHIFTS, load_pipeline
+from models.tiling import nearest_multiples
+from toy.text import knows_only_toy_captions, toy_prompts
 
 ZOO = Path(__file__).resolve().parent / "zoo"
 
@@ -91,33 +91,10 @@ def image_size(cfg: Config, factor: int, native: int) -> tuple[int, int]:
     bad = [(n, v) for n, v in (("height", H), ("width", W)) if v <= 0 or v % factor]
     if bad:
         near = ", ".join(f"{n} {v}: {nearest_multiples(v, factor)}" for n, v in bad)
-        raise ValueError(f"image sizes must be multiples of {factor} px for this model (AE factor × patch); "
-                         f"nearest valid {near}")  # fmt: skip
+        raise ValueError(
+            f"image sizes must be multiples of {factor} px for this model (AE factor × patch); nearest valid {near}"
+        )
     return H, W
-
-
-def toy_prompts(prompts: list[str], background: str = "black") -> list[str]:
-    """The toy zoo learned only data.py's captions, which always end 'on a <colour> background': a prompt that is
-    such a caption but for the background gets `background` (said aloud; without one the toy models misdraw, e.g.
-    both objects red). Any other prompt outside the grammar gets a note, once."""
-
-    def problem(text: str) -> str | None:  # why text is not a caption of the toy dataset, or None
-        try:
-            data.parse_caption(text)
-        except ValueError as e:
-            return str(e)
-        return None
-
-    out = []
-    for prompt in prompts:
-        completed = f"{prompt} on a {background} background"
-        if problem(prompt) and not problem(completed):
-            print(f"note: the toy zoo's captions always name a background; sampling {completed!r}")
-            prompt = completed
-        out.append(prompt)
-    if unknown := next(filter(None, map(problem, out)), None):
-        print(f"note: the toy zoo knows only the captions it was trained on; {unknown}. Expect a poor image.")
-    return out
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -141,6 +118,71 @@ def progress(velocity, steps: int, sync):
     return wrapped
 
 
+def check_flags(cfg: Config) -> None:
+    for flag, value in (("steps", cfg.steps), ("batch", cfg.batch)):
+        if value < 1:
+            raise ValueError(f"--{flag} {value}: give a positive number")
+    if cfg.shift and cfg.shift not in SHIFTS:
+        raise ValueError(f"--shift {cfg.shift!r}: choose one of {SHIFTS}")
+
+
+def check_tile_px(tile_px: int, f: int) -> None:
+    if 0 < tile_px < 4 * f or tile_px % f:
+        raise ValueError(
+            f"--tile_px {tile_px}: give 0 (decode in one pass) or a multiple of this AE's factor "
+            f"{f} px of at least {4 * f} px, so that tiles overlap by whole latent pixels"
+        )
+
+
+def initial_noise(cfg: Config, shape: tuple[int, ...]) -> torch.Tensor:
+    """x at sigma = 1: the --noise file's tensor, else seeded Gaussian noise (common.get_noise)."""
+    if not cfg.noise:
+        return get_noise(shape, cfg.seed)
+    noise = load_ckpt(cfg.noise)
+    if "noise" not in noise or tuple(noise["noise"].shape) != shape:
+        got = tuple(noise["noise"].shape) if "noise" in noise else f"keys {sorted(noise)}"
+        raise ValueError(
+            f"--noise {cfg.noise}: expected a tensor `noise` of shape {shape} (prompts, C, h, w), got {got}"
+        )
+    return noise["noise"].float()
+
+
+class Clock:
+    """Seconds spent per part (text, denoise, decode), the clock running around synchronised work only."""
+
+    def __init__(self, sync):
+        self.sync = sync
+        self.times = {"text": 0.0, "denoise": 0.0, "decode": 0.0}
+
+    def __call__(self, part: str, fn, *args):
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn(*args)
+        self.sync()
+        self.times[part] += time.perf_counter() - t0
+        return out
+
+
+def save_batch(images: torch.Tensor, prompts: list[str], start: int, out: Path, meta: dict) -> list[Path]:
+    """One PNG per image, out_{i}.png for prompt i, with its recipe in the metadata."""
+    paths = []
+    for i, (img, prompt) in enumerate(zip(images, prompts), start):
+        paths.append(out.with_name(f"{out.stem}_{i}{out.suffix}"))
+        save_image_grid(img[None], paths[-1], text={"prompt": prompt, "index": i, **meta})
+    return paths
+
+
+def report(times: dict[str, float], batch_steps: int, device: torch.device, paths: list[Path]) -> None:
+    """The latency of each part (the paper's claim is speed), the peak memory, and the files written."""
+    per_step = times["denoise"] / batch_steps  # per step of one batch
+    print(
+        f"text encoding {times['text']:.2f}s | denoising {times['denoise']:.2f}s ({per_step:.3f}s/step) | "
+        f"decoding {times['decode']:.2f}s | total {sum(times.values()):.2f}s | "
+        f"peak memory {peak_memory_gb(device):.2f} GB"
+    )
+    print(f"Done in {sum(times.values()):.1f}s: {', '.join(map(str, paths))}")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # main
 
@@ -148,70 +190,62 @@ def progress(velocity, steps: int, sync):
 def main(argv: list[str] | None = None) -> list[Path]:
     cfg = parse_config(Config, argv)
     prompts = read_prompts(cfg)
-    for flag, value in (("steps", cfg.steps), ("batch", cfg.batch)):
-        if value < 1:
-            raise ValueError(f"--{flag} {value}: give a positive number")
+    check_flags(cfg)
     device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    if cfg.shift and cfg.shift not in SHIFTS:
-        raise ValueError(f"--shift {cfg.shift!r}: choose one of {SHIFTS}")
 
     # --- models ---
     t0 = time.perf_counter()
     folder = Path(cfg.model) if cfg.model else ZOO / "dcgen-4k"
-    pipe = load_pipeline(folder, dtype=dtype, device=device, max_length=cfg.max_length or None,
-                         tile_px=cfg.tile_px or None)  # fmt: skip
-    model, ae = pipe.transformer.eval(), pipe.ae.eval()
-    if folder.resolve().is_relative_to(ZOO):
-        prompts = toy_prompts(prompts)
-    p, f, C = pipe.patch_size(), ae.spatial_factor, model.params.in_channels
-    if 0 < cfg.tile_px < 4 * f or cfg.tile_px % f:
-        raise ValueError(f"--tile_px {cfg.tile_px}: give 0 (decode in one pass) or a multiple of this AE's factor "
-                         f"{f} px of at least {4 * f} px, so that tiles overlap by whole latent pixels")  # fmt: skip
+    max_length = cfg.max_length or None
+    pipe = load_pipeline(folder, dtype=dtype, device=device, max_length=max_length, tile_px=cfg.tile_px or None)
+    model = pipe.transformer.eval()
+    ae = pipe.ae.eval()
+    if knows_only_toy_captions(folder):  # a toy text encoder says so in its tokenizer's config
+        prompts = toy_prompts(prompts)  # complete a missing background; note prompts it cannot read
+    p = pipe.patch_size()
+    f = ae.spatial_factor
+    C = model.params.in_channels
+    check_tile_px(cfg.tile_px, f)
     H, W = image_size(cfg, f * p, native=4096 if f == 64 else 1024)  # f64 AEs are DC-Gen's 4K (Res4K, zoo/dcgen-4k)
     h, w = H // f, W // f  # latent grid
     n_params = sum(t.numel() for t in model.parameters()) / 1e6
     prefix = f", its first {C} channels" if C < ae.latent_channels else ""  # a DC-AE 1.5 channel-prefix model
-    print(f"model {folder} ({type(model).__name__}, {n_params:.1f} M parameters; AE f{f}c{ae.latent_channels}{prefix}, "
-          f"patch {p}) loaded in {time.perf_counter() - t0:.1f}s on {device}, {dtype}")  # fmt: skip
+    print(
+        f"model {folder} ({type(model).__name__}, {n_params:.1f} M parameters; AE f{f}c{ae.latent_channels}{prefix}, "
+        f"patch {p}) loaded in {time.perf_counter() - t0:.1f}s on {device}, {dtype}"
+    )
 
     # --- noise and schedule ---
-    shape = (len(prompts), C, h, w)
-    if cfg.noise:
-        noise = load_ckpt(cfg.noise)
-        if "noise" not in noise or tuple(noise["noise"].shape) != shape:
-            got = tuple(noise["noise"].shape) if "noise" in noise else f"keys {sorted(noise)}"
-            raise ValueError(
-                f"--noise {cfg.noise}: expected a tensor `noise` of shape {shape} (prompts, C, h, w), got {got}"
-            )
-        noise = noise["noise"].float()
-    else:
-        noise = get_noise(shape, cfg.seed)
+    noise = initial_noise(cfg, (len(prompts), C, h, w))
     kind = cfg.shift or pipe.shift
-    r = shift_factor(kind, (h // p) * (w // p), C * p * p, cfg.shift_value if cfg.shift else pipe.shift_value)
+    r = shift_for(kind, (C, h, w), p, cfg.shift_value if cfg.shift else pipe.shift_value)
     sigmas = get_schedule(cfg.steps, r)
     distilled = bool(getattr(model.params, "guidance_embed", False))
     scale = cfg.cfg or (1.0 if distilled else 4.5)
-    print(f"{len(prompts)} image(s) {W}x{H}: latent {C}x{h}x{w}, {(h // p) * (w // p)} tokens, {cfg.steps} steps, "
-          f"shift {kind} (r = {r:.2f}), " + (f"guidance {cfg.guidance}" if distilled else "") +
-          (f"{', ' if distilled else ''}CFG {scale}" if scale != 1 else ""))  # fmt: skip
+    guidance = f"guidance {cfg.guidance}" if distilled else ""
+    cfg_part = f"{', ' if distilled else ''}CFG {scale}" if scale != 1 else ""
+    tokens = (h // p) * (w // p)
+    print(
+        f"{len(prompts)} image(s) {W}x{H}: latent {C}x{h}x{w}, {tokens} tokens, {cfg.steps} steps, "
+        f"shift {kind} (r = {r:.2f}), {guidance}{cfg_part}"
+    )
 
     # --- generate, batch by batch; the clock runs around synchronised work only ---
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    times = {"text": 0.0, "denoise": 0.0, "decode": 0.0}
-
-    def timed(part, fn, *args):
-        sync()
-        t0 = time.perf_counter()
-        out = fn(*args)
-        sync()
-        times[part] += time.perf_counter() - t0
-        return out
-
-    out, paths = Path(cfg.out), []
-    meta = {"model": str(folder), "size": f"{W}x{H}", "steps": cfg.steps, "cfg": scale, "shift": f"{kind} r={r:.3f}",
-            "guidance": cfg.guidance if distilled else "none", "seed": cfg.noise or cfg.seed}  # fmt: skip
+    timed = Clock(sync)
+    out = Path(cfg.out)
+    paths = []
+    meta = {
+        "model": str(folder),
+        "size": f"{W}x{H}",
+        "steps": cfg.steps,
+        "cfg": scale,
+        "shift": f"{kind} r={r:.3f}",
+        "guidance": cfg.guidance if distilled else "none",
+        "seed": cfg.noise or cfg.seed,
+    }
     one_file = cfg.grid or len(prompts) == 1
     grid = []  # the images of the one file; else each batch is written as it is decoded (memory: one batch)
     with torch.no_grad():
@@ -225,20 +259,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
             images = timed("decode", ae.decode, x.to(dtype)).float().cpu()  # (B, 3, H, W) in [-1, 1]
             if one_file:
                 grid.append(images)
-                continue
-            for i, (img, prompt) in enumerate(zip(images, batch), start):  # PNGs with their recipe in the metadata
-                paths.append(out.with_name(f"{out.stem}_{i}{out.suffix}"))
-                save_image_grid(img[None], paths[-1], text={"prompt": prompt, "index": i, **meta})
+            else:  # PNGs with their recipe in the metadata
+                paths += save_batch(images, batch, start, out, meta)
     if one_file:
         images = torch.cat(grid) if len(grid) > 1 else grid[0]
         grid.clear()  # one copy of the pixels, not two, while the PNG is written (4096 px: 200 MB each)
         save_image_grid(images, out, nrow=min(4, len(prompts)), text={"prompt": " | ".join(prompts), **meta})
         paths.append(out)
-    per_step = times["denoise"] / (cfg.steps * -(-len(prompts) // cfg.batch))  # per step of one batch
-    print(f"text encoding {times['text']:.2f}s | denoising {times['denoise']:.2f}s ({per_step:.3f}s/step) | "
-          f"decoding {times['decode']:.2f}s | total {sum(times.values()):.2f}s | "
-          f"peak memory {peak_memory_gb(device):.2f} GB")  # fmt: skip
-    print(f"Done in {sum(times.values()):.1f}s: {', '.join(map(str, paths))}")
+    report(timed.times, cfg.steps * -(-len(prompts) // cfg.batch), device, paths)
     return paths
 
 

@@ -1,7 +1,7 @@
 """DC-AE, the deep-compression autoencoder (DC-AE 1.0, arXiv 2410.10733) and DC-AE 1.5 with its structured latent
 space (arXiv 2508.00413): the f32/f64 latent spaces that DC-Gen (arXiv 2509.25180) moves a diffusion model into.
 
-Three ideas, one class each below (paper.md B.1-B.2):
+Three ideas, one class each below (the official model: DC-Gen dc_gen/aecore/models/dc_ae.py, dc_gen/models/nn/ops.py):
 - residual autoencoding: every down/up-sampling step adds a non-parametric shortcut (pixel-unshuffle + channel
   averaging down, channel duplication + pixel-shuffle up), so the convolutions learn only a residual;
 - ResBlock stages at high resolution, EfficientViT stages (ReLU linear attention + GLUMBConv) at low resolution;
@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.autoencoder import check_image_size, tiled
 from models.loading import load_weights, read_config, read_state_dict
+from models.tiling import check_image_size, tiled
 
 # ----------------------------------------------------------------------------------------------------------------
 # config: the fields are diffusers AutoencoderDC's config keys (README: "DC-AE / VAE mapping")
@@ -398,7 +398,7 @@ class DCAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# presets (paper.md B.1-B.2, ecosystem.md §1c; diffusers scripts/convert_dcae_to_diffusers.py)
+# presets (DC-Gen dc_gen/aecore/models/dc_ae.py; diffusers scripts/convert_dcae_to_diffusers.py)
 
 _RES, _EVIT = "ResBlock", "EfficientViTBlock"
 
@@ -453,11 +453,11 @@ PRESETS = {
         downsample_block_type="Conv", upsample_block_type="interpolate", scaling_factor=0.41407
     ),
     # DC-AE 1.5 (dc-ai/dc-ae-1.5-*; official dc_ae_f32_1_5 / dc_ae_f64_1_5). NOTE(deviation): no diffusers config
-    # of 1.5 is public; this is the inferred mapping of ecosystem.md §1c. f64c128's 0.5935 is the ImageNet value;
+    # of 1.5 is public; this is our inferred mapping of dc_ae_f64_1_5. f64c128's 0.5935 is the ImageNet value;
     # f32c128's factor is unknown (1.0 here): a real folder's config.json always wins.
     "dc-ae-1.5-f32c128": _dcae15((128, 256, 512, 512, 1024, 1024), (0, 5, 10, 4, 4, 4), 128),
     "dc-ae-1.5-f64c128": _dcae15((128, 256, 512, 512, 1024, 1024, 1024), (0, 5, 10, 4, 4, 4, 4), 128, 0.5935),
-    # Toy zoo (issue 6): DC-Gen's f32 and f64 roles, trainable on a 2-core CPU in minutes (README "toy AEs").
+    # Toy zoo: DC-Gen's f32 and f64 roles, trainable on a 2-core CPU in minutes (README "toy AEs").
     "toy-f32c16": _dcae15((8, 16, 32, 32, 64, 64), (0, 1, 1, 1, 1, 1), 16),
     "toy-f64c32": _dcae15((8, 16, 32, 32, 64, 64, 64), (0, 1, 1, 1, 1, 1, 1), 32),
     # tests: a 1.0-type f8 AE with ResBlock and EfficientViT stages, multi-scale attention, BatchNorm and shortcuts

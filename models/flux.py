@@ -313,8 +313,8 @@ class AdaLNOut(nn.Module):
 class Flux(nn.Module):
     # The two layers that touch the latent, which DC-Gen re-learns (stage 1: the embedder, stage 2: the head).
     latent_layers = ("x_embedder", "proj_out")
-    # DC-Gen's LoRA targets (paper.md A.3; the official PEFT list minus the top-level proj_out): every attention and
-    # MLP linear of every block, matched as full-name regexes.
+    # DC-Gen's LoRA targets (the PEFT list of DC-Gen's dc_ai/t2icore/models/flux.py minus the top-level proj_out):
+    # every attention and MLP linear of every block, matched as full-name regexes.
     lora_targets = (
         r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
         r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
@@ -347,13 +347,13 @@ class Flux(nn.Module):
         assert H % p == 0 and W % p == 0, f"latent {H}x{W} is not divisible by the patch size {p}"
         dtype = self.x_embedder.weight.dtype
         img = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)  # (B, h·w, C·p²) like diffusers
-        # DC-AE 1.5 augmented training (paper.md B.4) also feeds channel prefixes x[:, :C'] of the latent: the token
-        # (c, p1, p2) layout puts them in the first C'·p² columns of the embedder and rows of the head, which are used
-        # alone (the official AdaptivePatchEmbed / AdaptiveFinalLayer).
+        # DC-AE 1.5 augmented training (DC-Gen dc_gen/c2icore/trainer.py) also feeds channel prefixes x[:, :C'] of the
+        # latent: the token (c, p1, p2) layout puts them in the first C'·p² columns of the embedder and rows of the
+        # head, which are used alone (the official AdaptivePatchEmbed / AdaptiveFinalLayer).
         prefix = C < self.params.in_channels
         if C > self.params.in_channels or (prefix and not self.adaptive_channels):
             raise ValueError(f"latent has {C} channels, the model {self.params.in_channels} (a channel prefix needs "
-                             "model.adaptive_channels = True, as lora.py --aug_channels sets)")  # fmt: skip
+                             "model.adaptive_channels = True, as lora.py --prefixes sets)")  # fmt: skip
         if prefix:
             img = F.linear(img.to(dtype), self.x_embedder.weight[:, : C * p * p], self.x_embedder.bias)
         else:

@@ -77,8 +77,9 @@ def load_transformer(folder: Path, ae_latent_channels: int | None, **kw) -> nn.M
 
 def sampling_shift(folder: Path, transformer_cfg: dict, ae_cfg: dict | None) -> tuple[str, float]:
     """The noise-level shift the model was trained with: our "_shift" key in scheduler_config.json when present,
-    else what the released pipelines do (paper.md A.6): SANA a constant flow_shift; DC-Gen-FLUX 1K (DC-AE f32c32)
-    the "flux2" shift r = sqrt(C·p²·L/4096); FLUX.1 and DC-Gen-FLUX 4K the dynamic shift mu(L)."""
+    else what the released pipelines do (DC-Gen generate.py, pipeline_dcgen_flux.py): SANA a constant flow_shift;
+    DC-Gen-FLUX 1K (DC-AE f32c32) the "flux2" shift r = sqrt(C·p²·L/4096); FLUX.1 and DC-Gen-FLUX 4K the dynamic
+    shift mu(L)."""
     sched_file = folder / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
     if "_shift" in sched:

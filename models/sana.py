@@ -20,9 +20,10 @@ touching any position code. SANA-1.5 adds RMSNorm on queries and keys (`qk_norm`
 Interface (the same shape as models/flux.py): `Sana(params)(x, t, txt, txt_mask)` with t the noise level sigma in
 [0, 1]; the model scales it to diffusers' timestep (1000·sigma·timestep_scale), patchifies and unpatchifies itself.
 State-dict keys equal diffusers', so a diffusers folder loads with strict=True (`Sana.from_pretrained`).
-For DC-AE 1.5 augmented training (paper.md B.4) the two latent-facing layers are plain: `patch_embed.proj` is a
-Conv2d whose input channels are the latent channels, and the rows of `proj_out` are ordered (p_row, p_col, c), so
-with p = 1 a channel prefix c' is simply `weight[:, :c']` of the embedder and rows `[:c']` of the head.
+For DC-AE 1.5 augmented training (DC-Gen dc_gen/c2icore/trainer.py) the two latent-facing layers are plain:
+`patch_embed.proj` is a Conv2d whose input channels are the latent channels, and the rows of `proj_out` are ordered
+(p_row, p_col, c), so with p = 1 a channel prefix c' is simply `weight[:, :c']` of the embedder and rows `[:c']` of
+the head.
 """
 
 from __future__ import annotations
@@ -321,12 +322,12 @@ class Sana(nn.Module):
         assert H % p.patch_size == 0 and W % p.patch_size == 0, f"latent {H}x{W} not divisible by patch {p.patch_size}"
         h, w, C = H // p.patch_size, W // p.patch_size, x.shape[1]
         dtype = self.proj_out.weight.dtype
-        # DC-AE 1.5 augmented training (paper.md B.4) also feeds channel prefixes x[:, :C'] of the latent: they use the
-        # first C' input channels of the embedder and (patch 1) the first C' rows of the head.
+        # DC-AE 1.5 augmented training (DC-Gen dc_gen/c2icore/trainer.py) also feeds channel prefixes x[:, :C'] of the
+        # latent: they use the first C' input channels of the embedder and (patch 1) the first C' rows of the head.
         prefix = C < p.in_channels
         if C > p.in_channels or (prefix and not (self.adaptive_channels and p.patch_size == 1)):
             raise ValueError(f"latent has {C} channels, the model {p.in_channels} (a channel prefix needs patch 1 "
-                             "and model.adaptive_channels = True, as lora.py --aug_channels sets)")  # fmt: skip
+                             "and model.adaptive_channels = True, as lora.py --prefixes sets)")  # fmt: skip
         if prefix:
             conv = self.patch_embed.proj
             img = F.conv2d(x.to(dtype), conv.weight[:, :C], conv.bias, stride=p.patch_size).flatten(2).transpose(1, 2)

@@ -1,6 +1,6 @@
 """SVDQuant W4A4 (Li et al., ICLR 2025, arXiv 2411.05007) numerics and modules in plain PyTorch, emulated.
 
-DC-Gen's last step (paper.md A.8) runs DC-Gen-FLUX with NVFP4 SVDQuant in Nunchaku. SVDQuant writes a linear layer as
+DC-Gen's last step runs DC-Gen-FLUX with NVFP4 SVDQuant in Nunchaku. SVDQuant writes a linear layer as
 
     y = x·Wᵀ + b = (x/λ)·(Ŵ)ᵀ + b,  Ŵ = W·diag(λ)                          smoothing migrates activation outliers into W
       ≈ Q((x + s)/λ)·Q(R)ᵀ  +  x·(L_down/λ)ᵀ·L_upᵀ  +  b',  R = Ŵ - L_up·L_down    4-bit GEMM + 16-bit rank-r branch

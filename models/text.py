@@ -17,26 +17,21 @@ Each class reproduces its diffusers pipeline's `encode_prompt` exactly (tests/te
     instruction's trailing space merges into the prompt's first word). The empty/negative prompt is encoded
     WITHOUT the instruction.
 
-`build_toy_text_encoder` writes the toy zoo's text encoders: a FLUX-layout folder in miniature (tiny random frozen
-T5 and CLIP, a word-level tokenizer fitted to the toy captions), so the toy runs exactly the real FLUX code path.
+The toy zoo's text encoders are a FLUX-layout folder in miniature, written by toy/text.py (build_toy_text_encoder),
+so the toy runs exactly this code path.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import (
     AutoTokenizer,
-    CLIPTextConfig,
     CLIPTextModel,
     Gemma2Model,
-    PreTrainedTokenizerFast,
-    T5Config,
     T5EncoderModel,
 )
 
@@ -199,111 +194,3 @@ def load_text_encoder(
         t5_tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
         return FluxTextEncoder(clip, tokenizer, t5, t5_tokenizer, max_length)
     return SanaTextEncoder(load(Gemma2Model, "text_encoder"), tokenizer, max_length or 300)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# the toy zoo's text encoders
-
-
-def caption_words(text: str) -> list[str]:
-    """How the toy tokenizer splits text: lower-cased runs of letters/digits, and runs of other non-space marks."""
-    return re.findall(r"\w+|[^\w\s]+", text.lower())
-
-
-def word_tokenizer(words: list[str], template: str, max_length: int) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over `words` plus <pad> 0, </s> 1, <unk> 2, <s> 3; unknown words map to <unk>."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-    from tokenizers.models import WordLevel
-
-    vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "<s>", *words])}
-    tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tk.normalizer = normalizers.Lowercase()
-    tk.pre_tokenizer = pre_tokenizers.Whitespace()  # the regex \w+|[^\w\s]+, as caption_words
-    tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=[("<s>", 3), ("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<pad>",
-        model_max_length=max_length,
-    )  # fmt: skip
-
-
-def build_toy_text_encoder(
-    folder: str | Path,
-    corpus: list[str],
-    seed: int = 0,
-    dim: int = 64,
-    max_length: int = 32,
-    roles: list[list[int]] | None = None,
-    pretrain_steps: int = 400,
-) -> Path:
-    """Write a FLUX text layout in miniature to `folder` and return it: CLIP and T5 of width `dim` (2 layers, 4 heads,
-    deterministic from `seed`), with a word-level tokenizer over the words of `corpus` (CLIP: "<s> words </s>", 77
-    tokens; T5: "words </s>", `max_length` tokens). CLIP stays random. T5 is random too without `roles`; with them
-    (one label per word of each caption, -1 for none; the toy zoo's, data.caption_roles, are read off the caption
-    alone) it is pretrained on `corpus` for `pretrain_steps` (pretrain_toy_t5). Load it with load_text_encoder.
-
-    Why pretrain T5: FLUX puts every text token at RoPE position 0, so the DiT sees T5's states as a set, and which
-    object a colour belongs to, and where that object goes, reach it only through what each state says about its
-    sentence. Real T5 learned to say it from language; a random one says little: with the transformers init each
-    state is nearly context-free (a relative-position bias of std 3, kept as the init, makes heads attend to fixed
-    neighbours), and toy DiTs trained on it drew the two colours wherever the noise put them, whichever was named
-    first (README "The toy zoo": a DiT trained on the pretrained T5 follows the words).
-    """
-    folder = Path(folder)
-    words = sorted({w for caption in corpus for w in caption_words(caption)})
-    word_tokenizer(words, "<s> $A </s>", 77).save_pretrained(folder / "tokenizer")
-    word_tokenizer(words, "$A </s>", max_length).save_pretrained(folder / "tokenizer_2")
-    V = len(words) + 4
-    clip_cfg = CLIPTextConfig(
-        vocab_size=V, hidden_size=dim, intermediate_size=2 * dim, projection_dim=dim, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=77, pad_token_id=0, eos_token_id=1, bos_token_id=3,
-    )  # fmt: skip
-    t5_cfg = T5Config(
-        vocab_size=V, d_model=dim, d_kv=dim // 4, d_ff=2 * dim, num_layers=2, num_heads=4,
-        relative_attention_num_buckets=16, feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0,
-        eos_token_id=1, decoder_start_token_id=0,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left untouched
-        torch.manual_seed(seed)
-        clip, t5 = CLIPTextModel(clip_cfg), T5EncoderModel(t5_cfg)
-        # NOTE(deviation): toy-only init and pretraining (see the docstring); real encoders are loaded as stored.
-        nn.init.normal_(t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias.weight, std=3.0)
-        if roles is not None:
-            ids = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2")(
-                corpus, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-            ).input_ids
-            labels = torch.full_like(ids, -100)  # T5's tokens are the words, then </s> and pads
-            for row, r in zip(labels, roles, strict=True):
-                r = [x if x >= 0 else -100 for x in r][:max_length]
-                row[: len(r)] = torch.tensor(r)
-            pretrain_toy_t5(t5, ids, labels, pretrain_steps)
-    clip.save_pretrained(folder / "text_encoder")
-    t5.save_pretrained(folder / "text_encoder_2")
-    return folder
-
-
-def pretrain_toy_t5(
-    t5: T5EncoderModel, ids: Tensor, roles: Tensor, steps: int, reach: int = 4, batch: int = 256, lr: float = 3e-3
-) -> tuple[float, float]:
-    """Pretrain a toy T5 in place on padded token ids (N, L), by two linear read-outs of every state: the words at
-    offsets -reach..reach (context prediction, a cousin of T5's span corruption: the state keeps its word and says
-    where it stands; pads are targets, never sources), and the token's role label (N, L; -100: none), here the side
-    of the picture its object stands on. Draws from the caller's RNG. Returns the last step's two losses."""
-    L, V, n_roles = ids.shape[1], t5.config.vocab_size, int(roles.max()) + 1
-    offsets = list(range(-reach, reach + 1))
-    context = torch.full((len(ids), L, len(offsets)), -100)  # -100: no word there (ignored by cross_entropy)
-    for j, o in enumerate(offsets):
-        context[:, max(0, -o) : L - max(0, o), j] = ids[:, max(0, o) : L - max(0, -o)]
-    context[ids == 0] = -100  # pad sources
-    read_context, read_role = nn.Linear(t5.config.d_model, len(offsets) * V), nn.Linear(t5.config.d_model, n_roles)
-    opt = torch.optim.Adam([*t5.parameters(), *read_context.parameters(), *read_role.parameters()], lr=lr)
-    t5.train()
-    for _ in range(steps):
-        rows = torch.randint(len(ids), (batch,))
-        h = t5(input_ids=ids[rows]).last_hidden_state  # (batch, L, d)
-        loss_context = F.cross_entropy(read_context(h).reshape(-1, V), context[rows].flatten())
-        loss_role = F.cross_entropy(read_role(h).reshape(-1, n_roles), roles[rows].flatten())
-        opt.zero_grad(set_to_none=True)
-        (loss_context + loss_role).backward()
-        opt.step()
-    t5.eval()
-    return loss_context.item(), loss_role.item()

@@ -1,5 +1,5 @@
 """The FLUX VAE: a KL autoencoder with f8 and 16 latent channels (diffusers `AutoencoderKL`, SD's VAE design), the
-latent space of the FLUX base model that DC-Gen starts from (paper.md A.1). It is the *teacher's* AE in DC-Gen's
+latent space of the FLUX base model that DC-Gen starts from. It is the *teacher's* AE in DC-Gen's
 embedding alignment; the toy zoo uses a small one (`toy-vae-f8c4`) in the same role.
 
 FLUX normalises its latents with a shift and a scale (0.1159, 0.3611): `encode` returns (mean - shift)·scale, the
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.autoencoder import check_image_size, tiled
 from models.loading import load_weights, read_config, read_state_dict
+from models.tiling import check_image_size, tiled
 
 # ----------------------------------------------------------------------------------------------------------------
 # config: AutoencoderKL's config.json keys (the ones that change the network or the latent normalisation)
@@ -300,9 +300,9 @@ class VAE(nn.Module):
 # presets
 
 PRESETS = {
-    # black-forest-labs/FLUX.1-dev (and Krea-dev, schnell) vae/config.json (third-party copies, ecosystem.md §1a)
+    # black-forest-labs/FLUX.1-dev (and Krea-dev, schnell) vae/config.json (as third-party copies give it)
     "flux-vae": VAEParams(),
-    # Toy zoo (issue 6): the FLUX VAE's role, f8 with 4 channels; shift/scale are set by ae15.py after training.
+    # Toy zoo: the FLUX VAE's role, f8 with 4 channels; shift/scale are set by ae15.py after training.
     "toy-vae-f8c4": VAEParams(
         latent_channels=4,
         block_out_channels=(16, 32, 64, 64),

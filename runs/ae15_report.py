@@ -12,8 +12,9 @@ import torch
 from PIL import Image, ImageDraw
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data import ShapesDataset, render, to_tensor  # noqa: E402
+from data import to_tensor  # noqa: E402
 from models.autoencoder import load_autoencoder  # noqa: E402
+from toy.shapes import ShapesDataset, render  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--out", default="out/ae15_ablation", help="the ablation's output folder")

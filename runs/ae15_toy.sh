@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The toy zoo's autoencoders (issue 6), trained from scratch on procedural shapes, each under 30 min on a 2-core CPU:
+# The toy zoo's autoencoders (README "The toy zoo"), trained from scratch on procedural shapes, each under 30 min
+# on a 2-core CPU:
 #   toy-f32c16    DC-AE 1.5, f32, C = 16: DC-Gen's 1K role (patch 1: 8x8 tokens of dim 16 at 256 px)
 #   toy-f64c32    DC-AE 1.5, f64, C = 32: DC-Gen's 4K role (patch 1: 8x8 tokens of dim 32 at 512 px, 64x64 at 4096)
 #   toy-vae-f8c4  KL VAE, f8, C = 4: the FLUX VAE's role (the base DiT packs 2x2: 16x16 tokens of dim 16 at 256 px)
@@ -9,7 +10,7 @@
 # latent, all border, and a decoder that never saw an interior latent pixel smears 8x8 latents (at 512 px: PSNR 21.5
 # dB before the second phase, 27.5 dB after). The f32 AE likewise ends with 1000 steps on whole 256 px scenes, the
 # size its 1K role sees (ae15.py --eval, 200 held-out 256 px scenes: PSNR 27.9 -> 31.2 dB, and ground truth through
-# it scores 0.49 -> 0.83 with data.py's scorer). The f8 VAE's task is easy (800 steps). Outputs: $OUT/<name>/ae
+# it scores 0.49 -> 0.83 with toy/score.py's scorer). The f8 VAE's task is easy (800 steps). Outputs: $OUT/<name>/ae
 # (diffusers layout, with the measured latent scale), which models.autoencoder.load_autoencoder reads. Pass names to
 # train only some of them; the ones whose ae/ exists are skipped.
 set -euo pipefail

@@ -10,6 +10,7 @@ Run:    python runs/export_zoo.py --runs out/toy --out zoo
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models.loading import read_config, read_state_dict, save_pretrained  # noqa: E402
 from models.pipeline import TEXT_PARTS  # noqa: E402
+from toy.text import TOY_CAPTIONS  # noqa: E402
 
 AES = {"vae-f8c4": "KL VAE f8c4: the FLUX VAE's role", "f32c16": "DC-AE 1.5 f32c16 (structured latent): the 1K role",
        "f64c32": "DC-AE 1.5 f64c32 (structured latent): the 4K role"}  # fmt: skip
@@ -71,13 +73,19 @@ def main() -> None:
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(runs / "text" if (runs / "text").is_dir() else final / "text", out / "text")
+    for tokenizer in ("tokenizer", "tokenizer_2"):  # sample.py reads the toy's prompt grammar from here
+        config = out / "text" / tokenizer / "tokenizer_config.json"
+        fields = json.loads(config.read_text())
+        if TOY_CAPTIONS not in fields:  # a text folder built before toy/text.py wrote the field
+            print(f"{config}: adding {TOY_CAPTIONS!r}: true (runs/toy.sh builds it from the toy captions)")
+            config.write_text(json.dumps(fields | {TOY_CAPTIONS: True}, indent=2, sort_keys=True) + "\n")
     lines = ["# The toy zoo", "", "Written by `bash runs/toy.sh` (then `python runs/export_zoo.py`) on a 2-core CPU, "
-             "from nothing but this repository's scripts and the procedural shapes of data.py. Weights in fp16; "
+             "from nothing but this repository's scripts and the procedural shapes of toy/shapes.py. Weights in fp16; "
              "the model folders link their `vae/` and text encoders to the shared copies here; a model exported from a "
              "run holds that run's config (`training_config.json`).", "",
              "| folder | what | params | made by |", "|---|---|---|---|",
              "| text/ | frozen CLIP + T5 in miniature over the captions' words: CLIP random, T5 pretrained for a "
-             "minute to say where each object goes | - | models.text.build_toy_text_encoder(roles=...) |"]  # fmt: skip
+             "minute to say where each object goes | - | toy.text.build_toy_text_encoder(roles=...) |"]  # fmt: skip
     for name, what in AES.items():
         n = export(runs / "ae" / name / "ae", final / "ae" / name, out / "ae" / name)
         lines.append(f"| ae/{name}/ | {what} | {n / 1e6:.2f} M | ae15.py (runs/ae15_toy.sh) |")

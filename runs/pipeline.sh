@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # DC-Gen on FLUX.1-Krea-dev, the reference sequence (README "Pipeline"): FLUX's f8c16 latent -> DC-AE f32c32 at 1K,
-# then DC-AE 1.5 f64c128 for 4K. Hyper-parameters are the official recipe's (paper.md A.2-A.3); the paper's own
-# (Appendix E) are not public. Needs 8 GPUs per node; set the paths below. Each step resumes with --resume.
+# then DC-AE 1.5 f64c128 for 4K. Hyper-parameters are the official recipe's (DC-Gen projects/DC-Gen/flux_t2i.md);
+# the paper's own (Appendix E) are not public. Needs 8 GPUs per node; set the paths below. Each step resumes with
+# --resume.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 FLUX=${FLUX:-/models/FLUX.1-Krea-dev}          # diffusers pipeline folder (transformer/ vae/ text_encoder*/ ...)
@@ -22,7 +23,7 @@ $T lora.py --init $OUT/head/model --cache $OUT/cache-512 --batch_size 512 --dtyp
 python lora.py --merge $(ls $OUT/lora-512/ckpt_*.pt | tail -1) --out_dir $OUT/lora-512/model
 # the resolution ladder: a fresh LoRA at 1024 px on the merged model. NOTE(deviation): the official recipe trains with
 # FLUX's dynamic mu; this rung trains with the "flux2" r = sqrt(C·L/4096) that the released 1K sampler uses (which one
-# the released weights saw is open: paper.md, open question 4); drop --shift dcgen for the recipe's
+# the released weights saw is not public); drop --shift dcgen for the recipe's
 $T align.py --stage cache --data $IMAGES --resolution 1024 --student_ae $DCAE1K --text $FLUX --max_length 256 \
     --batch_size 16 --out_dir $OUT/cache-1024
 $T lora.py --init $OUT/lora-512/model --cache $OUT/cache-1024 --batch_size 256 --dtype bf16 --grad_checkpointing \
@@ -37,7 +38,7 @@ $T align.py --stage cache --data $IMAGES --resolution 1024 --teacher_ae $FLUX/va
 $T align.py --stage embed --base $FLUX --cache $OUT/cache4k-1024 --dtype bf16 --out_dir $OUT/embed4k
 $T align.py --stage head --init $OUT/embed4k/model --cache $OUT/cache4k-1024 --dtype bf16 --grad_checkpointing \
     --fsdp --out_dir $OUT/head4k
-$T lora.py --init $OUT/head4k/model --cache $OUT/cache4k-1024 --aug_channels 32 64 96 --dtype bf16 \
+$T lora.py --init $OUT/head4k/model --cache $OUT/cache4k-1024 --prefixes 32 64 96 --dtype bf16 \
     --grad_checkpointing --fsdp --steps 10000 --out_dir $OUT/lora4k-1024
 python lora.py --merge $(ls $OUT/lora4k-1024/ckpt_*.pt | tail -1) --out_dir $OUT/lora4k-1024/model
 $T align.py --stage cache --data $IMAGES --resolution 4096 --student_ae $DCAE4K --text $FLUX --max_length 256 \

@@ -18,17 +18,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import toy_eval  # noqa: E402
 
-import data  # noqa: E402
 import quantize  # noqa: E402
+from data import LatentCache  # noqa: E402
 from models.pipeline import load_pipeline  # noqa: E402
 from models.svdquant import load_quantized  # noqa: E402
+from toy.shapes import eval_specs  # noqa: E402
 
 VARIANTS = {"nvfp4-rtn": ("nvfp4", "rtn"), "nvfp4-svdquant": ("nvfp4", "svdquant"), "int4-rtn": ("int4", "rtn"),
             "int4-svdquant": ("int4", "svdquant")}  # fmt: skip
 
 
 @torch.no_grad()
-def velocity_error(ref, model, cache: data.LatentCache, rows: int = 64, seed: int = 0) -> float:
+def velocity_error(ref, model, cache: LatentCache, rows: int = 64, seed: int = 0) -> float:
     """||v_q - v|| / ||v|| of the velocity on `rows` held-out latents, noise levels uniform in (0, 1), guidance 3.5."""
     batch = cache.get(list(range(min(rows, len(cache)))), ["student", *sorted(cache.null)])
     x0 = batch.pop("student").float()
@@ -49,9 +50,9 @@ def main() -> None:
     ap.add_argument("--out", default="out/toy/quant", help="output folder")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
     args = ap.parse_args()
-    out, specs = Path(args.out), data.eval_specs(args.count)
+    out, specs = Path(args.out), eval_specs(args.count)
     ref = load_pipeline(args.model, parts=("transformer",)).transformer.eval()
-    cache = data.LatentCache(args.val_cache)
+    cache = LatentCache(args.val_cache)
     report = {"fp32": toy_eval.evaluate(args.model, out / "fp32", specs, args.size, 20, 8, [])}
     print(f"fp32: accuracy {report['fp32']['accuracy']:.3f}", flush=True)
     for name in args.variants:

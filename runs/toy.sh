@@ -6,7 +6,7 @@
 # folder to redo it). At the end, runs/export_zoo.py writes $ZOO (zoo/).
 #
 #   text          CLIP + T5 in miniature over the captions' words, frozen; T5 pretrained for a minute to say where
-#                 each object goes (with a random T5 the DiT read captions as bags of words)     (models/text.py)
+#                 each object goes (with a random T5 the DiT read captions as bags of words)        (toy/text.py)
 #   ae/*          toy AEs: vae-f8c4 (the FLUX VAE's role), DC-AE 1.5 f32c16 (1K role), f64c32 (4K role)   (ae15.py)
 #   base          CFG MMDiT from scratch on vae-f8c4 latents at 256 px, 16x16 tokens; lr decays over the last half
 #   base-2        base trained 3000 steps more at lr 3e-4 decayed to 0, fresh draws (seed + 1): held-out accuracy 0.300
@@ -37,9 +37,9 @@ step() {  # name, output that marks it done, command...
 }
 LOG="--device cpu --seed $SEED --log_every 50 --resume"
 
-step text "$OUT/text/tokenizer" python -c "import data; from models.text import build_toy_text_encoder as b; \
-c = [s.caption for s in data.all_specs('train')]; \
-b('$OUT/text', c, seed=$SEED, roles=[data.caption_roles(x) for x in c])"
+step text "$OUT/text/tokenizer" python -c "from toy.shapes import all_specs, caption_roles; \
+from toy.text import build_toy_text_encoder as b; c = [s.caption for s in all_specs('train')]; \
+b('$OUT/text', c, seed=$SEED, roles=[caption_roles(x) for x in c])"
 env OUT="$OUT/ae" bash runs/ae15_toy.sh 2>&1 | tee -a "$OUT/toy.log"  # skips the AEs that exist
 
 # --- latent caches: both latents + text, once (train captions; val: held-out captions)

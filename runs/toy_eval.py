@@ -1,5 +1,5 @@
 """Prompt adherence of toy models: sample.py on held-out procedural prompts (captions no training scene used), scored by
-data.py's scorer (the toy's GenEval). Prints one line per model, writes eval.json and a grid of the first images.
+toy/score.py (the toy's GenEval). Prints one line per model, writes eval.json and a grid of the first images.
 
 Run:    python runs/toy_eval.py --model zoo/krea --model zoo/dcgen-1k --size 256 --count 200 --out out/toy-eval
         python runs/toy_eval.py --model out/toy/base/model --name base --size 256 --extra=--cfg=4.5
@@ -27,8 +27,9 @@ from pathlib import Path
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import data  # noqa: E402
 import sample  # noqa: E402
+from toy.score import score  # noqa: E402
+from toy.shapes import ShapesDataset, Spec, eval_specs  # noqa: E402
 
 
 def evaluate(model: str, out: Path, specs: list, size: int, steps: int, batch: int, extra: list[str]) -> dict:
@@ -41,7 +42,7 @@ def evaluate(model: str, out: Path, specs: list, size: int, steps: int, batch: i
     results, grid = [], Image.new("RGB", (8 * 128, 128))
     for i, (path, spec) in enumerate(zip(paths, specs, strict=True)):  # one image in memory at a time (4K: 50 MB)
         img = Image.open(path).convert("RGB")
-        results.append(data.score(img, spec))
+        results.append(score(img, spec))
         if i < 8:
             grid.paste(img.resize((128, 128), Image.Resampling.BOX), (128 * i, 0))
     checks = {k: sum(r["checks"][k] for r in results) / len(results) for k in results[0]["checks"]}
@@ -51,7 +52,7 @@ def evaluate(model: str, out: Path, specs: list, size: int, steps: int, batch: i
             "seconds": time.perf_counter() - t0, "per_image": [r["checks"] for r in results]}  # fmt: skip
 
 
-def swapped(spec: data.Spec) -> data.Spec:
+def swapped(spec: Spec) -> Spec:
     """The same scene with its objects named the other way round: 'a X above a Y' -> 'a Y above a X'."""
     return dataclasses.replace(spec, color_a=spec.color_b, shape_a=spec.shape_b, color_b=spec.color_a,
                                shape_b=spec.shape_a)  # fmt: skip
@@ -72,7 +73,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="image size in px")
     ap.add_argument("--count", type=int, default=200, help="prompts")
     ap.add_argument("--split", choices=("test", "train"), default="test",
-                    help="test: held-out captions (data.eval_specs); train: those of the first --count training "
+                    help="test: held-out captions (toy.shapes.eval_specs); train: those of the first --count training "
                          "scenes, which runs/toy.sh's caches hold (seed 0): how well a model fits them")  # fmt: skip
     ap.add_argument("--steps", type=int, default=20, help="Euler steps")
     ap.add_argument("--batch", type=int, default=8, help="images per forward pass")
@@ -81,9 +82,9 @@ def main() -> None:
     ap.add_argument("--swap", action="store_true", help="also sample each prompt with its objects' order swapped")
     args = ap.parse_args()
     if args.split == "test":
-        specs = data.eval_specs(args.count)
+        specs = eval_specs(args.count)
     else:
-        scenes = data.ShapesDataset(seed=0, split="train")
+        scenes = ShapesDataset(seed=0, split="train")
         specs = [scenes.scene(i).spec for i in range(args.count)]
     out = Path(args.out)
     names = args.name or [Path(m).name if Path(m).name != "model" else Path(m).parent.name for m in args.model]

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ae15
-from common import load_ckpt
+from common import draw_prefixes, load_ckpt, step_generator
 from models.autoencoder import load_autoencoder
 from models.dcae import DCAE
 from models.vae import VAE
@@ -87,7 +87,7 @@ def test_smoke_resume_eval_ddp(tmp_path, monkeypatch):
 
 
 def dcae_default_scale() -> float:
-    return ae15.dcae.PRESETS["tiny-1.5"].scaling_factor
+    return ae15.AE_PRESETS["tiny-1.5"].scaling_factor
 
 
 def test_kl_vae_with_gan(tmp_path, monkeypatch):
@@ -140,15 +140,13 @@ def test_bad_flags(tmp_path, monkeypatch, flags, error):
         run(monkeypatch, *TINY, *flags, "--steps", 1, "--out_dir", tmp_path)
 
 
-def test_prefix_sampling():
-    cfg = ae15.Config(num_prefixes=3, seed=1)
-    assert ae15.candidate_prefixes(128, ()) == list(range(16, 129, 4))  # owl-wms/medgen's set (paper.md B.3)
+def test_prefix_candidates_and_draws():
+    assert ae15.candidate_prefixes(128, ()) == list(range(16, 129, 4))  # owl-wms/medgen's set (Overworldai/owl-wms#65)
     assert ae15.candidate_prefixes(16, ()) == [2, 4, 6, 8, 10, 12, 14, 16]  # toy latents: multiples of C/8
     assert ae15.candidate_prefixes(16, (3, 5)) == [3, 5, 16]  # always including C
+    # ae15 draws with common.draw_prefixes from the step's generator: the sequence ae15 drew before that function
+    # existed (its own sample_prefixes), so the zoo's AE runs replay exactly (semantics: tests/test_common.py)
     cands = ae15.candidate_prefixes(32, ())
-    draws = [ae15.sample_prefixes(cands, cfg, s) for s in range(200)]
-    assert all(d[0] == 32 and len(d) == 3 for d in draws) and draws[7] == ae15.sample_prefixes(cands, cfg, 7)
-    assert {c for d in draws for c in d[1:]} == set(cands)  # uniform over the candidates
-    assert ae15.sample_prefixes(cands, ae15.Config(mask="none"), 0) == [32]
-    one = [ae15.sample_prefixes(cands, ae15.Config(num_prefixes=1), s) for s in range(200)]  # K = 1: still masking
-    assert all(len(d) == 1 for d in one) and {d[0] for d in one} == set(cands)
+    draws = [draw_prefixes(step_generator(1, s), cands, 3, True, 32) for s in range(4)]
+    assert draws == [[32, 28, 8], [32, 32, 32], [32, 28, 8], [32, 12, 32]]
+    assert [draw_prefixes(step_generator(1, s), cands, 1, True, 32) for s in range(4)] == [[28], [32], [28], [12]]

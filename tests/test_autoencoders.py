@@ -12,7 +12,8 @@ from diffusers import AutoencoderDC, AutoencoderKL
 
 from common import save_pretrained
 from models import dcae, vae
-from models.autoencoder import blend_ramp, check_image_size, load_autoencoder, tile_starts, tiled
+from models.autoencoder import PRESETS, autoencoder_params, build_autoencoder, load_autoencoder
+from models.tiling import blend_ramp, check_image_size, tile_starts, tiled
 
 
 def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
@@ -90,10 +91,22 @@ def test_our_folders_load_in_diffusers(tmp_path):
         ).abs().max() <= 1e-5
 
 
+def test_one_dispatch_between_the_two_classes(tmp_path):
+    """Params pick the class, a config dict its params, and load_autoencoder reads back what a stage writes."""
+    for name, cls in (("tiny-1.5", dcae.DCAE), ("tiny-vae", vae.VAE)):
+        ae = build_autoencoder(PRESETS[name], tile_px=None)
+        assert type(ae) is cls and ae.tile_px is None and autoencoder_params(ae.config()) == PRESETS[name]
+        save_pretrained(tmp_path / name, ae.state_dict(), ae.config())
+        back = load_autoencoder(tmp_path / name)
+        assert type(back) is cls and not back.training and back.state_dict().keys() == ae.state_dict().keys()
+    with pytest.raises(ValueError, match="ckpt has _class_name 'FluxTransformer2DModel'"):
+        autoencoder_params({"_class_name": "FluxTransformer2DModel"}, "ckpt")
+
+
 # the real models, built on the meta device: parameter counts in millions (encoder, decoder) and tensor counts
 REAL = {
-    "dc-ae-f32c32-sana-1.1": (153.0, 159.2, 375),  # ecosystem.md §1c (diffusers dump)
-    "dc-ae-1.5-f64c128": (306.5, 408.3, 340),  # ecosystem.md §1c (inferred diffusers mapping)
+    "dc-ae-f32c32-sana-1.1": (153.0, 159.2, 375),  # diffusers AutoencoderDC, the released config
+    "dc-ae-1.5-f64c128": (306.5, 408.3, 340),  # diffusers AutoencoderDC, our inferred mapping of dc_ae_f64_1_5
     "dc-ae-1.5-f32c128": (228.6, 295.0, 296),
     "dc-ae-f32c32-in-1.0": (123.2, 200.2, 362),
     "dc-ae-f64c128-in-1.0": (264.6, 412.3, 418),
@@ -182,7 +195,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"not a diffusers autoencoder .*expected config.json"):
         load_autoencoder(tmp_path)  # empty folder
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-    with pytest.raises(ValueError, match="expected an autoencoder folder: 'AutoencoderKL'.*'AutoencoderDC'"):
+    with pytest.raises(ValueError, match="expected an autoencoder: 'AutoencoderKL'.*'AutoencoderDC'"):
         load_autoencoder(tmp_path)
     with pytest.raises(ValueError, match="expected 'AutoencoderDC'"):
         dcae.DCAE.from_pretrained(tmp_path)

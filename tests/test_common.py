@@ -1,4 +1,5 @@
-"""common.py: config flags, atomic checkpoints, diffusers-folder writing, PNG metadata, torchrun detection.
+"""common.py: config flags, atomic checkpoints, diffusers-folder writing, PNG metadata, torchrun detection, the
+noise-level shift of a latent's shape, and DC-AE 1.5's channel-prefix draw.
 
 Run: python -m pytest -q tests/test_common.py
 """
@@ -120,3 +121,36 @@ def test_lr_warmup_stable_decay():
     assert lr[12:] == [(20 - s) / 8 for s in range(12, 20)] and lr[-1] == 1 / 8  # linear to 0: the last step is > 0
     # a run whose decay has not begun is the constant-lr run: resuming it with --steps/--decay extends it exactly
     assert [common.lr_at(s, 1.0, 4) for s in range(12)] == lr[:12]
+
+
+def test_shift_for_counts_tokens_and_values_per_patch():
+    for kind in ("flux", "dcgen", "constant"):
+        for C, h, w, p in ((32, 32, 32, 1), (16, 128, 64, 2), (128, 64, 64, 1), (4, 64, 32, 2)):
+            old = common.shift_factor(kind, (h // p) * (w // p), C * p * p, 2.5)  # the formula of the call sites
+            assert common.shift_for(kind, (C, h, w), p, 2.5) == old
+    # a swap of tokens and values shows: f32c32 at 1024² in 1x1 patches is 1024 tokens of 32 values, r = sqrt(8)
+    assert common.shift_for("dcgen", (32, 32, 32), 1) == pytest.approx(8**0.5)
+    assert common.shift_for("flux", (32, 32, 32), 1) == pytest.approx(common.shift_factor("flux", 1024, 32))
+    assert common.shift_for("flux", (32, 32, 32), 1) != pytest.approx(common.shift_factor("flux", 32, 1024))
+    # p = 2 on an f8c16 FLUX latent of 1024²: (128/2)² = 4096 tokens of 64 values
+    assert common.shift_for("flux", (16, 128, 128), 2) == pytest.approx(common.shift_factor("flux", 4096, 64))
+
+
+def test_draw_prefixes_edge_cases():
+    g = lambda step: common.step_generator(0, step)
+    draws = [common.draw_prefixes(g(s), [8, 16], 3, True, 32) for s in range(200)]
+    assert all(d[0] == 32 and len(d) == 3 for d in draws)  # always_max, K >= 2: C first, K - 1 drawn
+    assert {c for d in draws for c in d[1:]} == {8, 16, 32}  # C is a candidate even when not given (official list)
+    with_c = [common.draw_prefixes(g(s), [8, 16, 32], 3, True, 32) for s in range(200)]
+    assert with_c == draws  # candidates including C or not: the same pool, the same draws
+    free = [common.draw_prefixes(g(s), [8, 16], 2, False, 32) for s in range(200)]
+    assert {c for d in free for c in d} == {8, 16, 32} and any(32 not in d for d in free)  # no full latent forced
+    one = [common.draw_prefixes(g(s), [8, 16], 1, True, 32) for s in range(200)]  # K = 1: one draw, always_max or not
+    assert one == [common.draw_prefixes(g(s), [8, 16], 1, False, 32) for s in range(200)]
+    assert all(len(d) == 1 for d in one) and {d[0] for d in one} == {8, 16, 32}
+    assert common.draw_prefixes(g(7), [8, 16], 3, True, 32) == draws[7]  # the generator alone decides
+    assert draws != [common.draw_prefixes(common.step_generator(1, s), [8, 16], 3, True, 32) for s in range(200)]
+    with pytest.raises(ValueError, match="must lie in 1..32"):
+        common.draw_prefixes(g(0), [8, 64], 2, True, 32)
+    with pytest.raises(ValueError, match="K=0"):
+        common.draw_prefixes(g(0), [8], 0, True, 32)

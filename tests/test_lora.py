@@ -96,7 +96,8 @@ def test_only_lora_and_named_modules_train():
 
 
 def test_flux_dev_lora_rank_256_trains_about_1_billion():
-    """paper.md A.3: LoRA r = 256 on all block linears of the 12B base: ~1.05 B trainable (paper: "1.1B")."""
+    """LoRA r = 256 on all block linears of the 12B base (DC-Gen dc_ai/t2icore/models/base.py, models/flux.py):
+    ~1.05 B trainable (paper: "1.1B")."""
     with torch.device("meta"):
         model = Flux(PRESETS["flux-dev"])
     names = inject_lora(model, rank=256, alpha=256, trainable=("x_embedder", "proj_out"))

@@ -18,7 +18,9 @@ import torch
 from safetensors.torch import save_file
 
 import lora
+import training
 from common import load_ckpt
+from data import LatentCache
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -134,18 +136,19 @@ def test_guide_loss_recovers_the_conditional_velocity():
     B, C, h, w = 8, 3, 4, 4
     x0 = torch.randn(B, C, h, w)
     g = torch.Generator().manual_seed(3)
-    noise = torch.randn((B, C, h, w), generator=torch.Generator().manual_seed(3))  # what diffusion_loss draws first
+    noise = torch.randn((B, C, h, w), generator=torch.Generator().manual_seed(3))  # what training.draw draws first
     model = DistilledToy(x0, noise)
     cond, null = (
         {"txt": torch.ones(B, 2, 3), "y": torch.ones(B, 2)},
         {"txt": torch.zeros(1, 2, 3), "y": torch.zeros(1, 2)},
     )
-    cfg = lora.Config(drop_text=0.0)
-    loss = lora.diffusion_loss(model, model, x0, cond, null, g, B, 0, r=3.0, cfg=cfg, guide=True)
-    assert loss < 1e-8  # (v_g - (1 - w)·v_u) / w = v_c exactly, whatever w in [1, 14]
+    def loss(g):  # lora.py's guide-loss term, without text dropout
+        x_t, sigma, v, _, w = training.draw(x0, g, B, 0, 3.0, 0.0, 1.0, 14.0)
+        return training.guide_loss(model, model, x_t, sigma, v, cond, null, w)
+
+    assert loss(g) < 1e-8  # (v_g - (1 - w)·v_u) / w = v_c exactly, whatever w in [1, 14]
     model.scale.data.fill_(1.1)  # a model whose v_c is off by 10% is penalised
-    g = torch.Generator().manual_seed(3)
-    assert lora.diffusion_loss(model, model, x0, cond, null, g, B, 0, r=3.0, cfg=cfg, guide=True) > 1e-3
+    assert loss(torch.Generator().manual_seed(3)) > 1e-3
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
@@ -176,9 +179,8 @@ def test_validation_loss_is_logged_and_deterministic(tmp_path):
                                                   "--val_every", "1")))  # fmt: skip
     lines = [ln for ln in (tmp_path / "out" / "log.txt").read_text().splitlines() if "val_loss" in ln]
     assert [ln.split()[1] for ln in lines] == ["0000001/0000002", "0000002/0000002"]
-    cfg = lora.with_shift(lora.Config(preset="tiny", rank=0, cache=str(cache), latent="teacher", batch_size=2))
-    model = lora.build_model(cfg, lora.LatentCache(cache), torch.float32)
-    a, b = (lora.validate(model, lora.LatentCache(val), cfg, "cpu") for _ in range(2))
+    model = lora.build_model(lora.Config(preset="tiny", rank=0), torch.float32)
+    a, b = (training.validate(model, LatentCache(val), "teacher", 2, "flux", 3.0, "cpu") for _ in range(2))
     assert a == b and 0.5 < a < 10  # same points every call; a random model's velocity error is O(1) per element
 
 
@@ -190,7 +192,7 @@ def test_clip_grad_zero_means_no_clipping(tmp_path):
     off, loose = (load_ckpt(tmp_path / n / "ckpt_0000002.pt")["model"] for n in ("off", "loose"))
     cfg = lora.Config(preset="tiny", rank=0, cache=str(cache), latent="teacher")
     torch.manual_seed(cfg.seed)  # the initial weights, as lora.main builds them
-    init = lora.build_model(cfg, lora.LatentCache(cache), torch.float32).state_dict()
+    init = lora.build_model(cfg, torch.float32).state_dict()
     assert all(torch.equal(off[k], loose[k]) for k in off)
     assert not torch.equal(off["x_embedder.weight"], init["x_embedder.weight"])
 
@@ -214,15 +216,15 @@ def test_bf16_lora_run_validates(tmp_path):
 
 
 def test_augmented_training_adds_prefix_terms(tmp_path):
-    """--aug_channels: each step's loss is the mean over the full latent and a channel prefix, so it differs from
+    """--prefixes: each step's loss is the mean over the full latent and a channel prefix, so it differs from
     the plain run's on the same draws; prefixes none shorter than the latent are an error, not a silent no-op."""
     cache = make_cache(tmp_path / "cache")
     base = ["--steps", "1", "--rank", "4", "--loss", "fm"]
     lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "plain", *base)))
-    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "aug", *base, "--aug_channels", "2")))
+    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "aug", *base, "--prefixes", "2")))
     assert losses(tmp_path / "plain")[1] != losses(tmp_path / "aug")[1]
-    with pytest.raises(SystemExit, match=r"--aug_channels \(4,\).*4 channels"):
-        lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "bad", *base, "--aug_channels", "4")))
+    with pytest.raises(SystemExit, match=r"--prefixes \(4,\): none is shorter than the latent.s 4 channels"):
+        lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "bad", *base, "--prefixes", "4")))
 
 
 def test_merge_refuses_a_checkpoint_that_does_not_fit(tmp_path):

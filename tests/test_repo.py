@@ -23,8 +23,9 @@ def lines(path: Path) -> int:
 def test_line_budgets():
     over = [f"{p.name}: {lines(p)}" for p in map(ROOT.joinpath, STAGES) if p.exists() and lines(p) > 600]
     over += [f"models/{p.name}: {lines(p)}" for p in (ROOT / "models").glob("*.py") if lines(p) > 500]
-    over += [f"common.py: {lines(ROOT / 'common.py')}"] if lines(ROOT / "common.py") > 300 else []
-    assert not over, f"over budget (stage 600, models/ 500, common.py 300 lines): {over}"
+    # common.py: STYLE.md's "about 300", moved to 320 for shift_for and draw_prefixes (rule 25: the budget moves)
+    over += [f"common.py: {lines(ROOT / 'common.py')}"] if lines(ROOT / "common.py") > 320 else []
+    assert not over, f"over budget (stage 600, models/ 500, common.py 320 lines): {over}"
 
 
 def test_readme_test_command_is_what_ci_runs():

@@ -3,6 +3,7 @@
 Run: python -m pytest -q tests/test_sample.py
 """
 
+import dataclasses
 import json
 import re
 import shutil
@@ -17,10 +18,13 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
-import data
 import sample
 from common import save_ckpt
+from models.flux import PRESETS, Flux
+from models.pipeline import write_pipeline
+from toy.shapes import parse_caption
 
+from tiny_text import build_flux_text
 from tiny_world import build_world
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,7 +165,7 @@ def test_toy_zoo_is_the_default_and_small(tmp_path, capsys):
     """The committed zoo: every model folder loads, the whole of it stays under 40 MB, and sample.py without --model
     or --size draws a 4096 px image from zoo/dcgen-4k, a 4096 px model (its shapes are judged by runs/toy_eval.py, not
     here: 2 steps make blobs). A caption without its background gets a black one, said aloud (the zoo's captions
-    always name one); any other prompt outside the zoo's grammar gets a note."""
+    always name one; tests/test_toy_text.py tests the rest of toy_prompts)."""
     zoo = ROOT / "zoo"
     size = sum(f.stat().st_size for f in zoo.rglob("*") if f.is_file() and not f.is_symlink())
     assert size < 40 * 2**20, f"zoo/ is {size / 2**20:.1f} MiB, over the 40 MB budget"
@@ -174,11 +178,22 @@ def test_toy_zoo_is_the_default_and_small(tmp_path, capsys):
     assert img.text["prompt"] == "a red circle above a blue square on a black background"  # what was sampled
     assert np.asarray(img).std() > 5  # not a flat canvas
     assert "sampling 'a red circle above a blue square on a black background'" in capsys.readouterr().out
-    given = ["a green circle left of a red square on a white background", "a cat on a mat", "a red circle above x"]
-    assert sample.toy_prompts(given) == given  # a whole caption, and prompts no background can complete, as they are
-    out = capsys.readouterr().out
-    assert "sampling" not in out and out.count("note: the toy zoo knows only the captions") == 1
-    assert "not a shapes caption: 'a cat on a mat'" in out
+
+
+def test_prompt_conventions_come_from_the_model_folder_not_its_path(world, tmp_path, capsys):
+    """The toy zoo copied elsewhere still completes the background (its tokenizers say "toy_captions"),
+    and a model whose text encoder is a real one is never rewritten, even in a folder named zoo."""
+    shutil.copytree(ROOT / "zoo", tmp_path / "elsewhere", symlinks=True)
+    prompt = "a red circle above a blue square"
+    common = ["--prompt", prompt, "--size", "32", "--steps", "1"]
+    (path,) = sample.main(["--model", str(tmp_path / "elsewhere" / "krea"), *common, "--out", str(tmp_path / "a.png")])
+    assert Image.open(path).text["prompt"] == f"{prompt} on a black background"
+    assert f"sampling '{prompt} on a black background'" in capsys.readouterr().out
+    text = build_flux_text(tmp_path / "zoo" / "text")  # real tokenizers (CLIP BPE, T5 Unigram), T5 width 24
+    model = Flux(dataclasses.replace(PRESETS["tiny"], context_in_dim=24, vec_in_dim=32))
+    write_pipeline(tmp_path / "zoo" / "real", model, world / "teacher_ae", text, "flux")
+    (path,) = sample.main(["--model", str(tmp_path / "zoo" / "real"), *common, "--out", str(tmp_path / "b.png")])
+    assert Image.open(path).text["prompt"] == prompt and "note:" not in capsys.readouterr().out
 
 
 def test_toy_eval_word_order_counts():
@@ -187,7 +202,7 @@ def test_toy_eval_word_order_counts():
     sys.path.insert(0, str(ROOT / "runs"))
     import toy_eval
 
-    spec = data.parse_caption("a red circle above a blue square on a white background")
+    spec = parse_caption("a red circle above a blue square on a white background")
     assert toy_eval.swapped(spec).caption == "a blue square above a red circle on a white background"
     c = lambda rel, a=True: {"a_color": a, "b_color": True, "relation": rel}  # noqa: E731
     r = {"per_image": [c(True), c(True), c(False), c(True, a=False)]}

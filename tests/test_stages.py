@@ -122,9 +122,7 @@ def test_distill_starts_at_the_teacher_and_writes_a_guidance_model(world, tmp_pa
     assert student.params.guidance_embed and load_ckpt(tmp_path / "ckpt_0000002.pt")["step"] == 2
     assert (tmp_path / "samples" / "0000002.png").is_file()  # previews with embedded guidance, not CFG
     teacher = distill.load_teacher(distill.Config(init=str(world / "base_cfg")), torch.float32)
-    cache = LatentCache(world / "cache")
-    fresh = distill.build_student(distill.Config(init=str(world / "base_cfg"), latent="teacher"), cache, torch.float32,
-                                  teacher)  # fmt: skip
+    fresh = distill.build_student(distill.Config(init=str(world / "base_cfg")), torch.float32, teacher)
     x, t, txt, y = torch.randn(2, 4, 8, 8), torch.rand(2), torch.randn(2, 8, 32), torch.randn(2, 32)
     with torch.no_grad():  # at step 0 the student is the teacher's conditional velocity, whatever w
         for w in (1.0, 7.0):
@@ -173,7 +171,8 @@ def test_student_grid_that_does_not_divide_the_teacher_grid_fails(world, tmp_pat
 
 
 def test_lora_with_an_init_of_the_wrong_model_fails_before_training(world, tmp_path):
-    with pytest.raises(ValueError, match=r"takes latents of 4 channels.*student latents of shape \(8, 2, 2\)"):
+    wrong = r"takes latents of 4 channels.*\(student\) holds latents of shape \(8, 2, 2\)"
+    with pytest.raises(ValueError, match=wrong):
         lora.main(lora.Config(init=str(world / "base"), cache=str(world / "cache"), out_dir=str(tmp_path), steps=1))
 
 

@@ -7,14 +7,14 @@ from pathlib import Path
 import torch
 
 from common import save_pretrained
-from data import ShapesDataset
 from models.dcae import DCAE
 from models.dcae import PRESETS as DCAE_PRESETS
 from models.flux import PRESETS, Flux
 from models.pipeline import write_pipeline
-from models.text import build_toy_text_encoder
 from models.vae import PRESETS as VAE_PRESETS
 from models.vae import VAE
+from toy.shapes import ShapesDataset
+from toy.text import build_toy_text_encoder
 
 SIZE = 16  # px: teacher AE f2 + patch 2 -> 4x4 tokens; student AE f8 + patch 1 -> 2x2 tokens (4x fewer)
 
