@@ -58,8 +58,10 @@ from common import (
 )
 from data import ImageFolder, LatentCache, StepSampler
 from models.autoencoder import load_autoencoder
+from models.flux import Flux
 from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text, load_text_encoder
+from plan import check_fits
 from toy.shapes import ShapesDataset
 from training import check_latent, draw, flow_matching_loss, guide_loss, merged_state_dict, prepare, train
 
@@ -344,6 +346,11 @@ def head_stage(cfg: HeadConfig, d) -> None:
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     print0(f"head: {raw.latent_layers} trainable ({n_train / 1e6:.2f} M parameters), backbone frozen; loss "
            f"{'guide' if guide else 'flow matching'}", log_file=log)  # fmt: skip
+    if isinstance(raw, Flux):  # on CUDA: the planner's peak against the card, before hours are spent
+        _, h, w = cache.shape("student")
+        check_fits("head", raw, micro_batch=cfg.batch_size // d.world_size, device=d.device, latent_hw=(h, w),
+                   txt_len=cache.shape("txt")[0], dtype=cfg.dtype, grad_checkpointing=cfg.grad_checkpointing,
+                   fsdp_world=d.world_size if cfg.fsdp else 1, lora_rank=0, guide=guide, aug_k=1)  # fmt: skip
     if cfg.dry_run:
         return
     seed_everything(cfg.seed + d.rank)

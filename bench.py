@@ -158,9 +158,6 @@ def build_role(cfg: Config, role: str, size: int, device, dtype) -> Role:
     return Role(role, label, random_init(model, device, dtype), random_init(ae, device, dtype), None, is_cfg)
 
 
-build_autoencoder_from_params = build_autoencoder  # runs/gpu.py's name for it, until runs/gpu.py imports it from models
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # measurement
 

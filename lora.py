@@ -42,6 +42,7 @@ from data import LatentCache
 from models.flux import PRESETS, Flux
 from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text
+from plan import check_fits
 from training import check_latent, draw, flow_matching_loss, guide_loss, merged_state_dict, prepare, train
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -187,6 +188,12 @@ def main(cfg: Config | None = None) -> Path | None:
     n_all = sum(p.numel() for p in raw.parameters())
     print0(f"model {cfg.init or cfg.preset}: {n_all / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable; "
            f"loss {'guide' if guide else 'flow matching'}", log_file=log)  # fmt: skip
+    if isinstance(raw, Flux) and cfg.rank > 0:  # on CUDA: the planner's peak against the card, before hours are spent
+        _, h, w = cache.shape(cfg.latent)
+        check_fits("lora", raw, micro_batch=cfg.batch_size // d.world_size, device=d.device, latent_hw=(h, w),
+                   txt_len=cache.shape("txt")[0], dtype=cfg.dtype, grad_checkpointing=cfg.grad_checkpointing,
+                   fsdp_world=d.world_size if cfg.fsdp else 1, lora_rank=cfg.rank, guide=guide,
+                   aug_k=cfg.num_prefixes if cfg.prefixes else 1)  # fmt: skip
     if cfg.dry_run:
         return cleanup_dist()
     seed_everything(cfg.seed + d.rank)  # per-rank streams from here on (the loss draws from the step's generator)

@@ -42,7 +42,7 @@ $T lora.py --init $OUT/head4k/model --cache $OUT/cache4k-1024 --prefixes 32 64 9
     --grad_checkpointing --fsdp --steps 10000 --out_dir $OUT/lora4k-1024
 python lora.py --merge $(ls $OUT/lora4k-1024/ckpt_*.pt | tail -1) --out_dir $OUT/lora4k-1024/model
 $T align.py --stage cache --data $IMAGES --resolution 4096 --student_ae $DCAE4K --text $FLUX --max_length 256 \
-    --batch_size 4 --out_dir $OUT/cache4k-4096
+    --batch_size 1 --out_dir $OUT/cache4k-4096  # one 4K image per GPU in one pass: 39 GB (plan.py)
 $T lora.py --init $OUT/lora4k-1024/model --cache $OUT/cache4k-4096 --batch_size 64 --dtype bf16 \
     --grad_checkpointing --fsdp --steps 5000 --out_dir $OUT/lora4k-4096
 python lora.py --merge $(ls $OUT/lora4k-4096/ckpt_*.pt | tail -1) --out_dir $OUT/dcgen-flux-4k

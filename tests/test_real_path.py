@@ -189,3 +189,26 @@ def test_a_lora_run_writes_a_file_diffusers_loads_onto_its_init_folder(world, tm
     scale = want.abs().max()
     assert (got - before).abs().max() > 1e-2 * scale  # the run moved the model
     assert (got - want).abs().max() < 1e-5 * scale  # an fp32 run writes an fp32 file
+
+
+def test_a_training_run_checks_its_plan_before_the_first_step(world, tmp_path, monkeypatch):
+    """lora.py and align.py --stage head hand their shapes to plan.check_fits at start (it stops a CUDA run whose
+    predicted peak exceeds the card, naming the flag to change); a stop leaves no checkpoint behind."""
+    seen = {}
+
+    def refuse(stage, model, **kw):
+        seen[stage] = kw
+        raise SystemExit(f"{stage}: predicted peak 99.0 GB per GPU > 76.0 GB usable; --grad_checkpointing 50.0 GB")
+
+    monkeypatch.setattr(lora, "check_fits", refuse)
+    monkeypatch.setattr(align, "check_fits", refuse)
+    embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"))
+    with pytest.raises(SystemExit, match="head: predicted peak"):
+        stage(world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"))
+    cfg = lora.Config(init=str(embed / "model"), cache=str(world / "cache"), out_dir=str(tmp_path / "lora"), rank=4,
+                      steps=2, batch_size=4, prefixes=(4,), num_prefixes=2)  # fmt: skip
+    with pytest.raises(SystemExit, match="--grad_checkpointing"):
+        lora.main(cfg)
+    assert seen["head"]["latent_hw"] == seen["lora"]["latent_hw"] == (2, 2)
+    assert seen["lora"]["micro_batch"] == 4 and seen["lora"]["lora_rank"] == 4 and seen["lora"]["aug_k"] == 2
+    assert not list((tmp_path / "head").glob("ckpt_*.pt")) and not list((tmp_path / "lora").glob("ckpt_*.pt"))
