@@ -26,7 +26,7 @@ from models.sana import Sana
 
 from flux_reference import run_diffusers
 from tiny_text import build_flux_text
-from tiny_world import SIZE, build_world
+from tiny_world import SIZE, build_world, tiny_flux
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -212,3 +212,29 @@ def test_a_training_run_checks_its_plan_before_the_first_step(world, tmp_path, m
     assert seen["head"]["latent_hw"] == seen["lora"]["latent_hw"] == (2, 2)
     assert seen["lora"]["micro_batch"] == 4 and seen["lora"]["lora_rank"] == 4 and seen["lora"]["aug_k"] == 2
     assert not list((tmp_path / "head").glob("ckpt_*.pt")) and not list((tmp_path / "lora").glob("ckpt_*.pt"))
+
+
+def test_quantize_calibrates_a_bf16_folder_in_bf16(world, tmp_path, monkeypatch):
+    """A bf16 model folder (what a bf16 run now writes) is calibrated as stored: the sampler's forwards see bf16
+    activations (no fp32 copy of 12B on the way), and the emulated export keeps bf16 beside its 4-bit codes."""
+    import quantize
+
+    model = tiny_flux(True).to(torch.bfloat16)
+    write_pipeline(tmp_path / "bf16", model, world / "teacher_ae", world / "text", "flux")
+    seen = set()
+    calibrate = quantize.calibrate
+
+    def spy(model, run, names, *args, **kw):
+        hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o: seen.add(i[0].dtype)) for n in names]
+        try:
+            return calibrate(model, run, names, *args, **kw)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    monkeypatch.setattr(quantize, "calibrate", spy)
+    quantize.main(["--model", str(tmp_path / "bf16"), "--calib_count", "2", "--calib_steps", "2", "--calib_size",
+                   str(SIZE), "--num_grids", "2", "--lowrank_iters", "2", "--rank", "4", "--device", "cpu",
+                   "--out_dir", str(tmp_path / "q")])  # fmt: skip
+    assert seen == {torch.bfloat16}
+    assert torch.bfloat16 in tensor_dtypes(tmp_path / "q") and torch.float32 not in tensor_dtypes(tmp_path / "q")
