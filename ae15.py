@@ -1,9 +1,10 @@
-"""ae15.py: train a DC-AE with DC-AE 1.5's structured latent space (arXiv 2508.00413 §3: channel-prefix masking), or a
+"""ae15.py: train a DC-AE with DC-AE 1.5's structured latent space (arXiv 2508.00413: channel-prefix masking), or a
 DC-AE 1.0-style AE (`--mask none`), or the toy zoo's KL VAE; and `--eval` any AE folder (PSNR / SSIM per prefix).
 
 Each step encodes the batch once and decodes K channel prefixes c' of the latent, c' drawn from a candidate set
-(paper.md B.3; with --always_max one of them is c' = C). Decoding the first c' channels is exactly decoding the latent
-with channels >= c' zeroed, the paper's mask. Loss = mean over the prefixes of L1 (+ LPIPS, + GAN when asked).
+(as the official DC-Gen code's dc_gen/aecore/trainer.py; with --always_max one of them is c' = C). Decoding the first
+c' channels is exactly decoding the latent with channels >= c' zeroed, the paper's mask. Loss = mean over the prefixes
+of L1 (+ LPIPS, + GAN when asked).
 
 Run:    python ae15.py --model dc-ae-1.5-f64c128 --data /path/to/images --size_px 256 --batch_size 16 --steps 200000
         torchrun --standalone --nproc_per_node=8 ae15.py --model dc-ae-1.5-f64c128 --data /path/to/images \
@@ -102,7 +103,7 @@ class Config:
 
 
 class Reconstruct(nn.Module):
-    """The training forward that DDP wraps: encode once, decode every channel prefix (DC-AE 1.5 §3.2)."""
+    """The training forward that DDP wraps: encode once, decode every channel prefix (DC-AE 1.5's channel masking)."""
 
     def __init__(self, ae: nn.Module):
         super().__init__()
@@ -115,12 +116,13 @@ class Reconstruct(nn.Module):
             z = (mean + torch.randn_like(mean) * (0.5 * logvar).exp() - p.shift_factor) * p.scaling_factor
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         else:
-            z, kl = self.ae.encode(x), x.new_zeros(())  # (B, C, h, w)
+            z = self.ae.encode(x)  # (B, C, h, w)
+            kl = x.new_zeros(())
         return [self.ae.decode(z[:, :c]) for c in prefixes], kl  # zeroing channels >= c == slicing them off
 
 
 def candidate_prefixes(C: int, given: tuple[int, ...]) -> list[int]:
-    """The c' candidates: `given`, or every multiple of 4 from 16 (paper.md B.3; C >= 64) or of C/8 (toy latents)."""
+    """The c' candidates: `given`, or every multiple of 4 from 16 (owl-wms#65's; C >= 64) or of C/8 (toy latents)."""
     assert all(1 <= c <= C for c in given), f"--prefixes {given} must lie in 1..{C}"
     step = 4 if C >= 64 else max(1, C // 8)
     default = range(16 if C >= 64 else step, C + 1, step)
@@ -164,7 +166,8 @@ class LPIPS(nn.Module):
         return model.eval().requires_grad_(False)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # images in [-1, 1] -> (B,)
-        h, total = (torch.cat([x, y]) - self.shift) / self.scale, 0.0
+        h = (torch.cat([x, y]) - self.shift) / self.scale
+        total = 0.0
         for i, layer in enumerate(self.features[: self.TAPS[-1] + 1]):
             h = layer(h)
             if i in self.TAPS:
@@ -176,10 +179,8 @@ class LPIPS(nn.Module):
 def patch_discriminator(width: int = 64) -> nn.Module:
     """PatchGAN (pix2pix): one real/fake logit per ~70 px patch. Trained from scratch, so no weights are needed."""
     block = lambda a, b: [nn.Conv2d(a, b, 4, 2, 1), nn.GroupNorm(8, b), nn.LeakyReLU(0.2)]
-    return nn.Sequential(
-        nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2), *block(width, 2 * width), *block(2 * width, 4 * width),
-        nn.Conv2d(4 * width, 1, 4, 1, 1),
-    )  # fmt: skip
+    layers = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2), *block(width, 2 * width), *block(2 * width, 4 * width)]
+    return nn.Sequential(*layers, nn.Conv2d(4 * width, 1, 4, 1, 1))
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -222,7 +223,8 @@ def evaluate(ae: nn.Module, cfg: Config, prefixes: list[int], device: torch.devi
     """Mean PSNR / SSIM of the reconstruction of cfg.eval_n held-out images for each channel prefix c'; on the shapes
     set also the scorer's accuracy on the reconstructions (can a downstream model's output still be read?)."""
     ae.eval()
-    x_all, stats = eval_batch(cfg, cfg.eval_n), {c: {"psnr": 0.0, "ssim": 0.0, "acc": 0.0} for c in prefixes}
+    x_all = eval_batch(cfg, cfg.eval_n)
+    stats = {c: {"psnr": 0.0, "ssim": 0.0, "acc": 0.0} for c in prefixes}
     specs = [make_dataset(cfg, train=False).scene(i).spec for i in range(len(x_all))] if cfg.data == "shapes" else []
     for i, x in enumerate(x_all.split(cfg.batch_size)):
         z = ae.encode(x.to(device))  # (B, C, h, w); z[:, :c] is exactly encode(x, channels=c)
@@ -253,12 +255,7 @@ def measure_latent_scale(ae: nn.Module, x: torch.Tensor) -> None:
         ae.params = dataclasses.replace(p, scaling_factor=1 / raw.pow(2).mean().sqrt().item())
 
 
-# ----------------------------------------------------------------------------------------------------------------
-# main
-
-
-def main():
-    cfg = parse_config(Config)
+def check_flags(cfg: Config) -> None:
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
     if cfg.mask not in ("prefix", "none"):
@@ -268,21 +265,10 @@ def main():
             "--lpips_weight needs --lpips_path: LPIPS/VGG weights cannot be downloaded here and are not bundled; "
             "put torchvision's vgg16-397923af.pth and lpips' v0.1 vgg.pth in a folder and pass it"
         )
-    out = Path(cfg.out_dir)
 
-    # --- distributed init
-    dist = init_dist(cfg.device)
-    seed_everything(cfg.seed + dist.rank)
-    log = out / "log.txt"
-    ckpts = sorted(out.glob("ckpt_*.pt"))
-    if cfg.resume and not ckpts:
-        raise FileNotFoundError(f"--resume: no ckpt_*.pt in {out}")
-    if not cfg.eval and not cfg.dry_run:
-        save_config(cfg, out)
-        print0(" ".join(f"{k} {v}" for k, v in run_info(dist.world_size).items()), log_file=log)
 
-    # --- models: the AE (fresh preset, --init folder, or the --resume checkpoint's config), then the loss networks
-    ckpt = load_ckpt(ckpts[-1]) if cfg.resume else None
+def load_ae(cfg: Config, ckpt: dict | None) -> nn.Module:
+    """The AE: the --resume checkpoint's (its own config), the --init folder's, or a fresh --model preset."""
     if ckpt is not None:
         ae = build_autoencoder(autoencoder_params(ckpt["ae_config"]), tile_px=None)
         ae.load_state_dict(ckpt["model"])
@@ -292,39 +278,173 @@ def main():
         ae = build_autoencoder(AE_PRESETS[cfg.model], tile_px=None)
     else:
         raise ValueError(f"unknown --model {cfg.model!r}; choose from {list(AE_PRESETS)}")
-    ae = ae.to(dist.device)
-    C = ae.latent_channels
     if cfg.mask == "prefix" and not ae.adaptive:
         name = cfg.init or cfg.model
-        raise ValueError(f"--mask prefix needs an adaptive AE (DC-AE 1.5: no latent shortcuts); {name!r} is not one: "
-                         "train it with --mask none")  # fmt: skip
+        raise ValueError(
+            f"--mask prefix needs an adaptive AE (DC-AE 1.5: no latent shortcuts); {name!r} is not one: "
+            "train it with --mask none"
+        )
+    return ae
+
+
+def describe(ae: nn.Module, prefixes: list[int]) -> str:
+    """One line: the AE's type, factor, channels, parameter counts and trained prefixes."""
+    n_enc, n_dec = (sum(p.numel() for p in m.parameters()) for m in (ae.encoder, ae.decoder))
+    return (
+        f"AE {type(ae).__name__} f{ae.spatial_factor}c{ae.latent_channels} | encoder {n_enc / 1e6:.3f}M"
+        f" | decoder {n_dec / 1e6:.3f}M | adaptive {ae.adaptive} | prefixes {prefixes}"
+    )
+
+
+def run_eval(ae: nn.Module, cfg: Config, show: list[int], dist, out: Path) -> None:
+    """--eval: PSNR / SSIM per prefix on stdout, eval.json and a reconstruction grid eval.png in out."""
+    res = evaluate(ae, cfg, show, dist.device)
+    for c, r in res.items():
+        print0(f"channels {c:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()))
+    if dist.master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(json.dumps({"init": cfg.init or cfg.model, "n": cfg.eval_n, **res}, indent=2))
+        save_image_grid(recon_grid(ae, eval_batch(cfg, 4).to(dist.device), show), out / "eval.png", nrow=4)
+
+
+def loss_networks(cfg: Config, dist):
+    """LPIPS (frozen, from --lpips_path) and the PatchGAN with its DDP wrapper, each None when its weight is 0."""
+    lpips = LPIPS.load(cfg.lpips_path).to(dist.device) if cfg.lpips_weight > 0 else None
+    disc = patch_discriminator().to(dist.device) if cfg.gan_weight > 0 else None
+    disc_ddp = DDP(disc) if disc is not None and dist.world_size > 1 else disc
+    return lpips, disc, disc_ddp
+
+
+def make_optimizers(cfg: Config, ae: nn.Module, disc: nn.Module | None, ckpt: dict | None):
+    """AdamW for the AE (and the discriminator), restored with the discriminator from the --resume checkpoint."""
+    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc is not None else None
+    if ckpt is not None:
+        opt.load_state_dict(ckpt["optimizer"])
+        if disc is not None:
+            disc.load_state_dict(ckpt["disc"])
+            disc_opt.load_state_dict(ckpt["disc_opt"])
+    return opt, disc_opt
+
+
+def train_step(model: nn.Module, ae: nn.Module, opt, x: torch.Tensor, prefixes: list[int], cfg: Config, lpips, disc):
+    """One AE update on the batch x (with the GAN's generator term when `disc` is given). Returns the logged values
+    (losses, gradient norm) and the fp32 reconstructions, which the discriminator's step reuses."""
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        recs, kl = model(x, prefixes)
+    recs = [r.float() for r in recs]  # the losses in fp32
+    kl = kl.float()
+    # L = (1/K) Σ_k L_rec(D(z[:, :c_k]), x): every prefix must reconstruct the image on its own
+    l1 = sum((r - x).abs().mean() for r in recs) / len(recs)
+    l2 = sum((r - x).pow(2).mean() for r in recs) / len(recs)
+    # NOTE(deviation): the paper's pixel loss is L1, with LPIPS doing the heavy lifting. Without LPIPS weights, L1
+    # alone collapses on our sparse procedural scenes (the median pixel is background, so a blank canvas is a strong
+    # local minimum); the toy runs use MSE instead (--l1_weight 0 --l2_weight 1), whose gradient grows with the error.
+    loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
+    if lpips is not None:
+        loss = loss + cfg.lpips_weight * sum(lpips(r, x).mean() for r in recs) / len(recs)
+    if disc is not None:  # generator side: fool the discriminator (its weights frozen for this term)
+        disc.requires_grad_(False)
+        loss = loss - cfg.gan_weight * sum(disc(r).mean() for r in recs) / len(recs)
+        disc.requires_grad_(True)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    gnorm = torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
+    opt.step()
+    return {"loss": loss, "l1": l1, "l2": l2, "kl": kl, "gnorm": gnorm}, recs
+
+
+def disc_step(disc: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, recs: list[torch.Tensor]) -> None:
+    """The discriminator's update: hinge loss on real images vs detached reconstructions."""
+    fake = torch.cat([r.detach() for r in recs])
+    d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(fake)).mean()
+    opt.zero_grad(set_to_none=True)
+    d_loss.backward()
+    opt.step()
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def latest_checkpoint(out: Path) -> Path:
+    ckpts = sorted(out.glob("ckpt_*.pt"))
+    if not ckpts:
+        raise FileNotFoundError(f"--resume: no ckpt_*.pt in {out}")
+    return ckpts[-1]
+
+
+def log_line(cfg: Config, done: int, losses: dict, prefixes: list[int], dt: float, dist) -> str:
+    """The `step | loss | ...` line of step `done`; dt is the mean training time of a step since the last line."""
+    v = {k: t.item() for k, t in losses.items()}
+    return (
+        f"step {done:07d}/{cfg.steps:07d} | loss {v['loss']:.4f} | l1 {v['l1']:.4f} | l2 {v['l2']:.4f}"
+        f" | kl {v['kl']:.4f} | prefixes {','.join(map(str, prefixes))} | gnorm {v['gnorm']:.3f}"
+        f" | lr {lr_at(done - 1, cfg):.2e} | dt {dt * 1000:.0f}ms | img/s {cfg.batch_size * dist.world_size / dt:.1f}"
+        f" | mem {peak_memory_gb(dist.device):.2f}GB"
+    )
+
+
+def save_checkpoint(out: Path, done: int, cfg: Config, ae: nn.Module, opt, disc, disc_opt) -> None:
+    """ckpt_{done:07d}.pt with the AE, its optimizer (and the discriminator's); keeps the newest two."""
+    state = {"model": ae.state_dict(), "optimizer": opt.state_dict(), "step": done, "config": dataclasses.asdict(cfg)}
+    state["ae_config"] = ae.config()
+    if disc is not None:
+        state.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
+    save_ckpt(state, out / f"ckpt_{done:07d}.pt")
+    for old in sorted(out.glob("ckpt_*.pt"))[:-2]:  # keep the newest two
+        old.unlink()
+
+
+def export(ae: nn.Module, ds, cfg: Config, show: list[int], device: torch.device, out: Path, log: Path) -> None:
+    """Measure the latent scale, write the diffusers-format folder out/ae, report held-out reconstruction quality."""
+    ae.eval()
+    measure_latent_scale(ae, torch.stack([ds[i]["image"] for i in range(min(64, len(ds)))]).to(device))
+    save_pretrained(out / "ae", {k: v.detach().cpu() for k, v in ae.state_dict().items()}, ae.config())
+    for c, r in evaluate(ae, cfg, show, device).items():
+        print0(f"eval channels {c} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()), log_file=log)
+    print0(f"exported {out / 'ae'} (scaling_factor {ae.params.scaling_factor:.4f})", log_file=log)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
+
+
+def main():
+    cfg = parse_config(Config)
+    check_flags(cfg)
+    out = Path(cfg.out_dir)
+
+    # --- distributed init
+    dist = init_dist(cfg.device)
+    seed_everything(cfg.seed + dist.rank)
+    log = out / "log.txt"
+    resume_from = latest_checkpoint(out) if cfg.resume else None
+    if not cfg.eval and not cfg.dry_run:
+        save_config(cfg, out)
+        print0(" ".join(f"{k} {v}" for k, v in run_info(dist.world_size).items()), log_file=log)
+
+    # --- models: the AE (fresh preset, --init folder, or the --resume checkpoint's config), then the loss networks
+    ckpt = load_ckpt(resume_from) if cfg.resume else None
+    ae = load_ae(cfg, ckpt).to(dist.device)
+    C = ae.latent_channels
     cands = candidate_prefixes(C, cfg.prefixes)
     show = sorted(set(cfg.eval_prefixes) or ({C // 8, C // 4, C // 2, C} - {0} if ae.adaptive else {C}))
-    n_enc, n_dec = (sum(p.numel() for p in m.parameters()) for m in (ae.encoder, ae.decoder))
-    print0(f"AE {type(ae).__name__} f{ae.spatial_factor}c{C} | encoder {n_enc / 1e6:.3f}M | decoder {n_dec / 1e6:.3f}M"
-           f" | adaptive {ae.adaptive} | prefixes {cands if cfg.mask == 'prefix' else [C]}")  # fmt: skip
+    print0(describe(ae, cands if cfg.mask == "prefix" else [C]))
     if cfg.dry_run:
         print0(json.dumps(dataclasses.asdict(cfg), indent=2))
         return cleanup_dist()
     if cfg.eval:
-        res = evaluate(ae, cfg, show, dist.device)
-        for c, r in res.items():
-            print0(f"channels {c:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()))
-        if dist.master:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "eval.json").write_text(
-                json.dumps({"init": cfg.init or cfg.model, "n": cfg.eval_n, **res}, indent=2)
-            )
-            save_image_grid(recon_grid(ae, eval_batch(cfg, 4).to(dist.device), show), out / "eval.png", nrow=4)
+        run_eval(ae, cfg, show, dist, out)
         return cleanup_dist()
 
     ae.train()
     model = Reconstruct(ae)
     if dist.world_size > 1:
         model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    lpips = LPIPS.load(cfg.lpips_path).to(dist.device) if cfg.lpips_weight > 0 else None
-    disc = patch_discriminator().to(dist.device) if cfg.gan_weight > 0 else None
-    disc_ddp = DDP(disc) if disc is not None and dist.world_size > 1 else disc
+    lpips, disc, disc_ddp = loss_networks(cfg, dist)
 
     # --- data: each rank takes its own slice of every global batch, indexed by step (exact resume)
     start = ckpt["step"] if ckpt is not None else 0
@@ -334,14 +454,9 @@ def main():
     fixed = eval_batch(cfg, 4).to(dist.device)  # the images of every sample grid
 
     # --- optimizer and schedule
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc is not None else None
+    opt, disc_opt = make_optimizers(cfg, ae, disc, ckpt)
     if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
-        if disc is not None:
-            disc.load_state_dict(ckpt["disc"])
-            disc_opt.load_state_dict(ckpt["disc_opt"])
-        print0(f"resumed from {ckpts[-1]} at step {start}", log_file=log)
+        print0(f"resumed from {resume_from} at step {start}", log_file=log)
 
     # --- training loop
     timed, n_timed = 0.0, 0  # training time since the last log line (sampling and saving are not counted)
@@ -350,77 +465,35 @@ def main():
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x = next(batches)["image"].to(dist.device)  # (B, 3, H, W) in [-1, 1]
-        # DC-AE 1.5 §3.2: K channel prefixes c' this step (common.draw_prefixes), each decoded from one encoding.
-        # NOTE(deviation): every rank draws the same c' from the step's generator (the official trainer seeds one per
-        # rank, so 8 GPUs decode up to 8·K different prefixes a step): N ranks train as one process; a resume replays.
+        # DC-AE 1.5 channel masking: K channel prefixes c' this step (common.draw_prefixes), each decoded from one
+        # encoding. NOTE(deviation): every rank draws the same c' from the step's generator (the official trainer seeds
+        # one per rank, so 8 GPUs decode up to 8·K different prefixes a step): N ranks train as one; a resume replays.
         g = step_generator(cfg.seed, step)
         prefixes = draw_prefixes(g, cands, cfg.num_prefixes, cfg.always_max, C) if cfg.mask == "prefix" else [C]
-        with torch.autocast(dist.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-            recs, kl = model(x, prefixes)
-        recs, kl = [r.float() for r in recs], kl.float()  # the losses in fp32
-        # L = (1/K) Σ_k L_rec(D(z[:, :c_k]), x): every prefix must reconstruct the image on its own
-        l1 = sum((r - x).abs().mean() for r in recs) / len(recs)
-        l2 = sum((r - x).pow(2).mean() for r in recs) / len(recs)
-        # NOTE(deviation): the paper's pixel loss is L1, with LPIPS doing the heavy lifting. Without LPIPS weights,
-        # L1 alone collapses on our sparse procedural scenes (the median pixel is background, so a blank canvas is
-        # a strong local minimum); the toy runs use MSE instead (--l1_weight 0 --l2_weight 1), whose gradient grows with
-        # the error.
-        loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
-        if lpips is not None:
-            loss = loss + cfg.lpips_weight * sum(lpips(r, x).mean() for r in recs) / len(recs)
         gan_on = disc is not None and step >= cfg.gan_start
-        if gan_on:  # generator side: fool the discriminator (its weights frozen for this term)
-            disc.requires_grad_(False)
-            loss = loss - cfg.gan_weight * sum(disc(r).mean() for r in recs) / len(recs)
-            disc.requires_grad_(True)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gnorm = torch.nn.utils.clip_grad_norm_(ae.parameters(), cfg.grad_clip)
-        opt.step()
+        losses, recs = train_step(model, ae, opt, x, prefixes, cfg, lpips, disc if gan_on else None)
         if gan_on:  # discriminator side: hinge loss on real images vs detached reconstructions
-            fake = torch.cat([r.detach() for r in recs])
-            d_loss = F.relu(1 - disc_ddp(x)).mean() + F.relu(1 + disc_ddp(fake)).mean()
-            disc_opt.zero_grad(set_to_none=True)
-            d_loss.backward()
-            disc_opt.step()
-        if not math.isfinite(loss.item()):  # .item() also waits for the device, so the timing below is honest
-            raise RuntimeError(f"loss is {loss.item()} at step {step}; the last good checkpoint is kept in {out}")
-        timed, n_timed = timed + time.perf_counter() - t0, n_timed + 1
+            disc_step(disc_ddp, disc_opt, x, recs)
+        loss = losses["loss"].item()  # .item() also waits for the device, so the timing below is honest
+        if not math.isfinite(loss):
+            raise RuntimeError(f"loss is {loss} at step {step}; the last good checkpoint is kept in {out}")
+        timed += time.perf_counter() - t0
+        n_timed += 1
 
         done = step + 1
         if done % cfg.log_every == 0 or done == cfg.steps:
-            dt = timed / n_timed
-            mem = torch.cuda.max_memory_allocated() / 2**30 if dist.device.type == "cuda" else \
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # fmt: skip
-            print0(
-                f"step {done:07d}/{cfg.steps:07d} | loss {loss.item():.4f} | l1 {l1.item():.4f} | l2 {l2.item():.4f}"
-                f" | kl {kl.item():.4f}"
-                f" | prefixes {','.join(map(str, prefixes))} | gnorm {gnorm.item():.3f} | lr {lr_at(step, cfg):.2e}"
-                f" | dt {dt * 1000:.0f}ms | img/s {cfg.batch_size * dist.world_size / dt:.1f} | mem {mem:.2f}GB",
-                log_file=log,
-            )
+            print0(log_line(cfg, done, losses, prefixes, timed / n_timed, dist), log_file=log)
             timed, n_timed = 0.0, 0
         if dist.master and (done % cfg.sample_every == 0 or done == cfg.steps):
             grid = recon_grid(ae.eval(), fixed, show)
             save_image_grid(grid, out / "samples" / f"{done:07d}.png", nrow=4, text={"prefixes": show})
             ae.train()
         if dist.master and (done % cfg.save_every == 0 or done == cfg.steps):
-            state = {"model": ae.state_dict(), "optimizer": opt.state_dict(), "step": done,
-                     "config": dataclasses.asdict(cfg), "ae_config": ae.config()}  # fmt: skip
-            if disc is not None:
-                state.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
-            save_ckpt(state, out / f"ckpt_{done:07d}.pt")
-            for old in sorted(out.glob("ckpt_*.pt"))[:-2]:  # keep the newest two
-                old.unlink()
+            save_checkpoint(out, done, cfg, ae, opt, disc, disc_opt)
 
     # --- export: measure the latent scale, write the diffusers-format folder, report held-out reconstruction quality
     if dist.master:
-        ae.eval()
-        measure_latent_scale(ae, torch.stack([ds[i]["image"] for i in range(min(64, len(ds)))]).to(dist.device))
-        save_pretrained(out / "ae", {k: v.detach().cpu() for k, v in ae.state_dict().items()}, ae.config())
-        for c, r in evaluate(ae, cfg, show, dist.device).items():
-            print0(f"eval channels {c} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()), log_file=log)
-        print0(f"exported {out / 'ae'} (scaling_factor {ae.params.scaling_factor:.4f})", log_file=log)
+        export(ae, ds, cfg, show, dist.device, out, log)
     cleanup_dist()
 
 

@@ -182,7 +182,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def draw_prefixes(g: torch.Generator, candidates: Sequence[int], k: int, always_max: bool, C: int) -> list[int]:
-    """The K channel counts c' of one DC-AE 1.5 training step (§3.2 masking, §4.2 augmented diffusion training), drawn
+    """The K channel counts c' of one DC-AE 1.5 training step (channel masking, augmented diffusion training), drawn
     uniformly with `g` from the candidates and C; with always_max and K >= 2, C first and K - 1 drawn. K = 1 draws one
     either way, as dc-ai-projects/DC-Gen@cae2205 dc_gen/aecore/trainer.py `prepare_batch` (L373-420) does.
     NOTE(deviation): dc_gen/c2icore/trainer.py L461-484 gives [C] alone for K = 1 with always_sample_max_channel."""

@@ -2,7 +2,7 @@
 `dc_ai/t2icore/trainer.py`).
 
 The same loop trains all weights (--rank 0), a base model from scratch (--rank 0 --preset, no --init: the toy zoo's
-CFG base), and DC-AE 1.5's augmented diffusion training (--prefixes, DC-AE 1.5 §4.2). --merge folds a LoRA's EMA
+CFG base), and DC-AE 1.5's augmented diffusion training (--prefixes; official `dc_gen/c2icore/trainer.py`). --merge folds a LoRA's EMA
 weights into its --init model and writes a full model folder, so the resolution ladder 512 -> 1K is: train, merge,
 train a fresh LoRA at the next size.
 

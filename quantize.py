@@ -431,6 +431,54 @@ def nunchaku_check(export: Path, folder: Path, cfg: Config, device, log: Path) -
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# helpers: main's steps
+
+
+def check_rank(model: Flux, groups: list[list[list[str]]], rank: int) -> None:
+    """One rank for every layer (Nunchaku builds each from the file's single `rank`): the smallest layer bounds it."""
+    layer_of = model.get_submodule
+    fused = [layer for g in groups for layer in g]  # each a list of linears fused along the output (q/k/v)
+    small = min(min(sum(layer_of(n).out_features for n in layer), layer_of(layer[0]).in_features) for layer in fused)
+    if rank > small:
+        raise ValueError(
+            f"--rank {rank} exceeds this model's smallest W4A4 layer ({small} features in or "
+            f"out), which cannot hold it; give --rank {small} or less"
+        )
+
+
+def calibration_run(cfg: Config, pipe, model: Flux, device) -> tuple[Callable[[], None], str]:
+    """What calibration runs, and a description for the log: the sampler over N prompts (a model folder), the
+    recorded inputs of --calib_file, or random inputs."""
+    if pipe is not None:
+        return sampler_run(pipe, cfg, device), f"sampler {cfg.calib_count} prompts x {cfg.calib_steps} steps"
+    if cfg.calib_file:
+        batches = list(file_batches(cfg.calib_file, cfg.calib_batch_size))
+    else:
+        batches = list(random_batches(model.params, cfg, cfg.seed, cfg.calib_batches))
+    return (lambda: run_batches(model, batches)), f"batches {len(batches)}"
+
+
+def save_outputs(model: Flux, cfg: Config, pipe, out: Path) -> tuple[Path, Path]:
+    """The emulated model (models.svdquant.load_quantized reads it) and Nunchaku's single-file export. Returns the
+    transformer folder and the export file."""
+    fp4 = cfg.precision == "nvfp4"
+    rank = cfg.rank if cfg.method == "svdquant" else 0
+    folder = out / "transformer"
+    q = dict(precision=cfg.precision, method=cfg.method, rank=rank, config=asdict(cfg))
+    config = {**model.diffusers_config(), "_svdquant": q}
+    if pipe is not None:  # a whole model folder: sample.py --model out_dir runs the quantised model
+        write_pipeline(out, model, pipe.folder / "vae", pipe.folder, pipe.shift, pipe.shift_value, config=config)
+    else:
+        save_pretrained(folder, model.state_dict(), config)
+    sd = nunchaku_state_dict(model)
+    packed_rank = next(v.shape[1] for k, v in sd.items() if k.endswith(".lora_down"))
+    export = out / f"svdq-{'fp4' if fp4 else 'int4'}_r{rank}-{cfg.name}.safetensors"
+    save_ckpt(sd, export, metadata=nunchaku_metadata(model, fp4, packed_rank))
+    return folder, export
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# main
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -439,13 +487,15 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"unknown precision {cfg.precision!r}; choose from 'nvfp4', 'int4'")
     if cfg.method not in ("svdquant", "rtn"):
         raise ValueError(f"unknown method {cfg.method!r}; choose from 'svdquant', 'rtn'")
-    fp4, out = cfg.precision == "nvfp4", Path(cfg.out_dir)
-    if cfg.check and (problem := nunchaku_problem(fp4)):  # fail before hours of work, not after
+    if cfg.check and (problem := nunchaku_problem(cfg.precision == "nvfp4")):  # fail before hours of work, not after
         raise SystemExit(f"--check cannot run: {problem}")
     bare = cfg.model and not (Path(cfg.model) / "transformer").is_dir()  # a transformer folder, no sampler
     if bare and not cfg.calib_file:
-        raise ValueError(f"--model {cfg.model} is a transformer folder: calibrate it on inputs recorded from the "
-                         "sampler (--calib_file), or pass the whole model folder so the sampler runs")  # fmt: skip
+        raise ValueError(
+            f"--model {cfg.model} is a transformer folder: calibrate it on inputs recorded from the "
+            "sampler (--calib_file), or pass the whole model folder so the sampler runs"
+        )
+    out = Path(cfg.out_dir)
     save_config(cfg, out)
     log = out / "log.txt"
 
@@ -465,15 +515,11 @@ def main(argv: list[str] | None = None) -> None:
     split_proj_out(model)
     groups, w4a16 = flux_layers(model)
     n_w4a4 = sum(len(layer) for g in groups for layer in g)
-    if cfg.method == "svdquant":  # one rank for every layer: Nunchaku builds each from the file's single `rank`
-        layer_of = model.get_submodule
-        small = min(min(sum(layer_of(n).out_features for n in layer), layer_of(layer[0]).in_features)
-                    for g in groups for layer in g)  # fmt: skip
-        if cfg.rank > small:
-            raise ValueError(f"--rank {cfg.rank} exceeds this model's smallest W4A4 layer ({small} features in or "
-                             f"out), which cannot hold it; give --rank {small} or less")  # fmt: skip
-    print0(f"model | params {sum(p.numel() for p in model.parameters()):,} | W4A4 linears {n_w4a4} in {len(groups)} "
-           f"smoothing groups | W4A16 AdaLN linears {len(w4a16)}", log_file=log)  # fmt: skip
+    if cfg.method == "svdquant":
+        check_rank(model, groups, cfg.rank)
+    n_params = sum(p.numel() for p in model.parameters())
+    counts = f"W4A4 linears {n_w4a4} in {len(groups)} smoothing groups | W4A16 AdaLN linears {len(w4a16)}"
+    print0(f"model | params {n_params:,} | {counts}", log_file=log)
     if model.params.hidden_size % 1024:
         note = "Nunchaku's loaders need hidden_size % 1024 == 0 (AdaLN W4A16 scales; W4A4 dims % 128)"
         print0(f"note | {note}: this export follows DeepCompressor's packer, which pads; only our unpacker reads it")
@@ -481,12 +527,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     # --- data: calibration inputs (the sampler over N prompts, recorded inputs, or random)
-    if pipe is not None:
-        run, what = sampler_run(pipe, cfg, device), f"sampler {cfg.calib_count} prompts x {cfg.calib_steps} steps"
-    else:
-        batches = list(file_batches(cfg.calib_file, cfg.calib_batch_size)) if cfg.calib_file else list(
-            random_batches(model.params, cfg, cfg.seed, cfg.calib_batches))  # fmt: skip
-        run, what = (lambda: run_batches(model, batches)), f"batches {len(batches)}"
+    run, what = calibration_run(cfg, pipe, model, device)
     # Each fused layer reads one input; hook its first linear (q for q/k/v, proj_out.linears.0 for the split head).
     names = [layer[0] for g in groups for layer in g]
     t0 = time.time()
@@ -499,18 +540,7 @@ def main(argv: list[str] | None = None) -> None:
     print0(f"quantize | {cfg.precision} {cfg.method} rank {cfg.rank} | dt {time.time() - t0:.1f}s", log_file=log)
 
     # --- save: the emulated model (load_quantized) and Nunchaku's file
-    rank = cfg.rank if cfg.method == "svdquant" else 0
-    folder = out / "transformer"
-    q = dict(precision=cfg.precision, method=cfg.method, rank=rank, config=asdict(cfg))
-    config = {**model.diffusers_config(), "_svdquant": q}
-    if pipe is not None:  # a whole model folder: sample.py --model out_dir runs the quantised model
-        write_pipeline(out, model, pipe.folder / "vae", pipe.folder, pipe.shift, pipe.shift_value, config=config)
-    else:
-        save_pretrained(folder, model.state_dict(), config)
-    sd = nunchaku_state_dict(model)
-    packed_rank = next(v.shape[1] for k, v in sd.items() if k.endswith(".lora_down"))
-    export = out / f"svdq-{'fp4' if fp4 else 'int4'}_r{rank}-{cfg.name}.safetensors"
-    save_ckpt(sd, export, metadata=nunchaku_metadata(model, fp4, packed_rank))
+    folder, export = save_outputs(model, cfg, pipe, out)
     print0(f"save | {folder} | {export} ({export.stat().st_size / 2**20:.1f} MiB)", log_file=log)
     if cfg.check:
         nunchaku_check(export, folder, cfg, device, log)

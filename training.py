@@ -267,7 +267,7 @@ def save(model, raw, opt, ema: dict, cfg, step: int, d: Dist, lora_file, dtype, 
 
 def prefix_loss(loss_fn: LossFn, model, x0, text: dict, g, c, p: int) -> torch.Tensor:
     """The step's loss: loss_fn on the full latent, or with --prefixes the mean over K channel prefixes x0[:, :c'],
-    each at the shift of its own size (DC-AE 1.5 §4.2 augmented diffusion training)."""
+    each at the shift of its own size (DC-AE 1.5's augmented diffusion training, official `dc_gen/c2icore/trainer.py`)."""
     C = x0.shape[1]
     # NOTE(deviation): the official trainer draws the prefixes from a per-GPU generator; here every rank draws the
     # same ones (from the step's generator), so N ranks train exactly as one process and a resume replays.

@@ -338,7 +338,7 @@ class DCAE(nn.Module):
         self.decoder = Decoder(params)
         self.spatial_factor = 2 ** (len(params.encoder_block_out_channels) - 1)  # f
         self.latent_channels = params.latent_channels  # C
-        # Channel prefixes are well defined only without the shortcuts around the latent (DC-AE 1.5 §3.2).
+        # Channel prefixes are well defined only without the shortcuts around the latent (DC-AE 1.5's structured latent space).
         self.adaptive = not (params.encoder_out_shortcut or params.decoder_in_shortcut)
         self.tile_px = tile_px  # images larger than this are encoded / decoded in overlapping tiles
         self.tile_overlap_px: int | None = None  # overlap of the tiles; None: a quarter of tile_px, whatever it is
