@@ -61,15 +61,20 @@ from toy.shapes import ShapesDataset
 
 @dataclasses.dataclass
 class Config:
-    model: str = "toy-f32c16"  # preset of a fresh AE (models/dcae.py or models/vae.py PRESETS); ignored with --init
+    model: str = "toy-f32c16"  # preset of a fresh AE (models/dcae.py or models/vae.py PRESETS);
+    # ignored with --init
     init: str = ""  # diffusers-format AE folder to fine-tune, or to evaluate with --eval
     data: str = "shapes"  # "shapes" (procedural captioned shapes, data.py) or an image folder
     size_px: int = 128  # training / eval image size (square)
-    zoom: tuple[float, float] = (1.0, 1.0)  # shapes only: train on size_px crops of scenes rendered up to x zoom
-    mask: str = "prefix"  # "prefix": DC-AE 1.5 channel masking; "none": DC-AE 1.0-style, full latent only
-    prefixes: tuple[int, ...] = ()  # candidate c' set; empty: 16, 20, ..., C when C >= 64, else C/8, 2C/8, ..., C
+    zoom: tuple[float, float] = (1.0, 1.0)  # shapes only: train on size_px crops of scenes rendered
+    # up to x zoom
+    mask: str = "prefix"  # "prefix": DC-AE 1.5 channel masking; "none": DC-AE 1.0-style, full
+    # latent only
+    prefixes: tuple[int, ...] = ()  # candidate c' set; empty: 16, 20, ..., C when C >= 64, else
+    # C/8, 2C/8, ..., C
     num_prefixes: int = 2  # K: channel prefixes decoded per step (one encoder pass)
-    always_max: bool = True  # for K >= 2, one of the K prefixes is always c' = C (official always_sample_max_channel)
+    always_max: bool = True  # for K >= 2, one of the K prefixes is always c' = C (official
+    # always_sample_max_channel)
     steps: int = 1500  # optimizer steps in total
     batch_size: int = 16  # images per rank per step
     lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, cosine decay to 10%)
@@ -77,15 +82,20 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
     l1_weight: float = 1.0  # weight of the L1 reconstruction loss (the paper's pixel loss)
-    l2_weight: float = 0.0  # weight of an MSE term (the toy runs use 1: see "NOTE(deviation)" in the loop)
-    kl_weight: float = 1e-4  # KL VAE only: weight of the KL term (per-element mean) against the pixel loss
-    lpips_weight: float = 0.0  # LPIPS weight; needs --lpips_path (no weights can be downloaded here)
-    lpips_path: str = ""  # folder with torchvision's vgg16-397923af.pth and the lpips package's v0.1 vgg.pth
+    l2_weight: float = 0.0  # weight of an MSE term (the toy runs use 1: see "NOTE(deviation)" in
+    # the loop)
+    kl_weight: float = 1e-4  # KL VAE only: weight of the KL term (per-element mean) against the
+    # pixel loss
+    lpips_weight: float = 0.0  # LPIPS weight; needs --lpips_path (no weights can be downloaded
+    # here)
+    lpips_path: str = ""  # folder with torchvision's vgg16-397923af.pth and the lpips package's
+    # v0.1 vgg.pth
     gan_weight: float = 0.0  # hinge-GAN generator weight (PatchGAN trained from scratch); 0 = off
     gan_start: int = 0  # step from which the GAN terms are on
     eval: bool = False  # evaluate --init (or the fresh --model) and exit: PSNR / SSIM per prefix
     eval_n: int = 64  # images evaluated (held-out procedural scenes, or the first of the folder)
-    eval_prefixes: tuple[int, ...] = ()  # c' evaluated and sampled; empty: C/8, C/4, C/2, C (adaptive) or C
+    eval_prefixes: tuple[int, ...] = ()  # c' evaluated and sampled; empty: C/8, C/4, C/2, C
+    # (adaptive) or C
     log_every: int = 10  # steps between log lines
     sample_every: int = 250  # steps between reconstruction grids
     save_every: int = 500  # steps between checkpoints (the last step is always saved)
@@ -93,7 +103,8 @@ class Config:
     resume: bool = False  # continue from the newest out_dir/ckpt_*.pt
     seed: int = 0  # base seed (rank r uses seed + r; prefixes and data are shared-seeded per step)
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    dtype: str = "fp32"  # fp32, or bf16: autocast over fp32 weights (faster on GPUs and on CPUs with AVX512-BF16)
+    dtype: str = "fp32"  # fp32, or bf16: autocast over fp32 weights (faster on GPUs and on CPUs
+    # with AVX512-BF16)
     num_workers: int = 0  # DataLoader workers per rank
     dry_run: bool = False  # print the config and parameter counts, then exit
 
@@ -109,16 +120,21 @@ class Reconstruct(nn.Module):
         super().__init__()
         self.ae = ae
 
-    def forward(self, x: torch.Tensor, prefixes: list[int]) -> tuple[list[torch.Tensor], torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor, prefixes: list[int]
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
         if isinstance(self.ae, vae.VAE):  # KL VAE: reparameterised posterior sample, KL to N(0, I)
             mean, logvar = self.ae.posterior(x)  # (B, C, h, w) each, raw units
             p = self.ae.params
-            z = (mean + torch.randn_like(mean) * (0.5 * logvar).exp() - p.shift_factor) * p.scaling_factor
+            z = (
+                mean + torch.randn_like(mean) * (0.5 * logvar).exp() - p.shift_factor
+            ) * p.scaling_factor
             kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
         else:
             z = self.ae.encode(x)  # (B, C, h, w)
             kl = x.new_zeros(())
-        return [self.ae.decode(z[:, :c]) for c in prefixes], kl  # zeroing channels >= c == slicing them off
+        # zeroing channels >= c == slicing them off
+        return [self.ae.decode(z[:, :c]) for c in prefixes], kl
 
 
 def candidate_prefixes(C: int, given: tuple[int, ...]) -> list[int]:
@@ -141,7 +157,8 @@ class LPIPS(nn.Module):
     weighted by 1x1 convs, averaged over space, summed. Weights come from local files only."""
 
     VGG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-    TAPS = (3, 8, 15, 22, 29)  # torchvision vgg16.features indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    # torchvision vgg16.features indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
+    TAPS = (3, 8, 15, 22, 29)
 
     def __init__(self):
         super().__init__()
@@ -158,14 +175,18 @@ class LPIPS(nn.Module):
     def load(cls, folder: str) -> LPIPS:
         vgg, lin = Path(folder) / "vgg16-397923af.pth", Path(folder) / "vgg.pth"
         if not (vgg.is_file() and lin.is_file()):
-            raise FileNotFoundError(f"--lpips_path {folder} must hold {vgg.name} (torchvision) and {lin.name} (lpips)")
+            raise FileNotFoundError(
+                f"--lpips_path {folder} must hold {vgg.name} (torchvision) and {lin.name} (lpips)"
+            )
         sd = {k: v for k, v in load_ckpt(vgg).items() if k.startswith("features.")}
-        sd.update({f"lins.{k[3]}.weight": v for k, v in load_ckpt(lin).items()})  # lin{k}.model.1.weight
+        # lin{k}.model.1.weight
+        sd.update({f"lins.{k[3]}.weight": v for k, v in load_ckpt(lin).items()})
         model = cls()
         model.load_state_dict({**sd, "shift": model.shift, "scale": model.scale}, strict=True)
         return model.eval().requires_grad_(False)
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # images in [-1, 1] -> (B,)
+    # images in [-1, 1] -> (B,)
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = (torch.cat([x, y]) - self.shift) / self.scale
         total = 0.0
         for i, layer in enumerate(self.features[: self.TAPS[-1] + 1]):
@@ -179,7 +200,12 @@ class LPIPS(nn.Module):
 def patch_discriminator(width: int = 64) -> nn.Module:
     """PatchGAN (pix2pix): one real/fake logit per ~70 px patch. Trained from scratch, so no weights are needed."""
     block = lambda a, b: [nn.Conv2d(a, b, 4, 2, 1), nn.GroupNorm(8, b), nn.LeakyReLU(0.2)]
-    layers = [nn.Conv2d(3, width, 4, 2, 1), nn.LeakyReLU(0.2), *block(width, 2 * width), *block(2 * width, 4 * width)]
+    layers = [
+        nn.Conv2d(3, width, 4, 2, 1),
+        nn.LeakyReLU(0.2),
+        *block(width, 2 * width),
+        *block(2 * width, 4 * width),
+    ]
     return nn.Sequential(*layers, nn.Conv2d(4 * width, 1, 4, 1, 1))
 
 
@@ -192,7 +218,8 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (B,) in dB, on 8-
     return 10 * torch.log10(1 / (quantize(x) - quantize(y)).pow(2).mean((1, 2, 3)).clamp_min(1e-10))
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (B,): Gaussian window 11, sigma 1.5 (Wang et al. 2004)
+# (B,): Gaussian window 11, sigma 1.5 (Wang et al. 2004)
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     x, y = quantize(x), quantize(y)
     g = torch.exp(-((torch.arange(11, dtype=torch.float32) - 5) ** 2) / (2 * 1.5**2))
     w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11).to(x.device)
@@ -205,7 +232,8 @@ def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (B,): Gaussian wi
 
 
 def make_dataset(cfg: Config, train: bool):
-    if cfg.data == "shapes":  # training scenes from the train captions; eval on held-out captions and seeds
+    # training scenes from the train captions; eval on held-out captions and seeds
+    if cfg.data == "shapes":
         if not train:
             return ShapesDataset(cfg.size_px, seed=cfg.seed + 10_000, split="test")
         return ShapesDataset(cfg.size_px, seed=cfg.seed, split="train", zoom=cfg.zoom)
@@ -225,7 +253,11 @@ def evaluate(ae: nn.Module, cfg: Config, prefixes: list[int], device: torch.devi
     ae.eval()
     x_all = eval_batch(cfg, cfg.eval_n)
     stats = {c: {"psnr": 0.0, "ssim": 0.0, "acc": 0.0} for c in prefixes}
-    specs = [make_dataset(cfg, train=False).scene(i).spec for i in range(len(x_all))] if cfg.data == "shapes" else []
+    specs = (
+        [make_dataset(cfg, train=False).scene(i).spec for i in range(len(x_all))]
+        if cfg.data == "shapes"
+        else []
+    )
     for i, x in enumerate(x_all.split(cfg.batch_size)):
         z = ae.encode(x.to(device))  # (B, C, h, w); z[:, :c] is exactly encode(x, channels=c)
         for c in prefixes:
@@ -233,7 +265,9 @@ def evaluate(ae: nn.Module, cfg: Config, prefixes: list[int], device: torch.devi
             stats[c]["psnr"] += psnr(rec, x).sum().item() / len(x_all)
             stats[c]["ssim"] += ssim(rec, x).sum().item() / len(x_all)
             batch_specs = specs[i * cfg.batch_size : i * cfg.batch_size + len(x)]
-            stats[c]["acc"] += sum(score(r, s)["correct"] for r, s in zip(rec, batch_specs)) / len(x_all)
+            stats[c]["acc"] += sum(score(r, s)["correct"] for r, s in zip(rec, batch_specs)) / len(
+                x_all
+            )
     return {c: s if specs else {k: v for k, v in s.items() if k != "acc"} for c, s in stats.items()}
 
 
@@ -248,9 +282,12 @@ def recon_grid(ae: nn.Module, x: torch.Tensor, prefixes: list[int]) -> torch.Ten
 def measure_latent_scale(ae: nn.Module, x: torch.Tensor) -> None:
     """Set the latent normalisation from data: DC-AE s = 1/RMS (diffusers' definition); VAE shift = mean, s = 1/std."""
     p = ae.params
-    raw = ae.encode(x) / p.scaling_factor + getattr(p, "shift_factor", 0.0)  # undo the current normalisation
+    # undo the current normalisation
+    raw = ae.encode(x) / p.scaling_factor + getattr(p, "shift_factor", 0.0)
     if isinstance(ae, vae.VAE):
-        ae.params = dataclasses.replace(p, shift_factor=raw.mean().item(), scaling_factor=1 / raw.std().item())
+        ae.params = dataclasses.replace(
+            p, shift_factor=raw.mean().item(), scaling_factor=1 / raw.std().item()
+        )
     else:
         ae.params = dataclasses.replace(p, scaling_factor=1 / raw.pow(2).mean().sqrt().item())
 
@@ -259,7 +296,9 @@ def check_flags(cfg: Config) -> None:
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
     if cfg.mask not in ("prefix", "none"):
-        raise ValueError(f"--mask must be 'prefix' (DC-AE 1.5) or 'none' (DC-AE 1.0-style), got {cfg.mask!r}")
+        raise ValueError(
+            f"--mask must be 'prefix' (DC-AE 1.5) or 'none' (DC-AE 1.0-style), got {cfg.mask!r}"
+        )
     if cfg.lpips_weight > 0 and not cfg.lpips_path:
         raise ValueError(
             "--lpips_weight needs --lpips_path: LPIPS/VGG weights cannot be downloaded here and are not bundled; "
@@ -303,8 +342,12 @@ def run_eval(ae: nn.Module, cfg: Config, show: list[int], dist, out: Path) -> No
         print0(f"channels {c:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()))
     if dist.master:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(json.dumps({"init": cfg.init or cfg.model, "n": cfg.eval_n, **res}, indent=2))
-        save_image_grid(recon_grid(ae, eval_batch(cfg, 4).to(dist.device), show), out / "eval.png", nrow=4)
+        (out / "eval.json").write_text(
+            json.dumps({"init": cfg.init or cfg.model, "n": cfg.eval_n, **res}, indent=2)
+        )
+        save_image_grid(
+            recon_grid(ae, eval_batch(cfg, 4).to(dist.device), show), out / "eval.png", nrow=4
+        )
 
 
 def loss_networks(cfg: Config, dist):
@@ -317,8 +360,14 @@ def loss_networks(cfg: Config, dist):
 
 def make_optimizers(cfg: Config, ae: nn.Module, disc: nn.Module | None, ckpt: dict | None):
     """AdamW for the AE (and the discriminator), restored with the discriminator from the --resume checkpoint."""
-    opt = torch.optim.AdamW(ae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
-    disc_opt = torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9)) if disc is not None else None
+    opt = torch.optim.AdamW(
+        ae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
+    )
+    disc_opt = (
+        torch.optim.AdamW(disc.parameters(), lr=cfg.lr, betas=(0.5, 0.9))
+        if disc is not None
+        else None
+    )
     if ckpt is not None:
         opt.load_state_dict(ckpt["optimizer"])
         if disc is not None:
@@ -327,7 +376,16 @@ def make_optimizers(cfg: Config, ae: nn.Module, disc: nn.Module | None, ckpt: di
     return opt, disc_opt
 
 
-def train_step(model: nn.Module, ae: nn.Module, opt, x: torch.Tensor, prefixes: list[int], cfg: Config, lpips, disc):
+def train_step(
+    model: nn.Module,
+    ae: nn.Module,
+    opt,
+    x: torch.Tensor,
+    prefixes: list[int],
+    cfg: Config,
+    lpips,
+    disc,
+):
     """One AE update on the batch x (with the GAN's generator term when `disc` is given). Returns the logged values
     (losses, gradient norm) and the fp32 reconstructions, which the discriminator's step reuses."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
@@ -337,13 +395,15 @@ def train_step(model: nn.Module, ae: nn.Module, opt, x: torch.Tensor, prefixes: 
     # L = (1/K) Σ_k L_rec(D(z[:, :c_k]), x): every prefix must reconstruct the image on its own
     l1 = sum((r - x).abs().mean() for r in recs) / len(recs)
     l2 = sum((r - x).pow(2).mean() for r in recs) / len(recs)
-    # NOTE(deviation): the paper's pixel loss is L1, with LPIPS doing the heavy lifting. Without LPIPS weights, L1
-    # alone collapses on our sparse procedural scenes (the median pixel is background, so a blank canvas is a strong
-    # local minimum); the toy runs use MSE instead (--l1_weight 0 --l2_weight 1), whose gradient grows with the error.
+    # NOTE(deviation): the paper's pixel loss is L1, with LPIPS doing the heavy lifting. Without
+    # LPIPS weights, L1 alone collapses on our sparse procedural scenes (the median pixel is
+    # background, so a blank canvas is a strong local minimum); the toy runs use MSE instead
+    # (--l1_weight 0 --l2_weight 1), whose gradient grows with the error.
     loss = cfg.l1_weight * l1 + cfg.l2_weight * l2 + cfg.kl_weight * kl
     if lpips is not None:
         loss = loss + cfg.lpips_weight * sum(lpips(r, x).mean() for r in recs) / len(recs)
-    if disc is not None:  # generator side: fool the discriminator (its weights frozen for this term)
+    # generator side: fool the discriminator (its weights frozen for this term)
+    if disc is not None:
         disc.requires_grad_(False)
         loss = loss - cfg.gan_weight * sum(disc(r).mean() for r in recs) / len(recs)
         disc.requires_grad_(True)
@@ -354,7 +414,9 @@ def train_step(model: nn.Module, ae: nn.Module, opt, x: torch.Tensor, prefixes: 
     return {"loss": loss, "l1": l1, "l2": l2, "kl": kl, "gnorm": gnorm}, recs
 
 
-def disc_step(disc: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, recs: list[torch.Tensor]) -> None:
+def disc_step(
+    disc: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, recs: list[torch.Tensor]
+) -> None:
     """The discriminator's update: hinge loss on real images vs detached reconstructions."""
     fake = torch.cat([r.detach() for r in recs])
     d_loss = F.relu(1 - disc(x)).mean() + F.relu(1 + disc(fake)).mean()
@@ -389,7 +451,12 @@ def log_line(cfg: Config, done: int, losses: dict, prefixes: list[int], dt: floa
 
 def save_checkpoint(out: Path, done: int, cfg: Config, ae: nn.Module, opt, disc, disc_opt) -> None:
     """ckpt_{done:07d}.pt with the AE, its optimizer (and the discriminator's); keeps the newest two."""
-    state = {"model": ae.state_dict(), "optimizer": opt.state_dict(), "step": done, "config": dataclasses.asdict(cfg)}
+    state = {
+        "model": ae.state_dict(),
+        "optimizer": opt.state_dict(),
+        "step": done,
+        "config": dataclasses.asdict(cfg),
+    }
     state["ae_config"] = ae.config()
     if disc is not None:
         state.update(disc=disc.state_dict(), disc_opt=disc_opt.state_dict())
@@ -398,13 +465,21 @@ def save_checkpoint(out: Path, done: int, cfg: Config, ae: nn.Module, opt, disc,
         old.unlink()
 
 
-def export(ae: nn.Module, ds, cfg: Config, show: list[int], device: torch.device, out: Path, log: Path) -> None:
+def export(
+    ae: nn.Module, ds, cfg: Config, show: list[int], device: torch.device, out: Path, log: Path
+) -> None:
     """Measure the latent scale, write the diffusers-format folder out/ae, report held-out reconstruction quality."""
     ae.eval()
-    measure_latent_scale(ae, torch.stack([ds[i]["image"] for i in range(min(64, len(ds)))]).to(device))
-    save_pretrained(out / "ae", {k: v.detach().cpu() for k, v in ae.state_dict().items()}, ae.config())
+    measure_latent_scale(
+        ae, torch.stack([ds[i]["image"] for i in range(min(64, len(ds)))]).to(device)
+    )
+    save_pretrained(
+        out / "ae", {k: v.detach().cpu() for k, v in ae.state_dict().items()}, ae.config()
+    )
     for c, r in evaluate(ae, cfg, show, device).items():
-        print0(f"eval channels {c} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()), log_file=log)
+        print0(
+            f"eval channels {c} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()), log_file=log
+        )
     print0(f"exported {out / 'ae'} (scaling_factor {ae.params.scaling_factor:.4f})", log_file=log)
 
 
@@ -431,7 +506,9 @@ def main():
     ae = load_ae(cfg, ckpt).to(dist.device)
     C = ae.latent_channels
     cands = candidate_prefixes(C, cfg.prefixes)
-    show = sorted(set(cfg.eval_prefixes) or ({C // 8, C // 4, C // 2, C} - {0} if ae.adaptive else {C}))
+    show = sorted(
+        set(cfg.eval_prefixes) or ({C // 8, C // 4, C // 2, C} - {0} if ae.adaptive else {C})
+    )
     print0(describe(ae, cands if cfg.mask == "prefix" else [C]))
     if cfg.dry_run:
         print0(json.dumps(dataclasses.asdict(cfg), indent=2))
@@ -449,8 +526,12 @@ def main():
     # --- data: each rank takes its own slice of every global batch, indexed by step (exact resume)
     start = ckpt["step"] if ckpt is not None else 0
     ds = make_dataset(cfg, train=True)
-    sampler = StepSampler(len(ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed, start, cfg.data != "shapes")
-    batches = iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers))
+    sampler = StepSampler(
+        len(ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed, start, cfg.data != "shapes"
+    )
+    batches = iter(
+        torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers)
+    )
     fixed = eval_batch(cfg, 4).to(dist.device)  # the images of every sample grid
 
     # --- optimizer and schedule
@@ -459,24 +540,33 @@ def main():
         print0(f"resumed from {resume_from} at step {start}", log_file=log)
 
     # --- training loop
-    timed, n_timed = 0.0, 0  # training time since the last log line (sampling and saving are not counted)
+    # training time since the last log line (sampling and saving are not counted)
+    timed, n_timed = 0.0, 0
     for step in range(start, cfg.steps):
         t0 = time.perf_counter()
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x = next(batches)["image"].to(dist.device)  # (B, 3, H, W) in [-1, 1]
-        # DC-AE 1.5 channel masking: K channel prefixes c' this step (common.draw_prefixes), each decoded from one
-        # encoding. NOTE(deviation): every rank draws the same c' from the step's generator (the official trainer seeds
-        # one per rank, so 8 GPUs decode up to 8·K different prefixes a step): N ranks train as one; a resume replays.
+        # DC-AE 1.5 channel masking: K channel prefixes c' this step (common.draw_prefixes), each
+        # decoded from one encoding. NOTE(deviation): every rank draws the same c' from the step's
+        # generator (the official trainer seeds one per rank, so 8 GPUs decode up to 8·K different
+        # prefixes a step): N ranks train as one; a resume replays.
         g = step_generator(cfg.seed, step)
-        prefixes = draw_prefixes(g, cands, cfg.num_prefixes, cfg.always_max, C) if cfg.mask == "prefix" else [C]
+        prefixes = (
+            draw_prefixes(g, cands, cfg.num_prefixes, cfg.always_max, C)
+            if cfg.mask == "prefix"
+            else [C]
+        )
         gan_on = disc is not None and step >= cfg.gan_start
         losses, recs = train_step(model, ae, opt, x, prefixes, cfg, lpips, disc if gan_on else None)
         if gan_on:  # discriminator side: hinge loss on real images vs detached reconstructions
             disc_step(disc_ddp, disc_opt, x, recs)
-        loss = losses["loss"].item()  # .item() also waits for the device, so the timing below is honest
+        # .item() also waits for the device, so the timing below is honest
+        loss = losses["loss"].item()
         if not math.isfinite(loss):
-            raise RuntimeError(f"loss is {loss} at step {step}; the last good checkpoint is kept in {out}")
+            raise RuntimeError(
+                f"loss is {loss} at step {step}; the last good checkpoint is kept in {out}"
+            )
         timed += time.perf_counter() - t0
         n_timed += 1
 
@@ -486,7 +576,9 @@ def main():
             timed, n_timed = 0.0, 0
         if dist.master and (done % cfg.sample_every == 0 or done == cfg.steps):
             grid = recon_grid(ae.eval(), fixed, show)
-            save_image_grid(grid, out / "samples" / f"{done:07d}.png", nrow=4, text={"prefixes": show})
+            save_image_grid(
+                grid, out / "samples" / f"{done:07d}.png", nrow=4, text={"prefixes": show}
+            )
             ae.train()
         if dist.master and (done % cfg.save_every == 0 or done == cfg.steps):
             save_checkpoint(out, done, cfg, ae, opt, disc, disc_opt)

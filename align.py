@@ -63,34 +63,50 @@ from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text, load_text_encoder
 from plan import check_fits
 from toy.shapes import ShapesDataset
-from training import check_latent, draw, flow_matching_loss, guide_loss, merged_state_dict, prepare, train
+from training import (
+    check_latent,
+    draw,
+    flow_matching_loss,
+    guide_loss,
+    merged_state_dict,
+    prepare,
+    train,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
 
-# One dataclass per stage, each with its real defaults: `python align.py --stage head --help` lists the head
-# stage's flags only. The optimisation defaults are the official DC-Gen-FLUX recipe (`projects/DC-Gen/flux_t2i.md`
-# in the official repository): embed 20k steps, AdamW (0.9, 0.95), constant lr 1e-4; head 5k steps, AdamW
-# (0.9, 0.999), 1000 warm-up steps, clip 0.1; neither keeps an EMA.
+# One dataclass per stage, each with its real defaults: `python align.py --stage head --help` lists
+# the head stage's flags only. The optimisation defaults are the official DC-Gen-FLUX recipe
+# (`projects/DC-Gen/flux_t2i.md` in the official repository): embed 20k steps, AdamW (0.9, 0.95),
+# constant lr 1e-4; head 5k steps, AdamW (0.9, 0.999), 1000 warm-up steps, clip 0.1; neither keeps
+# an EMA.
 
 
 @dataclass
 class CacheConfig:
     stage: str = "cache"  # cache, embed or head (each has its own flags: align.py --stage X --help)
     out_dir: str = "out/cache"  # shard_*.safetensors, null.safetensors, meta.json, config.json
-    data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), or "shapes" (procedural)
+    data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), or
+    # "shapes" (procedural)
     count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
-    split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation cache)
+    split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation
+    # cache)
     resolution: int = 512  # image size in px (resized, center-cropped)
-    teacher_resolution: int = 0  # px of the teacher's copy of each image (0: --resolution), area-downsampled; pairs
-    # a student at a large size with the base at its own size on the same token grid (the toy 4K model: README)
-    teacher_ae: str = ""  # the base model's AE folder (e.g. FLUX.1-Krea-dev/vae); "" skips the teacher latents
+    teacher_resolution: int = 0  # px of the teacher's copy of each image (0: --resolution),
+    # area-downsampled; pairs a student at a large size with the base at its own size on the same
+    # token grid (the toy 4K model: README)
+    teacher_ae: str = ""  # the base model's AE folder (e.g. FLUX.1-Krea-dev/vae); "" skips the
+    # teacher latents
     student_ae: str = ""  # the deep-compression AE folder (DC-AE); "" skips the student latents
-    student_channels: int = 0  # DC-AE 1.5: keep only the first c latent channels (its structured prefix); 0: all
+    student_channels: int = 0  # DC-AE 1.5: keep only the first c latent channels (its structured
+    # prefix); 0: all
     text: str = ""  # folder with the text encoders (the base model folder)
-    max_length: int = 256  # FLUX: T5 tokens (official training: 256, "t5-256"; sampling 512); SANA: Gemma tokens
+    max_length: int = 256  # FLUX: T5 tokens (official training: 256, "t5-256"; sampling 512); SANA:
+    # Gemma tokens
     # kept (its own 300 unless given); 0: the encoder's default (T5 512)
-    tile_px: int = 0  # encode in overlapping tiles of this many px (0: one pass, as the official code); tiles bound
+    tile_px: int = 0  # encode in overlapping tiles of this many px (0: one pass, as the official
+    # code); tiles bound
     # the AE's memory but their seams differ from one pass (README: differences)
     shard_size: int = 256  # rows per shard file
     batch_size: int = 64  # images encoded at once
@@ -108,7 +124,8 @@ class EmbedConfig:
     cache: str = "out/cache"  # the latent cache, with both latents
     align: str = "upsample"  # loss: upsample (official default) or downsample (DC-Gen Eq. (1))
     patch_size: int = 1  # patch size of the student model (DC-Gen: 1)
-    shift: str = ""  # noise-level shift written to the model folder: "" the base folder's own (what sample.py uses
+    shift: str = ""  # noise-level shift written to the model folder: "" the base folder's own (what
+    # sample.py uses
     # for it), flux, dcgen or constant (common.shift_factor)
     shift_value: float = 3.0  # r of --shift constant
     steps: int = 20_000  # optimizer steps
@@ -131,8 +148,10 @@ class HeadConfig:
     out_dir: str = "out/head"  # checkpoints, log.txt, config.json, model/ (the complete student)
     init: str = ""  # the embed stage's model folder
     cache: str = "out/cache"  # the latent cache, with student latents and text states
-    loss: str = "auto"  # auto (guide loss if the model embeds guidance, else flow matching), fm or guide
-    shift: str = ""  # training noise-level shift: "" the --init folder's own, flux, dcgen or constant
+    loss: str = "auto"  # auto (guide loss if the model embeds guidance, else flow matching), fm or
+    # guide
+    shift: str = ""  # training noise-level shift: "" the --init folder's own, flux, dcgen or
+    # constant
     shift_value: float = 3.0  # r of --shift constant
     steps: int = 5000  # optimizer steps
     batch_size: int = 64  # global batch, split over the ranks
@@ -141,7 +160,8 @@ class HeadConfig:
     beta2: float = 0.999  # AdamW beta2 (beta1 0.9)
     clip_grad: float = 0.1  # max global gradient norm (0: none)
     device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32 or bf16 (frozen weights in bf16, autocast; the two trained layers fp32)
+    dtype: str = "fp32"  # fp32 or bf16 (frozen weights in bf16, autocast; the two trained layers
+    # fp32)
     fsdp: bool = False  # shard the model (FSDP2, per block) instead of DDP
     grad_checkpointing: bool = False  # recompute block activations in backward
     seed: int = 0  # data order and draws
@@ -161,13 +181,17 @@ STAGES = {"cache": CacheConfig, "embed": EmbedConfig, "head": HeadConfig}
 
 def embed_map(layer: nn.Module, z: torch.Tensor, p: int) -> torch.Tensor:
     """A patch embedder applied to a latent z (B, C, H, W), as a 2-D map of token embeddings (B, D, H/p, W/p)."""
-    if isinstance(getattr(layer, "module", layer), nn.Conv2d):  # SANA: conv with kernel = stride = p (DDP-wrapped)
+    # SANA: conv with kernel = stride = p (DDP-wrapped)
+    if isinstance(getattr(layer, "module", layer), nn.Conv2d):
         return layer(z)
-    tokens = rearrange(z, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p)  # FLUX: linear on p×p patches
+    # FLUX: linear on p×p patches
+    tokens = rearrange(z, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p)
     return layer(tokens).permute(0, 3, 1, 2)
 
 
-def new_layer_like(old: nn.Module, c_in: int | None = None, c_out: int | None = None, patch: int = 1) -> nn.Module:
+def new_layer_like(
+    old: nn.Module, c_in: int | None = None, c_out: int | None = None, patch: int = 1
+) -> nn.Module:
     """A fresh layer of old's kind and width for the student latent: xavier-uniform weight, zero bias (official). A
     conv embedder gets kernel = stride = the student's patch size."""
     if isinstance(old, nn.Conv2d):
@@ -182,11 +206,15 @@ def new_layer_like(old: nn.Module, c_in: int | None = None, c_out: int | None = 
 def align_loss(e_t: torch.Tensor, e_s: torch.Tensor, mode: str) -> torch.Tensor:
     """MSE between teacher and student embedding maps, compared on one grid (s = teacher grid / student grid)."""
     s = e_t.shape[-1] // e_s.shape[-1]
-    # NOTE(deviation): DC-Gen Eq. (1) average-pools the teacher map; the official code's default bilinearly
-    # upsamples the student map instead. We follow the code; --align downsample is the paper's variant.
+    # NOTE(deviation): DC-Gen Eq. (1) average-pools the teacher map; the official code's default
+    # bilinearly upsamples the student map instead. We follow the code; --align downsample is the
+    # paper's variant.
     if mode == "upsample":  # at the teacher's resolution
-        return F.mse_loss(e_t, F.interpolate(e_s, scale_factor=s, mode="bilinear") if s > 1 else e_s)
-    return F.mse_loss(F.avg_pool2d(e_t, s) if s > 1 else e_t, e_s)  # DC-Gen Eq. (1): e' = AvgPool(e)
+        return F.mse_loss(
+            e_t, F.interpolate(e_s, scale_factor=s, mode="bilinear") if s > 1 else e_s
+        )
+    # DC-Gen Eq. (1): e' = AvgPool(e)
+    return F.mse_loss(F.avg_pool2d(e_t, s) if s > 1 else e_t, e_s)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -199,15 +227,27 @@ def cache_stage(cfg: CacheConfig, d) -> None:
     finished shard is skipped). Each rank writes the shards i = rank (mod world); the master writes meta.json."""
     assert cfg.teacher_ae or cfg.student_ae, "give --teacher_ae and/or --student_ae"
     r, r_t = cfg.resolution, cfg.teacher_resolution or cfg.resolution
-    assert r_t <= r, f"--teacher_resolution {r_t} > --resolution {r}: the teacher's copy is a downsampled one"
+    assert r_t <= r, (
+        f"--teacher_resolution {r_t} > --resolution {r}: the teacher's copy is a downsampled one"
+    )
     out = Path(cfg.out_dir)
-    data = ShapesDataset(cfg.resolution, cfg.seed, cfg.split, cfg.count) if cfg.data == "shapes" else None
+    data = (
+        ShapesDataset(cfg.resolution, cfg.seed, cfg.split, cfg.count)
+        if cfg.data == "shapes"
+        else None
+    )
     data = data or ImageFolder(cfg.data, size_px=cfg.resolution)
     tile = cfg.tile_px or None  # None: one pass
-    aes = {k: load_autoencoder(p, device=d.device, tile_px=tile).eval() for k, p in (("teacher", cfg.teacher_ae),
-           ("student", cfg.student_ae)) if p}  # fmt: skip
-    flux_text = (Path(cfg.text) / "text_encoder_2").is_dir()  # FLUX: CLIP + T5; SANA: Gemma-2 (keeps its own 300)
-    text = load_text_encoder(cfg.text, device=d.device, max_length=(cfg.max_length or None) if flux_text else None)
+    aes = {
+        k: load_autoencoder(p, device=d.device, tile_px=tile).eval()
+        for k, p in (("teacher", cfg.teacher_ae), ("student", cfg.student_ae))
+        if p
+    }
+    # FLUX: CLIP + T5; SANA: Gemma-2 (keeps its own 300)
+    flux_text = (Path(cfg.text) / "text_encoder_2").is_dir()
+    text = load_text_encoder(
+        cfg.text, device=d.device, max_length=(cfg.max_length or None) if flux_text else None
+    )
     n = len(data)
     n_shards = math.ceil(n / cfg.shard_size)
     t0, done = time.perf_counter(), 0
@@ -217,11 +257,19 @@ def cache_stage(cfg: CacheConfig, d) -> None:
             continue
         rows, captions = {}, []
         for start in range(i * cfg.shard_size, min(n, (i + 1) * cfg.shard_size), cfg.batch_size):
-            items = [data[j] for j in range(start, min(n, (i + 1) * cfg.shard_size, start + cfg.batch_size))]
+            items = [
+                data[j]
+                for j in range(start, min(n, (i + 1) * cfg.shard_size, start + cfg.batch_size))
+            ]
             x = torch.stack([it["image"] for it in items]).to(d.device)  # (B, 3, H, W) in [-1, 1]
-            inputs = {"student": (x, cfg.student_channels or None)}  # (images, latent channels to keep)
-            if "teacher" in aes:  # the teacher's copy at its own size: the same scene, the same token grid
-                inputs["teacher"] = (F.interpolate(x, size=(r_t, r_t), mode="area") if r_t != r else x, None)
+            # (images, latent channels to keep)
+            inputs = {"student": (x, cfg.student_channels or None)}
+            # the teacher's copy at its own size: the same scene, the same token grid
+            if "teacher" in aes:
+                inputs["teacher"] = (
+                    F.interpolate(x, size=(r_t, r_t), mode="area") if r_t != r else x,
+                    None,
+                )
             with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
                 batch = {k: ae.encode(*inputs[k]).float() for k, ae in aes.items()}
             batch |= text([it["caption"] for it in items])
@@ -229,22 +277,39 @@ def cache_stage(cfg: CacheConfig, d) -> None:
                 rows.setdefault(k, []).append(v.cpu())
             captions += [it["caption"] for it in items]
             done += len(items)
-            if (start // cfg.batch_size + 1) % cfg.log_every == 0:  # large images take seconds each: show progress
+            # large images take seconds each: show progress
+            if (start // cfg.batch_size + 1) % cfg.log_every == 0:
                 print0(f"  {done} rows encoded, {(time.perf_counter() - t0) / done:.2f} s/row")
-        save_ckpt({k: torch.cat(v) for k, v in rows.items()}, path, metadata={"captions": json.dumps(captions)})
+        save_ckpt(
+            {k: torch.cat(v) for k, v in rows.items()},
+            path,
+            metadata={"captions": json.dumps(captions)},
+        )
         print0(f"shard {i + 1}/{n_shards} ({len(captions)} rows) -> {path}")
     if d.world_size > 1:
         dist.barrier()
     if d.master:
         save_ckpt({k: v.cpu() for k, v in text.null(1).items()}, out / "null.safetensors")
         probe = load_ckpt(out / "shard_00000.safetensors")
-        shards = [{"file": f"shard_{i:05d}.safetensors", "rows": min(cfg.shard_size, n - i * cfg.shard_size)}
-                  for i in range(n_shards)]  # fmt: skip
-        meta = {"count": n, "shards": shards, "shapes": {k: list(v.shape[1:]) for k, v in probe.items()},
-                "teacher_ae": str(Path(cfg.teacher_ae).resolve()) if cfg.teacher_ae else "",
-                "student_ae": str(Path(cfg.student_ae).resolve()) if cfg.student_ae else "",
-                "text": str(Path(cfg.text).resolve()), "resolution": r, "teacher_resolution": r_t,
-                "student_channels": cfg.student_channels, "data": cfg.data}  # fmt: skip
+        shards = [
+            {
+                "file": f"shard_{i:05d}.safetensors",
+                "rows": min(cfg.shard_size, n - i * cfg.shard_size),
+            }
+            for i in range(n_shards)
+        ]
+        meta = {
+            "count": n,
+            "shards": shards,
+            "shapes": {k: list(v.shape[1:]) for k, v in probe.items()},
+            "teacher_ae": str(Path(cfg.teacher_ae).resolve()) if cfg.teacher_ae else "",
+            "student_ae": str(Path(cfg.student_ae).resolve()) if cfg.student_ae else "",
+            "text": str(Path(cfg.text).resolve()),
+            "resolution": r,
+            "teacher_resolution": r_t,
+            "student_channels": cfg.student_channels,
+            "data": cfg.data,
+        }
         (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         print0(f"cache of {n} rows: {meta['shapes']}")
 
@@ -253,9 +318,16 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
     out, log = Path(cfg.out_dir), Path(cfg.out_dir) / "log.txt"
     cache = LatentCache(cfg.cache)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    base = load_pipeline(cfg.base, dtype=dtype, parts=("transformer",)).transformer.eval().requires_grad_(False)
-    # the frozen base embedder: FLUX's x_embedder is a Linear, SANA's patch_embed wraps a Conv2d (`proj`)
-    name = base.latent_layers[0] + (".proj" if hasattr(base.get_submodule(base.latent_layers[0]), "proj") else "")
+    base = (
+        load_pipeline(cfg.base, dtype=dtype, parts=("transformer",))
+        .transformer.eval()
+        .requires_grad_(False)
+    )
+    # the frozen base embedder: FLUX's x_embedder is a Linear, SANA's patch_embed wraps a Conv2d
+    # (`proj`)
+    name = base.latent_layers[0] + (
+        ".proj" if hasattr(base.get_submodule(base.latent_layers[0]), "proj") else ""
+    )
     teacher = base.get_submodule(name).to(d.device)
     (C_t, h_t, w_t), (C_s, h_s, w_s) = cache.shape("teacher"), cache.shape("student")
     p_t, p_s = base.params.patch_size, cfg.patch_size
@@ -270,8 +342,11 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
     torch.manual_seed(cfg.seed)  # the same fresh embedder on every rank
     conv = isinstance(teacher, nn.Conv2d)
     student = new_layer_like(teacher, c_in=C_s if conv else C_s * p_s * p_s, patch=p_s).to(d.device)
-    print0(f"embed: teacher grid {grid_t} -> student grid {grid_s} (x{s}), {cfg.align} loss; "
-           f"{sum(p.numel() for p in student.parameters())} trainable parameters", log_file=log)  # fmt: skip
+    print0(
+        f"embed: teacher grid {grid_t} -> student grid {grid_s} (x{s}), {cfg.align} loss; "
+        f"{sum(p.numel() for p in student.parameters())} trainable parameters",
+        log_file=log,
+    )
     if cfg.dry_run:
         return
     seed_everything(cfg.seed + d.rank)
@@ -285,15 +360,21 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
         step = state["step"]
         print0(f"resumed from {ckpt} at step {step}", log_file=log)
     if cfg.batch_size % d.world_size:
-        raise ValueError(f"--batch_size {cfg.batch_size} must be a multiple of the {d.world_size} ranks")
+        raise ValueError(
+            f"--batch_size {cfg.batch_size} must be a multiple of the {d.world_size} ranks"
+        )
     b = cfg.batch_size // d.world_size
-    sampler = StepSampler(len(cache), b, d.rank, d.world_size, cfg.seed)  # ranks get disjoint shares of a step
+    # ranks get disjoint shares of a step
+    sampler = StepSampler(len(cache), b, d.rank, d.world_size, cfg.seed)
     t0 = time.perf_counter()
     while step < cfg.steps:
         idx = sampler.batch_of(step)
-        batch = {k: v.to(d.device, dtype) for k, v in cache.get(idx, ["teacher", "student"]).items()}
+        batch = {
+            k: v.to(d.device, dtype) for k, v in cache.get(idx, ["teacher", "student"]).items()
+        }
         with torch.no_grad():
-            e_t = embed_map(teacher, batch["teacher"], p_t).float()  # (b, D, *grid_t): what the backbone expects
+            # (b, D, *grid_t): what the backbone expects
+            e_t = embed_map(teacher, batch["teacher"], p_t).float()
         e_s = embed_map(model, batch["student"].float(), p_s)  # (b, D, *grid_s)
         loss = align_loss(e_t, e_s, cfg.align)
         loss.backward()
@@ -303,18 +384,29 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
         opt.zero_grad(set_to_none=True)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            other = align_loss(e_t, e_s.detach(), "downsample" if cfg.align == "upsample" else "upsample")
+            other = align_loss(
+                e_t, e_s.detach(), "downsample" if cfg.align == "upsample" else "upsample"
+            )
             dt = (time.perf_counter() - t0) / cfg.log_every
-            print0(f"step {step:07d}/{cfg.steps:07d} | loss {loss.item():.5f} | other {other.item():.5f} | "
-                   f"dt {dt * 1e3:.0f}ms | samples/s {cfg.batch_size / dt:.1f}", log_file=log)  # fmt: skip
+            print0(
+                f"step {step:07d}/{cfg.steps:07d} | loss {loss.item():.5f} | other {other.item():.5f} | "
+                f"dt {dt * 1e3:.0f}ms | samples/s {cfg.batch_size / dt:.1f}",
+                log_file=log,
+            )
             t0 = time.perf_counter()
         if (step % cfg.save_every == 0 or step == cfg.steps) and d.master:
-            state = {"model": student.state_dict(), "ema": {}, "optimizer": opt.state_dict(), "step": step,
-                     "config": dataclasses.asdict(cfg)}  # fmt: skip
+            state = {
+                "model": student.state_dict(),
+                "ema": {},
+                "optimizer": opt.state_dict(),
+                "step": step,
+                "config": dataclasses.asdict(cfg),
+            }
             save_ckpt(state, out / f"ckpt_{step:07d}.pt")
     # --- assemble the student: base backbone + the new embedder + a fresh head (official flux_assemble.py) ---
     if d.master:
-        with torch.device("meta"):  # no memory: every tensor is assigned below, the backbone's shared with `base`
+        # no memory: every tensor is assigned below, the backbone's shared with `base`
+        with torch.device("meta"):
             new = type(base)(dataclasses.replace(base.params, in_channels=C_s, patch_size=p_s))
         head = base.get_submodule(base.latent_layers[1])
         sd = {k: v for k, v in base.state_dict().items() if not k.startswith(base.latent_layers)}
@@ -322,8 +414,11 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
         fresh = new_layer_like(head, c_out=new.get_submodule(base.latent_layers[1]).out_features)
         sd |= {f"{base.latent_layers[1]}.{k}": v.to(dtype) for k, v in fresh.state_dict().items()}
         new.load_state_dict(sd, strict=True, assign=True)
-        shift, value = (cfg.shift, cfg.shift_value) if cfg.shift else read_shift(cfg.base)  # the base's own
-        write_pipeline(out / "model", new, cache.meta["student_ae"], cache.meta["text"], shift, value)
+        # the base's own
+        shift, value = (cfg.shift, cfg.shift_value) if cfg.shift else read_shift(cfg.base)
+        write_pipeline(
+            out / "model", new, cache.meta["student_ae"], cache.meta["text"], shift, value
+        )
         print0(f"student model (new embedder, fresh head) -> {out / 'model'}", log_file=log)
 
 
@@ -342,21 +437,39 @@ def head_stage(cfg: HeadConfig, d) -> None:
     raw = build()
     check_latent(raw, cache.shape("student"), f"the cache {cfg.cache} (student)")
     guide = cfg.loss == "guide" or (cfg.loss == "auto" and raw.params.guidance_embed)
-    assert not guide or raw.params.guidance_embed, "--loss guide needs a model with a guidance embedding"
+    assert not guide or raw.params.guidance_embed, (
+        "--loss guide needs a model with a guidance embedding"
+    )
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    print0(f"head: {raw.latent_layers} trainable ({n_train / 1e6:.2f} M parameters), backbone frozen; loss "
-           f"{'guide' if guide else 'flow matching'}", log_file=log)  # fmt: skip
-    if isinstance(raw, Flux):  # on CUDA: the planner's peak against the card, before hours are spent
+    print0(
+        f"head: {raw.latent_layers} trainable ({n_train / 1e6:.2f} M parameters), backbone frozen; loss "
+        f"{'guide' if guide else 'flow matching'}",
+        log_file=log,
+    )
+    # on CUDA: the planner's peak against the card, before hours are spent
+    if isinstance(raw, Flux):
         _, h, w = cache.shape("student")
-        check_fits("head", raw, micro_batch=cfg.batch_size // d.world_size, device=d.device, latent_hw=(h, w),
-                   txt_len=cache.shape("txt")[0], dtype=cfg.dtype, grad_checkpointing=cfg.grad_checkpointing,
-                   fsdp_world=d.world_size if cfg.fsdp else 1, lora_rank=0, guide=guide, aug_k=1)  # fmt: skip
+        check_fits(
+            "head",
+            raw,
+            micro_batch=cfg.batch_size // d.world_size,
+            device=d.device,
+            latent_hw=(h, w),
+            txt_len=cache.shape("txt")[0],
+            dtype=cfg.dtype,
+            grad_checkpointing=cfg.grad_checkpointing,
+            fsdp_world=d.world_size if cfg.fsdp else 1,
+            lora_rank=0,
+            guide=guide,
+            aug_k=1,
+        )
     if cfg.dry_run:
         return
     seed_everything(cfg.seed + d.rank)
     null = {k: v.to(d.device) for k, v in cache.null.items()}
 
-    def loss_fn(model, x0, text, g, r):  # stage 3's objective (official recipe: text dropout 0.1, w ~ U(1, 14))
+    # stage 3's objective (official recipe: text dropout 0.1, w ~ U(1, 14))
+    def loss_fn(model, x0, text, g, r):
         x_t, sigma, v, drop, w = draw(x0, g, cfg.batch_size, d.rank, r, 0.1, 1.0, 14.0)
         cond = drop_text(text, null, drop)
         if guide:
@@ -364,11 +477,14 @@ def head_stage(cfg: HeadConfig, d) -> None:
         return flow_matching_loss(model, x_t, sigma, v, cond)
 
     last = train(cfg, d, raw, cache, "student", loss_fn, log)
-    if d.master:  # the trained layers, from the checkpoint (FSDP leaves only shards in `raw`), in the run's dtype
+    # the trained layers, from the checkpoint (FSDP leaves only shards in `raw`), in the run's dtype
+    if d.master:
         model = build()
         sd = merged_state_dict(model, load_ckpt(last)["model"], dtype, last)
         init = Path(cfg.init)
-        write_pipeline(out / "model", model, init / "vae", init, cfg.shift, cfg.shift_value, state_dict=sd)
+        write_pipeline(
+            out / "model", model, init / "vae", init, cfg.shift, cfg.shift_value, state_dict=sd
+        )
         print0(f"student model (aligned embedder and head) -> {out / 'model'}", log_file=log)
 
 
@@ -379,13 +495,19 @@ def head_stage(cfg: HeadConfig, d) -> None:
 def main(argv: list[str] | None = None):
     stage = argparse.ArgumentParser(add_help=False)
     stage.add_argument("--stage", default="embed", choices=sorted(STAGES))
-    cfg = parse_config(STAGES[stage.parse_known_args(argv)[0].stage], argv)  # this stage's flags only
+    # this stage's flags only
+    cfg = parse_config(STAGES[stage.parse_known_args(argv)[0].stage], argv)
     assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
     if cfg.stage == "embed":
-        assert cfg.align in ("upsample", "downsample"), f"--align {cfg.align!r}: choose upsample or downsample"
+        assert cfg.align in ("upsample", "downsample"), (
+            f"--align {cfg.align!r}: choose upsample or downsample"
+        )
     if cfg.stage != "cache":
-        assert cfg.shift in ("", *SHIFTS), f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the base\'s own)'
-    if cfg.stage == "head" and not cfg.shift:  # train at the noise levels the model folder samples at
+        assert cfg.shift in ("", *SHIFTS), (
+            f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the base\'s own)'
+        )
+    # train at the noise levels the model folder samples at
+    if cfg.stage == "head" and not cfg.shift:
         shift, value = read_shift(cfg.init)
         cfg = dataclasses.replace(cfg, shift=shift, shift_value=value)
     d = init_dist(cfg.device)

@@ -53,28 +53,37 @@ class Config:
     pair: str = "toy"  # toy, flux or sana (see the docstring)
     sizes: tuple[int, ...] = (1024, 4096)  # square image sizes in px
     zoo: str = str(ZOO)  # toy: the zoo folder
-    random_weights: bool = False  # real-size shapes with random weights (flux, sana): no checkpoints needed
-    depth: int = -1  # reduced depth for CPU runs of real-width models: double-stream (FLUX) or all (SANA) blocks
+    random_weights: bool = False  # real-size shapes with random weights (flux, sana): no
+    # checkpoints needed
+    depth: int = -1  # reduced depth for CPU runs of real-width models: double-stream (FLUX) or all
+    # (SANA) blocks
     depth_single: int = -1  # reduced single-stream depth (FLUX)
-    dcgen_1k_max: int = 1024  # flux/toy: sizes up to this use the f32 DC-Gen model, larger ones the f64 one
+    dcgen_1k_max: int = 1024  # flux/toy: sizes up to this use the f32 DC-Gen model, larger ones the
+    # f64 one
     steps: int = 20  # denoising steps of the end-to-end latency
     repeats: int = 5  # timed repeats (median), alternating base / DC-Gen
     warmup: int = 2  # untimed repeats first
-    end_to_end: bool = True  # also time text encoding + `steps` steps + decode (composed from parts where noted)
-    e2e_max_step_s: float = 60.0  # if one step takes longer, the end-to-end time is composed from measured parts
+    end_to_end: bool = True  # also time text encoding + `steps` steps + decode (composed from parts
+    # where noted)
+    e2e_max_step_s: float = 60.0  # if one step takes longer, the end-to-end time is composed from
+    # measured parts
     text_len: int = 512  # random-weights text tokens (T5 length at sampling)
     device: str = "auto"  # auto, cuda or cpu
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
     attention: str = "auto"  # SDPA backend: auto, flash, efficient, cudnn or math
     compile: bool = False  # torch.compile the transformers (mode max-autotune-no-cudagraphs)
-    memory: bool = True  # peak memory of one step and of the decode, each in a fresh process (CPU) or reset (CUDA)
-    profile: bool = False  # also profile 3 steps of each role: time in matmuls / attention / the rest, and GFLOP/s
-    decode: bool = False  # instead: peak memory and time of one tiled decode (--ae, --size, --tile_px)
+    memory: bool = True  # peak memory of one step and of the decode, each in a fresh process (CPU)
+    # or reset (CUDA)
+    profile: bool = False  # also profile 3 steps of each role: time in matmuls / attention / the
+    # rest, and GFLOP/s
+    decode: bool = False  # instead: peak memory and time of one tiled decode (--ae, --size,
+    # --tile_px)
     ae: str = "dc-ae-1.5-f64c128"  # --decode: AE preset (models/dcae.py or vae.py) or folder
     size: int = 4096  # --decode: image size in px
     tile_px: int = 1024  # --decode: tile size (0: no tiling)
     out: str = "out/bench.json"  # results
-    _probe: str = ""  # (internal) "role:step" or "role:decode": measure one thing in this fresh process, print GB
+    _probe: str = ""  # (internal) "role:step" or "role:decode": measure one thing in this fresh
+    # process, print GB
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -86,10 +95,14 @@ def flux_flops(p, img_tokens: int, txt_tokens: int) -> dict[str, float]:
     separately), joint softmax attention (QKᵀ and AV: 2·L²·D multiply-adds per block), embedders and head."""
     D, L = p.hidden_size, img_tokens + txt_tokens
     mlp = int(D * p.mlp_ratio)
-    per_token_double = 4 * D * D + 2 * D * mlp  # q, k, v, out + MLP in, out (same for the txt and img streams)
+    # q, k, v, out + MLP in, out (same for the txt and img streams)
+    per_token_double = 4 * D * D + 2 * D * mlp
     per_token_single = 3 * D * D + D * mlp + (D + mlp) * D  # q, k, v + MLP in + fused proj_out
     linear = p.depth * L * per_token_double + p.depth_single * L * per_token_single
-    linear += img_tokens * 2 * p.in_channels * p.patch_size**2 * D + txt_tokens * p.context_in_dim * D  # embed, head
+    # embed, head
+    linear += (
+        img_tokens * 2 * p.in_channels * p.patch_size**2 * D + txt_tokens * p.context_in_dim * D
+    )
     attention = (p.depth + p.depth_single) * 2 * L * L * D
     return {"linear": 2.0 * linear, "attention": 2.0 * attention}
 
@@ -100,10 +113,12 @@ def sana_flops(p, img_tokens: int, txt_tokens: int) -> dict[str, float]:
     D, N, d = p.hidden_size, img_tokens, p.hidden_size // p.num_heads
     hidden = int(D * p.mlp_ratio)
     cross = p.cross_heads * p.cross_head_dim
-    per_token = 4 * D * D + 2 * D * cross + 2 * D * hidden + 2 * hidden * 9 + hidden * D  # self qkvo, cross q/o, FFN
+    # self qkvo, cross q/o, FFN
+    per_token = 4 * D * D + 2 * D * cross + 2 * D * hidden + 2 * hidden * 9 + hidden * D
     linear = p.depth * (N * per_token + txt_tokens * 2 * D * cross)  # + cross k, v on the text
     linear += N * 2 * p.in_channels * p.patch_size**2 * D + txt_tokens * p.caption_channels * D
-    attention = p.depth * (N * 2 * D * (d + 1) + N * txt_tokens * 2 * cross)  # (v kᵀ) q, and softmax cross-attention
+    # (v kᵀ) q, and softmax cross-attention
+    attention = p.depth * (N * 2 * D * (d + 1) + N * txt_tokens * 2 * cross)
     return {"linear": 2.0 * linear, "attention": 2.0 * attention}
 
 
@@ -117,7 +132,8 @@ class Role:
     label: str
     model: torch.nn.Module
     ae: torch.nn.Module
-    text: torch.nn.Module | None  # None: random text states of the right shape (same cost for both roles)
+    # None: random text states of the right shape (same cost for both roles)
+    text: torch.nn.Module | None
     cfg: bool  # a CFG model: two passes per step
 
     def tokens(self, size: int) -> int:
@@ -137,12 +153,25 @@ def build_role(cfg: Config, role: str, size: int, device, dtype) -> Role:
     if cfg.pair == "toy":
         name = "krea" if role == "base" else "dcgen-1k" if size <= cfg.dcgen_1k_max else "dcgen-4k"
         pipe = load_pipeline(Path(cfg.zoo) / name, dtype=dtype, device=device)
-        return Role(role, f"{cfg.zoo}/{name}", pipe.transformer.eval(), pipe.ae.eval(), pipe.text, cfg=False)
-    assert cfg.random_weights, f"--pair {cfg.pair} needs --random_weights (or give real folders to sample.py)"
+        return Role(
+            role, f"{cfg.zoo}/{name}", pipe.transformer.eval(), pipe.ae.eval(), pipe.text, cfg=False
+        )
+    assert cfg.random_weights, (
+        f"--pair {cfg.pair} needs --random_weights (or give real folders to sample.py)"
+    )
     if cfg.pair == "flux":
-        preset = "flux-dev" if role == "base" else "dcgen-flux-1k" if size <= cfg.dcgen_1k_max else "dcgen-flux-4k"
-        ae_cfg = {"flux-dev": VAE_PRESETS["flux-vae"], "dcgen-flux-1k": DCAE_PRESETS["dc-ae-f32c32-in-1.0"],
-                  "dcgen-flux-4k": DCAE_PRESETS["dc-ae-1.5-f64c128"]}[preset]  # fmt: skip
+        preset = (
+            "flux-dev"
+            if role == "base"
+            else "dcgen-flux-1k"
+            if size <= cfg.dcgen_1k_max
+            else "dcgen-flux-4k"
+        )
+        ae_cfg = {
+            "flux-dev": VAE_PRESETS["flux-vae"],
+            "dcgen-flux-1k": DCAE_PRESETS["dc-ae-f32c32-in-1.0"],
+            "dcgen-flux-4k": DCAE_PRESETS["dc-ae-1.5-f64c128"],
+        }[preset]
         params, cls, is_cfg = FLUX_PRESETS[preset], Flux, False
     else:
         preset = "sana-1.6b-1024" if role == "base" else "dcgen-sana-1.6b-f64c128"
@@ -154,15 +183,21 @@ def build_role(cfg: Config, role: str, size: int, device, dtype) -> Role:
         params = dataclasses.replace(params, depth_single=cfg.depth_single)
     with torch.device("meta"):
         model, ae = cls(params), build_autoencoder(ae_cfg)
-    label = f"{preset}" + (f" ({params.depth}+{params.depth_single} blocks)" if cfg.depth >= 0 and cls is Flux else "")
-    return Role(role, label, random_init(model, device, dtype), random_init(ae, device, dtype), None, is_cfg)
+    label = f"{preset}" + (
+        f" ({params.depth}+{params.depth_single} blocks)" if cfg.depth >= 0 and cls is Flux else ""
+    )
+    return Role(
+        role, label, random_init(model, device, dtype), random_init(ae, device, dtype), None, is_cfg
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # measurement
 
 
-def inputs(role: Role, size: int, cfg: Config, device, dtype) -> tuple[torch.Tensor, dict, dict | None]:
+def inputs(
+    role: Role, size: int, cfg: Config, device, dtype
+) -> tuple[torch.Tensor, dict, dict | None]:
     """Noise at the role's latent grid and the text conditioning: encoded by the role's text encoder, or random
     states of the real shapes (T5-XXL + CLIP-L for FLUX, Gemma-2 for SANA) when there is none."""
     f, C = role.ae.spatial_factor, role.model.params.in_channels
@@ -171,12 +206,22 @@ def inputs(role: Role, size: int, cfg: Config, device, dtype) -> tuple[torch.Ten
         cond, null = role.text(["a red circle above a blue square"]), role.text.null(1)
     elif isinstance(role.model, Flux):
         p = role.model.params
-        cond = {"txt": torch.randn(1, cfg.text_len, p.context_in_dim), "y": torch.randn(1, p.vec_in_dim)}
+        cond = {
+            "txt": torch.randn(1, cfg.text_len, p.context_in_dim),
+            "y": torch.randn(1, p.vec_in_dim),
+        }
         null = None
     else:
-        cond = {"txt": torch.randn(1, 300, role.model.params.caption_channels), "txt_mask": torch.ones(1, 300)}
+        cond = {
+            "txt": torch.randn(1, 300, role.model.params.caption_channels),
+            "txt_mask": torch.ones(1, 300),
+        }
         null = {k: v.clone() for k, v in cond.items()}
-    to = lambda d: {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in d.items()} if d else d
+    to = lambda d: (
+        {k: v.to(device, dtype if v.is_floating_point() else v.dtype) for k, v in d.items()}
+        if d
+        else d
+    )
     return x, to(cond), to(null)
 
 
@@ -184,7 +229,11 @@ def step_fn(role: Role, x, cond, null, model):
     """One denoising step's network evaluations: one pass (guidance-distilled), or two batched (true CFG)."""
     B = x.shape[0]
     t = torch.full((B,), 0.5, device=x.device, dtype=x.dtype)
-    w = {"guidance": torch.full((B,), 3.5, device=x.device, dtype=x.dtype)} if role.model.params.guidance_embed else {}
+    w = (
+        {"guidance": torch.full((B,), 3.5, device=x.device, dtype=x.dtype)}
+        if role.model.params.guidance_embed
+        else {}
+    )
     if not role.cfg:
         return lambda: model(x, t, **cond, **w)
     both = {k: torch.cat([cond[k], null[k]]) for k in cond}
@@ -203,7 +252,11 @@ def timed(fn, device) -> float:
 
 # op families of a profile: which kernels do the FLOPs of flux_flops' "linear" and "attention" terms
 MATMUL_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::matmul")
-ATTENTION_OPS = ("aten::_scaled_dot_product", "aten::_flash_attention", "aten::_efficient_attention")
+ATTENTION_OPS = (
+    "aten::_scaled_dot_product",
+    "aten::_flash_attention",
+    "aten::_efficient_attention",
+)
 
 
 def profile_step(fn, row: dict, device) -> dict:
@@ -223,11 +276,20 @@ def profile_step(fn, row: dict, device) -> dict:
     attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     family = {"matmul": 0.0, "attention": 0.0, "other": 0.0}
     for e in prof.key_averages():
-        kind = "matmul" if e.key in MATMUL_OPS else "attention" if e.key.startswith(ATTENTION_OPS) else "other"
+        kind = (
+            "matmul"
+            if e.key in MATMUL_OPS
+            else "attention"
+            if e.key.startswith(ATTENTION_OPS)
+            else "other"
+        )
         family[kind] += getattr(e, attr, 0.0) / 1e6  # µs -> s
     family = {k: v / repeats for k, v in family.items()}
     total = sum(family.values())
-    flops = row["flops"] * (1 - row["attention_flop_share"]), row["flops"] * row["attention_flop_share"]
+    flops = (
+        row["flops"] * (1 - row["attention_flop_share"]),
+        row["flops"] * row["attention_flop_share"],
+    )
     out = {f"{k}_share": v / total for k, v in family.items()}
     out["matmul_gflops"] = flops[0] / family["matmul"] / 1e9 if family["matmul"] else None
     out["attention_gflops"] = flops[1] / family["attention"] / 1e9 if family["attention"] else None
@@ -242,10 +304,34 @@ def profile_step(fn, row: dict, device) -> dict:
 def peak_memory_gb(cfg: Config, role: str, size: int, what: str, device) -> float:
     """Peak memory of one step (or one decode) of `role` at `size`: a fresh process on CPU (its peak RSS: weights,
     activations, everything), the allocator's peak on CUDA."""
-    argv = [sys.executable, __file__, "--pair", cfg.pair, "--sizes", str(size), "--device", str(device.type),
-            "--dtype", cfg.dtype, "--depth", str(cfg.depth), "--depth_single", str(cfg.depth_single),
-            "--dcgen_1k_max", str(cfg.dcgen_1k_max), "--zoo", cfg.zoo, "--text_len", str(cfg.text_len),
-            "--attention", cfg.attention, "--out", "", "--_probe", f"{role}:{what}"]  # fmt: skip
+    argv = [
+        sys.executable,
+        __file__,
+        "--pair",
+        cfg.pair,
+        "--sizes",
+        str(size),
+        "--device",
+        str(device.type),
+        "--dtype",
+        cfg.dtype,
+        "--depth",
+        str(cfg.depth),
+        "--depth_single",
+        str(cfg.depth_single),
+        "--dcgen_1k_max",
+        str(cfg.dcgen_1k_max),
+        "--zoo",
+        cfg.zoo,
+        "--text_len",
+        str(cfg.text_len),
+        "--attention",
+        cfg.attention,
+        "--out",
+        "",
+        "--_probe",
+        f"{role}:{what}",
+    ]
     argv += ["--random_weights"] if cfg.random_weights else []
     run = subprocess.run(argv, capture_output=True, text=True)
     if run.returncode:
@@ -270,8 +356,16 @@ def peak_rss_gb() -> float:
     child of a big parent would report the parent's size (the kernel keeps the pre-exec high-water mark)."""
     status = Path("/proc/self/status")
     if status.is_file():
-        return int(next(ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM")).split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # kB on Linux; elsewhere approximate
+        return (
+            int(
+                next(
+                    ln for ln in status.read_text().splitlines() if ln.startswith("VmHWM")
+                ).split()[1]
+            )
+            / 2**20
+        )
+    # kB on Linux; elsewhere approximate
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 def decode_bench(cfg: Config, device, dtype) -> dict:
@@ -279,7 +373,9 @@ def decode_bench(cfg: Config, device, dtype) -> dict:
     if Path(cfg.ae).is_dir():
         ae = load_autoencoder(cfg.ae, dtype=dtype, device=device)
     elif cfg.ae not in AE_PRESETS:
-        raise ValueError(f"--ae {cfg.ae!r} is neither a folder nor an AE preset; choose from {sorted(AE_PRESETS)}")
+        raise ValueError(
+            f"--ae {cfg.ae!r} is neither a folder nor an AE preset; choose from {sorted(AE_PRESETS)}"
+        )
     else:
         with torch.device("meta"):
             ae = build_autoencoder(AE_PRESETS[cfg.ae])
@@ -292,8 +388,15 @@ def decode_bench(cfg: Config, device, dtype) -> dict:
         seconds = timed(lambda: ae.decode(z), device)
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else peak_rss_gb()
     n = sum(t.numel() for t in ae.parameters()) / 1e6
-    row = {"ae": cfg.ae, "params_M": n, "size": cfg.size, "tile_px": cfg.tile_px, "seconds": seconds,
-           "peak_memory_gb": peak, "memory_before_decode_gb": rss0}  # fmt: skip
+    row = {
+        "ae": cfg.ae,
+        "params_M": n,
+        "size": cfg.size,
+        "tile_px": cfg.tile_px,
+        "seconds": seconds,
+        "peak_memory_gb": peak,
+        "memory_before_decode_gb": rss0,
+    }
     print(
         f"decode {cfg.ae} ({n:.0f} M parameters) {cfg.size}x{cfg.size}, tile {cfg.tile_px or 'none'}: "
         f"{seconds:.1f}s, peak memory {peak:.2f} GB ({'allocator' if device.type == 'cuda' else 'process RSS'})"
@@ -308,12 +411,21 @@ def decode_bench(cfg: Config, device, dtype) -> dict:
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_config(Config, argv)
     assert cfg.pair in ("toy", "flux", "sana"), f"--pair {cfg.pair!r}: choose toy, flux or sana"
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.dtype) or (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)  # fmt: skip
-    backends = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}  # fmt: skip
-    attention = sdpa_kernel([backends[cfg.attention]]) if cfg.attention != "auto" else torch.no_grad()
+        torch.bfloat16 if device.type == "cuda" else torch.float32
+    )
+    backends = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }
+    attention = (
+        sdpa_kernel([backends[cfg.attention]]) if cfg.attention != "auto" else torch.no_grad()
+    )
     if cfg._probe:
         return probe(cfg, device, dtype)
     if cfg.decode:
@@ -332,7 +444,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
         roles = [build_role(cfg, r, size, device, dtype) for r in ("base", "dcgen")]
         runs = {}
         for role in roles:
-            model = torch.compile(role.model, mode="max-autotune-no-cudagraphs") if cfg.compile else role.model
+            model = (
+                torch.compile(role.model, mode="max-autotune-no-cudagraphs")
+                if cfg.compile
+                else role.model
+            )
             x, cond, null = inputs(role, size, cfg, device, dtype)
             runs[role.name] = (model, x, cond, null, step_fn(role, x, cond, null, model))
         times = {r.name: [] for r in roles}
@@ -343,11 +459,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     if i >= cfg.warmup:
                         times[role.name].append(dt)
             for role in roles:
-                row = measure_role(cfg, role, size, runs[role.name], statistics.median(times[role.name]), device)
+                row = measure_role(
+                    cfg, role, size, runs[role.name], statistics.median(times[role.name]), device
+                )
                 if cfg.profile:
                     row["profile"] = profile_step(runs[role.name][4], row, device)
                 if cfg.memory:
-                    row["step_peak_memory_gb"] = peak_memory_gb(cfg, role.name, size, "step", device)
+                    row["step_peak_memory_gb"] = peak_memory_gb(
+                        cfg, role.name, size, "step", device
+                    )
                 rows.append(row)
         base, dc = rows[-2], rows[-1]
         for key in ("step_s", "end_to_end_s", "flops"):
@@ -355,7 +475,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print_rows(rows[-2:])
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(cfg.out).write_text(json.dumps({"config": dataclasses.asdict(cfg), "rows": rows}, indent=2) + "\n")
+        Path(cfg.out).write_text(
+            json.dumps({"config": dataclasses.asdict(cfg), "rows": rows}, indent=2) + "\n"
+        )
     return rows
 
 
@@ -367,22 +489,35 @@ def measure_role(cfg: Config, role: Role, size: int, run, step_s: float, device)
     txt_len = cond["txt"].shape[1]
     flops = (flux_flops if isinstance(role.model, Flux) else sana_flops)(p, tokens, txt_len)
     total_flops = sum(flops.values()) * (2 if role.cfg else 1)
-    row = {"role": role.name, "model": role.label, "size": size, "tokens": tokens, "step_s": step_s,
-           "flops": total_flops, "attention_flop_share": flops["attention"] / sum(flops.values())}  # fmt: skip
+    row = {
+        "role": role.name,
+        "model": role.label,
+        "size": size,
+        "tokens": tokens,
+        "step_s": step_s,
+        "flops": total_flops,
+        "attention_flop_share": flops["attention"] / sum(flops.values()),
+    }
     if not cfg.end_to_end:
         return row
-    text_s = timed(lambda: role.text(["a red circle above a blue square"]), device) if role.text else 0.0
+    text_s = (
+        timed(lambda: role.text(["a red circle above a blue square"]), device) if role.text else 0.0
+    )
     decode_s = timed(lambda: role.ae.decode(x), device)
     if step_s <= cfg.e2e_max_step_s:
         sigmas = get_schedule(cfg.steps, shift_for("flux", x.shape[1:], p.patch_size))
         w = 3.5 if p.guidance_embed else None
         v = guided_velocity(model, cond, null, w, cfg=1.0 if not role.cfg else 4.5)
-        steps_s = timed(lambda: denoise(lambda z, s: v(z.to(x.dtype), s), x.float(), sigmas), device)
+        steps_s = timed(
+            lambda: denoise(lambda z, s: v(z.to(x.dtype), s), x.float(), sigmas), device
+        )
         row["end_to_end"] = "measured"
     else:
         steps_s = cfg.steps * step_s
         row["end_to_end"] = f"composed: text + {cfg.steps} x median step + decode"
-    row.update(text_s=text_s, steps_s=steps_s, decode_s=decode_s, end_to_end_s=text_s + steps_s + decode_s)
+    row.update(
+        text_s=text_s, steps_s=steps_s, decode_s=decode_s, end_to_end_s=text_s + steps_s + decode_s
+    )
     return row
 
 

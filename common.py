@@ -36,19 +36,26 @@ def parse_config(cls: type, argv: list[str] | None = None):
     The inline comment after each field (`lr: float = 1e-4  # peak learning rate`) becomes its `--help` text.
     """
     hints = typing.get_type_hints(cls)
-    src = "".join(inspect.getsource(c) for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c))
-    comments = dict(re.findall(r"^\s*(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.M))  # a subclass's comment wins
+    src = "".join(
+        inspect.getsource(c) for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c)
+    )
+    # a subclass's comment wins
+    comments = dict(re.findall(r"^\s*(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.M))
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
-    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # `X | None` -> X
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
-        kw = dict(default=default, type=tp, help=comments.get(f.name, " ").replace("%", "%%"))  # help is %-formatted
+        # help is %-formatted
+        kw = dict(default=default, type=tp, help=comments.get(f.name, " ").replace("%", "%%"))
         if tp is bool:
             kw.update(action=argparse.BooleanOptionalAction, type=None)
-        elif typing.get_origin(tp) in (list, tuple):  # `--x a b --x c` -> (a, b, c); given, it replaces the default
+        # `--x a b --x c` -> (a, b, c); given, it replaces the default
+        elif typing.get_origin(tp) in (list, tuple):
             kw.update(nargs="*", type=typing.get_args(tp)[0], action=Extend)
         parser.add_argument(f"--{f.name}", **kw)
     ns = vars(parser.parse_args(argv))
@@ -66,7 +73,9 @@ def save_config(cfg, out_dir: str | Path) -> None:
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
         Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        (Path(out_dir) / "config.json").write_text(
+            json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,7 +97,9 @@ def init_dist(device: str = "auto") -> Dist:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torchrun = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     rank, local_rank, world = (
-        (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE")) if torchrun else (0, 0, 1)
+        (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+        if torchrun
+        else (0, 0, 1)
     )
     dev = torch.device(device, local_rank) if device == "cuda" else torch.device(device)
     if dev.type == "cuda":
@@ -100,7 +111,8 @@ def init_dist(device: str = "auto") -> Dist:
 
 def cleanup_dist() -> None:
     if dist.is_initialized():
-        dist.barrier()  # every rank arrives before any tears the group down: gloo can abort a rank mid-teardown
+        # every rank arrives before any tears the group down: gloo can abort a rank mid-teardown
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -127,7 +139,9 @@ def run_info(world_size: int = 1) -> dict:
     def git(*a):  # "" when git is missing or this is not a checkout
         if not shutil.which("git"):
             return ""
-        return subprocess.run(["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+        return subprocess.run(
+            ["git", *a], capture_output=True, text=True, cwd=Path(__file__).parent
+        ).stdout.strip()
 
     return {
         "git_commit": git("rev-parse", "HEAD") or "unknown",
@@ -160,10 +174,13 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.
     )
 
 
-def lr_at(step: int, lr: float, warmup: int, warmup_lr: float = 0.0, steps: int = 0, decay: int = 0) -> float:
+def lr_at(
+    step: int, lr: float, warmup: int, warmup_lr: float = 0.0, steps: int = 0, decay: int = 0
+) -> float:
     """Linear warm-up over `warmup` steps (step 0 already moves), constant, then linear to 0 over the last `decay`."""
     warm = warmup_lr + (lr - warmup_lr) * (step + 1) / warmup if step < warmup else lr
-    return warm * min(1.0, (steps - step) / decay) if decay else warm  # before its decay, the constant-lr run
+    # before its decay, the constant-lr run
+    return warm * min(1.0, (steps - step) / decay) if decay else warm
 
 
 @torch.no_grad()
@@ -181,16 +198,22 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def draw_prefixes(g: torch.Generator, candidates: Sequence[int], k: int, always_max: bool, C: int) -> list[int]:
+def draw_prefixes(
+    g: torch.Generator, candidates: Sequence[int], k: int, always_max: bool, C: int
+) -> list[int]:
     """The K channel counts c' of one DC-AE 1.5 training step (channel masking, augmented diffusion training), drawn
     uniformly with `g` from the candidates and C; with always_max and K >= 2, C first and K - 1 drawn. K = 1 draws one
     either way, as dc-ai-projects/DC-Gen@cae2205 dc_gen/aecore/trainer.py `prepare_batch` (L373-420) does.
     NOTE(deviation): dc_gen/c2icore/trainer.py L461-484 gives [C] alone for K = 1 with always_sample_max_channel."""
     pool = sorted({*candidates, C})
     if pool[0] < 1 or pool[-1] > C or k < 1:
-        raise ValueError(f"channel prefixes {list(candidates)} must lie in 1..{C}, and K={k} must be >= 1")
+        raise ValueError(
+            f"channel prefixes {list(candidates)} must lie in 1..{C}, and K={k} must be >= 1"
+        )
     fixed = int(always_max and k > 1)
-    return [C] * fixed + [pool[i] for i in torch.randint(len(pool), (k - fixed,), generator=g).tolist()]
+    return [C] * fixed + [
+        pool[i] for i in torch.randint(len(pool), (k - fixed,), generator=g).tolist()
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -216,7 +239,9 @@ def load_ckpt(path: str | Path, device: str | torch.device = "cpu"):
     return torch.load(path, map_location=device, weights_only=True)
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int = 4, text: dict | None = None) -> None:
+def save_image_grid(
+    images: torch.Tensor, path: str | Path, nrow: int = 4, text: dict | None = None
+) -> None:
     """Save (B, 3, H, W) images in [-1, 1] as one PNG grid, `nrow` images wide, with `text` as PNG metadata."""
     from PIL import Image, PngImagePlugin
 
@@ -286,8 +311,8 @@ def get_schedule(steps: int, r: float) -> torch.Tensor:
 def sample_sigmas(batch: int, r: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Training noise levels: u ~ logit-normal(0, 1) (SD3 §3.1), on the 1000-level grid, shifted by r. Shape (B,)."""
     u = torch.sigmoid(torch.randn(batch, generator=generator, dtype=torch.float64))
-    # As DC-Gen's dc_ai/t2icore/models/flux.py (Flux.forward_train): the shifted 1000-step schedule indexed by
-    # int(u·1000), sigma = 1 - i/1000.
+    # As DC-Gen's dc_ai/t2icore/models/flux.py (Flux.forward_train): the shifted 1000-step schedule
+    # indexed by int(u·1000), sigma = 1 - i/1000.
     return time_shift(r, 1 - torch.floor(u * 1000) / 1000).float()
 
 
@@ -303,14 +328,21 @@ def denoise(velocity: typing.Callable, x: torch.Tensor, sigmas: torch.Tensor) ->
     return x
 
 
-def guided_velocity(model, cond: dict, null: dict | None = None, guidance: float | None = None, cfg: float = 1.0):
+def guided_velocity(
+    model, cond: dict, null: dict | None = None, guidance: float | None = None, cfg: float = 1.0
+):
     """v(x, sigma) for `denoise`, with guidance made explicit. A guidance-distilled model (FLUX.1-dev/Krea) takes
     the scale w as an input, one pass; a CFG model takes two, v_u + cfg·(v_c - v_u), batched as [cond, null]."""
 
     def v(x: torch.Tensor, sigma: float) -> torch.Tensor:
-        n = x.shape[0] * (1 if cfg == 1.0 else 2)  # rows of the forward pass: [cond] or [cond, null]
+        # rows of the forward pass: [cond] or [cond, null]
+        n = x.shape[0] * (1 if cfg == 1.0 else 2)
         t = torch.full((n,), sigma, device=x.device)
-        w = {} if guidance is None else {"guidance": torch.full((n,), float(guidance), device=x.device)}
+        w = (
+            {}
+            if guidance is None
+            else {"guidance": torch.full((n,), float(guidance), device=x.device)}
+        )
         if cfg == 1.0:
             return model(x, t, **cond, **w)
         both = {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}

@@ -53,13 +53,17 @@ class ImageFolder(torch.utils.data.Dataset):
                 if line.strip():
                     rec = json.loads(line)
                     if not {"file_name", "caption"} <= rec.keys():
-                        raise ValueError(f"captions.jsonl line {n + 1}: expected keys file_name and caption: {line}")
+                        raise ValueError(
+                            f"captions.jsonl line {n + 1}: expected keys file_name and caption: {line}"
+                        )
                     table[rec["file_name"]] = rec["caption"]
         self.captions = []
         for f in self.files:
             txt = f.with_suffix(".txt")
             cap = table.get(f.relative_to(self.root).as_posix())
-            self.captions.append(cap if cap is not None else txt.read_text().strip() if txt.is_file() else None)
+            self.captions.append(
+                cap if cap is not None else txt.read_text().strip() if txt.is_file() else None
+            )
         missing = [f.name for f, c in zip(self.files, self.captions) if c is None]
         if captions and missing:
             raise ValueError(
@@ -72,7 +76,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         img = Image.open(self.files[i]).convert("RGB")
-        s = self.size_px / min(img.size)  # resize the shorter side to size_px (PIL antialiases when shrinking)
+        # resize the shorter side to size_px (PIL antialiases when shrinking)
+        s = self.size_px / min(img.size)
         w, h = max(self.size_px, round(img.width * s)), max(self.size_px, round(img.height * s))
         img = img.resize((w, h), Image.Resampling.BICUBIC)
         left, top = (w - self.size_px) // 2, (h - self.size_px) // 2
@@ -93,8 +98,16 @@ class StepSampler(torch.utils.data.Sampler):
     the index itself (procedural datasets, where every index is already a fresh random sample).
     """
 
-    def __init__(self, n: int, batch: int, rank: int = 0, world: int = 1, seed: int = 0, start_step: int = 0,
-                 shuffle: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        n: int,
+        batch: int,
+        rank: int = 0,
+        world: int = 1,
+        seed: int = 0,
+        start_step: int = 0,
+        shuffle: bool = True,
+    ):
         self.n, self.batch, self.rank, self.world = n, batch, rank, world
         self.seed, self.start_step, self.shuffle = seed, start_step, shuffle
         self._epoch, self._perm = -1, None
@@ -105,7 +118,9 @@ class StepSampler(torch.utils.data.Sampler):
         epoch, i = divmod(p, self.n)
         if epoch != self._epoch:
             self._epoch = epoch
-            self._perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            self._perm = torch.randperm(
+                self.n, generator=torch.Generator().manual_seed(self.seed + epoch)
+            ).tolist()
         return self._perm[i]
 
     def batch_of(self, step: int) -> list[int]:
@@ -152,7 +167,9 @@ class LatentCache:
     def shape(self, key: str) -> tuple[int, ...]:
         """Shape of one row of `key`, e.g. the student latent (C, h, w)."""
         if key not in self.meta["shapes"]:
-            raise KeyError(f"the cache {self.folder} has no {key!r}; it holds {sorted(self.meta['shapes'])}")
+            raise KeyError(
+                f"the cache {self.folder} has no {key!r}; it holds {sorted(self.meta['shapes'])}"
+            )
         return tuple(self.meta["shapes"][key])
 
     def get(self, idx: torch.Tensor | list[int], keys: list[str]) -> dict[str, torch.Tensor]:

@@ -31,7 +31,16 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import cleanup_dist, init_dist, load_ckpt, parse_config, print0, run_info, save_config, seed_everything
+from common import (
+    cleanup_dist,
+    init_dist,
+    load_ckpt,
+    parse_config,
+    print0,
+    run_info,
+    save_config,
+    seed_everything,
+)
 from data import LatentCache
 from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text
@@ -46,14 +55,20 @@ class Config:
     # what to train
     init: str = ""  # the CFG model to distill: a model folder without a guidance embedding
     cache: str = "out/cache"  # latent cache written by align.py --stage cache
-    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher (base AE)
-    out_dir: str = "out/distill"  # checkpoints, log.txt, samples/, model/ (the distilled model folder)
-    rank: int = 0  # 0: train all weights of the student; > 0: LoRA of that rank (plus the guidance embedder)
+    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher
+    # (base AE)
+    out_dir: str = "out/distill"  # checkpoints, log.txt, samples/, model/ (the distilled model
+    # folder)
+    rank: int = 0  # 0: train all weights of the student; > 0: LoRA of that rank (plus the guidance
+    # embedder)
     alpha: float = 256.0  # LoRA alpha: the update is (alpha / rank)·B·A
-    lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the model's); empty: no LoRA
-    trainable: tuple[str, ...] = ()  # with LoRA: modules trained in full (the guidance embedder always is)
+    lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the
+    # model's); empty: no LoRA
+    trainable: tuple[str, ...] = ()  # with LoRA: modules trained in full (the guidance embedder
+    # always is)
     # loss
-    drop_text: float = 0.1  # probability of training a sample on the empty prompt (its target: v_u at every w)
+    drop_text: float = 0.1  # probability of training a sample on the empty prompt (its target: v_u
+    # at every w)
     w_min: float = 1.0  # smallest guidance scale distilled (w = 1: the conditional velocity)
     w_max: float = 14.0  # largest guidance scale distilled (the range DC-Gen's guide loss samples)
     shift: str = ""  # noise-level shift: "" the --init folder's own, flux, dcgen or constant
@@ -71,9 +86,12 @@ class Config:
     ema: float = 0.999  # EMA decay of the student's trainable weights (0: no EMA)
     # runtime
     device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights fp32)
-    fsdp: bool = False  # shard the student over the ranks (FSDP2, per block) instead of replicating it (DDP)
-    grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in depth)
+    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights
+    # fp32)
+    fsdp: bool = False  # shard the student over the ranks (FSDP2, per block) instead of replicating
+    # it (DDP)
+    grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in
+    # depth)
     seed: int = 0  # seeds the data order and every draw of the loss
     log_every: int = 10  # steps between log lines
     sample_every: int = 1000  # steps between preview grids (0: never), with embedded guidance
@@ -92,9 +110,15 @@ class Config:
 
 
 def load_teacher(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
-    teacher = load_pipeline(cfg.init, dtype=dtype, parts=("transformer",)).transformer.eval().requires_grad_(False)
+    teacher = (
+        load_pipeline(cfg.init, dtype=dtype, parts=("transformer",))
+        .transformer.eval()
+        .requires_grad_(False)
+    )
     if teacher.params.guidance_embed:
-        raise ValueError(f"{cfg.init} already embeds guidance: distill a CFG model (no guidance embedding)")
+        raise ValueError(
+            f"{cfg.init} already embeds guidance: distill a CFG model (no guidance embedding)"
+        )
     return teacher
 
 
@@ -102,10 +126,13 @@ def build_student(cfg: Config, dtype: torch.dtype, teacher: torch.nn.Module) -> 
     """The teacher plus a guidance embedder whose output starts at zero: student(x, t, c, w) = teacher(x, t, c)."""
     with torch.device("meta"):
         student = type(teacher)(dataclasses.replace(teacher.params, guidance_embed=True))
-    # SANA's guidance layout (SANA-Sprint) keeps the timestep MLP one level up; FLUX only adds guidance_embedder.
+    # SANA's guidance layout (SANA-Sprint) keeps the timestep MLP one level up; FLUX only adds
+    # guidance_embedder.
     sd = {}
     for k, v in teacher.state_dict().items():
-        sd[k.replace("time_embed.emb.timestep_embedder.", "time_embed.timestep_embedder.")] = v.clone()
+        sd[k.replace("time_embed.emb.timestep_embedder.", "time_embed.timestep_embedder.")] = (
+            v.clone()
+        )
     for name, t in student.state_dict().items():
         if "guidance_embedder" in name:  # fresh: default init, then the last layer zeroed below
             sd[name] = torch.empty_like(t, device="cpu", dtype=dtype)
@@ -124,7 +151,9 @@ def build_student(cfg: Config, dtype: torch.dtype, teacher: torch.nn.Module) -> 
 def with_shift(cfg: Config) -> Config:
     """--shift resolved before config.json is written: given, or the --init folder's own."""
     if cfg.shift:
-        assert cfg.shift in SHIFTS, f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the model folder\'s own)'
+        assert cfg.shift in SHIFTS, (
+            f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the model folder\'s own)'
+        )
         return cfg
     shift, value = read_shift(cfg.init)
     return dataclasses.replace(cfg, shift=shift, shift_value=value)
@@ -140,8 +169,12 @@ def merge(cfg: Config) -> Path:
     use_ema = cfg.merge_ema and bool(ckpt["ema"])
     sd = merged_state_dict(student, ckpt["ema"] if use_ema else ckpt["model"], dtype, cfg.merge)
     init = Path(run.init)
-    write_pipeline(cfg.out_dir, student, init / "vae", init, run.shift, run.shift_value, state_dict=sd)
-    print(f"distilled model (step {ckpt['step']}, {'EMA' if use_ema else 'raw'} weights) -> {cfg.out_dir}")
+    write_pipeline(
+        cfg.out_dir, student, init / "vae", init, run.shift, run.shift_value, state_dict=sd
+    )
+    print(
+        f"distilled model (step {ckpt['step']}, {'EMA' if use_ema else 'raw'} weights) -> {cfg.out_dir}"
+    )
     return Path(cfg.out_dir)
 
 
@@ -163,7 +196,9 @@ def main(argv: list[str] | None = None) -> Path | None:
     if d.master:
         save_config(cfg, out)
         print0(f"run {run_info(d.world_size)}", log_file=log)
-    assert cfg.batch_size % d.world_size == 0, f"batch_size {cfg.batch_size} not divisible by {d.world_size} ranks"
+    assert cfg.batch_size % d.world_size == 0, (
+        f"batch_size {cfg.batch_size} not divisible by {d.world_size} ranks"
+    )
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
     # --- models: the frozen CFG teacher, then the student ---
@@ -173,7 +208,10 @@ def main(argv: list[str] | None = None) -> Path | None:
     raw = build_student(cfg, dtype, teacher)
     check_latent(raw, cache.shape(cfg.latent), f"the cache {cfg.cache} ({cfg.latent})")
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    print0(f"student of {cfg.init}: {n_train / 1e6:.2f} M trainable parameters; loss distillation", log_file=log)
+    print0(
+        f"student of {cfg.init}: {n_train / 1e6:.2f} M trainable parameters; loss distillation",
+        log_file=log,
+    )
     if cfg.dry_run:
         return cleanup_dist()
     seed_everything(cfg.seed + d.rank)
@@ -181,12 +219,18 @@ def main(argv: list[str] | None = None) -> Path | None:
 
     # --- the loss: || student(x_t, c, w) - [v_u + w·(v_c - v_u)] ||², the teacher's guided velocity as target ---
     def loss_fn(student, x0, text, g, r):
-        x_t, sigma, _, drop, w = draw(x0, g, cfg.batch_size, d.rank, r, cfg.drop_text, cfg.w_min, cfg.w_max)
+        x_t, sigma, _, drop, w = draw(
+            x0, g, cfg.batch_size, d.rank, r, cfg.drop_text, cfg.w_min, cfg.w_max
+        )
         cond = drop_text(text, null, drop)  # the data's velocity is not the target here
-        with torch.no_grad():  # v_c and v_u from the frozen teacher in one batched pass: [caption, empty prompt]
+        # v_c and v_u from the frozen teacher in one batched pass: [caption, empty prompt]
+        with torch.no_grad():
             both = {k: torch.cat([cond[k], null[k].expand_as(cond[k])]) for k in cond}
-            v_c, v_u = teacher(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), **both).float().chunk(2)
-            target = v_u + w[:, None, None, None] * (v_c - v_u)  # classifier-free guidance at scale w
+            v_c, v_u = (
+                teacher(torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), **both).float().chunk(2)
+            )
+            # classifier-free guidance at scale w
+            target = v_u + w[:, None, None, None] * (v_c - v_u)
         return F.mse_loss(student(x_t, sigma, **cond, guidance=w).float(), target)
 
     # --- training loop, then the distilled model folder ---

@@ -1,10 +1,10 @@
 """Stage 3 of DC-Gen: LoRA fine-tuning of the aligned model, end to end (DC-Gen §3.3; the official trainer
 `dc_ai/t2icore/trainer.py`).
 
-The same loop trains all weights (--rank 0), a base model from scratch (--rank 0 --preset, no --init: the toy zoo's
-CFG base), and DC-AE 1.5's augmented diffusion training (--prefixes; official `dc_gen/c2icore/trainer.py`). --merge folds a LoRA's EMA
-weights into its --init model and writes a full model folder, so the resolution ladder 512 -> 1K is: train, merge,
-train a fresh LoRA at the next size.
+The same loop trains all weights (--rank 0), a base model from scratch (--rank 0 --preset, no --init: the toy
+zoo's CFG base), and DC-AE 1.5's augmented diffusion training (--prefixes; official
+`dc_gen/c2icore/trainer.py`). --merge folds a LoRA's EMA weights into its --init model and writes a full model
+folder, so the resolution ladder 512 -> 1K is: train, merge, train a fresh LoRA at the next size.
 
 The loss, on x_t = (1 - sigma)·x0 + sigma·noise with sigma logit-normal and shifted (common.sample_sigmas) and the
 target velocity v = noise - x0 (training.draw), is chosen in `main`:
@@ -37,13 +37,30 @@ from pathlib import Path
 
 import torch
 
-from common import cleanup_dist, init_dist, load_ckpt, parse_config, print0, run_info, save_config, seed_everything
+from common import (
+    cleanup_dist,
+    init_dist,
+    load_ckpt,
+    parse_config,
+    print0,
+    run_info,
+    save_config,
+    seed_everything,
+)
 from data import LatentCache
 from models.flux import PRESETS, Flux
 from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text
 from plan import check_fits
-from training import check_latent, draw, flow_matching_loss, guide_loss, merged_state_dict, prepare, train
+from training import (
+    check_latent,
+    draw,
+    flow_matching_loss,
+    guide_loss,
+    merged_state_dict,
+    prepare,
+    train,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
@@ -55,31 +72,41 @@ class Config:
     init: str = ""  # model folder to start from; "" trains --preset from scratch (with --rank 0)
     preset: str = ""  # FLUX preset (models/flux.py) of a model trained from scratch
     cache: str = "out/cache"  # latent cache written by align.py --stage cache
-    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher (base AE)
+    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher
+    # (base AE)
     out_dir: str = "out/lora"  # checkpoints, log.txt, samples/
     rank: int = 256  # LoRA rank; 0 trains all weights
     alpha: float = 256.0  # LoRA alpha: the update is (alpha / rank)·B·A
-    lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the model's); empty: no LoRA
-    trainable: tuple[str, ...] | None = None  # modules trained in full beside LoRA (default: the model's latent layers)
+    lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the
+    # model's); empty: no LoRA
+    trainable: tuple[str, ...] | None = None  # modules trained in full beside LoRA (default: the
+    # model's latent layers)
     # loss
-    loss: str = "auto"  # auto (guide if the model embeds guidance, else fm), fm (flow matching), guide
+    loss: str = "auto"  # auto (guide if the model embeds guidance, else fm), fm (flow matching),
+    # guide
     drop_text: float = 0.1  # probability of training a sample on the empty prompt
     w_min: float = 1.0  # guide loss: smallest guidance scale w
     w_max: float = 14.0  # guide loss: largest guidance scale w
-    guide_uncond: str = "one"  # guide loss: v_u at guidance 1 (official code) or at the sampled w ("w", the paper)
-    shift: str = ""  # noise-level shift: "" the --init folder's own (sample.py's; flux for --preset), flux (mu linear
+    guide_uncond: str = "one"  # guide loss: v_u at guidance 1 (official code) or at the sampled w
+    # ("w", the paper)
+    shift: str = ""  # noise-level shift: "" the --init folder's own (sample.py's; flux for
+    # --preset), flux (mu linear
     # in tokens), dcgen (sqrt(C·p²·L/4096)) or constant
     shift_value: float = 3.0  # r of --shift constant (with --shift "", the folder's own value)
-    prefixes: tuple[int, ...] = ()  # DC-AE 1.5 augmented diffusion training: candidate channel prefixes c' (empty:
+    prefixes: tuple[int, ...] = ()  # DC-AE 1.5 augmented diffusion training: candidate channel
+    # prefixes c' (empty:
     # off; the model then also takes x[:, :c'])
-    num_prefixes: int = 2  # K: loss terms per step, one per channel prefix drawn (common.draw_prefixes)
-    always_max: bool = True  # one of the K terms is always the full latent (official always_sample_max_channel)
-    # optimisation (official stage-3 recipe: AdamW (0.9, 0.95), wd 0, lr 1e-4, 1000 warm-up steps, clip 0.1, EMA 0.999)
+    num_prefixes: int = 2  # K: loss terms per step, one per channel prefix drawn
+    # (common.draw_prefixes)
+    always_max: bool = True  # one of the K terms is always the full latent (official
+    # always_sample_max_channel) optimisation (official stage-3 recipe: AdamW (0.9, 0.95), wd 0, lr
+    # 1e-4, 1000 warm-up steps, clip 0.1, EMA 0.999)
     steps: int = 10_000  # optimizer steps
     batch_size: int = 64  # global batch, split over the ranks
     lr: float = 1e-4  # peak learning rate
     warmup: int = 1000  # linear warm-up steps, then constant
-    decay: int = 0  # linear decay to 0 over the last `decay` steps (0: none; the official recipe is constant)
+    decay: int = 0  # linear decay to 0 over the last `decay` steps (0: none; the official recipe is
+    # constant)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     weight_decay: float = 0.0  # AdamW weight decay
@@ -87,21 +114,26 @@ class Config:
     ema: float = 0.999  # EMA decay of the trainable weights (0: no EMA)
     # runtime
     device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights fp32)
-    fsdp: bool = False  # shard the model over the ranks (FSDP2, per block) instead of replicating it (DDP)
-    grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in depth)
+    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights
+    # fp32)
+    fsdp: bool = False  # shard the model over the ranks (FSDP2, per block) instead of replicating
+    # it (DDP)
+    grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in
+    # depth)
     seed: int = 0  # seeds the data order and every draw of the loss
     log_every: int = 10  # steps between log lines
     sample_every: int = 1000  # steps between preview grids (0: never)
     sample_count: int = 4  # previews: the first cached captions, fixed noise
     sample_steps: int = 20  # Euler steps of a preview
-    sample_guidance: float = 3.5  # previews: embedded guidance (guidance-distilled) or CFG scale (CFG models)
+    sample_guidance: float = 3.5  # previews: embedded guidance (guidance-distilled) or CFG scale
+    # (CFG models)
     save_every: int = 1000  # steps between checkpoints
     val_cache: str = ""  # held-out latent cache: log the validation flow-matching loss on it
     val_every: int = 0  # steps between validations (0: at the end only, when val_cache is given)
     resume: bool = False  # continue from the newest checkpoint in out_dir
     dry_run: bool = False  # print the config and parameter counts, then exit
-    merge: str = ""  # a checkpoint of this script: fold its (EMA) weights into its base and write a model folder
+    merge: str = ""  # a checkpoint of this script: fold its (EMA) weights into its base and write a
+    # model folder
     merge_ema: bool = True  # --merge: use the EMA weights (else the raw ones)
 
 
@@ -126,7 +158,9 @@ def with_shift(cfg: Config) -> Config:
     """cfg with --shift resolved: given, or the --init folder's own, so that a run trains at the noise levels its model
     samples at (SANA a constant 3.0, FLUX mu(L)) unless told otherwise. Resolved before config.json is written."""
     if cfg.shift:
-        assert cfg.shift in SHIFTS, f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the model folder\'s own)'
+        assert cfg.shift in SHIFTS, (
+            f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the model folder\'s own)'
+        )
         return cfg
     shift, value = read_shift(cfg.init) if cfg.init else ("flux", cfg.shift_value)
     return dataclasses.replace(cfg, shift=shift, shift_value=value)
@@ -149,8 +183,10 @@ def merge(cfg: Config) -> Path:
         ae, text = meta[f"{run.latent}_ae"], meta["text"]
     write_pipeline(cfg.out_dir, model, ae, text, run.shift, run.shift_value, state_dict=sd)
     which = "EMA" if use_ema else "raw"
-    print(f"merged {which} weights of {cfg.merge} (step {ckpt['step']}) into {run.init or run.preset}; model folder "
-          f"{cfg.out_dir}")  # fmt: skip
+    print(
+        f"merged {which} weights of {cfg.merge} (step {ckpt['step']}) into {run.init or run.preset}; model folder "
+        f"{cfg.out_dir}"
+    )
     return Path(cfg.out_dir)
 
 
@@ -164,7 +200,9 @@ def main(cfg: Config | None = None) -> Path | None:
         return merge(cfg)
     cfg = with_shift(cfg)
     assert cfg.loss in ("auto", "fm", "guide"), f"--loss {cfg.loss!r}: choose auto, fm or guide"
-    assert cfg.guide_uncond in ("one", "w"), f"--guide_uncond {cfg.guide_uncond!r}: choose one (code) or w (paper)"
+    assert cfg.guide_uncond in ("one", "w"), (
+        f"--guide_uncond {cfg.guide_uncond!r}: choose one (code) or w (paper)"
+    )
     assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
 
     # --- distributed init ---
@@ -174,35 +212,60 @@ def main(cfg: Config | None = None) -> Path | None:
     if d.master:
         save_config(cfg, out)
         print0(f"run {run_info(d.world_size)}", log_file=log)
-    assert cfg.batch_size % d.world_size == 0, f"batch_size {cfg.batch_size} not divisible by {d.world_size} ranks"
+    assert cfg.batch_size % d.world_size == 0, (
+        f"batch_size {cfg.batch_size} not divisible by {d.world_size} ranks"
+    )
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
     # --- models: the frozen base with LoRA and the trainable latent layers ---
     cache = LatentCache(cfg.cache)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them; it does not broadcast)
+    # the same initial weights on every rank (FSDP shards them; it does not broadcast)
+    torch.manual_seed(cfg.seed)
     raw = build_model(cfg, dtype)
     check_latent(raw, cache.shape(cfg.latent), f"the cache {cfg.cache} ({cfg.latent})")
-    guide = cfg.loss == "guide" or (cfg.loss == "auto" and getattr(raw.params, "guidance_embed", False))
-    assert not guide or raw.params.guidance_embed, "--loss guide needs a model with a guidance embedding"
+    guide = cfg.loss == "guide" or (
+        cfg.loss == "auto" and getattr(raw.params, "guidance_embed", False)
+    )
+    assert not guide or raw.params.guidance_embed, (
+        "--loss guide needs a model with a guidance embedding"
+    )
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     n_all = sum(p.numel() for p in raw.parameters())
-    print0(f"model {cfg.init or cfg.preset}: {n_all / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable; "
-           f"loss {'guide' if guide else 'flow matching'}", log_file=log)  # fmt: skip
-    if isinstance(raw, Flux) and cfg.rank > 0:  # on CUDA: the planner's peak against the card, before hours are spent
+    print0(
+        f"model {cfg.init or cfg.preset}: {n_all / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable; "
+        f"loss {'guide' if guide else 'flow matching'}",
+        log_file=log,
+    )
+    # on CUDA: the planner's peak against the card, before hours are spent
+    if isinstance(raw, Flux) and cfg.rank > 0:
         _, h, w = cache.shape(cfg.latent)
-        check_fits("lora", raw, micro_batch=cfg.batch_size // d.world_size, device=d.device, latent_hw=(h, w),
-                   txt_len=cache.shape("txt")[0], dtype=cfg.dtype, grad_checkpointing=cfg.grad_checkpointing,
-                   fsdp_world=d.world_size if cfg.fsdp else 1, lora_rank=cfg.rank, guide=guide,
-                   aug_k=cfg.num_prefixes if cfg.prefixes else 1)  # fmt: skip
+        check_fits(
+            "lora",
+            raw,
+            micro_batch=cfg.batch_size // d.world_size,
+            device=d.device,
+            latent_hw=(h, w),
+            txt_len=cache.shape("txt")[0],
+            dtype=cfg.dtype,
+            grad_checkpointing=cfg.grad_checkpointing,
+            fsdp_world=d.world_size if cfg.fsdp else 1,
+            lora_rank=cfg.rank,
+            guide=guide,
+            aug_k=cfg.num_prefixes if cfg.prefixes else 1,
+        )
     if cfg.dry_run:
         return cleanup_dist()
-    seed_everything(cfg.seed + d.rank)  # per-rank streams from here on (the loss draws from the step's generator)
+    # per-rank streams from here on (the loss draws from the step's generator)
+    seed_everything(cfg.seed + d.rank)
     null = {k: v.to(d.device) for k, v in cache.null.items()}
 
     # --- the loss: DC-Gen stage 3's objective on this rank's latents ---
     def loss_fn(model, x0, text, g, r):
-        x_t, sigma, v, drop, w = draw(x0, g, cfg.batch_size, d.rank, r, cfg.drop_text, cfg.w_min, cfg.w_max)
-        cond = drop_text(text, null, drop)  # the empty prompt for 10%: the model keeps its unconditional velocity
+        x_t, sigma, v, drop, w = draw(
+            x0, g, cfg.batch_size, d.rank, r, cfg.drop_text, cfg.w_min, cfg.w_max
+        )
+        # the empty prompt for 10%: the model keeps its unconditional velocity
+        cond = drop_text(text, null, drop)
         if guide:
             return guide_loss(model, raw, x_t, sigma, v, cond, null, w, cfg.guide_uncond)
         return flow_matching_loss(model, x_t, sigma, v, cond)

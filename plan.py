@@ -51,12 +51,15 @@ from training import draw, flow_matching_loss, guide_loss, prepare
 # ----------------------------------------------------------------------------------------------------------------
 # config
 
-# Dense bf16 tensor-core peaks (no 2:4 sparsity) and memory. H100 SXM: 989 TFLOP/s, 80 GB (NVIDIA H100 datasheet);
-# H200: the same GH100 compute, 141 GB; RTX 5090: 209.5 TFLOP/s dense bf16 with fp32 accumulate, 32 GB (NVIDIA RTX
-# Blackwell GPU architecture whitepaper, appendix table "GeForce RTX 5090").
+# Dense bf16 tensor-core peaks (no 2:4 sparsity) and memory. H100 SXM: 989 TFLOP/s, 80 GB (NVIDIA
+# H100 datasheet); H200: the same GH100 compute, 141 GB; RTX 5090: 209.5 TFLOP/s dense bf16 with
+# fp32 accumulate, 32 GB (NVIDIA RTX Blackwell GPU architecture whitepaper, appendix table "GeForce
+# RTX 5090").
 GPUS = {"h100": (989e12, 80e9), "h200": (989e12, 141e9), "rtx5090": (209.5e12, 32e9)}
-PAPER_GPU_DAYS = (40, 31)  # DC-Gen-FLUX.1-Krea training cost, H100 GPU-days: the paper, the later official README
-T5_XXL = 24 * (4 * 4096**2 + 3 * 4096 * 10240) + 32128 * 4096  # T5-v1.1-XXL encoder, 4.76 B (FLUX text_encoder_2)
+# DC-Gen-FLUX.1-Krea training cost, H100 GPU-days: the paper, the later official README
+PAPER_GPU_DAYS = (40, 31)
+# T5-v1.1-XXL encoder, 4.76 B (FLUX text_encoder_2)
+T5_XXL = 24 * (4 * 4096**2 + 3 * 4096 * 10240) + 32128 * 4096
 CLIP_L = 123_060_480  # CLIP ViT-L/14 text model (FLUX text_encoder)
 
 
@@ -65,12 +68,14 @@ class Config:
     gpus: int = 8  # ranks of every torchrun stage (runs/pipeline.sh uses 8)
     gpu: str = "h100"  # h100, h200 or rtx5090: memory per GPU and dense bf16 peak
     mfu: float = 0.4  # fraction of the GPU's dense bf16 peak that a step reaches
-    dtype: str = "bf16"  # fp32 or bf16 (frozen weights in bf16, trainable fp32, autocast), as the stages' --dtype
+    dtype: str = "bf16"  # fp32 or bf16 (frozen weights in bf16, trainable fp32, autocast), as the
+    # stages' --dtype
     grad_checkpointing: bool = True  # head and LoRA stages: recompute block activations in backward
     fsdp: bool = True  # head and LoRA stages: FSDP2 shards over the ranks (else DDP replicas)
     depth: int = -1  # double-stream blocks (-1: the preset's 19); smaller for quick looks
     depth_single: int = -1  # single-stream blocks (-1: the preset's 38)
-    preset: str = ""  # FLUX preset planned for every stage ("": dcgen-flux-1k for 1K, dcgen-flux-4k for 4K)
+    preset: str = ""  # FLUX preset planned for every stage ("": dcgen-flux-1k for 1K, dcgen-flux-4k
+    # for 4K)
     txt_len: int = 256  # T5 tokens in training (the official recipe's max_length)
     sample_txt_len: int = 512  # T5 tokens at sampling (FLUX's default)
     stages: tuple[str, ...] = ()  # only these rows (e.g. lora-512 sample-4k); empty: every stage
@@ -89,7 +94,8 @@ class Tracker(TorchDispatchMode):
 
     def __init__(self):
         super().__init__()
-        self.rows = []  # [bytes, time born, phase born, time released, phase released] of every storage
+        # [bytes, time born, phase born, time released, phase released] of every storage
+        self.rows = []
         self.live = {}  # storage id -> its row, while it lives
         self.clock, self.phase, self.flops = 0, "forward", 0.0
 
@@ -97,8 +103,14 @@ class Tracker(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         self.flops += op_flops(func, args, kwargs, out)
-        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-        for storage in (t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
+        inputs = {
+            t.untyped_storage()._cdata
+            for t in tree_leaves((args, kwargs))
+            if isinstance(t, torch.Tensor)
+        }
+        for storage in (
+            t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)
+        ):
             if storage._cdata in inputs or storage._cdata in self.live:
                 continue
             self.clock += 1
@@ -148,7 +160,9 @@ def cuda_autocast_norms():
         def wrapped(*args, **kwargs):
             if torch.is_autocast_enabled("cpu"):
                 args, kwargs = tree_map_only(
-                    torch.Tensor, lambda t: t.float() if t.is_floating_point() else t, (args, kwargs)
+                    torch.Tensor,
+                    lambda t: t.float() if t.is_floating_point() else t,
+                    (args, kwargs),
                 )
             return fn(*args, **kwargs)
 
@@ -175,7 +189,9 @@ def to_fake(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
                 m._parameters[name] = memo[id(p)]
         for name, t in list(m._buffers.items()):
             if t is not None:
-                m._buffers[name] = mode.fake_tensor_converter.from_meta_and_device(mode, t, torch.device("cpu"))
+                m._buffers[name] = mode.fake_tensor_converter.from_meta_and_device(
+                    mode, t, torch.device("cpu")
+                )
     return module
 
 
@@ -183,21 +199,28 @@ def to_fake(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
 # helpers: a stage's model and step, as the stage scripts build and run them (traced here, measured in the tests)
 
 
-def build_model(stage: str, params: FluxParams, dtype: torch.dtype, lora_rank: int, teacher_in: int = 64) -> nn.Module:
+def build_model(
+    stage: str, params: FluxParams, dtype: torch.dtype, lora_rank: int, teacher_in: int = 64
+) -> nn.Module:
     """The module a stage puts on the GPU, dtypes and requires_grad as the stages set them (training.prepare)."""
-    if stage == "embed":  # align.py: the frozen base embedder (teacher_in: FLUX's f8c16 latent in 2x2 patches)
+    # align.py: the frozen base embedder (teacher_in: FLUX's f8c16 latent in 2x2 patches)
+    if stage == "embed":
         teacher = nn.Linear(teacher_in, params.hidden_size).to(dtype)
-        student = nn.Linear(params.in_channels * params.patch_size**2, params.hidden_size)  # fp32, trained
+        # fp32, trained
+        student = nn.Linear(params.in_channels * params.patch_size**2, params.hidden_size)
         return nn.ModuleDict({"teacher": teacher.requires_grad_(False), "student": student})
     model = Flux(params).to(dtype)
     if stage in ("sample", "quantize"):
         return model.requires_grad_(False)
     if stage == "head":  # align.py --stage head: only the latent layers train
         return prepare(model, 1, 1.0, (), model.latent_layers)
-    return prepare(model, lora_rank, float(lora_rank), model.lora_targets, model.latent_layers)  # lora.py
+    # lora.py
+    return prepare(model, lora_rank, float(lora_rank), model.lora_targets, model.latent_layers)
 
 
-def make_batch(stage: str, params: FluxParams, b: int, latent_hw, txt_len: int, teacher=(64, 2)) -> dict:
+def make_batch(
+    stage: str, params: FluxParams, b: int, latent_hw, txt_len: int, teacher=(64, 2)
+) -> dict:
     """One rank's batch: latents and text states as the latent cache holds them (fp32). Embed: the teacher latent of
     the same images, in 2x2 patches of teacher[0] / 4 channels, on a token grid teacher[1] times the student's."""
     h, w = latent_hw
@@ -220,11 +243,16 @@ def make_optimizer(model: nn.Module, stage: str, foreach: bool):
     if not params:  # sampling
         return None, {}
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0, foreach=foreach)
-    for p in params:  # a step on zero gradients creates the states, as the first real step does (weights unchanged)
+    # a step on zero gradients creates the states, as the first real step does (weights unchanged)
+    for p in params:
         p.grad = torch.zeros_like(p)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    ema = {n: p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad and stage == "lora"}
+    ema = {
+        n: p.detach().float().clone()
+        for n, p in model.named_parameters()
+        if p.requires_grad and stage == "lora"
+    }
     return opt, ema
 
 
@@ -244,7 +272,9 @@ def diffusion_loss(model, x0, cond, null, g, guide: bool) -> torch.Tensor:
     return flow_matching_loss(model, x_t, sigma, v, cond)
 
 
-def train_step(stage, model, opt, ema, batch, null, amp, guide: bool, aug_k: int, mark=lambda phase: None):
+def train_step(
+    stage, model, opt, ema, batch, null, amp, guide: bool, aug_k: int, mark=lambda phase: None
+):
     """One optimizer step as the stage scripts run it: training.train's loop body (loss terms on aug_k channel
     prefixes under autocast, backward, clip, AdamW, EMA), or align.py's embed step (the frozen embedder without
     grad, the fresh one trained on its bilinearly upsampled map, the official default)."""
@@ -252,13 +282,18 @@ def train_step(stage, model, opt, ema, batch, null, amp, guide: bool, aug_k: int
     if stage == "embed":
         dtype = model["teacher"].weight.dtype
         with torch.no_grad():
-            e_t = embed_map(model["teacher"], batch["teacher"].to(dtype), 2).float()  # (b, D, *teacher grid)
-        e_s = embed_map(model["student"], batch["student"].to(dtype).float(), 1)  # (b, D, *student grid)
-        loss = F.mse_loss(e_t, F.interpolate(e_s, scale_factor=e_t.shape[-1] // e_s.shape[-1], mode="bilinear"))
+            # (b, D, *teacher grid)
+            e_t = embed_map(model["teacher"], batch["teacher"].to(dtype), 2).float()
+        # (b, D, *student grid)
+        e_s = embed_map(model["student"], batch["student"].to(dtype).float(), 1)
+        loss = F.mse_loss(
+            e_t, F.interpolate(e_s, scale_factor=e_t.shape[-1] // e_s.shape[-1], mode="bilinear")
+        )
     else:
         x0, cond, loss = batch["x0"], {"txt": batch["txt"], "y": batch["y"]}, 0.0
         g = torch.Generator().manual_seed(0)
-        prefixes = [x0.shape[1]] + [x0.shape[1] * 3 // 4] * (aug_k - 1)  # DC-AE 1.5 channel prefixes (e.g. 96 of 128)
+        # DC-AE 1.5 channel prefixes (e.g. 96 of 128)
+        prefixes = [x0.shape[1]] + [x0.shape[1] * 3 // 4] * (aug_k - 1)
         with amp():
             for c in prefixes:
                 loss = loss + diffusion_loss(model, x0[:, :c], cond, null, g, guide) / len(prefixes)
@@ -266,7 +301,8 @@ def train_step(stage, model, opt, ema, batch, null, amp, guide: bool, aug_k: int
     loss.backward()
     mark("optimizer")
     if stage != "embed":  # the embed recipe has no clipping (align.RECIPES)
-        torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=opt.defaults["foreach"])  # foreach on a GPU
+        # foreach on a GPU
+        torch.nn.utils.clip_grad_norm_(params, 0.1, foreach=opt.defaults["foreach"])
     opt.step()
     opt.zero_grad(set_to_none=True)
     if ema:
@@ -287,7 +323,9 @@ def trace(stage: str, params: FluxParams, *args) -> dict:
 
 
 @lru_cache(maxsize=512)
-def trace_step(stage, fields, b, latent_hw, txt_len, dtype, ckpt, shards, rank, guide, aug_k, teacher, device) -> dict:
+def trace_step(
+    stage, fields, b, latent_hw, txt_len, dtype, ckpt, shards, rank, guide, aug_k, teacher, device
+) -> dict:
     """Build the stage's model on fake tensors and trace one steady-state step (the optimizer states exist).
     shards: FSDP world size: gradients, optimizer states and the optimizer's temporaries count 1/shards."""
     params = FluxParams(**dict(fields))
@@ -298,7 +336,9 @@ def trace_step(stage, fields, b, latent_hw, txt_len, dtype, ckpt, shards, rank, 
     model = to_fake(model, mode)
     model.grad_checkpointing, model.adaptive_channels = ckpt, aug_k > 1
     trainable = [p for p in model.parameters() if p.requires_grad]
-    shim = cuda_autocast_norms() if device == "cuda" and dtype == "bf16" else contextlib.nullcontext()
+    shim = (
+        cuda_autocast_norms() if device == "cuda" and dtype == "bf16" else contextlib.nullcontext()
+    )
 
     def amp():
         return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16")
@@ -311,23 +351,34 @@ def trace_step(stage, fields, b, latent_hw, txt_len, dtype, ckpt, shards, rank, 
             marks["grads"] = {tracker.live[p.grad.untyped_storage()._cdata] for p in trainable}
 
     with mode, shim:
-        null = {"txt": torch.randn(1, txt_len, params.context_in_dim), "y": torch.randn(1, params.vec_in_dim)}
-        opt, ema = make_optimizer(model, stage, foreach=device == "cuda")  # with its states: a steady-state step
+        null = {
+            "txt": torch.randn(1, txt_len, params.context_in_dim),
+            "y": torch.randn(1, params.vec_in_dim),
+        }
+        # with its states: a steady-state step
+        opt, ema = make_optimizer(model, stage, foreach=device == "cuda")
         tracker = Tracker()
         with tracker:
             batch = make_batch(stage, params, b, latent_hw, txt_len, teacher)
-            if stage == "sample":  # one denoising step of sample.py: the bf16 model, no autocast, no graph
+            # one denoising step of sample.py: the bf16 model, no autocast, no graph
+            if stage == "sample":
                 with torch.no_grad():
                     w = {"guidance": torch.full((b,), 3.5)} if params.guidance_embed else {}
                     model(batch["x0"], torch.full((b,), 0.5), batch["txt"], batch["y"], **w)
             else:
                 train_step(stage, model, opt, ema, batch, null, amp, guide, aug_k, mark)
             del batch
-    sharded = lambda key, phase: 1 / shards if key in marks["grads"] or phase == "optimizer" else 1.0  # noqa: E731
+    sharded = lambda key, phase: (
+        1 / shards if key in marks["grads"] or phase == "optimizer" else 1.0
+    )  # noqa: E731
     activation = lambda key, phase: 0.0 if key in marks["grads"] or phase == "optimizer" else 1.0  # noqa: E731
-    blocks = [*getattr(model, "transformer_blocks", []), *getattr(model, "single_transformer_blocks", [])]
+    blocks = [
+        *getattr(model, "transformer_blocks", []),
+        *getattr(model, "single_transformer_blocks", []),
+    ]
     states = opt.state.values() if opt else []
-    state = [t for s in states for t in s.values() if t.numel() > 1]  # exp_avg, exp_avg_sq (not step)
+    # exp_avg, exp_avg_sq (not step)
+    state = [t for s in states for t in s.values() if t.numel() > 1]
     peaks = tracker.peaks(sharded)
     return {
         "weights": nbytes(model.parameters()),
@@ -335,7 +386,9 @@ def trace_step(stage, fields, b, latent_hw, txt_len, dtype, ckpt, shards, rank, 
         "optimizer": nbytes(state) + nbytes(ema.values()),
         "blocks": sum(nbytes(b.parameters()) for b in blocks),
         "block": max((nbytes(b.parameters()) for b in blocks), default=0),
-        "block_grads": max((nbytes(p for p in b.parameters() if p.requires_grad) for b in blocks), default=0),
+        "block_grads": max(
+            (nbytes(p for p in b.parameters() if p.requires_grad) for b in blocks), default=0
+        ),
         "flops": tracker.flops,
         "activations": max(tracker.peaks(activation).get(p, 0.0) for p in ("forward", "backward")),
         "peak_step": max(peaks.get("forward", 0.0), peaks.get("backward", 0.0)),
@@ -359,14 +412,22 @@ def merge_estimate(params: FluxParams, rank: int, dtype: torch.dtype) -> dict:
     }
 
 
-def forward_flops(params: FluxParams, img_tokens: int, txt_tokens: int, lora_rank: int) -> dict[str, float]:
+def forward_flops(
+    params: FluxParams, img_tokens: int, txt_tokens: int, lora_rank: int
+) -> dict[str, float]:
     """One forward: bench.flux_flops (token linears and attention) plus the LoRA branches, 2·r·(in + out) FLOPs per
     token per adapted linear (with rank 0 or in the head stage there are none)."""
-    import bench  # here, not at the top: bench imports the whole pipeline (transformers), this needs one formula
+    # here, not at the top: bench imports the whole pipeline (transformers), this needs one formula
+    import bench
 
     flops = bench.flux_flops(params, img_tokens, txt_tokens)
-    D, mlp, L = params.hidden_size, int(params.hidden_size * params.mlp_ratio), img_tokens + txt_tokens
-    double = 4 * (D + D) + (D + mlp) + (mlp + D)  # per token of its stream: q, k, v, out; MLP in, out
+    D, mlp, L = (
+        params.hidden_size,
+        int(params.hidden_size * params.mlp_ratio),
+        img_tokens + txt_tokens,
+    )
+    # per token of its stream: q, k, v, out; MLP in, out
+    double = 4 * (D + D) + (D + mlp) + (mlp + D)
     single = 3 * (D + D) + (D + mlp) + (D + mlp + D)  # q, k, v; proj_mlp; fused proj_out
     flops["lora"] = 2.0 * lora_rank * L * (params.depth * double + params.depth_single * single)
     return flops
@@ -406,16 +467,37 @@ def predict(
     fwd = forward_flops(params, img_tokens, txt_len, rank if stage == "lora" else 0)
     if stage == "merge":
         est = merge_estimate(params, rank, torch.bfloat16 if dtype == "bf16" else torch.float32)
-        return {**est, "grads": 0.0, "peak": est["weights"] + est["optimizer"] + est["activations"], "host": True}
-    shards = fsdp_world if stage in ("head", "lora") else 1  # align.py's embed stage replicates its two embedders
+        return {
+            **est,
+            "grads": 0.0,
+            "peak": est["weights"] + est["optimizer"] + est["activations"],
+            "host": True,
+        }
+    # align.py's embed stage replicates its two embedders
+    shards = fsdp_world if stage in ("head", "lora") else 1
     guide = (params.guidance_embed if guide is None else guide) and stage in ("head", "lora")
     step = stage if train else "sample"
-    args = (micro_batch, tuple(latent_hw), txt_len, dtype, grad_checkpointing and train, shards, rank, guide)
+    args = (
+        micro_batch,
+        tuple(latent_hw),
+        txt_len,
+        dtype,
+        grad_checkpointing and train,
+        shards,
+        rank,
+        guide,
+    )
     teacher = teacher or dataclasses.replace(params, in_channels=16, patch_size=2)
     ae_factor = ae_factor or (32 if params.in_channels <= 32 else 64)
-    teacher_grid = ae_factor // (8 * teacher.patch_size)  # the teacher's f8 VAE token grid / the student's
-    args += (aug_k if stage == "lora" else 1, (teacher.in_channels * teacher.patch_size**2, teacher_grid), device)
-    if stage == "embed" or params.depth + params.depth_single <= 7:  # no deeper than the three traces below
+    # the teacher's f8 VAE token grid / the student's
+    teacher_grid = ae_factor // (8 * teacher.patch_size)
+    args += (
+        aug_k if stage == "lora" else 1,
+        (teacher.in_channels * teacher.patch_size**2, teacher_grid),
+        device,
+    )
+    # no deeper than the three traces below
+    if stage == "embed" or params.depth + params.depth_single <= 7:
         est = trace(step, params, *args)
     else:  # per-block terms from 1+1, 2+1 and 1+2 blocks, scaled to the real depth
         base = trace(step, dataclasses.replace(params, depth=1, depth_single=1), *args)
@@ -432,17 +514,23 @@ def predict(
         "forward_flops": micro_batch * (fwd["linear"] + fwd["attention"] + fwd["lora"]),
         "host": False,
     }
-    # FSDP2 gathers about two blocks at once (the running one and the prefetched next), holds one block's full
-    # gradients until their reduce-scatter, and keeps the root's own layers (embedders, head) gathered all step.
+    # FSDP2 gathers about two blocks at once (the running one and the prefetched next), holds one
+    # block's full gradients until their reduce-scatter, and keeps the root's own layers (embedders,
+    # head) gathered all step.
     root = est["weights"] - est["blocks"]
-    out["fsdp_gathered"] = 2 * est["block"] + est["block_grads"] + root * (1 - 1 / shards) if shards > 1 else 0.0
-    out["ddp_buckets"] = est["grads"] if ddp and train and shards == 1 else 0.0  # DDP's flat gradient buckets
+    out["fsdp_gathered"] = (
+        2 * est["block"] + est["block_grads"] + root * (1 - 1 / shards) if shards > 1 else 0.0
+    )
+    # DDP's flat gradient buckets
+    out["ddp_buckets"] = est["grads"] if ddp and train and shards == 1 else 0.0
     persistent = out["weights"] + out["optimizer"] + out["ddp_buckets"]
     out["peak"] = persistent + max(est["peak_step"] + out["fsdp_gathered"], est["peak_optimizer"])
     return out
 
 
-def largest_micro_batch(stage: str, params: FluxParams, budget: float, anchor: int = 1, exact: bool = True, **kw):
+def largest_micro_batch(
+    stage: str, params: FluxParams, budget: float, anchor: int = 1, exact: bool = True, **kw
+):
     """The largest micro-batch whose predicted peak fits `budget` bytes (0: none). Memory is affine in the micro-batch
     (every activation scales with it), so anchor and 2·anchor give it; exact: confirmed (or bisected) by tracing."""
     peak = lambda b: predict(stage, params, micro_batch=b, **kw)["peak"]  # noqa: E731
@@ -458,7 +546,9 @@ def largest_micro_batch(stage: str, params: FluxParams, budget: float, anchor: i
     return lo
 
 
-def check_fits(stage: str, model: nn.Module, *, micro_batch: int, device: torch.device, **kw) -> None:
+def check_fits(
+    stage: str, model: nn.Module, *, micro_batch: int, device: torch.device, **kw
+) -> None:
     """Stop a CUDA run at start, in one line, when its predicted peak exceeds the card (5% kept for the CUDA context
     and allocator slack): the predicted and the card's GB, the largest micro-batch that fits, and single-flag
     changes with their predicted peaks, cheapest first. kw: predict's (latent_hw, txt_len, dtype,
@@ -472,8 +562,11 @@ def check_fits(stage: str, model: nn.Module, *, micro_batch: int, device: torch.
         return
     world = int(os.environ.get("WORLD_SIZE", 1))
     best = largest_micro_batch(stage, model.params, budget, 1, False, **kw)
-    changes = {  # cheapest first: one more forward, then communication, then fewer samples, then precision
-        "--grad_checkpointing": {**kw, "grad_checkpointing": True} if not kw["grad_checkpointing"] else None,
+    # cheapest first: one more forward, then communication, then fewer samples, then precision
+    changes = {
+        "--grad_checkpointing": {**kw, "grad_checkpointing": True}
+        if not kw["grad_checkpointing"]
+        else None,
         "--fsdp": {**kw, "fsdp_world": world} if kw["fsdp_world"] == 1 and world > 1 else None,
         f"--batch_size {best * world}": {**kw, "micro_batch": best} if best else None,
         "--dtype bf16": {**kw, "dtype": "bf16"} if kw["dtype"] == "fp32" else None,
@@ -481,7 +574,9 @@ def check_fits(stage: str, model: nn.Module, *, micro_batch: int, device: torch.
     tried = []
     for flag, change in changes.items():
         if change is not None:
-            gb = predict(stage, model.params, **{"micro_batch": micro_batch, **change})["peak"] / 1e9
+            gb = (
+                predict(stage, model.params, **{"micro_batch": micro_batch, **change})["peak"] / 1e9
+            )
             tried.append(f"{flag} {gb:.1f} GB" + ("" if gb * 1e9 <= budget else " (not enough)"))
     raise SystemExit(
         f"{stage}: predicted peak {peak / 1e9:.1f} GB per GPU > {budget / 1e9:.1f} GB usable of the GPU's "
@@ -490,13 +585,19 @@ def check_fits(stage: str, model: nn.Module, *, micro_batch: int, device: torch.
     )
 
 
-def ae_estimate(preset: str, size_px: int, micro_batch: int, dtype: torch.dtype, tile_px: int | None) -> dict:
+def ae_estimate(
+    preset: str, size_px: int, micro_batch: int, dtype: torch.dtype, tile_px: int | None
+) -> dict:
     """Peak memory and FLOPs of one AE encode and one decode at size_px (no grad), traced on fake tensors; tile_px
     None is one pass, else the overlapping tiles the AEs use by default (models/autoencoder.py)."""
     params = DCAE_PRESETS.get(preset) or VAE_PRESETS[preset]
     mode = FakeTensorMode()
     with torch.device("meta"):
-        ae = (DCAE if isinstance(params, DCAEParams) else VAE)(params, tile_px=tile_px).to(dtype).eval()
+        ae = (
+            (DCAE if isinstance(params, DCAEParams) else VAE)(params, tile_px=tile_px)
+            .to(dtype)
+            .eval()
+        )
     ae = to_fake(ae, mode)
     out = {"weights": nbytes(ae.parameters())}
     f = ae.spatial_factor
@@ -519,8 +620,9 @@ def ae_estimate(preset: str, size_px: int, micro_batch: int, dtype: torch.dtype,
 # main: runs/pipeline.sh, stage by stage
 
 
-# runs/pipeline.sh: (row, stage, 1K or 4K model, image px, global batch, steps, aug_k). Merges, quantize and sampling
-# run as one process; quantize calibrates with 64 prompts x 20 sampler steps at batch 2.
+# runs/pipeline.sh: (row, stage, 1K or 4K model, image px, global batch, steps, aug_k). Merges,
+# quantize and sampling run as one process; quantize calibrates with 64 prompts x 20 sampler steps
+# at batch 2.
 PIPELINE = [
     ("embed", "embed", "1k", 512, 64, 20_000, 1),
     ("head", "head", "1k", 512, 512, 5000, 1),
@@ -537,8 +639,8 @@ PIPELINE = [
     ("sample-2k", "sample", "4k", 2048, 1, 20, 1),
     ("sample-4k", "sample", "4k", 4096, 1, 20, 1),
 ]
-# align.py --stage cache: (row, AEs, image px, batch per rank); one pass, T5-XXL and CLIP-L on the GPU too. The
-# released FLUX VAE is bf16, the DC-AEs fp32 (the cache keeps the stored dtype).
+# align.py --stage cache: (row, AEs, image px, batch per rank); one pass, T5-XXL and CLIP-L on the
+# GPU too. The released FLUX VAE is bf16, the DC-AEs fp32 (the cache keeps the stored dtype).
 CACHES = [
     ("cache-512", ("flux-vae", "dc-ae-f32c32-in-1.0"), 512, 32),
     ("cache-1024", ("dc-ae-f32c32-in-1.0",), 1024, 16),
@@ -549,7 +651,10 @@ TEXT_BYTES = 2 * (T5_XXL + CLIP_L)  # bf16 text encoders
 
 
 def cache_row(name, aes, px, b, rate) -> dict:
-    est = [ae_estimate(ae, px, b, torch.bfloat16 if ae == "flux-vae" else torch.float32, None) for ae in aes]
+    est = [
+        ae_estimate(ae, px, b, torch.bfloat16 if ae == "flux-vae" else torch.float32, None)
+        for ae in aes
+    ]
     weights = TEXT_BYTES + sum(e["weights"] for e in est)
     act = max(e["encode_activations"] for e in est)
     flops = sum(e["encode_flops"] for e in est)
@@ -570,7 +675,9 @@ def stage_row(cfg: Config, name, stage, size, px, batch, steps, aug_k, rate, bud
     params = PRESETS[cfg.preset or f"dcgen-flux-{size}"]
     depth = params.depth if cfg.depth < 0 else cfg.depth
     params = dataclasses.replace(
-        params, depth=depth, depth_single=params.depth_single if cfg.depth_single < 0 else cfg.depth_single
+        params,
+        depth=depth,
+        depth_single=params.depth_single if cfg.depth_single < 0 else cfg.depth_single,
     )
     f = 32 if params.in_channels <= 32 else 64  # DC-AE f32c32 (1K) or DC-AE 1.5 f64c128 (4K)
     train = stage in ("embed", "head", "lora")
@@ -587,14 +694,22 @@ def stage_row(cfg: Config, name, stage, size, px, batch, steps, aug_k, rate, bud
         ddp=world > 1 and (not cfg.fsdp or stage == "embed"),
     )
     est = predict(stage, params, micro_batch=b, **kw)
-    extra = 0.0  # sampling: the whole pipeline on the GPU, text encoders and the AE (sample.py decodes in 1024 px
+    # sampling: the whole pipeline on the GPU, text encoders and the AE (sample.py decodes in 1024
+    # px
+    extra = 0.0
     if sampling:  # tiles; quantize's calibration only denoises)
-        ae = ae_estimate("dc-ae-f32c32-in-1.0" if f == 32 else "dc-ae-1.5-f64c128", px, b, torch.bfloat16, 1024)
+        ae = ae_estimate(
+            "dc-ae-f32c32-in-1.0" if f == 32 else "dc-ae-1.5-f64c128", px, b, torch.bfloat16, 1024
+        )
         extra = TEXT_BYTES + ae["weights"]
         est["weights"] += extra
         decode = ae["decode_activations"] if stage == "sample" else 0.0
         est["peak"] = est["weights"] + max(est["activations"], decode)
-    best = None if est.get("host") else largest_micro_batch(stage, params, budget - extra, b, False, **kw)
+    best = (
+        None
+        if est.get("host")
+        else largest_micro_batch(stage, params, budget - extra, b, False, **kw)
+    )
     seconds = est["flops"] / rate
     return dict(
         name=name,
@@ -614,9 +729,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if cfg.gpu not in GPUS:
         raise ValueError(f"--gpu {cfg.gpu!r}: choose from {sorted(GPUS)}")
     flops_peak, memory = GPUS[cfg.gpu]
-    rate, budget = cfg.mfu * flops_peak, 0.95 * memory  # 5% for the CUDA context and allocator slack
+    # 5% for the CUDA context and allocator slack
+    rate, budget = cfg.mfu * flops_peak, 0.95 * memory
     rows = [cache_row(*c, rate) for c in CACHES if not cfg.stages or c[0] in cfg.stages]
-    rows += [stage_row(cfg, *p, rate, budget) for p in PIPELINE if not cfg.stages or p[0] in cfg.stages]
+    rows += [
+        stage_row(cfg, *p, rate, budget) for p in PIPELINE if not cfg.stages or p[0] in cfg.stages
+    ]
     head = [
         "stage",
         "micro-batch",
@@ -635,9 +753,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     table = []
     for r in rows:
         fits = "host" if r.get("host") else "yes" if r["peak"] <= budget else "NO"
-        gb = [f"{r.get(k, 0.0) / 1e9:.1f}" for k in ("weights", "grads", "optimizer", "activations", "peak")]
+        gb = [
+            f"{r.get(k, 0.0) / 1e9:.1f}"
+            for k in ("weights", "grads", "optimizer", "activations", "peak")
+        ]
         hours = (
-            "-" if r["gpu_hours"] is None else f"{r['gpu_hours']:.0f}" + (" /1M img" if r["stage"] == "cache" else "")
+            "-"
+            if r["gpu_hours"] is None
+            else f"{r['gpu_hours']:.0f}" + (" /1M img" if r["stage"] == "cache" else "")
         )
         seconds = f"{r['seconds']:.2f}" if "seconds" in r else "-"
         table.append(
@@ -661,15 +784,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"({PAPER_GPU_DAYS[1]} in the official README)"
     )
     if cfg.markdown:
-        print("\n".join("| " + " | ".join(cells) + " |" for cells in [head, ["---"] * len(head), *table]))
+        print(
+            "\n".join(
+                "| " + " | ".join(cells) + " |" for cells in [head, ["---"] * len(head), *table]
+            )
+        )
     else:
         widths = [max(len(x) for x in col) for col in zip(head, *table)]
-        print("\n".join("  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in [head, *table]))
+        print(
+            "\n".join(
+                "  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in [head, *table]
+            )
+        )
     print(f"\n{summary}")
     if cfg.out:
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
         with open(cfg.out, "w") as f:
-            json.dump({"config": dataclasses.asdict(cfg), "rows": rows, "summary": summary}, f, indent=2)
+            json.dump(
+                {"config": dataclasses.asdict(cfg), "rows": rows, "summary": summary}, f, indent=2
+            )
     return rows
 
 

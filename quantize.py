@@ -75,29 +75,41 @@ from toy.shapes import ShapesDataset
 
 @dataclass
 class Config:
-    model: str = ""  # model folder (calibrated with the sampler) or FLUX transformer folder; "" = random `preset`
+    model: str = ""  # model folder (calibrated with the sampler) or FLUX transformer folder; "" =
+    # random `preset`
     preset: str = "tiny"  # models/flux.py preset of the random model (used when `model` is "")
     patch_size: int = 0  # latent patch size of `model` (0: its config's `_patch_size`, else 1)
-    out_dir: str = "out/quantize"  # transformer/ (emulation), svdq-*.safetensors (Nunchaku), config.json, log.txt
-    name: str = "model"  # model name in the export file name svdq-{fp4|int4}_r{rank}-{name}.safetensors
+    out_dir: str = "out/quantize"  # transformer/ (emulation), svdq-*.safetensors (Nunchaku),
+    # config.json, log.txt
+    name: str = "model"  # model name in the export file name
+    # svdq-{fp4|int4}_r{rank}-{name}.safetensors
     precision: str = "nvfp4"  # nvfp4 (Blackwell RTX 50) | int4 (Turing/Ampere/Ada)
-    method: str = "svdquant"  # svdquant | rtn (round-to-nearest W4A4, no smoothing, no low-rank branch: the ablation)
+    method: str = "svdquant"  # svdquant | rtn (round-to-nearest W4A4, no smoothing, no low-rank
+    # branch: the ablation)
     rank: int = 32  # rank r of the 16-bit low-rank branch
-    num_grids: int = 20  # α grid i/n, i = 1..n-1, of the smoothing search (DeepCompressor 20; its fast.yaml 10)
-    lowrank_iters: int = 100  # at most this many refinements L <- SVD_r(Ŵ - Q(Ŵ - L)); stops when the error rises
+    num_grids: int = 20  # α grid i/n, i = 1..n-1, of the smoothing search (DeepCompressor 20; its
+    # fast.yaml 10)
+    lowrank_iters: int = 100  # at most this many refinements L <- SVD_r(Ŵ - Q(Ŵ - L)); stops when
+    # the error rises
     svd_niter: int = 4  # power iterations of the randomised truncated SVD
-    calib_file: str = ""  # safetensors of recorded model inputs x, t, txt, y[, guidance], each (N, ...); "" = random
-    calib_prompts: str = ""  # model folder: prompt file for the sampler (one per line); "" = procedural captions
-    calib_count: int = 64  # model folder: prompts run through the sampler, every step's inputs recorded
+    calib_file: str = ""  # safetensors of recorded model inputs x, t, txt, y[, guidance], each (N,
+    # ...); "" = random
+    calib_prompts: str = ""  # model folder: prompt file for the sampler (one per line); "" =
+    # procedural captions
+    calib_count: int = 64  # model folder: prompts run through the sampler, every step's inputs
+    # recorded
     calib_steps: int = 20  # model folder: sampler steps
     calib_size: int = 1024  # model folder: image size in px of the calibration samples
     calib_batch_size: int = 2  # samples per calibration forward
     calib_batches: int = 4  # random calibration forwards (when calib_file is "")
     latent_hw: int = 16  # side of the random calibration latents, latent pixels
     txt_len: int = 32  # text tokens of the random calibration inputs
-    guidance: float = 3.5  # embedded guidance scale of the random calibration inputs (guidance-distilled models)
-    reservoir_rows: int = 512  # input rows kept per layer (uniform sample) for the output-error objective
-    check: bool = False  # load the export with the real Nunchaku (Blackwell/Ada GPU) and compare one forward
+    guidance: float = 3.5  # embedded guidance scale of the random calibration inputs
+    # (guidance-distilled models)
+    reservoir_rows: int = 512  # input rows kept per layer (uniform sample) for the output-error
+    # objective
+    check: bool = False  # load the export with the real Nunchaku (Blackwell/Ada GPU) and compare
+    # one forward
     device: str = "auto"  # cuda | cpu | auto
     seed: int = 0
     dry_run: bool = False  # print the config and the layer counts, then exit
@@ -123,7 +135,8 @@ class InputStats:
         mn, mx = x.amin(0).float().cpu(), x.amax(0).float().cpu()
         self.min = mn if self.min is None else torch.minimum(self.min, mn)
         self.max = mx if self.max is None else torch.maximum(self.max, mx)
-        # The k smallest keys of (kept ∪ new) are among (kept ∪ the k smallest new): only k rows leave the device.
+        # The k smallest keys of (kept ∪ new) are among (kept ∪ the k smallest new): only k rows
+        # leave the device.
         keys = torch.rand(x.shape[0], generator=self.gen)
         new = keys.topk(min(self.rows, len(keys)), largest=False).indices
         x, keys = x[new.to(x.device)].float().cpu(), keys[new]
@@ -134,12 +147,21 @@ class InputStats:
 
 
 @torch.no_grad()
-def calibrate(model: torch.nn.Module, run: Callable[[], None], names: list[str], rows: int = 512, seed: int = 0):
+def calibrate(
+    model: torch.nn.Module,
+    run: Callable[[], None],
+    names: list[str],
+    rows: int = 512,
+    seed: int = 0,
+):
     """Hook the inputs of the linears `names`, call `run()` (any code that runs the model: the sampler over N prompts
     at its timesteps, or a loop over recorded inputs), unhook. Returns {name: InputStats}."""
     gen = torch.Generator().manual_seed(seed)
     stats = {n: InputStats(rows, gen) for n in names}
-    hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: stats[n].update(a[0])) for n in names]
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: stats[n].update(a[0]))
+        for n in names
+    ]
     try:
         run()
     finally:
@@ -157,32 +179,42 @@ def random_batches(params, cfg: Config, seed: int, batches: int) -> Iterator[dic
     B, hw = cfg.calib_batch_size, cfg.latent_hw
     for _ in range(batches):
         yield dict(
-            x=torch.randn(B, params.in_channels, hw, hw, generator=g), t=torch.rand(B, generator=g),
+            x=torch.randn(B, params.in_channels, hw, hw, generator=g),
+            t=torch.rand(B, generator=g),
             txt=torch.randn(B, cfg.txt_len, params.context_in_dim, generator=g),
             y=torch.randn(B, params.vec_in_dim, generator=g),
             guidance=torch.full((B,), cfg.guidance) if params.guidance_embed else None,
-        )  # fmt: skip
+        )
 
 
 def file_batches(path: str, batch_size: int) -> Iterator[dict]:
     """Recorded model inputs (safetensors): x (N, C, H, W), t (N,), txt (N, L, 4096), y (N, 768)[, guidance (N,)]."""
     d = load_ckpt(path)
     for i in range(0, d["x"].shape[0], batch_size):
-        yield {k: d[k][i : i + batch_size] if k in d else None for k in ("x", "t", "txt", "y", "guidance")}
+        yield {
+            k: d[k][i : i + batch_size] if k in d else None
+            for k in ("x", "t", "txt", "y", "guidance")
+        }
 
 
 @torch.no_grad()
 def run_batches(model: Flux, batches: list[dict]) -> list[Tensor]:
-    device = next(model.parameters()).device  # Flux casts x, txt, y to its dtype and keeps t, guidance in float32
-    return [model(**{k: None if v is None else v.to(device) for k, v in b.items()}) for b in batches]
+    # Flux casts x, txt, y to its dtype and keeps t, guidance in float32
+    device = next(model.parameters()).device
+    return [
+        model(**{k: None if v is None else v.to(device) for k, v in b.items()}) for b in batches
+    ]
 
 
 def sampler_run(pipe, cfg: Config, device) -> Callable[[], None]:
     """Calibration as SVDQuant does it: the sampler itself over N prompts, so every layer sees its inputs at every
     noise level of a real generation (the model's own guidance, shift and resolution)."""
     if cfg.calib_prompts:
-        prompts = [ln.strip() for ln in Path(cfg.calib_prompts).read_text().splitlines() if ln.strip()]
-    else:  # the toy's: procedural captions (seed + 1: not the scenes the toy models trained on first)
+        prompts = [
+            ln.strip() for ln in Path(cfg.calib_prompts).read_text().splitlines() if ln.strip()
+        ]
+    # the toy's: procedural captions (seed + 1: not the scenes the toy models trained on first)
+    else:
         prompts = [ShapesDataset(seed=cfg.seed + 1)[i]["caption"] for i in range(cfg.calib_count)]
     prompts = prompts[: cfg.calib_count]
     model, f, p = pipe.transformer, pipe.ae.spatial_factor, pipe.patch_size()
@@ -195,7 +227,9 @@ def sampler_run(pipe, cfg: Config, device) -> Callable[[], None]:
         for i in range(0, len(prompts), cfg.calib_batch_size):
             batch = prompts[i : i + cfg.calib_batch_size]
             cond, null = pipe.text(batch), None if distilled else pipe.text.null(len(batch))
-            v = guided_velocity(model, cond, null, cfg.guidance if distilled else None, 1.0 if distilled else 4.5)
+            v = guided_velocity(
+                model, cond, null, cfg.guidance if distilled else None, 1.0 if distilled else 4.5
+            )
             denoise(v, get_noise((len(batch), C, h, h), cfg.seed + i).to(device), sigmas)
 
     return run
@@ -213,7 +247,8 @@ def sampler_run(pipe, cfg: Config, device) -> Callable[[], None]:
 
 
 @dataclass
-class Layer:  # one Nunchaku W4A4 layer: our linears fused along the output (q/k/v), sharing input and low rank
+# one Nunchaku W4A4 layer: our linears fused along the output (q/k/v), sharing input and low rank
+class Layer:
     names: list[str]
     splits: list[int]  # output sizes of the fused linears (each has its own NVFP4 tensor scale)
     w: Tensor  # (Σout, in) float32
@@ -238,11 +273,18 @@ class Result:
 def make_layer(model: Flux, names: list[str], st: InputStats, fp4: bool, device) -> Layer:
     lins = [model.get_submodule(n) for n in names]
     w = torch.cat([m.weight.detach().float() for m in lins]).to(device)
-    b = torch.cat([m.bias.detach().float() if m.bias is not None else w.new_zeros(m.out_features) for m in lins])
+    b = torch.cat(
+        [
+            m.bias.detach().float() if m.bias is not None else w.new_zeros(m.out_features)
+            for m in lins
+        ]
+    )
     s = act_shift(names[0], fp4)
     x = st.x.float().to(device)
     xmax = torch.maximum((st.max + s).abs(), (st.min + s).abs()).to(device)
-    return Layer(names, [m.out_features for m in lins], w, b.float().to(device), x, x @ w.T, xmax, s)
+    return Layer(
+        names, [m.out_features for m in lins], w, b.float().to(device), x, x @ w.T, xmax, s
+    )
 
 
 def smooth_candidates(num_grids: int) -> list[tuple[float, float]]:
@@ -272,16 +314,22 @@ def lowrank(w: Tensor, rank: int, niter: int) -> tuple[Tensor, Tensor]:
     rank = min(rank, *w.shape)
     if rank == 0:
         return w.new_zeros(0, w.shape[1]), w.new_zeros(w.shape[0], 0)
-    # NOTE(deviation): DeepCompressor takes a full float64 SVD (tens of seconds per 3072 x 12288 matrix on CPU, x39
-    # candidates x 570 layers); the randomised range finder (Halko et al. 2011) with power iterations gives the same
-    # top singular vectors up to a tiny error at ~1% of the cost.
-    with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):  # same input, same branch: reproducible
+    # NOTE(deviation): DeepCompressor takes a full float64 SVD (tens of seconds per 3072 x 12288
+    # matrix on CPU, x39 candidates x 570 layers); the randomised range finder (Halko et al. 2011)
+    # with power iterations gives the same top singular vectors up to a tiny error at ~1% of the
+    # cost.
+    # same input, same branch: reproducible
+    with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
         torch.manual_seed(0)
         U, S, V = torch.svd_lowrank(w, q=min(rank + 16, *w.shape), niter=niter)
-    return V[:, :rank].T.to(torch.bfloat16).float(), (U[:, :rank] * S[:rank]).to(torch.bfloat16).float()
+    return V[:, :rank].T.to(torch.bfloat16).float(), (U[:, :rank] * S[:rank]).to(
+        torch.bfloat16
+    ).float()
 
 
-def quantize_split(w: Tensor, splits: list[int], fp4: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def quantize_split(
+    w: Tensor, splits: list[int], fp4: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """quantize_weight per fused part (each its own tensor scale) -> (grid values, group scales, per-row tensor scale,
     dequantised weight), all (Σout, ...) float32."""
     parts = [quantize_weight(part, fp4) for part in w.split(splits)]
@@ -296,7 +344,8 @@ def refine(layer: Layer, lam: Tensor, rank: int, iters: int, cfg: Config, fp4: b
     split DeepCompressor's smoothing search evaluates (allow_low_rank: true)."""
     ws = layer.w * lam  # Ŵ = W·diag(λ)
     xs = layer.x / lam  # x̂, input of the low-rank branch
-    xq = quantize_act((layer.x + layer.shift) / lam, fp4, unsigned=layer.shift > 0)  # Q(x̂) as the kernel makes it
+    # Q(x̂) as the kernel makes it
+    xq = quantize_act((layer.x + layer.shift) / lam, fp4, unsigned=layer.shift > 0)
     qw, best = torch.zeros_like(ws), None
     for it in range(iters):
         down, up = lowrank(ws - qw, rank, cfg.svd_niter)
@@ -311,7 +360,9 @@ def refine(layer: Layer, lam: Tensor, rank: int, iters: int, cfg: Config, fp4: b
     return best
 
 
-def svdquant_group(layers: list[Layer], cfg: Config, fp4: bool) -> tuple[Tensor, tuple[float, float], list[Result]]:
+def svdquant_group(
+    layers: list[Layer], cfg: Config, fp4: bool
+) -> tuple[Tensor, tuple[float, float], list[Result]]:
     """One λ for the group (max over its inputs and weights), searched over the (α, β) grid by the summed output
     error of its layers, then each layer's low-rank branch refined. method rtn: λ = 1, no branch."""
     if cfg.method == "rtn":
@@ -332,18 +383,29 @@ def svdquant_group(layers: list[Layer], cfg: Config, fp4: bool) -> tuple[Tensor,
 def install(model: Flux, layer: Layer, lam: Tensor, res: Result, fp4: bool) -> None:
     """Replace the layer's linears by SVDQuantLinear modules holding the result in Nunchaku's conventions."""
     lam64, rank, start = lam.double(), res.down.shape[0], 0
-    down = (res.down.double() / lam64).to(torch.bfloat16)  # lora_down / smooth: the branch reads the raw x
+    # lora_down / smooth: the branch reads the raw x
+    down = (res.down.double() / lam64).to(torch.bfloat16)
     bias = layer.b.double()
-    if layer.shift:  # ShiftedLinear's b - W·s plus the converter's + L_up·(L_down/λ)·s: b - (Ŵ - L)·(s/λ)
-        bias = bias - (layer.w.double() * lam64 - res.up.double() @ res.down.double()) @ (layer.shift / lam64)
+    # ShiftedLinear's b - W·s plus the converter's + L_up·(L_down/λ)·s: b - (Ŵ - L)·(s/λ)
+    if layer.shift:
+        bias = bias - (layer.w.double() * lam64 - res.up.double() @ res.down.double()) @ (
+            layer.shift / lam64
+        )
     codes = encode(res.q, fp4)
     for name, n in zip(layer.names, layer.splits):
         rows = slice(start, start + n)
         m = SVDQuantLinear(layer.w.shape[1], n, rank, fp4, layer.shift, device=layer.w.device)
-        m.load_state_dict(dict(
-            qweight=codes[rows], wscales=res.wscales[rows].to(m.wscales.dtype), wcscales=res.wcscales[rows],
-            smooth=lam, proj_down=down, proj_up=res.up[rows], bias=bias[rows],
-        ))  # fmt: skip
+        m.load_state_dict(
+            dict(
+                qweight=codes[rows],
+                wscales=res.wscales[rows].to(m.wscales.dtype),
+                wcscales=res.wcscales[rows],
+                smooth=lam,
+                proj_down=down,
+                proj_up=res.up[rows],
+                bias=bias[rows],
+            )
+        )
         set_module(model, name, m)
         start += n
 
@@ -359,10 +421,15 @@ def quantize_model(model: Flux, stats: dict, cfg: Config, log: Path | None = Non
         lam, (alpha, beta), results = svdquant_group(layers, cfg, fp4)
         for layer, res in zip(layers, results):
             install(model, layer, lam, res, fp4)
-        rel = math.sqrt(sum(r.err for r in results) / sum(layer.y.square().sum().item() for layer in layers))
-        print0(f"group {i + 1:03d}/{len(groups):03d} | {'+'.join(layer.names[0] for layer in layers):<40} | "
-               f"alpha {alpha:.2f} beta {beta:.2f} | iters {max(r.iters for r in results):3d} | rel_err {rel:.4f} | "
-               f"dt {1000 * (time.time() - t0):.0f}ms", log_file=log)  # fmt: skip
+        rel = math.sqrt(
+            sum(r.err for r in results) / sum(layer.y.square().sum().item() for layer in layers)
+        )
+        print0(
+            f"group {i + 1:03d}/{len(groups):03d} | {'+'.join(layer.names[0] for layer in layers):<40} | "
+            f"alpha {alpha:.2f} beta {beta:.2f} | iters {max(r.iters for r in results):3d} | rel_err {rel:.4f} | "
+            f"dt {1000 * (time.time() - t0):.0f}ms",
+            log_file=log,
+        )
     quantize_adaln(model)
 
 
@@ -385,26 +452,36 @@ def nunchaku_problem(fp4: bool) -> str | None:
     """Why Nunchaku's FLUX loader cannot run here, or None. Imports nothing (the real package loads CUDA code)."""
     spec = importlib.util.find_spec("nunchaku")
     if spec is None:
-        return ("Nunchaku is not installed. It ships CUDA wheels on its GitHub releases (github.com/nunchaku-tech/"
-                "nunchaku/releases), not on PyPI, whose `nunchaku` is an unrelated package.")  # fmt: skip
+        return (
+            "Nunchaku is not installed. It ships CUDA wheels on its GitHub releases (github.com/nunchaku-tech/"
+            "nunchaku/releases), not on PyPI, whose `nunchaku` is an unrelated package."
+        )
     try:
         dist = importlib.metadata.distribution("nunchaku")
         found = f"{dist.metadata['Name']} {dist.version} ({dist.metadata.get('Summary', 'no summary')!r})"
     except importlib.metadata.PackageNotFoundError:
         dist, found = None, f"a package without metadata at {spec.origin}"
-    loader = [Path(p) / "models/transformers/transformer_flux_v2.py" for p in spec.submodule_search_locations or []]
+    loader = [
+        Path(p) / "models/transformers/transformer_flux_v2.py"
+        for p in spec.submodule_search_locations or []
+    ]
     summary = (dist.metadata.get("Summary") or "") if dist else ""
     if "piece-wise linear" in summary.lower() or not any(p.is_file() for p in loader):
-        return (f"the installed `nunchaku` is the wrong package: {found}. PyPI's `nunchaku` is an unrelated library "
-                "(piece-wise linear segmentation) without nunchaku.models.transformers.transformer_flux_v2; run "
-                "`pip uninstall nunchaku` and install Nunchaku's wheel from its GitHub releases.")  # fmt: skip
+        return (
+            f"the installed `nunchaku` is the wrong package: {found}. PyPI's `nunchaku` is an unrelated library "
+            "(piece-wise linear segmentation) without nunchaku.models.transformers.transformer_flux_v2; run "
+            "`pip uninstall nunchaku` and install Nunchaku's wheel from its GitHub releases."
+        )
     if not torch.cuda.is_available():
         return "Nunchaku needs a CUDA GPU and none is visible."
     sm = "".join(map(str, torch.cuda.get_device_capability()))
-    ok = ("120", "121") if fp4 else ("75", "80", "86", "89")  # nunchaku/utils.py: check_hardware_compatibility
+    # nunchaku/utils.py: check_hardware_compatibility
+    ok = ("120", "121") if fp4 else ("75", "80", "86", "89")
     if sm not in ok:
-        return (f"this GPU is sm_{sm}; Nunchaku runs {'NVFP4' if fp4 else 'INT4'} only on sm_{'/'.join(ok)} "
-                "(no 4-bit tensor-core kernels for it; Hopper sm_90 is not supported at all).")  # fmt: skip
+        return (
+            f"this GPU is sm_{sm}; Nunchaku runs {'NVFP4' if fp4 else 'INT4'} only on sm_{'/'.join(ok)} "
+            "(no 4-bit tensor-core kernels for it; Hopper sm_90 is not supported at all)."
+        )
     return None
 
 
@@ -414,20 +491,38 @@ def nunchaku_check(export: Path, folder: Path, cfg: Config, device, log: Path) -
     from nunchaku.models.transformers.transformer_flux_v2 import NunchakuFluxTransformer2DModelV2
 
     ours = load_quantized(folder, device)
-    theirs = NunchakuFluxTransformer2DModelV2.from_pretrained(str(export), device=device, torch_dtype=torch.bfloat16)
+    theirs = NunchakuFluxTransformer2DModelV2.from_pretrained(
+        str(export), device=device, torch_dtype=torch.bfloat16
+    )
     b = next(random_batches(ours.params, cfg, cfg.seed + 2, 1))
     b = {k: None if v is None else v.to(device, torch.bfloat16) for k, v in b.items()}
     v = ours(**b).float()
     p, (H, W), L = ours.params.patch_size, b["x"].shape[2:], b["txt"].shape[1]
-    tokens = rearrange(b["x"], "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)  # diffusers' packing
+    # diffusers' packing
+    tokens = rearrange(b["x"], "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
     ids = position_ids(L, H // p, W // p, device).float()
-    out = theirs(hidden_states=tokens, encoder_hidden_states=b["txt"], pooled_projections=b["y"], timestep=b["t"],
-                 img_ids=ids[L:], txt_ids=ids[:L], guidance=b["guidance"], return_dict=False)[0]  # fmt: skip
-    v_theirs = rearrange(out.float(), "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H // p, p1=p, p2=p)
+    out = theirs(
+        hidden_states=tokens,
+        encoder_hidden_states=b["txt"],
+        pooled_projections=b["y"],
+        timestep=b["t"],
+        img_ids=ids[L:],
+        txt_ids=ids[:L],
+        guidance=b["guidance"],
+        return_dict=False,
+    )[0]
+    v_theirs = rearrange(
+        out.float(), "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H // p, p1=p, p2=p
+    )
     rel = ((v_theirs - v).norm() / v.norm()).item()
-    print0(f"check | nunchaku vs emulation | rel_err {rel:.4f}{' | MISMATCH' if rel > 0.05 else ''}", log_file=log)
+    print0(
+        f"check | nunchaku vs emulation | rel_err {rel:.4f}{' | MISMATCH' if rel > 0.05 else ''}",
+        log_file=log,
+    )
     if rel > 0.05:
-        raise SystemExit(f"--check: Nunchaku's output differs from the emulation by {rel:.1%} (> 5%); see {log}")
+        raise SystemExit(
+            f"--check: Nunchaku's output differs from the emulation by {rel:.1%} (> 5%); see {log}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -437,8 +532,12 @@ def nunchaku_check(export: Path, folder: Path, cfg: Config, device, log: Path) -
 def check_rank(model: Flux, groups: list[list[list[str]]], rank: int) -> None:
     """One rank for every layer (Nunchaku builds each from the file's single `rank`): the smallest layer bounds it."""
     layer_of = model.get_submodule
-    fused = [layer for g in groups for layer in g]  # each a list of linears fused along the output (q/k/v)
-    small = min(min(sum(layer_of(n).out_features for n in layer), layer_of(layer[0]).in_features) for layer in fused)
+    # each a list of linears fused along the output (q/k/v)
+    fused = [layer for g in groups for layer in g]
+    small = min(
+        min(sum(layer_of(n).out_features for n in layer), layer_of(layer[0]).in_features)
+        for layer in fused
+    )
     if rank > small:
         raise ValueError(
             f"--rank {rank} exceeds this model's smallest W4A4 layer ({small} features in or "
@@ -450,7 +549,9 @@ def calibration_run(cfg: Config, pipe, model: Flux, device) -> tuple[Callable[[]
     """What calibration runs, and a description for the log: the sampler over N prompts (a model folder), the
     recorded inputs of --calib_file, or random inputs."""
     if pipe is not None:
-        return sampler_run(pipe, cfg, device), f"sampler {cfg.calib_count} prompts x {cfg.calib_steps} steps"
+        return sampler_run(
+            pipe, cfg, device
+        ), f"sampler {cfg.calib_count} prompts x {cfg.calib_steps} steps"
     if cfg.calib_file:
         batches = list(file_batches(cfg.calib_file, cfg.calib_batch_size))
     else:
@@ -467,7 +568,15 @@ def save_outputs(model: Flux, cfg: Config, pipe, out: Path) -> tuple[Path, Path]
     q = dict(precision=cfg.precision, method=cfg.method, rank=rank, config=asdict(cfg))
     config = {**model.diffusers_config(), "_svdquant": q}
     if pipe is not None:  # a whole model folder: sample.py --model out_dir runs the quantised model
-        write_pipeline(out, model, pipe.folder / "vae", pipe.folder, pipe.shift, pipe.shift_value, config=config)
+        write_pipeline(
+            out,
+            model,
+            pipe.folder / "vae",
+            pipe.folder,
+            pipe.shift,
+            pipe.shift_value,
+            config=config,
+        )
     else:
         save_pretrained(folder, model.state_dict(), config)
     sd = nunchaku_state_dict(model)
@@ -487,9 +596,11 @@ def main(argv: list[str] | None = None) -> None:
         raise ValueError(f"unknown precision {cfg.precision!r}; choose from 'nvfp4', 'int4'")
     if cfg.method not in ("svdquant", "rtn"):
         raise ValueError(f"unknown method {cfg.method!r}; choose from 'svdquant', 'rtn'")
-    if cfg.check and (problem := nunchaku_problem(cfg.precision == "nvfp4")):  # fail before hours of work, not after
+    # fail before hours of work, not after
+    if cfg.check and (problem := nunchaku_problem(cfg.precision == "nvfp4")):
         raise SystemExit(f"--check cannot run: {problem}")
-    bare = cfg.model and not (Path(cfg.model) / "transformer").is_dir()  # a transformer folder, no sampler
+    # a transformer folder, no sampler
+    bare = cfg.model and not (Path(cfg.model) / "transformer").is_dir()
     if bare and not cfg.calib_file:
         raise ValueError(
             f"--model {cfg.model} is a transformer folder: calibrate it on inputs recorded from the "
@@ -500,12 +611,18 @@ def main(argv: list[str] | None = None) -> None:
     log = out / "log.txt"
 
     # --- device (one process: no distributed init)
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     seed_everything(cfg.seed)
     print0(json.dumps(run_info()), log_file=log)
 
     # --- model: a model folder (with its text encoder and AE, so the sampler can calibrate), or a bare transformer
-    pipe = load_pipeline(cfg.model, device=device) if (Path(cfg.model) / "transformer").is_dir() else None
+    pipe = (
+        load_pipeline(cfg.model, device=device)
+        if (Path(cfg.model) / "transformer").is_dir()
+        else None
+    )
     if pipe is not None:
         model = pipe.transformer
     elif cfg.model:
@@ -521,14 +638,19 @@ def main(argv: list[str] | None = None) -> None:
     counts = f"W4A4 linears {n_w4a4} in {len(groups)} smoothing groups | W4A16 AdaLN linears {len(w4a16)}"
     print0(f"model | params {n_params:,} | {counts}", log_file=log)
     if model.params.hidden_size % 1024:
-        note = "Nunchaku's loaders need hidden_size % 1024 == 0 (AdaLN W4A16 scales; W4A4 dims % 128)"
-        print0(f"note | {note}: this export follows DeepCompressor's packer, which pads; only our unpacker reads it")
+        note = (
+            "Nunchaku's loaders need hidden_size % 1024 == 0 (AdaLN W4A16 scales; W4A4 dims % 128)"
+        )
+        print0(
+            f"note | {note}: this export follows DeepCompressor's packer, which pads; only our unpacker reads it"
+        )
     if cfg.dry_run:
         return
 
     # --- data: calibration inputs (the sampler over N prompts, recorded inputs, or random)
     run, what = calibration_run(cfg, pipe, model, device)
-    # Each fused layer reads one input; hook its first linear (q for q/k/v, proj_out.linears.0 for the split head).
+    # Each fused layer reads one input; hook its first linear (q for q/k/v, proj_out.linears.0 for
+    # the split head).
     names = [layer[0] for g in groups for layer in g]
     t0 = time.time()
     stats = calibrate(model, run, names, cfg.reservoir_rows, cfg.seed)
@@ -537,7 +659,10 @@ def main(argv: list[str] | None = None) -> None:
     # --- quantise, layer group by layer group
     t0 = time.time()
     quantize_model(model, stats, cfg, log)
-    print0(f"quantize | {cfg.precision} {cfg.method} rank {cfg.rank} | dt {time.time() - t0:.1f}s", log_file=log)
+    print0(
+        f"quantize | {cfg.precision} {cfg.method} rank {cfg.rank} | dt {time.time() - t0:.1f}s",
+        log_file=log,
+    )
 
     # --- save: the emulated model (load_quantized) and Nunchaku's file
     folder, export = save_outputs(model, cfg, pipe, out)

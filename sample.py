@@ -51,17 +51,21 @@ class Config:
     prompt: tuple[str, ...] = ()  # a prompt; repeat the flag for several
     prompts: str = ""  # a text file with one prompt per line
     model: str = ""  # model folder (default: the toy zoo's DC-Gen model, zoo/dcgen-4k)
-    out: str = "out/sample.png"  # PNG; several images are written as out_0.png, out_1.png, ... unless --grid
+    out: str = "out/sample.png"  # PNG; several images are written as out_0.png, out_1.png, ...
+    # unless --grid
     grid: bool = False  # write all images as one grid PNG
-    size: int = 0  # square image size in px (0: --width/--height, else 1024; 4096 for a model on an f64 AE)
+    size: int = 0  # square image size in px (0: --width/--height, else 1024; 4096 for a model on an
+    # f64 AE)
     width: int = 0  # image width in px
     height: int = 0  # image height in px
     steps: int = 20  # Euler steps
     guidance: float = 3.5  # embedded guidance scale (guidance-distilled models)
-    cfg: float = 0.0  # true classifier-free guidance scale (0: 1 for guidance-distilled models, 4.5 for CFG models)
+    cfg: float = 0.0  # true classifier-free guidance scale (0: 1 for guidance-distilled models, 4.5
+    # for CFG models)
     seed: int = 0  # noise seed (image i of a run uses the i-th draw of one seeded generator)
     batch: int = 1  # images per forward pass
-    noise: str = ""  # start from this noise: a safetensors file with `noise` (B, C, h, w) in the AE's latent layout
+    noise: str = ""  # start from this noise: a safetensors file with `noise` (B, C, h, w) in the
+    # AE's latent layout
     shift: str = ""  # override the model's noise-level shift: flux, dcgen or constant
     shift_value: float = 3.0  # r of --shift constant
     device: str = "auto"  # auto (cuda if present), cuda or cpu
@@ -112,7 +116,10 @@ def progress(velocity, steps: int, sync):
         sync()
         state["i"] += 1
         per_step = (time.perf_counter() - state["t0"]) / state["i"]
-        print(f"\r  step {state['i']}/{steps} ({per_step:.2f}s/step)", end="\n" if state["i"] == steps else "")
+        print(
+            f"\r  step {state['i']}/{steps} ({per_step:.2f}s/step)",
+            end="\n" if state["i"] == steps else "",
+        )
         return out
 
     return wrapped
@@ -163,7 +170,9 @@ class Clock:
         return out
 
 
-def save_batch(images: torch.Tensor, prompts: list[str], start: int, out: Path, meta: dict) -> list[Path]:
+def save_batch(
+    images: torch.Tensor, prompts: list[str], start: int, out: Path, meta: dict
+) -> list[Path]:
     """One PNG per image, out_{i}.png for prompt i, with its recipe in the metadata."""
     paths = []
     for i, (img, prompt) in enumerate(zip(images, prompts), start):
@@ -172,7 +181,9 @@ def save_batch(images: torch.Tensor, prompts: list[str], start: int, out: Path, 
     return paths
 
 
-def report(times: dict[str, float], batch_steps: int, device: torch.device, paths: list[Path]) -> None:
+def report(
+    times: dict[str, float], batch_steps: int, device: torch.device, paths: list[Path]
+) -> None:
     """The latency of each part (the paper's claim is speed), the peak memory, and the files written."""
     per_step = times["denoise"] / batch_steps  # per step of one batch
     print(
@@ -191,7 +202,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     cfg = parse_config(Config, argv)
     prompts = read_prompts(cfg)
     check_flags(cfg)
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.dtype)
     dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
@@ -199,7 +212,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     t0 = time.perf_counter()
     folder = Path(cfg.model) if cfg.model else ZOO / "dcgen-4k"
     max_length = cfg.max_length or None
-    pipe = load_pipeline(folder, dtype=dtype, device=device, max_length=max_length, tile_px=cfg.tile_px or None)
+    pipe = load_pipeline(
+        folder, dtype=dtype, device=device, max_length=max_length, tile_px=cfg.tile_px or None
+    )
     model = pipe.transformer.eval()
     ae = pipe.ae.eval()
     if knows_only_toy_captions(folder):  # a toy text encoder says so in its tokenizer's config
@@ -208,10 +223,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     f = ae.spatial_factor
     C = model.params.in_channels
     check_tile_px(cfg.tile_px, f)
-    H, W = image_size(cfg, f * p, native=4096 if f == 64 else 1024)  # f64 AEs are DC-Gen's 4K (Res4K, zoo/dcgen-4k)
+    # f64 AEs are DC-Gen's 4K (Res4K, zoo/dcgen-4k)
+    H, W = image_size(cfg, f * p, native=4096 if f == 64 else 1024)
     h, w = H // f, W // f  # latent grid
     n_params = sum(t.numel() for t in model.parameters()) / 1e6
-    prefix = f", its first {C} channels" if C < ae.latent_channels else ""  # a DC-AE 1.5 channel-prefix model
+    # a DC-AE 1.5 channel-prefix model
+    prefix = f", its first {C} channels" if C < ae.latent_channels else ""
     print(
         f"model {folder} ({type(model).__name__}, {n_params:.1f} M parameters; AE f{f}c{ae.latent_channels}{prefix}, "
         f"patch {p}) loaded in {time.perf_counter() - t0:.1f}s on {device}, {dtype}"
@@ -247,7 +264,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
         "seed": cfg.noise or cfg.seed,
     }
     one_file = cfg.grid or len(prompts) == 1
-    grid = []  # the images of the one file; else each batch is written as it is decoded (memory: one batch)
+    # the images of the one file; else each batch is written as it is decoded (memory: one batch)
+    grid = []
     with torch.no_grad():
         for start in range(0, len(prompts), cfg.batch):
             batch = prompts[start : start + cfg.batch]
@@ -255,16 +273,21 @@ def main(argv: list[str] | None = None) -> list[Path]:
             null = timed("text", pipe.text.null, len(batch)) if scale != 1 else None
             v = guided_velocity(model, cond, null, cfg.guidance if distilled else None, scale)
             v = progress(lambda x, sigma, v=v: v(x.to(dtype), sigma), cfg.steps, sync)
-            x = timed("denoise", denoise, v, noise[start : start + len(batch)].to(device), sigmas)  # (B, C, h, w)
-            images = timed("decode", ae.decode, x.to(dtype)).float().cpu()  # (B, 3, H, W) in [-1, 1]
+            # (B, C, h, w)
+            x = timed("denoise", denoise, v, noise[start : start + len(batch)].to(device), sigmas)
+            # (B, 3, H, W) in [-1, 1]
+            images = timed("decode", ae.decode, x.to(dtype)).float().cpu()
             if one_file:
                 grid.append(images)
             else:  # PNGs with their recipe in the metadata
                 paths += save_batch(images, batch, start, out, meta)
     if one_file:
         images = torch.cat(grid) if len(grid) > 1 else grid[0]
-        grid.clear()  # one copy of the pixels, not two, while the PNG is written (4096 px: 200 MB each)
-        save_image_grid(images, out, nrow=min(4, len(prompts)), text={"prompt": " | ".join(prompts), **meta})
+        # one copy of the pixels, not two, while the PNG is written (4096 px: 200 MB each)
+        grid.clear()
+        save_image_grid(
+            images, out, nrow=min(4, len(prompts)), text={"prompt": " | ".join(prompts), **meta}
+        )
         paths.append(out)
     report(timed.times, cfg.steps * -(-len(prompts) // cfg.batch), device, paths)
     return paths
@@ -273,5 +296,6 @@ def main(argv: list[str] | None = None) -> list[Path]:
 if __name__ == "__main__":
     try:
         main()
-    except (ValueError, FileNotFoundError) as e:  # bad input: one clear line, no traceback from deep inside
+    # bad input: one clear line, no traceback from deep inside
+    except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")

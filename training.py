@@ -67,7 +67,8 @@ def prepare(model: nn.Module, rank: int, alpha: float, targets, trainable) -> nn
         return model.float().requires_grad_(True)
     if targets:
         inject_lora(model, rank, alpha, targets=targets, trainable=trainable)
-    else:  # no LoRA: only the named modules train (DC-Gen stage 2: embedder and head, backbone frozen)
+    # no LoRA: only the named modules train (DC-Gen stage 2: embedder and head, backbone frozen)
+    else:
         model.requires_grad_(False)
         for name in trainable:
             model.get_submodule(name).requires_grad_(True)
@@ -90,7 +91,11 @@ def check_latent(model: nn.Module, shape: tuple[int, int, int], what: str) -> No
 
 def full_layers(model: nn.Module) -> tuple[str, ...]:
     """The modules trained in full beside LoRA (DC-Gen: x_embedder and proj_out), by name."""
-    names = {n.rpartition(".")[0] for n, p in model.named_parameters() if p.requires_grad and ".lora_" not in n}
+    names = {
+        n.rpartition(".")[0]
+        for n, p in model.named_parameters()
+        if p.requires_grad and ".lora_" not in n
+    }
     return tuple(sorted(names))
 
 
@@ -106,12 +111,15 @@ def check_loaded(result, model: nn.Module, source) -> None:
         )
 
 
-def merged_state_dict(model: nn.Module, weights: dict, dtype: torch.dtype, source) -> dict[str, torch.Tensor]:
+def merged_state_dict(
+    model: nn.Module, weights: dict, dtype: torch.dtype, source
+) -> dict[str, torch.Tensor]:
     """`weights` (a checkpoint's trainable tensors) loaded into the prepared model, LoRA folded into the base, every
     tensor in `dtype`: the run's (bf16 for --dtype bf16, as the released DC-Gen weights)."""
     check_loaded(model.load_state_dict(weights, strict=False), model, source)
     model = unload_lora(model) if lora_layers(model) else model  # W + (alpha / r)·B·A, in W's dtype
-    return {k: v.to(dtype) for k, v in model.state_dict().items()}  # the fp32-trained layers join the base's dtype
+    # the fp32-trained layers join the base's dtype
+    return {k: v.to(dtype) for k, v in model.state_dict().items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,24 +145,30 @@ def flow_matching_loss(model, x_t, sigma, v, cond: dict) -> torch.Tensor:
     """|| v_θ(x_t, t, c) - (noise - x0) ||²: flow matching. A guidance-distilled model is asked for its conditional
     velocity (embedded guidance w = 1)."""
     raw = getattr(model, "module", model)  # under DDP the params live on the wrapped module
-    w_one = {"guidance": torch.ones_like(sigma)} if getattr(raw.params, "guidance_embed", False) else {}
+    w_one = (
+        {"guidance": torch.ones_like(sigma)} if getattr(raw.params, "guidance_embed", False) else {}
+    )
     return F.mse_loss(model(x_t, sigma, **cond, **w_one).float(), v.float())
 
 
-def guide_loss(model, frozen, x_t, sigma, v, cond: dict, null: dict, w, uncond: str = "one") -> torch.Tensor:
+def guide_loss(
+    model, frozen, x_t, sigma, v, cond: dict, null: dict, w, uncond: str = "one"
+) -> torch.Tensor:
     """DC-Gen's guide loss for guidance-distilled bases (FLUX.1-Krea), DC-Gen §3.3 Eqs. (3)-(7), as the official
     `dc_ai/t2icore/models/flux.py` (Flux.forward_train, use_guide_loss) computes it. A distilled model's output is
     v_g ≈ v_u + w·(v_c - v_u), so the conditional velocity it implies, v_hat = (v_g - (1 - w)·v_u) / w, is regressed
     on the data's velocity: the guidance embedded in the model stays meaningful while it moves to the new latent."""
-    v_g = model(x_t, sigma, **cond, guidance=w)  # guided prediction at a random scale w, with gradient
-    # NOTE(deviation): the official code evaluates v_u at guidance 1; the paper's Eqs. (5)-(7) at the same w as v_g.
-    # We follow the code; --guide_uncond w is the paper's variant.
+    # guided prediction at a random scale w, with gradient
+    v_g = model(x_t, sigma, **cond, guidance=w)
+    # NOTE(deviation): the official code evaluates v_u at guidance 1; the paper's Eqs. (5)-(7) at
+    # the same w as v_g. We follow the code; --guide_uncond w is the paper's variant.
     with torch.no_grad():  # the unconditional prediction is a fixed target-side term
         null_b = {k: t.expand(len(x_t), *t.shape[1:]) for k, t in null.items()}
         w_u = torch.ones_like(w) if uncond == "one" else w
         v_u = frozen(x_t, sigma, **null_b, guidance=w_u)
     w = w[:, None, None, None]
-    v_hat = (v_g.float() - (1 - w) * v_u.float()) / w  # DC-Gen Eq. (6): the conditional velocity implied by v_g
+    # DC-Gen Eq. (6): the conditional velocity implied by v_g
+    v_hat = (v_g.float() - (1 - w) * v_u.float()) / w
     return F.mse_loss(v_hat, v.float())  # DC-Gen Eq. (7)
 
 
@@ -163,7 +177,9 @@ def guide_loss(model, frozen, x_t, sigma, v, cond: dict, null: dict, w, uncond: 
 
 
 @torch.no_grad()
-def validate(raw, cache: LatentCache, latent: str, batch_size: int, shift: str, shift_value: float, device) -> float:
+def validate(
+    raw, cache: LatentCache, latent: str, batch_size: int, shift: str, shift_value: float, device
+) -> float:
     """Flow-matching loss of the conditional velocity (guidance w = 1 for guidance-distilled models) on every row of
     a held-out cache, with the same noise and noise levels at every call: comparable across steps and runs."""
     keys = [latent, *sorted(cache.null)]
@@ -173,9 +189,17 @@ def validate(raw, cache: LatentCache, latent: str, batch_size: int, shift: str, 
         batch = {k: v.to(device) for k, v in cache.get(idx, keys).items()}
         x0 = batch.pop(latent).float()
         r = shift_for(shift, x0.shape[1:], raw.params.patch_size, shift_value)
-        x_t, sigma, v, _, _ = draw(x0, torch.Generator().manual_seed(start), len(idx), 0, r, 0.0, 1.0, 1.0)
-        w = {"guidance": torch.ones_like(sigma)} if getattr(raw.params, "guidance_embed", False) else {}
-        total += F.mse_loss(raw(x_t, sigma, **batch, **w).float(), v.float(), reduction="sum").item()
+        x_t, sigma, v, _, _ = draw(
+            x0, torch.Generator().manual_seed(start), len(idx), 0, r, 0.0, 1.0, 1.0
+        )
+        w = (
+            {"guidance": torch.ones_like(sigma)}
+            if getattr(raw.params, "guidance_embed", False)
+            else {}
+        )
+        total += F.mse_loss(
+            raw(x_t, sigma, **batch, **w).float(), v.float(), reduction="sum"
+        ).item()
     return total / (len(cache) * math.prod(cache.shape(latent)))
 
 
@@ -184,7 +208,8 @@ def preview(raw, ae, cond: dict, null: dict, latent_shape, r: float, c, path: Pa
     """Fixed captions, fixed noise, the current weights: a grid to watch training by (c: the run's config)."""
     B = cond["txt"].shape[0]
     x = get_noise((B, *latent_shape), seed=c.seed).to(null["txt"].device)
-    if getattr(raw.params, "guidance_embed", False):  # embedded guidance (whatever the training loss)
+    # embedded guidance (whatever the training loss)
+    if getattr(raw.params, "guidance_embed", False):
         v = guided_velocity(raw, cond, guidance=c.sample_guidance)
     else:
         v = guided_velocity(raw, cond, null, cfg=c.sample_guidance)
@@ -200,12 +225,24 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # the training loop
 
-# Fields `train` reads from a stage's Config, and their values for a stage whose Config lacks them (align.py's head
-# stage has no EMA, no decay, no prefixes): one loop, each stage's --help with only its own flags.
+# Fields `train` reads from a stage's Config, and their values for a stage whose Config lacks them
+# (align.py's head stage has no EMA, no decay, no prefixes): one loop, each stage's --help with only
+# its own flags.
 OPTIONAL = dict(
-    decay=0, beta1=0.9, weight_decay=0.0, ema=0.0, val_cache="", val_every=0, sample_count=4, sample_steps=20,
-    sample_guidance=3.5, prefixes=(), num_prefixes=2, always_max=True, init="",
-)  # fmt: skip
+    decay=0,
+    beta1=0.9,
+    weight_decay=0.0,
+    ema=0.0,
+    val_cache="",
+    val_every=0,
+    sample_count=4,
+    sample_steps=20,
+    sample_guidance=3.5,
+    prefixes=(),
+    num_prefixes=2,
+    always_max=True,
+    init="",
+)
 LossFn = Callable[[nn.Module, torch.Tensor, dict, torch.Generator, float], torch.Tensor]
 
 
@@ -214,7 +251,11 @@ def lora_file_base(raw: nn.Module, init: str) -> tuple[tuple[str, ...], dict] | 
     (it stores each as its change from them), taken before training or resuming moves them. None where no such
     file can be written: no --init folder, no LoRA, or a full module that is no nn.Linear (SANA's conv embedder)."""
     full = full_layers(raw)
-    if not init or not lora_layers(raw) or any(type(raw.get_submodule(n)) is not nn.Linear for n in full):
+    if (
+        not init
+        or not lora_layers(raw)
+        or any(type(raw.get_submodule(n)) is not nn.Linear for n in full)
+    ):
         return None
     base = {}
     for name in full:
@@ -229,11 +270,15 @@ def resume(model: nn.Module, raw: nn.Module, opt, ema: dict, path: Path, device)
     ckpt = load_ckpt(path)
     opts = StateDictOptions(full_state_dict=True, strict=False)  # the trainable tensors only
     check_loaded(set_model_state_dict(model, ckpt["model"], options=opts), raw, path)
-    set_optimizer_state_dict(model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(
+        model, opt, ckpt["optimizer"], options=StateDictOptions(full_state_dict=True)
+    )
     for n, p in raw.named_parameters():
         if n in ema:  # EMA tensors live like their parameters: sharded under FSDP
             v = ckpt["ema"][n].to(device)
-            ema[n] = distribute_tensor(v, p.device_mesh, p.placements) if isinstance(p, DTensor) else v
+            ema[n] = (
+                distribute_tensor(v, p.device_mesh, p.placements) if isinstance(p, DTensor) else v
+            )
     return ckpt["step"]
 
 
@@ -244,8 +289,11 @@ def save(model, raw, opt, ema: dict, cfg, step: int, d: Dist, lora_file, dtype, 
     finite = torch.tensor(float(all(torch.isfinite(p).all() for p in params)))  # this rank's shards
     if d.world_size > 1:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
-    if not finite:  # an update diverged after the loss was computed: never let it replace a good checkpoint
-        raise RuntimeError(f"non-finite weights after step {step}; last good checkpoint: {last_good}")
+    # an update diverged after the loss was computed: never let it replace a good checkpoint
+    if not finite:
+        raise RuntimeError(
+            f"non-finite weights after step {step}; last good checkpoint: {last_good}"
+        )
     sd_opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = {
         "model": get_model_state_dict(model, options=sd_opts),
@@ -267,10 +315,12 @@ def save(model, raw, opt, ema: dict, cfg, step: int, d: Dist, lora_file, dtype, 
 
 def prefix_loss(loss_fn: LossFn, model, x0, text: dict, g, c, p: int) -> torch.Tensor:
     """The step's loss: loss_fn on the full latent, or with --prefixes the mean over K channel prefixes x0[:, :c'],
-    each at the shift of its own size (DC-AE 1.5's augmented diffusion training, official `dc_gen/c2icore/trainer.py`)."""
+    each at the shift of its own size (DC-AE 1.5's augmented diffusion training, official
+    `dc_gen/c2icore/trainer.py`)."""
     C = x0.shape[1]
-    # NOTE(deviation): the official trainer draws the prefixes from a per-GPU generator; here every rank draws the
-    # same ones (from the step's generator), so N ranks train exactly as one process and a resume replays.
+    # NOTE(deviation): the official trainer draws the prefixes from a per-GPU generator; here every
+    # rank draws the same ones (from the step's generator), so N ranks train exactly as one process
+    # and a resume replays.
     prefixes = draw_prefixes(g, c.prefixes, c.num_prefixes, c.always_max, C) if c.prefixes else [C]
     loss = 0.0
     for n_ch in prefixes:
@@ -286,27 +336,37 @@ def log_line(step: int, c, loss: float, grad_norm: float, lr: float, dt: float, 
     return line + f" | dt {dt * 1e3:.0f}ms | samples/s {c.batch_size / dt:.1f} | mem {mem:.1f}GB"
 
 
-def train(cfg, d: Dist, raw: nn.Module, cache: LatentCache, latent: str, loss_fn: LossFn, log: Path) -> Path:
+def train(
+    cfg, d: Dist, raw: nn.Module, cache: LatentCache, latent: str, loss_fn: LossFn, log: Path
+) -> Path:
     """Run cfg.steps optimizer steps of `loss_fn(model, x0, text, g, r)` on this rank's latents x0 (b, C, h, w)
     from `cache[latent]` (text: the cached text states; g: the step's generator, r: the shift's factor for x0).
     Returns the last checkpoint. `raw` is the prepared model; it is wrapped (DDP or FSDP2) here."""
     c = types.SimpleNamespace(**{**OPTIONAL, **dataclasses.asdict(cfg)})
     out = Path(c.out_dir)
     dtype = torch.bfloat16 if c.dtype == "bf16" else torch.float32
-    sampler = StepSampler(len(cache), c.batch_size // d.world_size, d.rank, d.world_size, c.seed)  # rows per step
+    # rows per step
+    sampler = StepSampler(len(cache), c.batch_size // d.world_size, d.rank, d.world_size, c.seed)
     lora_file = lora_file_base(raw, c.init)
     latent_shape = cache.shape(latent)
     if c.prefixes and not any(n < latent_shape[0] for n in c.prefixes):
-        raise SystemExit(f"--prefixes {c.prefixes}: none is shorter than the latent's {latent_shape[0]} channels")
+        raise SystemExit(
+            f"--prefixes {c.prefixes}: none is shorter than the latent's {latent_shape[0]} channels"
+        )
     raw.adaptive_channels = bool(c.prefixes)  # the model takes channel prefixes x[:, :c']
     raw.grad_checkpointing = c.grad_checkpointing
     raw.to(d.device)
-    model = wrap_model(raw, d, c.fsdp)  # DDP or FSDP2; `raw` stays the plain module (FSDP2 shards it in place)
+    # DDP or FSDP2; `raw` stays the plain module (FSDP2 shards it in place)
+    model = wrap_model(raw, d, c.fsdp)
 
     # --- optimizer, EMA, resume ---
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay)
-    ema = {n: p.detach().float().clone() for n, p in raw.named_parameters() if p.requires_grad and c.ema}
+    ema = {
+        n: p.detach().float().clone()
+        for n, p in raw.named_parameters()
+        if p.requires_grad and c.ema
+    }
     last_good = max(out.glob("ckpt_*.pt"), default=None) if c.resume else None
     step = resume(model, raw, opt, ema, last_good, d.device) if last_good else 0
     if last_good:
@@ -316,7 +376,9 @@ def train(cfg, d: Dist, raw: nn.Module, cache: LatentCache, latent: str, loss_fn
     text_keys = sorted(cache.null)
     null = {k: v.to(d.device) for k, v in cache.null.items()}
     n_prev = min(c.sample_count, len(cache))
-    preview_cond = {k: v.to(d.device) for k, v in cache.get(torch.arange(n_prev), text_keys).items()}
+    preview_cond = {
+        k: v.to(d.device) for k, v in cache.get(torch.arange(n_prev), text_keys).items()
+    }
     ae = None
     if c.sample_every and d.master:  # the AE only decodes previews; training reads cached latents
         ae = load_autoencoder(cache.meta[f"{latent}_ae"], device=d.device).eval()
@@ -328,7 +390,10 @@ def train(cfg, d: Dist, raw: nn.Module, cache: LatentCache, latent: str, loss_fn
     t0 = time.perf_counter()
     while step < c.steps:
         g = step_generator(c.seed, step)
-        batch = {k: v.to(d.device) for k, v in cache.get(sampler.batch_of(step), [latent, *text_keys]).items()}
+        batch = {
+            k: v.to(d.device)
+            for k, v in cache.get(sampler.batch_of(step), [latent, *text_keys]).items()
+        }
         x0 = batch.pop(latent).float()  # (b, C, h, w)
         with amp():
             loss = prefix_loss(loss_fn, model, x0, batch, g, c, p)
@@ -336,12 +401,16 @@ def train(cfg, d: Dist, raw: nn.Module, cache: LatentCache, latent: str, loss_fn
         for group in opt.param_groups:
             group["lr"] = lr
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, c.clip_grad if c.clip_grad > 0 else math.inf)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            params, c.clip_grad if c.clip_grad > 0 else math.inf
+        )
         loss_value = loss.detach().clone()
         if d.world_size > 1:
             dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
         if not math.isfinite(loss_value.item()):
-            raise RuntimeError(f"loss is {loss_value.item()} at step {step + 1}; last good checkpoint: {last_good}")
+            raise RuntimeError(
+                f"loss is {loss_value.item()} at step {step + 1}; last good checkpoint: {last_good}"
+            )
         opt.step()
         opt.zero_grad(set_to_none=True)
         if ema:
@@ -350,20 +419,36 @@ def train(cfg, d: Dist, raw: nn.Module, cache: LatentCache, latent: str, loss_fn
 
         if step % c.log_every == 0 or step == c.steps:
             dt = (time.perf_counter() - t0) / c.log_every
-            print0(log_line(step, c, loss_value.item(), grad_norm.item(), lr, dt, d.device), log_file=log)
+            print0(
+                log_line(step, c, loss_value.item(), grad_norm.item(), lr, dt, d.device),
+                log_file=log,
+            )
             t0 = time.perf_counter()
         if c.sample_every and step % c.sample_every == 0 and d.master and not c.fsdp:
             raw.eval()
-            with amp():  # under --dtype bf16 the frozen weights are bf16 and the trainable ones fp32, as in training
+            # under --dtype bf16 the frozen weights are bf16 and the trainable ones fp32, as in
+            # training
+            with amp():
                 r = shift_for(c.shift, latent_shape, p, c.shift_value)
-                preview(raw, ae, preview_cond, null, latent_shape, r, c, out / "samples" / f"{step:07d}.png")
+                preview(
+                    raw,
+                    ae,
+                    preview_cond,
+                    null,
+                    latent_shape,
+                    r,
+                    c,
+                    out / "samples" / f"{step:07d}.png",
+                )
             raw.train()
             t0 = time.perf_counter()  # stop the clock: previews are not training time
         validating = (c.val_every and step % c.val_every == 0) or step == c.steps
         if val is not None and validating and (d.master or c.fsdp):
             raw.eval()
             with amp():
-                val_loss = validate(raw, val, latent, c.batch_size, c.shift, c.shift_value, d.device)
+                val_loss = validate(
+                    raw, val, latent, c.batch_size, c.shift, c.shift_value, d.device
+                )
             print0(f"step {step:07d}/{c.steps:07d} | val_loss {val_loss:.5f}", log_file=log)
             raw.train()
             t0 = time.perf_counter()

@@ -26,7 +26,9 @@ from models.dcae import DCAE, DCAEParams
 from models.loading import load_weights, read_config, read_state_dict
 from models.vae import VAE, VAEParams
 
-assert not dcae.PRESETS.keys() & vae.PRESETS.keys(), "an AE preset name is in both models/dcae.py and models/vae.py"
+assert not dcae.PRESETS.keys() & vae.PRESETS.keys(), (
+    "an AE preset name is in both models/dcae.py and models/vae.py"
+)
 PRESETS = {**dcae.PRESETS, **vae.PRESETS}  # every AE preset by name: DCAEParams or VAEParams
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,11 +67,18 @@ def load_autoencoder(
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
-        raise FileNotFoundError(f"{folder} is a pipeline folder; pass its autoencoder sub-folder {folder / 'vae'}")
+        raise FileNotFoundError(
+            f"{folder} is a pipeline folder; pass its autoencoder sub-folder {folder / 'vae'}"
+        )
     config = read_config(folder, "diffusers autoencoder (AutoencoderKL or AutoencoderDC)")
     params = autoencoder_params(config, f"{folder / 'config.json'}")
-    with torch.device("meta"):  # built without memory, then the stored tensors are assigned strictly
+    # built without memory, then the stored tensors are assigned strictly
+    with torch.device("meta"):
         ae = build_autoencoder(params, tile_px=tile_px)
-    load_weights(ae, read_state_dict(folder, dtype=dtype, device=device), f"{config['_class_name']} {folder}")
+    load_weights(
+        ae, read_state_dict(folder, dtype=dtype, device=device), f"{config['_class_name']} {folder}"
+    )
     half = next(ae.parameters()).dtype in (torch.float16, torch.bfloat16)
-    return (ae.float() if dtype is None and half and torch.device(device).type == "cpu" else ae).eval()
+    return (
+        ae.float() if dtype is None and half and torch.device(device).type == "cpu" else ae
+    ).eval()

@@ -32,40 +32,64 @@ from models.tiling import check_image_size, tiled
 @dataclasses.dataclass
 class DCAEParams:
     latent_channels: int = 32  # C
-    encoder_block_out_channels: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)  # width per stage; f = 2^(n-1)
+    # width per stage; f = 2^(n-1)
+    encoder_block_out_channels: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
     decoder_block_out_channels: tuple[int, ...] = (128, 256, 512, 512, 1024, 1024)
-    encoder_layers_per_block: tuple[int, ...] = (2, 2, 2, 3, 3, 3)  # blocks per stage (0 in stage 0: see Encoder)
+    encoder_layers_per_block: tuple[int, ...] = (2, 2, 2, 3, 3, 3)  # blocks per stage (0 in stage
+    # 0: see Encoder)
     decoder_layers_per_block: tuple[int, ...] = (3, 3, 3, 3, 3, 3)
-    encoder_block_types: tuple[str, ...] = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3  # per stage
+    # per stage
+    encoder_block_types: tuple[str, ...] = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
     decoder_block_types: tuple[str, ...] = ("ResBlock",) * 3 + ("EfficientViTBlock",) * 3
-    encoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,))  # LiteMLA aggregation kernels
+    # LiteMLA aggregation kernels
+    encoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,))
     decoder_qkv_multiscales: tuple[tuple[int, ...], ...] = ((), (), (), (5,), (5,), (5,))
-    decoder_norm_types: tuple[str, ...] = ("rms_norm",) * 6  # "rms_norm" or "batch_norm" per decoder stage
-    decoder_act_fns: tuple[str, ...] = ("silu",) * 6  # "silu" or "relu" per decoder stage (encoder: always silu)
+    decoder_norm_types: tuple[str, ...] = ("rms_norm",) * 6  # "rms_norm" or "batch_norm" per
+    # decoder stage
+    decoder_act_fns: tuple[str, ...] = ("silu",) * 6  # "silu" or "relu" per decoder stage (encoder:
+    # always silu)
     decoder_conv_act_fn: str = "relu"  # activation before the decoder's last conv
-    downsample_block_type: str = "pixel_unshuffle"  # "pixel_unshuffle" (DC-AE) or "Conv" (stride 2, SANA)
-    upsample_block_type: str = "pixel_shuffle"  # "pixel_shuffle" (DC-AE) or "interpolate" (nearest + conv, SANA)
-    encoder_out_shortcut: bool = True  # DC-AE 1.0: channel-averaging shortcut into the latent; 1.5: False
-    decoder_in_shortcut: bool = True  # DC-AE 1.0: channel-duplicating shortcut out of the latent; 1.5: False
+    downsample_block_type: str = "pixel_unshuffle"  # "pixel_unshuffle" (DC-AE) or "Conv" (stride 2,
+    # SANA)
+    upsample_block_type: str = "pixel_shuffle"  # "pixel_shuffle" (DC-AE) or "interpolate" (nearest
+    # + conv, SANA)
+    encoder_out_shortcut: bool = True  # DC-AE 1.0: channel-averaging shortcut into the latent; 1.5:
+    # False
+    decoder_in_shortcut: bool = True  # DC-AE 1.0: channel-duplicating shortcut out of the latent;
+    # 1.5: False
     attention_head_dim: int = 32
     in_channels: int = 3
     scaling_factor: float = 1.0  # s: model-ready latent = s · encoder output (about 1 / its std)
 
     def __post_init__(self):
         n = len(self.encoder_block_out_channels)
-        per_stage = lambda v: (v,) * n if isinstance(v, str) else tuple(v)  # diffusers allows one str for all
-        for k in ("encoder_block_types", "decoder_block_types", "decoder_norm_types", "decoder_act_fns"):
+        # diffusers allows one str for all
+        per_stage = lambda v: (v,) * n if isinstance(v, str) else tuple(v)
+        for k in (
+            "encoder_block_types",
+            "decoder_block_types",
+            "decoder_norm_types",
+            "decoder_act_fns",
+        ):
             setattr(self, k, per_stage(getattr(self, k)))
-        for k in ("encoder_block_out_channels", "decoder_block_out_channels", "encoder_layers_per_block",
-                  "decoder_layers_per_block"):  # fmt: skip
+        for k in (
+            "encoder_block_out_channels",
+            "decoder_block_out_channels",
+            "encoder_layers_per_block",
+            "decoder_layers_per_block",
+        ):
             setattr(self, k, tuple(getattr(self, k)))  # config.json holds lists
         for k in ("encoder_qkv_multiscales", "decoder_qkv_multiscales"):
             setattr(self, k, tuple(tuple(s) for s in getattr(self, k)))
         for k in ("encoder_block_types", "decoder_block_types"):
             bad = set(getattr(self, k)) - {"ResBlock", "EfficientViTBlock"}
-            assert not bad, f"{k}: unknown block types {bad}; choose from 'ResBlock', 'EfficientViTBlock'"
+            assert not bad, (
+                f"{k}: unknown block types {bad}; choose from 'ResBlock', 'EfficientViTBlock'"
+            )
         lens = {k: len(v) for k, v in dataclasses.asdict(self).items() if isinstance(v, tuple)}
-        assert len(set(lens.values())) == 1, f"per-stage fields must all have one entry per stage: {lens}"
+        assert len(set(lens.values())) == 1, (
+            f"per-stage fields must all have one entry per stage: {lens}"
+        )
 
     @classmethod
     def from_config(cls, config: dict) -> DCAEParams:
@@ -90,7 +114,9 @@ class RMSNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(1, keepdim=True) + self.eps)  # statistics in fp32
-        return (y * self.weight[:, None, None].float() + self.bias[:, None, None].float()).to(x.dtype)
+        return (y * self.weight[:, None, None].float() + self.bias[:, None, None].float()).to(
+            x.dtype
+        )
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -124,7 +150,9 @@ class MultiScaleProjection(nn.Module):
 
     def __init__(self, channels: int, heads: int, kernel: int):
         super().__init__()
-        self.proj_in = nn.Conv2d(channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False)
+        self.proj_in = nn.Conv2d(
+            channels, channels, kernel, padding=kernel // 2, groups=channels, bias=False
+        )
         self.proj_out = nn.Conv2d(channels, channels, 1, groups=3 * heads, bias=False)
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
@@ -139,33 +167,43 @@ class LiteMLA(nn.Module):
     Each multi-scale branch adds heads that see q, k, v blurred by a kxk depthwise conv (SANA's DC-AE uses 5x5).
     """
 
-    def __init__(self, channels: int, head_dim: int, scales: tuple[int, ...], norm: str, eps: float = 1e-15):
+    def __init__(
+        self, channels: int, head_dim: int, scales: tuple[int, ...], norm: str, eps: float = 1e-15
+    ):
         super().__init__()
         heads = channels // head_dim
         self.head_dim, self.eps = head_dim, eps
         self.to_q = nn.Linear(channels, heads * head_dim, bias=False)
         self.to_k = nn.Linear(channels, heads * head_dim, bias=False)
         self.to_v = nn.Linear(channels, heads * head_dim, bias=False)
-        self.to_qkv_multiscale = nn.ModuleList(MultiScaleProjection(3 * heads * head_dim, heads, k) for k in scales)
+        self.to_qkv_multiscale = nn.ModuleList(
+            MultiScaleProjection(3 * heads * head_dim, heads, k) for k in scales
+        )
         self.to_out = nn.Linear(heads * head_dim * (1 + len(scales)), channels, bias=False)
         self.norm_out = make_norm(norm, channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, H, W = x.shape
         h = x.movedim(1, -1)  # (B, H, W, C)
-        qkv = torch.cat([self.to_q(h), self.to_k(h), self.to_v(h)], dim=-1).movedim(-1, 1)  # (B, 3D, H, W)
-        qkv = torch.cat([qkv] + [m(qkv) for m in self.to_qkv_multiscale], dim=1)  # (B, 3D·(1+S), H, W)
-        # Heads are consecutive groups of 3·d channels of the [q | k | v] stack: the official EfficientViT layout
-        # (one fused qkv conv), which diffusers and we keep so released weights mean the same thing.
+        # (B, 3D, H, W)
+        qkv = torch.cat([self.to_q(h), self.to_k(h), self.to_v(h)], dim=-1).movedim(-1, 1)
+        # (B, 3D·(1+S), H, W)
+        qkv = torch.cat([qkv] + [m(qkv) for m in self.to_qkv_multiscale], dim=1)
+        # Heads are consecutive groups of 3·d channels of the [q | k | v] stack: the official
+        # EfficientViT layout (one fused qkv conv), which diffusers and we keep so released weights
+        # mean the same thing.
         qkv = qkv.float().reshape(B, -1, 3 * self.head_dim, H * W)  # (B, heads', 3d, N)
-        with torch.autocast(x.device.type, enabled=False):  # attention in fp32, also under bf16 autocast (official)
+        # attention in fp32, also under bf16 autocast (official)
+        with torch.autocast(x.device.type, enabled=False):
             q, k, v = qkv.chunk(3, dim=2)  # each (B, heads', d, N)
             q, k = F.relu(q), F.relu(k)
-            v = F.pad(v, (0, 0, 0, 1), value=1.0)  # (B, heads', d+1, N): the row of ones yields the normaliser
-            out = (v @ k.transpose(-1, -2)) @ q  # (B, heads', d+1, d) @ (B, heads', d, N) -> (B, heads', d+1, N)
+            # (B, heads', d+1, N): the row of ones yields the normaliser
+            v = F.pad(v, (0, 0, 0, 1), value=1.0)
+            # (B, heads', d+1, d) @ (B, heads', d, N) -> (B, heads', d+1, N)
+            out = (v @ k.transpose(-1, -2)) @ q
             out = out[:, :, :-1] / (out[:, :, -1:] + self.eps)  # (B, heads', d, N)
-        # NOTE(deviation): diffusers switches to the quadratic order (k^T q first) when H·W <= d; it is the same
-        # function, so we keep the linear order only (differences are float rounding).
+        # NOTE(deviation): diffusers switches to the quadratic order (k^T q first) when H·W <= d; it
+        # is the same function, so we keep the linear order only (differences are float rounding).
         out = out.to(x.dtype).reshape(B, -1, H, W)  # (B, D·(1+S), H, W)
         out = self.to_out(out.movedim(1, -1)).movedim(-1, 1)  # (B, C, H, W)
         return x + self.norm_out(out)
@@ -218,7 +256,8 @@ class DownBlock(nn.Module):
         h = self.conv(x)
         h = F.pixel_unshuffle(h, 2) if self.pixel_unshuffle else h  # (B, C_out, H/2, W/2)
         if self.shortcut:
-            h = h + F.pixel_unshuffle(x, 2).unflatten(1, (-1, self.group)).mean(2)  # (B, C_out, H/2, W/2)
+            # (B, C_out, H/2, W/2)
+            h = h + F.pixel_unshuffle(x, 2).unflatten(1, (-1, self.group)).mean(2)
         return h
 
 
@@ -237,11 +276,14 @@ class UpBlock(nn.Module):
         else:
             h = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
         if self.shortcut:
-            h = h + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)  # (B, C_out, 2H, 2W)
+            # (B, C_out, 2H, 2W)
+            h = h + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
         return h
 
 
-def make_block(kind: str, channels: int, p: DCAEParams, scales: tuple[int, ...], norm: str, act: str) -> nn.Module:
+def make_block(
+    kind: str, channels: int, p: DCAEParams, scales: tuple[int, ...], norm: str, act: str
+) -> nn.Module:
     if kind == "EfficientViTBlock":
         return EfficientViTBlock(channels, p.attention_head_dim, scales, norm)
     return ResBlock(channels, norm, act)
@@ -260,12 +302,16 @@ class Encoder(nn.Module):
         unshuffle = p.downsample_block_type == "pixel_unshuffle"
         if depths[0] > 0:
             self.conv_in = nn.Conv2d(p.in_channels, widths[0], 3, 1, 1)
-        else:  # stage 0 is empty: the input conv already downsamples into stage 1 (DC-AE 1.5, DC-AE-in 1.0)
+        # stage 0 is empty: the input conv already downsamples into stage 1 (DC-AE 1.5, DC-AE-in
+        # 1.0)
+        else:
             self.conv_in = DownBlock(p.in_channels, widths[1], unshuffle, shortcut=False)
         self.down_blocks = nn.ModuleList()
         for i, (w, n) in enumerate(zip(widths, depths)):
             stage = [
-                make_block(p.encoder_block_types[i], w, p, p.encoder_qkv_multiscales[i], "rms_norm", "silu")
+                make_block(
+                    p.encoder_block_types[i], w, p, p.encoder_qkv_multiscales[i], "rms_norm", "silu"
+                )
                 for _ in range(n)
             ]
             if i < len(widths) - 1 and n > 0:
@@ -280,8 +326,10 @@ class Encoder(nn.Module):
         for stage in self.down_blocks:
             h = stage(h)  # (B, width, H/2^i, W/2^i)
         c = channels or self.conv_out.out_channels
-        # DC-AE 1.5 AdaptiveOutputConvLayer: only the first c output filters, i.e. the first c latent channels
-        z = F.conv2d(h, self.conv_out.weight[:c], self.conv_out.bias[:c], padding=1)  # (B, c, H/f, W/f)
+        # DC-AE 1.5 AdaptiveOutputConvLayer: only the first c output filters, i.e. the first c
+        # latent channels
+        # (B, c, H/f, W/f)
+        z = F.conv2d(h, self.conv_out.weight[:c], self.conv_out.bias[:c], padding=1)
         if self.out_shortcut:  # DC-AE 1.0: + mean over groups of width/C channels
             z = z + h.unflatten(1, (-1, self.out_group)).mean(2)
         return z
@@ -299,10 +347,15 @@ class Decoder(nn.Module):
         self.in_repeats = widths[-1] // p.latent_channels
         self.up_blocks = nn.ModuleList()  # index i = stage i; run from the last stage to the first
         for i, (w, n) in enumerate(zip(widths, depths)):
-            stage = [UpBlock(widths[i + 1], w, shuffle, shortcut=True)] if i < len(widths) - 1 and n > 0 else []
+            stage = (
+                [UpBlock(widths[i + 1], w, shuffle, shortcut=True)]
+                if i < len(widths) - 1 and n > 0
+                else []
+            )
             norm, act = p.decoder_norm_types[i], p.decoder_act_fns[i]
             stage += [
-                make_block(p.decoder_block_types[i], w, p, p.decoder_qkv_multiscales[i], norm, act) for _ in range(n)
+                make_block(p.decoder_block_types[i], w, p, p.decoder_qkv_multiscales[i], norm, act)
+                for _ in range(n)
             ]
             self.up_blocks.append(nn.Sequential(*stage))
         out_width = widths[0] if depths[0] > 0 else widths[1]
@@ -315,8 +368,10 @@ class Decoder(nn.Module):
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         c = z.shape[1]
-        # DC-AE 1.5 AdaptiveInputConvLayer: only the first c input filters; equal to zero-filling channels c..C-1
-        h = F.conv2d(z, self.conv_in.weight[:, :c], self.conv_in.bias, padding=1)  # (B, width, h, w)
+        # DC-AE 1.5 AdaptiveInputConvLayer: only the first c input filters; equal to zero-filling
+        # channels c..C-1
+        # (B, width, h, w)
+        h = F.conv2d(z, self.conv_in.weight[:, :c], self.conv_in.bias, padding=1)
         if self.in_shortcut:  # DC-AE 1.0: + each latent channel repeated width/C times
             h = h + z.repeat_interleave(self.in_repeats, dim=1)
         for stage in reversed(self.up_blocks):
@@ -338,10 +393,12 @@ class DCAE(nn.Module):
         self.decoder = Decoder(params)
         self.spatial_factor = 2 ** (len(params.encoder_block_out_channels) - 1)  # f
         self.latent_channels = params.latent_channels  # C
-        # Channel prefixes are well defined only without the shortcuts around the latent (DC-AE 1.5's structured latent space).
+        # Channel prefixes are well defined only without the shortcuts around the latent (DC-AE
+        # 1.5's structured latent space).
         self.adaptive = not (params.encoder_out_shortcut or params.decoder_in_shortcut)
         self.tile_px = tile_px  # images larger than this are encoded / decoded in overlapping tiles
-        self.tile_overlap_px: int | None = None  # overlap of the tiles; None: a quarter of tile_px, whatever it is
+        # overlap of the tiles; None: a quarter of tile_px, whatever it is
+        self.tile_overlap_px: int | None = None
 
     def config(self) -> dict:
         """The diffusers config.json of this model."""
@@ -403,7 +460,8 @@ class DCAE(nn.Module):
 _RES, _EVIT = "ResBlock", "EfficientViTBlock"
 
 
-def _dcae10(widths, enc, dec, scale):  # DC-AE 1.0 "in"/"mix": ResBlock x3 then EfficientViT, BatchNorm+ReLU low stages
+# DC-AE 1.0 "in"/"mix": ResBlock x3 then EfficientViT, BatchNorm+ReLU low stages
+def _dcae10(widths, enc, dec, scale):
     n = len(widths)
     return DCAEParams(
         latent_channels=32 if n == 6 else 128,
@@ -421,7 +479,8 @@ def _dcae10(widths, enc, dec, scale):  # DC-AE 1.0 "in"/"mix": ResBlock x3 then 
     )
 
 
-def _dcae15(widths, depths, latent, scale=1.0):  # DC-AE 1.5: ResBlock only, no latent shortcuts (adaptive)
+# DC-AE 1.5: ResBlock only, no latent shortcuts (adaptive)
+def _dcae15(widths, depths, latent, scale=1.0):
     n = len(widths)
     return DCAEParams(
         latent_channels=latent,
@@ -443,24 +502,35 @@ def _dcae15(widths, depths, latent, scale=1.0):  # DC-AE 1.5: ResBlock only, no 
 
 
 PRESETS = {
-    # DC-AE 1.0 (mit-han-lab/dc-ae-*-diffusers). The 1K DC-Gen-FLUX uses an f32c32 (which one is unconfirmed).
-    "dc-ae-f32c32-in-1.0": _dcae10((128, 256, 512, 512, 1024, 1024), (0, 4, 8, 2, 2, 2), (0, 5, 10, 2, 2, 2), 0.3189),
-    "dc-ae-f64c128-in-1.0": _dcae10(
-        (128, 256, 512, 512, 1024, 1024, 2048), (0, 4, 8, 2, 2, 2, 2), (0, 5, 10, 2, 2, 2, 2), 0.2889
+    # DC-AE 1.0 (mit-han-lab/dc-ae-*-diffusers). The 1K DC-Gen-FLUX uses an f32c32 (which one is
+    # unconfirmed).
+    "dc-ae-f32c32-in-1.0": _dcae10(
+        (128, 256, 512, 512, 1024, 1024), (0, 4, 8, 2, 2, 2), (0, 5, 10, 2, 2, 2), 0.3189
     ),
-    # SANA's AE: EfficientViT stages with 5x5 multi-scale aggregation, stride-2 conv down, nearest+conv up.
+    "dc-ae-f64c128-in-1.0": _dcae10(
+        (128, 256, 512, 512, 1024, 1024, 2048),
+        (0, 4, 8, 2, 2, 2, 2),
+        (0, 5, 10, 2, 2, 2, 2),
+        0.2889,
+    ),
+    # SANA's AE: EfficientViT stages with 5x5 multi-scale aggregation, stride-2 conv down,
+    # nearest+conv up.
     "dc-ae-f32c32-sana-1.1": DCAEParams(
         downsample_block_type="Conv", upsample_block_type="interpolate", scaling_factor=0.41407
     ),
-    # DC-AE 1.5 (dc-ai/dc-ae-1.5-*; official dc_ae_f32_1_5 / dc_ae_f64_1_5). NOTE(deviation): no diffusers config
-    # of 1.5 is public; this is our inferred mapping of dc_ae_f64_1_5. f64c128's 0.5935 is the ImageNet value;
-    # f32c128's factor is unknown (1.0 here): a real folder's config.json always wins.
+    # DC-AE 1.5 (dc-ai/dc-ae-1.5-*; official dc_ae_f32_1_5 / dc_ae_f64_1_5). NOTE(deviation): no
+    # diffusers config of 1.5 is public; this is our inferred mapping of dc_ae_f64_1_5. f64c128's
+    # 0.5935 is the ImageNet value; f32c128's factor is unknown (1.0 here): a real folder's
+    # config.json always wins.
     "dc-ae-1.5-f32c128": _dcae15((128, 256, 512, 512, 1024, 1024), (0, 5, 10, 4, 4, 4), 128),
-    "dc-ae-1.5-f64c128": _dcae15((128, 256, 512, 512, 1024, 1024, 1024), (0, 5, 10, 4, 4, 4, 4), 128, 0.5935),
+    "dc-ae-1.5-f64c128": _dcae15(
+        (128, 256, 512, 512, 1024, 1024, 1024), (0, 5, 10, 4, 4, 4, 4), 128, 0.5935
+    ),
     # Toy zoo: DC-Gen's f32 and f64 roles, trainable on a 2-core CPU in minutes (README "toy AEs").
     "toy-f32c16": _dcae15((8, 16, 32, 32, 64, 64), (0, 1, 1, 1, 1, 1), 16),
     "toy-f64c32": _dcae15((8, 16, 32, 32, 64, 64, 64), (0, 1, 1, 1, 1, 1, 1), 32),
-    # tests: a 1.0-type f8 AE with ResBlock and EfficientViT stages, multi-scale attention, BatchNorm and shortcuts
+    # tests: a 1.0-type f8 AE with ResBlock and EfficientViT stages, multi-scale attention,
+    # BatchNorm and shortcuts
     "tiny": DCAEParams(
         latent_channels=4,
         encoder_block_out_channels=(8, 16, 32, 32),

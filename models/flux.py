@@ -41,47 +41,71 @@ class FluxParams:
     depth: int = 19  # double-stream blocks
     depth_single: int = 38  # single-stream blocks
     mlp_ratio: float = 4.0  # MLP hidden width / D
-    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE dims of the (text index, row, column) position axes
+    axes_dim: tuple[int, ...] = (16, 56, 56)  # RoPE dims of the (text index, row, column) position
+    # axes
     theta: int = 10_000  # RoPE base
     context_in_dim: int = 4096  # T5 hidden size
     vec_in_dim: int = 768  # CLIP pooled size
-    guidance_embed: bool = True  # guidance-distilled model (FLUX.1-dev / Krea) with an embedded guidance scale w
+    guidance_embed: bool = True  # guidance-distilled model (FLUX.1-dev / Krea) with an embedded
+    # guidance scale w
 
 
-# The toy zoo's CFG base (runs/toy.sh): a FLUX in miniature on the toy f8c4 VAE latent, 2×2 patches, reading the toy
-# text encoder (width 64); 2.4 M parameters. Its guidance-distilled and DC-Gen descendants keep the shape.
+# The toy zoo's CFG base (runs/toy.sh): a FLUX in miniature on the toy f8c4 VAE latent, 2×2 patches,
+# reading the toy text encoder (width 64); 2.4 M parameters. Its guidance-distilled and DC-Gen
+# descendants keep the shape.
 _TOY = FluxParams(
-    in_channels=4, hidden_size=128, num_heads=2, depth=2, depth_single=4, axes_dim=(16, 24, 24),
-    context_in_dim=64, vec_in_dim=64, guidance_embed=False,
-)  # fmt: skip
+    in_channels=4,
+    hidden_size=128,
+    num_heads=2,
+    depth=2,
+    depth_single=4,
+    axes_dim=(16, 24, 24),
+    context_in_dim=64,
+    vec_in_dim=64,
+    guidance_embed=False,
+)
 
 PRESETS = {
     # FLUX.1-dev / FLUX.1-Krea-dev: 11.9 B parameters, f8c16 latent with 2×2 patches.
     "flux-dev": FluxParams(),
-    # DC-Gen-FLUX: the same backbone on DC-AE f32c32 (1K) or DC-AE 1.5 f64c128 (4K) latents, 1×1 patches.
+    # DC-Gen-FLUX: the same backbone on DC-AE f32c32 (1K) or DC-AE 1.5 f64c128 (4K) latents, 1×1
+    # patches.
     "dcgen-flux-1k": FluxParams(in_channels=32, patch_size=1),
     "dcgen-flux-4k": FluxParams(in_channels=128, patch_size=1),
     "toy": _TOY,
-    # The same toy trained from scratch on the toy DC-AE 1.5 f32c16 latent, 1×1 patches: 8×8 tokens at 256 px, 4x
-    # fewer than "toy" (README "The toy zoo": the deep-compression latent as a base's own space).
+    # The same toy trained from scratch on the toy DC-AE 1.5 f32c16 latent, 1×1 patches: 8×8 tokens
+    # at 256 px, 4x fewer than "toy" (README "The toy zoo": the deep-compression latent as a base's
+    # own space).
     "toy-f32c16": replace(_TOY, in_channels=16, patch_size=1),
-    # For tests: every structural feature (both block kinds, 3-axis RoPE, guidance), 0.33 M parameters.
+    # For tests: every structural feature (both block kinds, 3-axis RoPE, guidance), 0.33 M
+    # parameters.
     "tiny": FluxParams(
-        in_channels=4, hidden_size=64, num_heads=2, depth=1, depth_single=2, axes_dim=(8, 12, 12),
-        context_in_dim=32, vec_in_dim=16,
+        in_channels=4,
+        hidden_size=64,
+        num_heads=2,
+        depth=1,
+        depth_single=2,
+        axes_dim=(8, 12, 12),
+        context_in_dim=32,
+        vec_in_dim=16,
     ),
-}  # fmt: skip
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # embeddings and positions
 
 
-def timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0) -> Tensor:
+def timestep_embedding(
+    t: Tensor, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0
+) -> Tensor:
     """Sinusoidal embedding of t·1000 (cos half first), the standard DDPM/DiT frequency ladder. (B,) -> (B, dim)."""
-    # NOTE(deviation): computed in float32 even for a bf16 model; diffusers multiplies by 1000 in the model dtype.
+    # NOTE(deviation): computed in float32 even for a bf16 model; diffusers multiplies by 1000 in
+    # the model dtype.
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
     args = time_factor * t.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -111,17 +135,24 @@ class TimeTextEmbed(nn.Module):
         dtype = self.text_embedder.linear_1.weight.dtype
         vec = self.timestep_embedder(timestep_embedding(t).to(dtype))
         if self.guidance_embedder is not None:
-            assert guidance is not None, "this model is guidance-distilled: pass guidance (e.g. 3.5) for every sample"
+            assert guidance is not None, (
+                "this model is guidance-distilled: pass guidance (e.g. 3.5) for every sample"
+            )
             vec = vec + self.guidance_embedder(timestep_embedding(guidance).to(dtype))
         else:
-            assert guidance is None, "this model has no guidance embedding (a CFG model): use true CFG, not guidance"
+            assert guidance is None, (
+                "this model has no guidance embedding (a CFG model): use true CFG, not guidance"
+            )
         return vec + self.text_embedder(y.to(dtype))  # (B, D)
 
 
 def position_ids(txt_len: int, h: int, w: int, device=None) -> Tensor:
     """(txt_len + h·w, 3) positions: text tokens all (0, 0, 0); image token (0, row, col) on the token grid."""
-    rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
-    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(h * w, 3)  # (h·w, 3)
+    rows, cols = torch.meshgrid(
+        torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
+    )
+    # (h·w, 3)
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(h * w, 3)
     return torch.cat([img_ids.new_zeros(txt_len, 3), img_ids])
 
 
@@ -131,7 +162,8 @@ def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
     (L, head_dim / 2) complex64; the angles are computed in float64 like diffusers."""
     angles = []
     for i, d in enumerate(axes_dim):
-        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)  # (d/2,)
+        # (d/2,)
+        freqs = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float64, device=ids.device) / d)
         angles.append(ids[:, i].double()[:, None] * freqs[None])  # (L, d/2)
     angles = torch.cat(angles, dim=-1)  # (L, head_dim/2)
     return torch.polar(torch.ones_like(angles), angles).to(torch.complex64)
@@ -205,7 +237,11 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         self.num_heads = num_heads
-        self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+        self.to_q, self.to_k, self.to_v = (
+            nn.Linear(dim, dim),
+            nn.Linear(dim, dim),
+            nn.Linear(dim, dim),
+        )
         self.norm_q = nn.RMSNorm(dim // num_heads, eps=1e-6)
         self.norm_k = nn.RMSNorm(dim // num_heads, eps=1e-6)
 
@@ -218,7 +254,8 @@ class SelfAttention(nn.Module):
         return q, k, self.heads(self.to_v(x))
 
     def forward(self, x: Tensor, pe: Tensor) -> Tensor:
-        return attention(*self.qkv(x), pe)  # (B, L, D), no output projection: the single block fuses it
+        # (B, L, D), no output projection: the single block fuses it
+        return attention(*self.qkv(x), pe)
 
 
 class JointAttention(SelfAttention):
@@ -241,7 +278,8 @@ class JointAttention(SelfAttention):
         tq = self.norm_added_q(self.heads(self.add_q_proj(txt)))
         tk = self.norm_added_k(self.heads(self.add_k_proj(txt)))
         tv = self.heads(self.add_v_proj(txt))
-        x = attention(torch.cat([tq, q], 2), torch.cat([tk, k], 2), torch.cat([tv, v], 2), pe)  # (B, L_txt+L_img, D)
+        # (B, L_txt+L_img, D)
+        x = attention(torch.cat([tq, q], 2), torch.cat([tk, k], 2), torch.cat([tv, v], 2), pe)
         txt, img = x.split([txt.shape[1], img.shape[1]], dim=1)
         return self.to_out[0](img), self.to_add_out(txt)
 
@@ -259,8 +297,10 @@ class DoubleStreamBlock(nn.Module):
         self.ff_context = FeedForward(dim, int(dim * mlp_ratio))
 
     def forward(self, img: Tensor, txt: Tensor, vec: Tensor, pe: Tensor) -> tuple[Tensor, Tensor]:
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(vec)  # image stream, each (B, 1, D)
-        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(vec)  # text stream
+        # image stream, each (B, 1, D)
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.norm1(vec)
+        # text stream
+        c_shift1, c_scale1, c_gate1, c_shift2, c_scale2, c_gate2 = self.norm1_context(vec)
         img_attn, txt_attn = self.attn(
             modulate(self.norm1.norm(img), shift1, scale1),
             modulate(self.norm1_context.norm(txt), c_shift1, c_scale1),
@@ -311,10 +351,12 @@ class AdaLNOut(nn.Module):
 
 
 class Flux(nn.Module):
-    # The two layers that touch the latent, which DC-Gen re-learns (stage 1: the embedder, stage 2: the head).
+    # The two layers that touch the latent, which DC-Gen re-learns (stage 1: the embedder, stage 2:
+    # the head).
     latent_layers = ("x_embedder", "proj_out")
-    # DC-Gen's LoRA targets (the PEFT list of DC-Gen's dc_ai/t2icore/models/flux.py minus the top-level proj_out):
-    # every attention and MLP linear of every block, matched as full-name regexes.
+    # DC-Gen's LoRA targets (the PEFT list of DC-Gen's dc_ai/t2icore/models/flux.py minus the
+    # top-level proj_out): every attention and MLP linear of every block, matched as full-name
+    # regexes.
     lora_targets = (
         r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
         r"transformer_blocks\.\d+\.(ff|ff_context)\.net\.(0\.proj|2)",
@@ -324,47 +366,69 @@ class Flux(nn.Module):
     def __init__(self, params: FluxParams):
         super().__init__()
         p = self.params = params
-        assert p.hidden_size % p.num_heads == 0, f"hidden_size {p.hidden_size} not divisible by {p.num_heads} heads"
-        assert sum(p.axes_dim) == p.hidden_size // p.num_heads, f"axes_dim {p.axes_dim} must sum to the head dim"
+        assert p.hidden_size % p.num_heads == 0, (
+            f"hidden_size {p.hidden_size} not divisible by {p.num_heads} heads"
+        )
+        assert sum(p.axes_dim) == p.hidden_size // p.num_heads, (
+            f"axes_dim {p.axes_dim} must sum to the head dim"
+        )
         D, token_dim = p.hidden_size, p.in_channels * p.patch_size**2
         self.time_text_embed = TimeTextEmbed(D, p.vec_in_dim, p.guidance_embed)
         self.context_embedder = nn.Linear(p.context_in_dim, D)
-        self.x_embedder = nn.Linear(token_dim, D)  # DC-Gen stage 1 re-learns this layer for the new latent
-        self.transformer_blocks = nn.ModuleList(DoubleStreamBlock(D, p.num_heads, p.mlp_ratio) for _ in range(p.depth))
+        # DC-Gen stage 1 re-learns this layer for the new latent
+        self.x_embedder = nn.Linear(token_dim, D)
+        self.transformer_blocks = nn.ModuleList(
+            DoubleStreamBlock(D, p.num_heads, p.mlp_ratio) for _ in range(p.depth)
+        )
         self.single_transformer_blocks = nn.ModuleList(
             SingleStreamBlock(D, p.num_heads, p.mlp_ratio) for _ in range(p.depth_single)
         )
         self.norm_out = AdaLNOut(D)
         self.proj_out = nn.Linear(D, token_dim)  # DC-Gen stage 2 re-learns this head
-        self.grad_checkpointing = False  # recompute each block in backward: activation memory O(1) in depth
-        self.adaptive_channels = False  # accept channel prefixes x[:, :C'] (DC-AE 1.5 augmented training)
+        # recompute each block in backward: activation memory O(1) in depth
+        self.grad_checkpointing = False
+        # accept channel prefixes x[:, :C'] (DC-AE 1.5 augmented training)
+        self.adaptive_channels = False
 
-    def forward(self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None
+    ) -> Tensor:
         """Velocity v(x_t, t): x (B, C, H, W) noisy latent, t (B,) noise level sigma in [0, 1], txt (B, L, 4096) T5
         states, y (B, 768) CLIP pooled, guidance (B,) embedded guidance scale w. Returns (B, C, H, W)."""
         p = self.params.patch_size
         B, C, H, W = x.shape
         assert H % p == 0 and W % p == 0, f"latent {H}x{W} is not divisible by the patch size {p}"
         dtype = self.x_embedder.weight.dtype
-        img = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)  # (B, h·w, C·p²) like diffusers
-        # DC-AE 1.5 augmented training (DC-Gen dc_gen/c2icore/trainer.py) also feeds channel prefixes x[:, :C'] of the
-        # latent: the token (c, p1, p2) layout puts them in the first C'·p² columns of the embedder and rows of the
-        # head, which are used alone (the official AdaptivePatchEmbed / AdaptiveFinalLayer).
+        # (B, h·w, C·p²) like diffusers
+        img = rearrange(x, "b c (h p1) (w p2) -> b (h w) (c p1 p2)", p1=p, p2=p)
+        # DC-AE 1.5 augmented training (DC-Gen dc_gen/c2icore/trainer.py) also feeds channel
+        # prefixes x[:, :C'] of the latent: the token (c, p1, p2) layout puts them in the first
+        # C'·p² columns of the embedder and rows of the head, which are used alone (the official
+        # AdaptivePatchEmbed / AdaptiveFinalLayer).
         prefix = C < self.params.in_channels
         if C > self.params.in_channels or (prefix and not self.adaptive_channels):
-            raise ValueError(f"latent has {C} channels, the model {self.params.in_channels} (a channel prefix needs "
-                             "model.adaptive_channels = True, as lora.py --prefixes sets)")  # fmt: skip
+            raise ValueError(
+                f"latent has {C} channels, the model {self.params.in_channels} (a channel prefix needs "
+                "model.adaptive_channels = True, as lora.py --prefixes sets)"
+            )
         if prefix:
-            img = F.linear(img.to(dtype), self.x_embedder.weight[:, : C * p * p], self.x_embedder.bias)
+            img = F.linear(
+                img.to(dtype), self.x_embedder.weight[:, : C * p * p], self.x_embedder.bias
+            )
         else:
             img = self.x_embedder(img.to(dtype))  # (B, h·w, D)
         txt = self.context_embedder(txt.to(dtype))  # (B, L, D)
         vec = self.time_text_embed(t, guidance, y)  # (B, D)
-        pe = rope(position_ids(txt.shape[1], H // p, W // p, x.device), self.params.axes_dim, self.params.theta)
+        pe = rope(
+            position_ids(txt.shape[1], H // p, W // p, x.device),
+            self.params.axes_dim,
+            self.params.theta,
+        )
 
         for block in self.transformer_blocks:
             img, txt = self.run_block(block, img, txt, vec, pe)
-        # Single-stream blocks share weights across the streams: concatenate once, split once at the end.
+        # Single-stream blocks share weights across the streams: concatenate once, split once at the
+        # end.
         x_seq = torch.cat([txt, img], dim=1)  # (B, L + h·w, D)
         for block in self.single_transformer_blocks:
             x_seq = self.run_block(block, x_seq, vec, pe)
@@ -389,7 +453,8 @@ class Flux(nn.Module):
         p = self.params
         return {
             "_class_name": "FluxTransformer2DModel",
-            "_patch_size": p.patch_size,  # ours: diffusers drops "_" keys; in_channels there is C·p²
+            # ours: diffusers drops "_" keys; in_channels there is C·p²
+            "_patch_size": p.patch_size,
             "patch_size": 1,
             "in_channels": p.in_channels * p.patch_size**2,
             "out_channels": None,
@@ -411,7 +476,9 @@ class Flux(nn.Module):
         p = patch_size or cfg.get("_patch_size", 1)
         token_dim, out = cfg["in_channels"], cfg.get("out_channels") or cfg["in_channels"]
         if out != token_dim or token_dim % (p * p) or cfg.get("patch_size", 1) != 1:
-            raise ValueError(f"unsupported FLUX config: in_channels {token_dim}, out_channels {out}, patch size {p}")
+            raise ValueError(
+                f"unsupported FLUX config: in_channels {token_dim}, out_channels {out}, patch size {p}"
+            )
         heads, head_dim = cfg["num_attention_heads"], cfg["attention_head_dim"]
         return FluxParams(
             in_channels=token_dim // (p * p),

@@ -22,7 +22,11 @@ def read_config(folder: str | Path, what: str) -> dict:
     """The folder's config.json; `what` names the expected model in the error, e.g. "FLUX transformer"."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        found = sorted(p.name for p in folder.iterdir()) if folder.is_dir() else "the folder does not exist"
+        found = (
+            sorted(p.name for p in folder.iterdir())
+            if folder.is_dir()
+            else "the folder does not exist"
+        )
         raise FileNotFoundError(
             f"{folder} is not a {what} folder: expected config.json and *.safetensors weights "
             f"(diffusers layout), found {found}"
@@ -106,7 +110,8 @@ def atomic_write(path: str | Path, write: Callable) -> None:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private (0600); give it a normal file's mode
+        # mkstemp makes the file private (0600); give it a normal file's mode
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)  # atomic on POSIX
     except BaseException:
         os.unlink(tmp)
@@ -130,10 +135,13 @@ def save_pretrained(
             shards, size = shards + [{}], 0
         shards[-1][k] = v.detach().contiguous()
         size += nbytes
-    for old in folder.glob(f"{name}*.safetensors*"):  # stale shards of an earlier save would confuse loaders
+    # stale shards of an earlier save would confuse loaders
+    for old in folder.glob(f"{name}*.safetensors*"):
         old.unlink()
     files = [f"{name}.safetensors"] if len(shards) == 1 else []
-    files = files or [f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    files = files or [
+        f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
+    ]
     for file, shard in zip(files, shards):
         data = safetensors.torch.save(shard, metadata={"format": "pt"})
         atomic_write(folder / file, lambda f, data=data: f.write(data))
@@ -141,5 +149,10 @@ def save_pretrained(
         total = sum(v.numel() * v.element_size() for v in state_dict.values())
         weight_map = {k: file for file, shard in zip(files, shards) for k in shard}
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-        atomic_write(folder / f"{name}.safetensors.index.json", lambda f: f.write(json.dumps(index, indent=2).encode()))
-    atomic_write(folder / "config.json", lambda f: f.write((json.dumps(config, indent=2) + "\n").encode()))
+        atomic_write(
+            folder / f"{name}.safetensors.index.json",
+            lambda f: f.write(json.dumps(index, indent=2).encode()),
+        )
+    atomic_write(
+        folder / "config.json", lambda f: f.write((json.dumps(config, indent=2) + "\n").encode())
+    )

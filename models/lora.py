@@ -29,13 +29,17 @@ class LoRALinear(nn.Linear):
     state-dict keys of the base weights are unchanged and a base checkpoint still loads into the injected model."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
-        super().__init__(base.in_features, base.out_features, bias=base.bias is not None, device="meta")
+        super().__init__(
+            base.in_features, base.out_features, bias=base.bias is not None, device="meta"
+        )
         self.weight, self.bias = base.weight, base.bias  # the frozen base W, b
         self.rank, self.alpha, self.scale = rank, alpha, alpha / rank
         self.merged = False  # True when B·A has been added into W (then the branch is skipped)
         kw = dict(device=base.weight.device, dtype=base.weight.dtype)
-        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **kw)  # down-projection A (r, in)
-        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **kw)  # up-projection B (out, r)
+        # down-projection A (r, in)
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False, **kw)
+        # up-projection B (out, r)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False, **kw)
         self.lora_dropout = nn.Dropout(dropout)
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # as nn.Linear and PEFT
         nn.init.zeros_(self.lora_B.weight)  # B = 0: the injected model equals the base model
@@ -48,7 +52,8 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged:
             return y
-        a = self.lora_A.weight.dtype  # the branch may be fp32 beside a bf16 base (lora.py --dtype bf16), as in peft
+        # the branch may be fp32 beside a bf16 base (lora.py --dtype bf16), as in peft
+        a = self.lora_A.weight.dtype
         return y + (self.scale * self.lora_B(self.lora_A(self.lora_dropout(x.to(a))))).to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -68,13 +73,20 @@ def inject_lora(
     model's `latent_layers`, "x_embedder" and "proj_out"). Returns the wrapped names."""
     targets = model.lora_targets if targets is None else targets
     model.requires_grad_(False)
-    names = [n for n, m in model.named_modules() if type(m) is nn.Linear and any(re.fullmatch(t, n) for t in targets)]
+    names = [
+        n
+        for n, m in model.named_modules()
+        if type(m) is nn.Linear and any(re.fullmatch(t, n) for t in targets)
+    ]
     if not names:
-        raise ValueError(f"no nn.Linear of {type(model).__name__} matches the LoRA targets {targets}")
+        raise ValueError(
+            f"no nn.Linear of {type(model).__name__} matches the LoRA targets {targets}"
+        )
     for name in names:
         parent, _, child = name.rpartition(".")
         owner = model.get_submodule(parent)
-        setattr(owner, child, LoRALinear(getattr(owner, child), rank, alpha, dropout))  # A, B require grad
+        # A, B require grad
+        setattr(owner, child, LoRALinear(getattr(owner, child), rank, alpha, dropout))
     for name in trainable:
         model.get_submodule(name).requires_grad_(True)
     return names
@@ -123,14 +135,17 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
     expected = lora_state_dict(model)
     missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
     if missing or unexpected:
-        raise ValueError(f"LoRA state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(
+            f"LoRA state dict does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}"
+        )
     model.load_state_dict(sd, strict=False)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # diffusers' LoRA file format
 
-LORA_FILE = "pytorch_lora_weights.safetensors"  # the file name `FluxPipeline.load_lora_weights(folder)` looks for
+# the file name `FluxPipeline.load_lora_weights(folder)` looks for
+LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
 def diffusers_lora(
@@ -168,27 +183,41 @@ def diffusers_lora(
     assert len(ranks) == 1, f"diffusers' LoraConfig holds one rank here, got {sorted(ranks)}"
     rank = ranks.pop()
     own = model.state_dict()
-    trained = {k: v for k, v in own.items() if ".lora_A." in k or ".lora_B." in k or k.rpartition(".")[0] in full}
+    trained = {
+        k: v
+        for k, v in own.items()
+        if ".lora_A." in k or ".lora_B." in k or k.rpartition(".")[0] in full
+    }
     unknown = sorted((state_dict or {}).keys() - trained.keys())
     if unknown:
-        raise ValueError(f"state_dict names no LoRA tensor or tensor of the full modules {full}: {unknown[:3]}")
+        raise ValueError(
+            f"state_dict names no LoRA tensor or tensor of the full modules {full}: {unknown[:3]}"
+        )
     trained.update(state_dict or {})
     tensors = {}
     for name, m in layers.items():
         tensors[f"{prefix}.{name}.lora_A.weight"] = trained[f"{name}.lora_A.weight"].detach()
-        tensors[f"{prefix}.{name}.lora_B.weight"] = m.scale * trained[f"{name}.lora_B.weight"].detach().float()
+        tensors[f"{prefix}.{name}.lora_B.weight"] = (
+            m.scale * trained[f"{name}.lora_B.weight"].detach().float()
+        )
     # peft's `target_modules` as one regex, matched in full: the exact layers, no suffix matches
     config = {"r": rank, "lora_alpha": rank, "lora_bias": bool(full)}
     config["target_modules"] = "|".join(re.escape(n) for n in [*sorted(layers), *full])
     if full:
-        assert base is not None, f"full modules {full} are written as changes from `base`: give their base weights"
+        assert base is not None, (
+            f"full modules {full} are written as changes from `base`: give their base weights"
+        )
         for name, m in layers.items():
-            tensors[f"{prefix}.{name}.lora_B.bias"] = torch.zeros(m.out_features)  # the switch is global in peft
+            # the switch is global in peft
+            tensors[f"{prefix}.{name}.lora_B.bias"] = torch.zeros(m.out_features)
         config["rank_pattern"], config["alpha_pattern"] = {}, {}
     for name in full:
         m = model.get_submodule(name)
-        assert type(m) is nn.Linear, f"full module {name} must be a plain nn.Linear, got {type(m).__name__}"
-        dW = trained[f"{name}.weight"].detach().float() - base[f"{name}.weight"].float()  # (out, in)
+        assert type(m) is nn.Linear, (
+            f"full module {name} must be a plain nn.Linear, got {type(m).__name__}"
+        )
+        # (out, in)
+        dW = trained[f"{name}.weight"].detach().float() - base[f"{name}.weight"].float()
         db = torch.zeros(m.out_features)  # a layer without bias still gets lora_B.bias in peft
         if m.bias is not None:
             db = trained[f"{name}.bias"].detach().float() - base[f"{name}.bias"].float()  # (out,)

@@ -31,7 +31,8 @@ from torch import Tensor, nn
 
 from models.svdquant import SVDQuantLinear, W4A16Linear
 
-# v1 on-disk layer name -> our linears, fused along the output in this order (convert.py local_name_map)
+# v1 on-disk layer name -> our linears, fused along the output in this order (convert.py
+# local_name_map)
 DOUBLE_LAYERS = {
     "qkv_proj": ("attn.to_q", "attn.to_k", "attn.to_v"),
     "qkv_proj_context": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
@@ -48,13 +49,18 @@ SINGLE_LAYERS = {
     "mlp_fc1": ("proj_mlp",),
     "mlp_fc2": ("proj_out.linears.1",),
 }
-DOUBLE_NORMS = {"norm_q": "attn.norm_q", "norm_k": "attn.norm_k",
-                "norm_added_q": "attn.norm_added_q", "norm_added_k": "attn.norm_added_k"}  # fmt: skip
+DOUBLE_NORMS = {
+    "norm_q": "attn.norm_q",
+    "norm_k": "attn.norm_k",
+    "norm_added_q": "attn.norm_added_q",
+    "norm_added_k": "attn.norm_added_k",
+}
 SINGLE_NORMS = {"norm_q": "attn.norm_q", "norm_k": "attn.norm_k"}
 DOUBLE_ADANORM = {"norm1.linear": 6, "norm1_context.linear": 6}  # name -> chunks (adanorm_splits)
 SINGLE_ADANORM = {"norm.linear": 3}
 
-WARP_N = 128  # NunchakuWeightPacker(bits=4, warp_n=128): output tile; input tile mem_k · num_k_unrolls = 64 · 2
+# NunchakuWeightPacker(bits=4, warp_n=128): output tile; input tile mem_k · num_k_unrolls = 64 · 2
+WARP_N = 128
 
 
 def pad(t: Tensor, multiples: tuple[int, ...], fill: float = 0) -> Tensor:
@@ -74,7 +80,8 @@ def pack_w4(codes: Tensor) -> Tensor:
     w = pad(codes.to(torch.int32) & 0xF, (WARP_N, 2 * 64))
     n, k = w.shape
     w = w.reshape(n // 128, 8, 2, 8, k // 64, 2, 4, 8).permute(0, 4, 1, 3, 6, 2, 5, 7)
-    w = w.reshape(-1, 4, 2)  # 8 nibbles of a little-endian int32 = 4 bytes of (low nibble, high nibble)
+    # 8 nibbles of a little-endian int32 = 4 bytes of (low nibble, high nibble)
+    w = w.reshape(-1, 4, 2)
     return (w[..., 0] | (w[..., 1] << 4)).to(torch.uint8).view(torch.int8).reshape(n, k // 2)
 
 
@@ -84,7 +91,8 @@ def pack_micro_scales(s: Tensor) -> Tensor:
     p = 0..3, each as 4 consecutive group scales (one 64-wide k tile)."""
     s = pad(s.float(), (WARP_N, 64 // 16), fill=1).to(torch.float8_e4m3fn)
     n, groups = s.shape
-    s = s.reshape(n // 128, 4, 4, 8, groups // 4, 4).permute(0, 4, 3, 2, 1, 5)  # (tile, ktile, l, q, p, kgroup)
+    # (tile, ktile, l, q, p, kgroup)
+    s = s.reshape(n // 128, 4, 4, 8, groups // 4, 4).permute(0, 4, 3, 2, 1, 5)
     return s.reshape(-1, n)
 
 
@@ -93,9 +101,12 @@ def pack_scales(s: Tensor, group_pad: int = 2) -> Tensor:
     the mma.m16n8 accumulator (utils.py: pack_scale, warp_n 128: s_pack_size 4, 32 lanes): lane 4·a + c holds outputs
     16·a + 8·b + 2·c + d for b, d in {0, 1}. Padded outputs (and groups, to an even count) are filled with 1."""
     vector = s.ndim == 1
-    s = pad(s.to(torch.bfloat16).reshape(s.shape[0], -1), (WARP_N, 1 if vector else group_pad), fill=1)
+    s = pad(
+        s.to(torch.bfloat16).reshape(s.shape[0], -1), (WARP_N, 1 if vector else group_pad), fill=1
+    )
     n, groups = s.shape
-    s = s.reshape(n // 128, 8, 2, 4, 2, groups).permute(0, 5, 1, 3, 2, 4)  # (tile, group, a, c, b, d)
+    # (tile, group, a, c, b, d)
+    s = s.reshape(n // 128, 8, 2, 4, 2, groups).permute(0, 5, 1, 3, 2, 4)
     return s.reshape(-1) if vector else s.reshape(-1, n)
 
 
@@ -109,7 +120,8 @@ def pack_lowrank(w: Tensor, down: bool) -> Tensor:
     else:  # (c, r): n is the output, k the rank
         c, r = w.shape
         w = w.reshape(c // 16, 16, r // 16, 16).permute(0, 2, 1, 3)
-    # (c pack, r pack, 16 n, 16 k) -> (c pack, r pack, n lane, k lane, n sub, k sub, 2 values of one register)
+    # (c pack, r pack, 16 n, 16 k) -> (c pack, r pack, n lane, k lane, n sub, k sub, 2 values of one
+    # register)
     w = w.reshape(c // 16, r // 16, 2, 8, 2, 4, 2).permute(0, 1, 3, 5, 2, 4, 6)
     return w.reshape(c, r)
 
@@ -118,11 +130,15 @@ def svdq_layer(parts: list[SVDQuantLinear]) -> dict[str, Tensor]:
     """One Nunchaku W4A4 layer from our linears fused along the output (convert_to_nunchaku_w4x4y16_linear_weight)."""
     first = parts[0]
     if first.proj_down.device.type != "meta":  # fused parts share their input: same λ and L_down
-        assert all(torch.equal(p.smooth, first.smooth) and torch.equal(p.proj_down, first.proj_down) for p in parts)
+        assert all(
+            torch.equal(p.smooth, first.smooth) and torch.equal(p.proj_down, first.proj_down)
+            for p in parts
+        )
     cat = lambda name: torch.cat([getattr(p, name) for p in parts])
     qweight, wscales, wcscales = cat("qweight"), cat("wscales"), cat("wcscales")
-    # NOTE(deviation): DeepCompressor never exports rank 0; for the RTN ablation we write a zero rank-16 branch,
-    # since every Nunchaku W4A4 layer has one (its packer pads ranks to multiples of 16).
+    # NOTE(deviation): DeepCompressor never exports rank 0; for the RTN ablation we write a zero
+    # rank-16 branch, since every Nunchaku W4A4 layer has one (its packer pads ranks to multiples of
+    # 16).
     down, up = first.proj_down, cat("proj_up")
     if first.rank == 0:
         down, up = down.new_zeros(16, first.in_features), up.new_zeros(up.shape[0], 16)
@@ -133,7 +149,9 @@ def svdq_layer(parts: list[SVDQuantLinear]) -> dict[str, Tensor]:
             sd["wcscales"] = pack_scales(wcscales)
         else:  # the first element of the packed (all equal) per-channel vector
             sd["wtscale"] = wcscales[:1].to(torch.bfloat16)
-    else:  # one group per row (in = 64) is packed as a vector: pack_scale(group_size=-1) when group size == in
+    # one group per row (in = 64) is packed as a vector: pack_scale(group_size=-1) when group size
+    # == in
+    else:
         sd["wscales"] = pack_scales(wscales[:, 0] if wscales.shape[1] == 1 else wscales)
     sd["bias"] = pack_scales(cat("bias"))
     sd["smooth"] = pack_scales(first.smooth)
@@ -156,21 +174,28 @@ def pack_awq_w4(q: Tensor) -> Tensor:
 def awq_layer(m: W4A16Linear, chunks: int) -> dict[str, Tensor]:
     """AdaLN linear -> Nunchaku AWQ W4A16 (convert_to_nunchaku_w4x16_linear_weight with adanorm_splits = chunks)."""
     out, inp = m.qweight.shape
-    interleave = lambda t: t.reshape(chunks, out // chunks, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
-    # Nunchaku reads the output as view(B, D, chunks): row j·chunks + c <- row c·D + j. Its AdaLN adds no 1 to the
-    # scales (scale_shift=0), so the 1 of x·(1 + scale) goes into the bias of the scale chunks (indices 1 and -2).
+    interleave = lambda t: (
+        t.reshape(chunks, out // chunks, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
+    )
+    # Nunchaku reads the output as view(B, D, chunks): row j·chunks + c <- row c·D + j. Its AdaLN
+    # adds no 1 to the scales (scale_shift=0), so the 1 of x·(1 + scale) goes into the bias of the
+    # scale chunks (indices 1 and -2).
     delta = torch.zeros(chunks, dtype=torch.bfloat16, device=m.bias.device)
     delta[1] = delta[-2] = 1
-    bias = (interleave(m.bias.to(torch.bfloat16)).reshape(out // chunks, chunks) + delta).reshape(out)
+    bias = (interleave(m.bias.to(torch.bfloat16)).reshape(out // chunks, chunks) + delta).reshape(
+        out
+    )
     q = interleave(m.qweight).to(torch.int32) + 7  # zero point 7: unsigned [0, 14]
     s = interleave(m.wscales)  # (out, G) bf16
     groups = inp // 64
-    packs = -(-groups // 8)  # ceil_num_groups: 8 groups per int32 pack, an even number of packs for group 64
+    # ceil_num_groups: 8 groups per int32 pack, an even number of packs for group 64
+    packs = -(-groups // 8)
     padded = (packs + packs % 2) * 8
     wscales = torch.zeros(padded, out, dtype=torch.bfloat16, device=s.device)
     wzeros = torch.zeros_like(wscales)
     wscales[:groups] = s.t()
-    wzeros[:groups] = (7 * s.float()).t().to(torch.bfloat16).neg()  # dequant: q_u·s + z = (q + 7)·s - 7·s
+    # dequant: q_u·s + z = (q + 7)·s - 7·s
+    wzeros[:groups] = (7 * s.float()).t().to(torch.bfloat16).neg()
     return {"qweight": pack_awq_w4(q), "wscales": wscales, "wzeros": wzeros, "bias": bias}
 
 
@@ -184,13 +209,23 @@ def nunchaku_state_dict(model: nn.Module) -> dict[str, Tensor]:
         for i, block in enumerate(getattr(model, kind)):
             p = f"{kind}.{i}"
             for disk, ours in layers.items():
-                sd.update({f"{p}.{disk}.{k}": v for k, v in svdq_layer([block.get_submodule(n) for n in ours]).items()})
+                sd.update(
+                    {
+                        f"{p}.{disk}.{k}": v
+                        for k, v in svdq_layer([block.get_submodule(n) for n in ours]).items()
+                    }
+                )
                 used.update(f"{p}.{n}." for n in ours)
             for disk, ours in norms.items():
                 sd[f"{p}.{disk}.weight"] = block.get_submodule(ours).weight.to(torch.bfloat16)
                 used.add(f"{p}.{ours}.")
             for name, chunks in adanorm.items():
-                sd.update({f"{p}.{name}.{k}": v for k, v in awq_layer(block.get_submodule(name), chunks).items()})
+                sd.update(
+                    {
+                        f"{p}.{name}.{k}": v
+                        for k, v in awq_layer(block.get_submodule(name), chunks).items()
+                    }
+                )
                 used.add(f"{p}.{name}.")
     blocks = ("transformer_blocks.", "single_transformer_blocks.")
     for k, v in model.state_dict().items():
@@ -212,18 +247,29 @@ def nunchaku_metadata(model: nn.Module, fp4: bool, rank: int) -> dict[str, str]:
         "activation": {**fmt, "scale_dtype": "fp8_e4m3_nan" if fp4 else None},
         "rank": rank,
     }
-    # ComfyUI-nunchaku builds its model wrapper from this (nodes/models/configs/flux.1-dev.json; BFL's FluxParams).
+    # ComfyUI-nunchaku builds its model wrapper from this (nodes/models/configs/flux.1-dev.json;
+    # BFL's FluxParams).
     comfy_config = {
         "model_class": "Flux" if p.guidance_embed else "FluxSchnell",
         "model_config": {
-            "axes_dim": list(p.axes_dim), "context_in_dim": p.context_in_dim, "depth": p.depth,
-            "depth_single_blocks": p.depth_single, "disable_unet_model_creation": True,
-            "guidance_embed": p.guidance_embed, "hidden_size": p.hidden_size, "image_model": "flux",
-            "in_channels": p.in_channels, "mlp_ratio": p.mlp_ratio, "num_heads": p.num_heads,
-            "out_channels": p.in_channels, "patch_size": p.patch_size, "qkv_bias": True, "theta": p.theta,
+            "axes_dim": list(p.axes_dim),
+            "context_in_dim": p.context_in_dim,
+            "depth": p.depth,
+            "depth_single_blocks": p.depth_single,
+            "disable_unet_model_creation": True,
+            "guidance_embed": p.guidance_embed,
+            "hidden_size": p.hidden_size,
+            "image_model": "flux",
+            "in_channels": p.in_channels,
+            "mlp_ratio": p.mlp_ratio,
+            "num_heads": p.num_heads,
+            "out_channels": p.in_channels,
+            "patch_size": p.patch_size,
+            "qkv_bias": True,
+            "theta": p.theta,
             "vec_in_dim": p.vec_in_dim,
         },
-    }  # fmt: skip
+    }
     return {
         "config": json.dumps(model.diffusers_config()),
         "comfy_config": json.dumps(comfy_config),

@@ -37,10 +37,14 @@ SHIFTS = ("flux", "dcgen", "constant")
 
 @dataclass
 class Pipeline:
-    transformer: nn.Module | None  # Flux or Sana: v = transformer(x, t, **text(prompts)[, guidance])
+    # Flux or Sana: v = transformer(x, t, **text(prompts)[, guidance])
+    transformer: nn.Module | None
     ae: nn.Module | None  # VAE or DCAE: encode / decode, spatial_factor, latent_channels
-    text: nn.Module | None  # FluxTextEncoder or SanaTextEncoder: prompts -> the transformer's keyword arguments
-    shift: str  # how the noise levels are shifted at sampling: "flux", "dcgen" or "constant" (common.shift_factor)
+    # FluxTextEncoder or SanaTextEncoder: prompts -> the transformer's keyword arguments
+    text: nn.Module | None
+    # how the noise levels are shifted at sampling: "flux", "dcgen" or "constant"
+    # (common.shift_factor)
+    shift: str
     shift_value: float  # r for shift "constant" (SANA's flow_shift)
     folder: Path
 
@@ -52,7 +56,9 @@ def transformer_class(folder: str | Path) -> type[Flux] | type[Sana]:
     kind = read_config(Path(folder), "transformer").get("_class_name")
     classes = {"FluxTransformer2DModel": Flux, "SanaTransformer2DModel": Sana}
     if kind not in classes:
-        raise ValueError(f"{folder}/config.json: transformer class {kind!r} is not one of {sorted(classes)}")
+        raise ValueError(
+            f"{folder}/config.json: transformer class {kind!r} is not one of {sorted(classes)}"
+        )
     return classes[kind]
 
 
@@ -62,7 +68,8 @@ def load_transformer(folder: Path, ae_latent_channels: int | None, **kw) -> nn.M
     cls = transformer_class(folder)
     if cls is Sana:
         return Sana.from_pretrained(folder, **kw)
-    if is_quantized(folder):  # quantize.py's emulated SVDQuant model (W4A4 + low rank), called like any Flux
+    # quantize.py's emulated SVDQuant model (W4A4 + low rank), called like any Flux
+    if is_quantized(folder):
         return load_quantized(folder, device=kw.get("device", "cpu"))
     cfg = read_config(folder, "FLUX transformer")
     patch = cfg.get("_patch_size")
@@ -84,15 +91,27 @@ def sampling_shift(folder: Path, transformer_cfg: dict, ae_cfg: dict | None) -> 
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
     if "_shift" in sched:
         return sched["_shift"], float(sched.get("shift", 3.0))
-    if transformer_cfg.get("_class_name") == "SanaTransformer2DModel":  # DPM-Solver configs say flow_shift
+    # DPM-Solver configs say flow_shift
+    if transformer_cfg.get("_class_name") == "SanaTransformer2DModel":
         return "constant", float(sched.get("flow_shift", sched.get("shift", 3.0)))
-    if ae_cfg and ae_cfg.get("_class_name") == "AutoencoderDC" and ae_cfg.get("latent_channels") == 32:
+    if (
+        ae_cfg
+        and ae_cfg.get("_class_name") == "AutoencoderDC"
+        and ae_cfg.get("latent_channels") == 32
+    ):
         return "dcgen", 1.0
     if sched.get("use_dynamic_shifting") is False:  # a FlowMatchEuler config with a fixed shift
         return "constant", float(sched.get("shift", 1.0))
-    flux = {"base_image_seq_len": 256, "max_image_seq_len": 4096, "base_shift": 0.5, "max_shift": 1.15}
+    flux = {
+        "base_image_seq_len": 256,
+        "max_image_seq_len": 4096,
+        "base_shift": 0.5,
+        "max_shift": 1.15,
+    }
     if other := {k: sched[k] for k in flux if k in sched and sched[k] != flux[k]}:
-        print(f"note: {sched_file} sets {other}; the sampler's dynamic shift uses FLUX's {flux} (--shift overrides)")
+        print(
+            f"note: {sched_file} sets {other}; the sampler's dynamic shift uses FLUX's {flux} (--shift overrides)"
+        )
     return "flux", 1.0
 
 
@@ -117,20 +136,40 @@ def load_pipeline(
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
-    need = {"transformer": "transformer/config.json", "vae": "vae/config.json", "text": "text_encoder/config.json"}
+    need = {
+        "transformer": "transformer/config.json",
+        "vae": "vae/config.json",
+        "text": "text_encoder/config.json",
+    }
     missing = [need[p] for p in parts if not (folder / need[p]).is_file()]
     if missing:
         found = sorted(p.name for p in folder.iterdir())
-        raise FileNotFoundError(f"{folder} is not a complete model folder: missing {missing} (it holds {found})")
-    ae_cfg = read_config(folder / "vae", "autoencoder") if (folder / "vae" / "config.json").is_file() else None
+        raise FileNotFoundError(
+            f"{folder} is not a complete model folder: missing {missing} (it holds {found})"
+        )
+    ae_cfg = (
+        read_config(folder / "vae", "autoencoder")
+        if (folder / "vae" / "config.json").is_file()
+        else None
+    )
     tr_cfg = read_config(folder / "transformer", "transformer") if "transformer" in parts else {}
     shift, shift_value = sampling_shift(folder, tr_cfg, ae_cfg)
-    ae = load_autoencoder(folder / "vae", dtype=dtype, device=device, tile_px=tile_px) if "vae" in parts else None
+    ae = (
+        load_autoencoder(folder / "vae", dtype=dtype, device=device, tile_px=tile_px)
+        if "vae" in parts
+        else None
+    )
     latent_channels = ae_cfg.get("latent_channels") if ae_cfg else None
     transformer = None
     if "transformer" in parts:
-        transformer = load_transformer(folder / "transformer", latent_channels, dtype=dtype, device=device)
-    text = load_text_encoder(folder, device=device, dtype=dtype, max_length=max_length) if "text" in parts else None
+        transformer = load_transformer(
+            folder / "transformer", latent_channels, dtype=dtype, device=device
+        )
+    text = (
+        load_text_encoder(folder, device=device, dtype=dtype, max_length=max_length)
+        if "text" in parts
+        else None
+    )
     return Pipeline(transformer, ae, text, shift, shift_value, folder)
 
 
@@ -151,9 +190,12 @@ def write_pipeline(
     assert shift in SHIFTS, f"shift {shift!r} not in {SHIFTS}"
     folder = Path(folder)
     text = {p: Path(text_folder) / p for p in TEXT_PARTS if (Path(text_folder) / p).is_dir()}
-    if not (Path(ae_folder) / "config.json").is_file() or not text:  # e.g. a cache's folders, since moved
-        raise FileNotFoundError(f"model folder {folder}: needs an AE folder (got {ae_folder}) and text encoders in "
-                                f"{text_folder}; is one of them gone or moved?")  # fmt: skip
+    # e.g. a cache's folders, since moved
+    if not (Path(ae_folder) / "config.json").is_file() or not text:
+        raise FileNotFoundError(
+            f"model folder {folder}: needs an AE folder (got {ae_folder}) and text encoders in "
+            f"{text_folder}; is one of them gone or moved?"
+        )
     sources = {"vae": Path(ae_folder)} | text
     sd = transformer.state_dict() if state_dict is None else state_dict
     save_pretrained(folder / "transformer", sd, config or transformer.diffusers_config())
@@ -166,33 +208,45 @@ def write_pipeline(
         if copy:
             shutil.copytree(src.resolve(), dst)
         else:
-            os.symlink(os.path.relpath(src.resolve(), folder.resolve()), dst, target_is_directory=True)
-    # model_index.json and the scheduler config as diffusers writes them, so diffusers' pipelines open our folders too
+            os.symlink(
+                os.path.relpath(src.resolve(), folder.resolve()), dst, target_is_directory=True
+            )
+    # model_index.json and the scheduler config as diffusers writes them, so diffusers' pipelines
+    # open our folders too
     index = {"_class_name": "FluxPipeline" if isinstance(transformer, Flux) else "SanaPipeline"}
     index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
     index["transformer"] = ["diffusers", transformer.diffusers_config()["_class_name"]]
     for name in sources:
-        index[name] = ["diffusers" if name == "vae" else "transformers", component_class(folder / name)]
+        index[name] = [
+            "diffusers" if name == "vae" else "transformers",
+            component_class(folder / name),
+        ]
     sched = {
         "_class_name": "FlowMatchEulerDiscreteScheduler",
         "_shift": shift,  # ours (diffusers ignores "_" keys): "flux", "dcgen" or "constant"
         "num_train_timesteps": 1000,
-        "use_dynamic_shifting": shift != "constant",  # "dcgen" has no diffusers equivalent; closest is dynamic
+        # "dcgen" has no diffusers equivalent; closest is dynamic
+        "use_dynamic_shifting": shift != "constant",
         "shift": shift_value,
         "base_image_seq_len": 256,
         "max_image_seq_len": 4096,
         "base_shift": 0.5,
         "max_shift": 1.15,
     }
-    atomic_write(folder / "model_index.json", lambda f: f.write(json.dumps(index, indent=2).encode()))
     atomic_write(
-        folder / "scheduler" / "scheduler_config.json", lambda f: f.write(json.dumps(sched, indent=2).encode())
+        folder / "model_index.json", lambda f: f.write(json.dumps(index, indent=2).encode())
+    )
+    atomic_write(
+        folder / "scheduler" / "scheduler_config.json",
+        lambda f: f.write(json.dumps(sched, indent=2).encode()),
     )
 
 
 def component_class(folder: Path) -> str:
     """The class diffusers' model_index.json names for a sub-folder: a model's or a tokenizer's."""
     if (folder / "tokenizer_config.json").is_file():
-        return json.loads((folder / "tokenizer_config.json").read_text()).get("tokenizer_class", "AutoTokenizer")
+        return json.loads((folder / "tokenizer_config.json").read_text()).get(
+            "tokenizer_class", "AutoTokenizer"
+        )
     cfg = json.loads((folder / "config.json").read_text())
     return cfg.get("_class_name") or cfg.get("architectures", ["AutoModel"])[0]

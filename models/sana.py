@@ -51,28 +51,41 @@ class SanaParams:
     num_heads: int = 70  # linear self-attention heads (head dim D / heads = 32)
     depth: int = 20  # transformer blocks
     cross_heads: int = 20  # cross-attention heads
-    cross_head_dim: int = 112  # cross-attention head dim (cross_heads · cross_head_dim need not equal D)
+    cross_head_dim: int = 112  # cross-attention head dim (cross_heads · cross_head_dim need not
+    # equal D)
     caption_channels: int = 2304  # text-encoder width (Gemma-2-2B)
     mlp_ratio: float = 2.5  # Mix-FFN hidden width / D
-    qk_norm: bool = True  # RMSNorm over all heads of q and k in both attentions (SANA-1.5; SANA-1.0 has none)
-    qkv_bias: bool = False  # biases on the self-attention q, k, v projections (diffusers' `attention_bias`)
-    guidance_embed: bool = False  # embedded guidance scale w (SANA-Sprint layout), for guidance-distilled SANA
-    guidance_scale: float = 0.1  # w is embedded as sinusoid(guidance_scale · w) (diffusers' guidance_embeds_scale)
+    qk_norm: bool = True  # RMSNorm over all heads of q and k in both attentions (SANA-1.5; SANA-1.0
+    # has none)
+    qkv_bias: bool = False  # biases on the self-attention q, k, v projections (diffusers'
+    # `attention_bias`)
+    guidance_embed: bool = False  # embedded guidance scale w (SANA-Sprint layout), for
+    # guidance-distilled SANA
+    guidance_scale: float = 0.1  # w is embedded as sinusoid(guidance_scale · w) (diffusers'
+    # guidance_embeds_scale)
     timestep_scale: float = 1.0  # the model sees timestep = 1000 · sigma · timestep_scale
 
 
 PRESETS = {
-    # SANA-1.5 1.6B 1024px (Sana_1600M_1024px_allqknorm): 1.605 B parameters, DC-AE f32c32 latent, patch 1.
+    # SANA-1.5 1.6B 1024px (Sana_1600M_1024px_allqknorm): 1.605 B parameters, DC-AE f32c32 latent,
+    # patch 1.
     "sana-1.6b-1024": SanaParams(),
     # SANA-1.0 1.6B 1024px: the same network without qk-norm.
     "sana-1.0-1.6b-1024": SanaParams(qk_norm=False),
-    # DC-Gen-SANA: the same backbone on the DC-AE 1.5 f64c128 latent (4x fewer tokens than f32 at any resolution).
+    # DC-Gen-SANA: the same backbone on the DC-AE 1.5 f64c128 latent (4x fewer tokens than f32 at
+    # any resolution).
     "dcgen-sana-1.6b-f64c128": SanaParams(in_channels=128),
     # For tests: every structural feature (qk-norm, cross-attention, Mix-FFN), 52 K parameters.
     "tiny": SanaParams(
-        in_channels=4, hidden_size=32, num_heads=2, depth=2, cross_heads=2, cross_head_dim=12, caption_channels=24,
+        in_channels=4,
+        hidden_size=32,
+        num_heads=2,
+        depth=2,
+        cross_heads=2,
+        cross_head_dim=12,
+        caption_channels=24,
     ),
-}  # fmt: skip
+}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,7 +95,11 @@ PRESETS = {
 def timestep_embedding(timestep: Tensor, dim: int = 256, max_period: float = 10_000.0) -> Tensor:
     """Sinusoidal embedding (cos half first) of a timestep on the 0..1000 scale, in float32. (B,) -> (B, dim)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half)
+    freqs = torch.exp(
+        -math.log(max_period)
+        * torch.arange(half, dtype=torch.float32, device=timestep.device)
+        / half
+    )
     args = timestep.float()[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -122,7 +139,9 @@ class AdaLNSingle(nn.Module):
         self.linear = nn.Linear(dim, 6 * dim)
 
     def forward(self, timestep: Tensor, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        assert guidance is None, "this SANA has no guidance embedding: use classifier-free guidance instead"
+        assert guidance is None, (
+            "this SANA has no guidance embedding: use classifier-free guidance instead"
+        )
         emb = self.emb(timestep)  # (B, D)
         return self.linear(F.silu(emb)), emb  # (B, 6D) block modulation, (B, D) for the final layer
 
@@ -138,7 +157,9 @@ class AdaLNSingleGuidance(nn.Module):
         self.linear = nn.Linear(dim, 6 * dim)
 
     def forward(self, timestep: Tensor, guidance: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        assert guidance is not None, "this SANA is guidance-distilled: pass guidance (e.g. 4.5) for every sample"
+        assert guidance is not None, (
+            "this SANA is guidance-distilled: pass guidance (e.g. 4.5) for every sample"
+        )
         emb = self.timestep_embedder(timestep_embedding(timestep)) + self.guidance_embedder(
             timestep_embedding(guidance)
         )  # (B, D)
@@ -159,7 +180,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(
+            x.dtype
+        ) * self.weight
 
 
 class LinearAttention(nn.Module):
@@ -173,9 +196,13 @@ class LinearAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qk_norm: bool, qkv_bias: bool):
         super().__init__()
         self.num_heads = num_heads
-        self.to_q, self.to_k = nn.Linear(dim, dim, bias=qkv_bias), nn.Linear(dim, dim, bias=qkv_bias)
+        self.to_q, self.to_k = (
+            nn.Linear(dim, dim, bias=qkv_bias),
+            nn.Linear(dim, dim, bias=qkv_bias),
+        )
         self.to_v = nn.Linear(dim, dim, bias=qkv_bias)
-        # SANA-1.5: RMSNorm across all heads (one norm over D, not per head) keeps q·k bounded in large models
+        # SANA-1.5: RMSNorm across all heads (one norm over D, not per head) keeps q·k bounded in
+        # large models
         self.norm_q = RMSNorm(dim, eps=1e-5) if qk_norm else None
         self.norm_k = RMSNorm(dim, eps=1e-5) if qk_norm else None
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers keeps a Dropout at to_out.1
@@ -184,15 +211,21 @@ class LinearAttention(nn.Module):
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)  # each (B, N, D)
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
-        # The kernel and both sums in float32: the normaliser sums N positive terms (N = 16K tokens at 4K for f32).
-        # Channel-major layout as in SANA's code: q, v (B, H, d, N) and k (B, H, N, d).
-        q, v = (y.float().transpose(1, 2).unflatten(1, (self.num_heads, -1)) for y in (q, v))  # (B, H, d, N)
-        k = k.float().transpose(1, 2).unflatten(1, (self.num_heads, -1)).transpose(2, 3)  # (B, H, N, d)
+        # The kernel and both sums in float32: the normaliser sums N positive terms (N = 16K tokens
+        # at 4K for f32). Channel-major layout as in SANA's code: q, v (B, H, d, N) and k (B, H, N,
+        # d).
+        # (B, H, d, N)
+        q, v = (y.float().transpose(1, 2).unflatten(1, (self.num_heads, -1)) for y in (q, v))
+        # (B, H, N, d)
+        k = k.float().transpose(1, 2).unflatten(1, (self.num_heads, -1)).transpose(2, 3)
         q, k = F.relu(q), F.relu(k)
-        # SANA's trick: a row of ones appended to v makes one matmul give both sums, Σ_j v_j φ(k_j)ᵀ and Σ_j φ(k_j)ᵀ.
+        # SANA's trick: a row of ones appended to v makes one matmul give both sums, Σ_j v_j φ(k_j)ᵀ
+        # and Σ_j φ(k_j)ᵀ.
         v = F.pad(v, (0, 0, 0, 1), value=1.0)  # (B, H, d + 1, N)
-        out = (v @ k) @ q  # (B, H, d + 1, d) @ (B, H, d, N) -> (B, H, d + 1, N): numerators, then the denominator
-        out = out[:, :, :-1] / (out[:, :, -1:] + 1e-15)  # (B, H, d, N); 1e-15 (SANA's) guards all-zero kernels
+        # (B, H, d + 1, d) @ (B, H, d, N) -> (B, H, d + 1, N): numerators, then the denominator
+        out = (v @ k) @ q
+        # (B, H, d, N); 1e-15 (SANA's) guards all-zero kernels
+        out = out[:, :, :-1] / (out[:, :, -1:] + 1e-15)
         out = out.flatten(1, 2).transpose(1, 2)  # (B, N, D)
         return self.to_out[0](out.to(x.dtype))
 
@@ -204,7 +237,11 @@ class CrossAttention(nn.Module):
         super().__init__()
         inner = num_heads * head_dim
         self.num_heads = num_heads
-        self.to_q, self.to_k, self.to_v = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
+        self.to_q, self.to_k, self.to_v = (
+            nn.Linear(dim, inner),
+            nn.Linear(dim, inner),
+            nn.Linear(dim, inner),
+        )
         self.norm_q = RMSNorm(inner, eps=1e-5) if qk_norm else None
         self.norm_k = RMSNorm(inner, eps=1e-5) if qk_norm else None
         self.to_out = nn.ModuleList([nn.Linear(inner, dim)])
@@ -213,10 +250,12 @@ class CrossAttention(nn.Module):
         q, k, v = self.to_q(img), self.to_k(txt), self.to_v(txt)  # (B, N, inner), (B, L, inner) ×2
         if self.norm_q is not None:
             q, k = self.norm_q(q), self.norm_k(k)
-        q, k, v = (y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for y in (q, k, v))  # (B, H, *, d)
-        # mask (B, 1, 1, L) bool, True = attend. NOTE(deviation): diffusers adds a -10000 bias to padded keys; a
-        # boolean mask is exactly zero weight. Identical in float32 unless a row has no valid token (SDPA then
-        # returns zeros, diffusers the mean over the padding); SanaTextEncoder always keeps BOS, so none has.
+        # (B, H, *, d)
+        q, k, v = (y.unflatten(-1, (self.num_heads, -1)).transpose(1, 2) for y in (q, k, v))
+        # mask (B, 1, 1, L) bool, True = attend. NOTE(deviation): diffusers adds a -10000 bias to
+        # padded keys; a boolean mask is exactly zero weight. Identical in float32 unless a row has
+        # no valid token (SDPA then returns zeros, diffusers the mean over the padding);
+        # SanaTextEncoder always keeps BOS, so none has.
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # (B, H, N, d)
         return self.to_out[0](out.transpose(1, 2).flatten(2))  # (B, N, D)
 
@@ -257,21 +296,27 @@ class SanaBlock(nn.Module):
         D = p.hidden_size
         self.norm1 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.attn1 = LinearAttention(D, p.num_heads, p.qk_norm, p.qkv_bias)
-        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)  # the Mix-FFN's norm (diffusers' name)
+        # the Mix-FFN's norm (diffusers' name)
+        self.norm2 = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
         self.attn2 = CrossAttention(D, p.cross_heads, p.cross_head_dim, p.qk_norm)
         self.ff = GLUMBConv(D, p.mlp_ratio)
-        # this block's offset to the shared modulation: rows shift1, scale1, gate1, shift2, scale2, gate2
+        # this block's offset to the shared modulation: rows shift1, scale1, gate1, shift2, scale2,
+        # gate2
         self.scale_shift_table = nn.Parameter(torch.randn(6, D) / D**0.5)
 
-    def forward(self, img: Tensor, txt: Tensor, mask: Tensor | None, mod: Tensor, hw: tuple[int, int]) -> Tensor:
-        shift1, scale1, gate1, shift2, scale2, gate2 = (self.scale_shift_table[None] + mod.unflatten(1, (6, -1))).chunk(
-            6, dim=1
-        )  # each (B, 1, D)
+    def forward(
+        self, img: Tensor, txt: Tensor, mask: Tensor | None, mod: Tensor, hw: tuple[int, int]
+    ) -> Tensor:
+        shift1, scale1, gate1, shift2, scale2, gate2 = (
+            self.scale_shift_table[None] + mod.unflatten(1, (6, -1))
+        ).chunk(6, dim=1)  # each (B, 1, D)
         img = img + gate1 * self.attn1(modulate(self.norm1(img), shift1, scale1))
         img = img + self.attn2(img, txt, mask)  # no norm, no gate: as in PixArt-α
         h = modulate(self.norm2(img), shift2, scale2)  # (B, h·w, D)
-        h = h.unflatten(1, hw).permute(0, 3, 1, 2)  # (B, D, h, w): tokens back on their grid for the convs
-        return img + gate2 * self.ff(h).flatten(2).transpose(1, 2)  # views, no copies: (B, D, h·w) -> (B, h·w, D)
+        # (B, D, h, w): tokens back on their grid for the convs
+        h = h.unflatten(1, hw).permute(0, 3, 1, 2)
+        # views, no copies: (B, D, h·w) -> (B, h·w, D)
+        return img + gate2 * self.ff(h).flatten(2).transpose(1, 2)
 
 
 class PatchEmbed(nn.Module):
@@ -279,7 +324,8 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, in_channels: int, dim: int, patch_size: int):
         super().__init__()
-        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)  # DC-Gen stage 1 re-learns this
+        # DC-Gen stage 1 re-learns this
+        self.proj = nn.Conv2d(in_channels, dim, patch_size, stride=patch_size)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, C, H, W) -> (B, h·w, D)
@@ -290,10 +336,12 @@ class PatchEmbed(nn.Module):
 
 
 class Sana(nn.Module):
-    # The two layers that touch the latent, which DC-Gen re-learns (stage 1: the embedder, stage 2: the head).
+    # The two layers that touch the latent, which DC-Gen re-learns (stage 1: the embedder, stage 2:
+    # the head).
     latent_layers = ("patch_embed", "proj_out")
-    # LoRA targets: every linear of both attentions. NOTE(deviation): the official DC-Gen-SANA targets are not
-    # published, and the Mix-FFN's 1×1 convolutions are Conv2d, which our LoRALinear does not wrap.
+    # LoRA targets: every linear of both attentions. NOTE(deviation): the official DC-Gen-SANA
+    # targets are not published, and the Mix-FFN's 1×1 convolutions are Conv2d, which our LoRALinear
+    # does not wrap.
     lora_targets = (r"transformer_blocks\.\d+\.(attn1|attn2)\.(to_q|to_k|to_v|to_out\.0)",)
 
     def __init__(self, params: SanaParams):
@@ -303,34 +351,55 @@ class Sana(nn.Module):
         assert D % p.num_heads == 0, f"hidden_size {D} not divisible by {p.num_heads} heads"
         self.patch_embed = PatchEmbed(p.in_channels, D, p.patch_size)
         self.time_embed = AdaLNSingleGuidance(D) if p.guidance_embed else AdaLNSingle(D)
-        self.caption_projection = MLPEmbedder(p.caption_channels, D, partial(F.gelu, approximate="tanh"))
-        self.caption_norm = RMSNorm(D, eps=1e-5)  # SANA §2.3: normalise Gemma's states, whose scale is large
+        self.caption_projection = MLPEmbedder(
+            p.caption_channels, D, partial(F.gelu, approximate="tanh")
+        )
+        # SANA §2.3: normalise Gemma's states, whose scale is large
+        self.caption_norm = RMSNorm(D, eps=1e-5)
         self.transformer_blocks = nn.ModuleList(SanaBlock(p) for _ in range(p.depth))
-        self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)  # final layer: rows shift, scale
+        # final layer: rows shift, scale
+        self.scale_shift_table = nn.Parameter(torch.randn(2, D) / D**0.5)
         self.norm_out = nn.LayerNorm(D, elementwise_affine=False, eps=1e-6)
-        self.proj_out = nn.Linear(D, p.patch_size**2 * p.in_channels)  # DC-Gen stage 2 re-learns this head
-        self.grad_checkpointing = False  # recompute each block in backward: activation memory O(1) in depth
-        self.adaptive_channels = False  # accept channel prefixes x[:, :C'] (DC-AE 1.5 augmented training)
+        # DC-Gen stage 2 re-learns this head
+        self.proj_out = nn.Linear(D, p.patch_size**2 * p.in_channels)
+        # recompute each block in backward: activation memory O(1) in depth
+        self.grad_checkpointing = False
+        # accept channel prefixes x[:, :C'] (DC-AE 1.5 augmented training)
+        self.adaptive_channels = False
 
     def forward(
-        self, x: Tensor, t: Tensor, txt: Tensor, txt_mask: Tensor | None = None, guidance: Tensor | None = None
+        self,
+        x: Tensor,
+        t: Tensor,
+        txt: Tensor,
+        txt_mask: Tensor | None = None,
+        guidance: Tensor | None = None,
     ) -> Tensor:
         """Velocity v(x_t, t): x (B, C, H, W) noisy latent, t (B,) noise level sigma in [0, 1], txt (B, L, 2304)
         Gemma-2 states, txt_mask (B, L) 1 for real tokens and 0 for padding (None: all real), guidance (B,)
         embedded guidance scale w (guidance-distilled models only). Returns (B, C, H, W)."""
         p, (H, W) = self.params, x.shape[-2:]
-        assert H % p.patch_size == 0 and W % p.patch_size == 0, f"latent {H}x{W} not divisible by patch {p.patch_size}"
+        assert H % p.patch_size == 0 and W % p.patch_size == 0, (
+            f"latent {H}x{W} not divisible by patch {p.patch_size}"
+        )
         h, w, C = H // p.patch_size, W // p.patch_size, x.shape[1]
         dtype = self.proj_out.weight.dtype
-        # DC-AE 1.5 augmented training (DC-Gen dc_gen/c2icore/trainer.py) also feeds channel prefixes x[:, :C'] of the
-        # latent: they use the first C' input channels of the embedder and (patch 1) the first C' rows of the head.
+        # DC-AE 1.5 augmented training (DC-Gen dc_gen/c2icore/trainer.py) also feeds channel
+        # prefixes x[:, :C'] of the latent: they use the first C' input channels of the embedder and
+        # (patch 1) the first C' rows of the head.
         prefix = C < p.in_channels
         if C > p.in_channels or (prefix and not (self.adaptive_channels and p.patch_size == 1)):
-            raise ValueError(f"latent has {C} channels, the model {p.in_channels} (a channel prefix needs patch 1 "
-                             "and model.adaptive_channels = True, as lora.py --prefixes sets)")  # fmt: skip
+            raise ValueError(
+                f"latent has {C} channels, the model {p.in_channels} (a channel prefix needs patch 1 "
+                "and model.adaptive_channels = True, as lora.py --prefixes sets)"
+            )
         if prefix:
             conv = self.patch_embed.proj
-            img = F.conv2d(x.to(dtype), conv.weight[:, :C], conv.bias, stride=p.patch_size).flatten(2).transpose(1, 2)
+            img = (
+                F.conv2d(x.to(dtype), conv.weight[:, :C], conv.bias, stride=p.patch_size)
+                .flatten(2)
+                .transpose(1, 2)
+            )
         else:
             img = self.patch_embed(x.to(dtype))  # (B, h·w, D)
         # diffusers' SanaPipeline feeds the scheduler's timestep (1000·sigma) times timestep_scale
@@ -338,14 +407,22 @@ class Sana(nn.Module):
         g = guidance * p.guidance_scale if guidance is not None else None
         mod, emb = self.time_embed(timestep, g)  # (B, 6D), (B, D)
         txt = self.caption_norm(self.caption_projection(txt))  # (B, L, D)
-        mask = txt_mask.bool()[:, None, None, :] if txt_mask is not None else None  # (B, 1, 1, L) for SDPA
+        # (B, 1, 1, L) for SDPA
+        mask = txt_mask.bool()[:, None, None, :] if txt_mask is not None else None
 
         for block in self.transformer_blocks:
             img = self.run_block(block, img, txt, mask, mod, (h, w))
-        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)  # each (B, 1, D)
+        # each (B, 1, D)
+        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
         img = modulate(self.norm_out(img), shift, scale)  # (B, h·w, D)
-        img = F.linear(img, self.proj_out.weight[:C], self.proj_out.bias[:C]) if prefix else self.proj_out(img)
-        return rearrange(img, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p.patch_size, p2=p.patch_size)
+        img = (
+            F.linear(img, self.proj_out.weight[:C], self.proj_out.bias[:C])
+            if prefix
+            else self.proj_out(img)
+        )
+        return rearrange(
+            img, "b (h w) (p1 p2 c) -> b c (h p1) (w p2)", h=h, p1=p.patch_size, p2=p.patch_size
+        )
 
     def run_block(self, block: nn.Module, *args):
         """Call a block; with grad checkpointing its activations are recomputed in backward instead of stored."""
@@ -389,17 +466,22 @@ class Sana(nn.Module):
         C, out = cfg.get("in_channels", 32), cfg.get("out_channels") or cfg.get("in_channels", 32)
         unsupported = {
             "out_channels != in_channels": out != C,
-            # NOTE(deviation): SANA's sincos position embedding (set by interpolation_scale) is not implemented;
-            # every released SANA T2I model and DC-Gen-SANA are NoPE.
-            "interpolation_scale (sincos position embedding)": cfg.get("interpolation_scale") is not None,
+            # NOTE(deviation): SANA's sincos position embedding (set by interpolation_scale) is not
+            # implemented; every released SANA T2I model and DC-Gen-SANA are NoPE.
+            "interpolation_scale (sincos position embedding)": cfg.get("interpolation_scale")
+            is not None,
             "norm_elementwise_affine": bool(cfg.get("norm_elementwise_affine", False)),
             "norm_eps != 1e-6": cfg.get("norm_eps", 1e-6) != 1e-6,
-            "cross_attention_dim != heads·head_dim": cfg.get("cross_attention_dim", 2240) != heads * head_dim,
-            f"qk_norm {cfg.get('qk_norm')!r}": cfg.get("qk_norm") not in (None, "rms_norm_across_heads"),
+            "cross_attention_dim != heads·head_dim": cfg.get("cross_attention_dim", 2240)
+            != heads * head_dim,
+            f"qk_norm {cfg.get('qk_norm')!r}": cfg.get("qk_norm")
+            not in (None, "rms_norm_across_heads"),
         }
         bad = [k for k, v in unsupported.items() if v]
         if bad:
-            raise ValueError(f"unsupported SANA config ({', '.join(bad)}); this implementation covers SANA-1.0/1.5")
+            raise ValueError(
+                f"unsupported SANA config ({', '.join(bad)}); this implementation covers SANA-1.0/1.5"
+            )
         return SanaParams(
             in_channels=C,
             patch_size=cfg.get("patch_size", 1),
@@ -418,7 +500,9 @@ class Sana(nn.Module):
         )
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype: torch.dtype | None = None, device="cpu") -> Sana:
+    def from_pretrained(
+        cls, folder: str | Path, dtype: torch.dtype | None = None, device="cpu"
+    ) -> Sana:
         """Load a diffusers-format transformer folder (config.json + one or sharded safetensors), strictly: the model
         is built on the meta device (no memory) and the stored tensors are assigned in place, in their stored dtype
         unless `dtype` is given. Missing config keys take diffusers' defaults."""

@@ -29,10 +29,12 @@ from torch import Tensor, nn
 from models.flux import Flux
 from models.loading import load_weights, read_config, read_state_dict
 
-E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # FP4 magnitudes; a 4-bit code is sign·8 + index here
+# FP4 magnitudes; a 4-bit code is sign·8 + index here
+E2M1_GRID = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn (S.1111.110 = 1.75·2^8)
-# INT4 runs post-GELU inputs unsigned: GELU-tanh(x) >= -0.1700, so x + 11/64 >= 0 fits [0, 15] with twice the
-# resolution of [-8, 7]. Nunchaku's SHIFT_GELU (src/kernels/zgemm/gemm_w4a4_launch_impl.cuh); NVFP4 uses no shift.
+# INT4 runs post-GELU inputs unsigned: GELU-tanh(x) >= -0.1700, so x + 11/64 >= 0 fits [0, 15] with
+# twice the resolution of [-8, 7]. Nunchaku's SHIFT_GELU
+# (src/kernels/zgemm/gemm_w4a4_launch_impl.cuh); NVFP4 uses no shift.
 GELU_SHIFT = 0.171875
 
 
@@ -40,7 +42,9 @@ GELU_SHIFT = 0.171875
 # rounding to a small float format
 
 
-def round_float(x: Tensor, mantissa_bits: int, min_exponent: int, max_value: float, ties_even: bool) -> Tensor:
+def round_float(
+    x: Tensor, mantissa_bits: int, min_exponent: int, max_value: float, ties_even: bool
+) -> Tensor:
     """Round to the nearest value of a float format with `mantissa_bits` explicit mantissa bits, subnormals below
     2^min_exponent and saturation at ±max_value. Within a binade [2^e, 2^(e+1)) the values are a uniform grid of step
     2^(e - mantissa_bits), so rounding is x/step -> integer -> ·step (exact in float32).
@@ -61,7 +65,9 @@ def round_e2m1(x: Tensor, ties_even: bool) -> Tensor:
 
 
 def round_e4m3(x: Tensor, ties_even: bool) -> Tensor:
-    return round_float(x, mantissa_bits=3, min_exponent=-6, max_value=FP8_E4M3_MAX, ties_even=ties_even)
+    return round_float(
+        x, mantissa_bits=3, min_exponent=-6, max_value=FP8_E4M3_MAX, ties_even=ties_even
+    )
 
 
 def e2m1_encode(q: Tensor) -> Tensor:
@@ -138,7 +144,10 @@ def quantize_act(x: Tensor, fp4: bool, unsigned: bool = False) -> Tensor:
     else:
         qmax = 15.0 if unsigned else 7.0
         s = amax / qmax
-        q, s_mma = torch.round(xg / s).clamp(0.0 if unsigned else -8.0, qmax), s.to(torch.bfloat16).float()
+        q, s_mma = (
+            torch.round(xg / s).clamp(0.0 if unsigned else -8.0, qmax),
+            s.to(torch.bfloat16).float(),
+        )
     return torch.where(s > 0, q * s_mma, torch.zeros_like(q)).flatten(-2)
 
 
@@ -158,16 +167,34 @@ class SVDQuantLinear(nn.Module):
         bias     (out,)             with the INT4 GELU shift already compensated
     """
 
-    def __init__(self, in_features: int, out_features: int, rank: int, fp4: bool, act_shift: float = 0.0,
-                 dtype: torch.dtype = torch.bfloat16, device=None):  # fmt: skip
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        fp4: bool,
+        act_shift: float = 0.0,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ):
         super().__init__()
-        self.in_features, self.out_features, self.rank, self.fp4 = in_features, out_features, rank, fp4
+        self.in_features, self.out_features, self.rank, self.fp4 = (
+            in_features,
+            out_features,
+            rank,
+            fp4,
+        )
         self.group_size = 16 if fp4 else 64
-        self.act_shift = act_shift  # s added to the input before smoothing: GELU_SHIFT for INT4 post-GELU inputs
-        assert in_features % self.group_size == 0, f"in_features {in_features} % group size {self.group_size} != 0"
+        # s added to the input before smoothing: GELU_SHIFT for INT4 post-GELU inputs
+        self.act_shift = act_shift
+        assert in_features % self.group_size == 0, (
+            f"in_features {in_features} % group size {self.group_size} != 0"
+        )
         groups, kw = in_features // self.group_size, dict(device=device)
         scale_dtype = torch.float8_e4m3fn if fp4 else torch.bfloat16
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, **kw))
+        self.register_buffer(
+            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, **kw)
+        )
         self.register_buffer("wscales", torch.ones(out_features, groups, **kw).to(scale_dtype))
         self.register_buffer("wcscales", torch.ones(out_features, dtype=torch.bfloat16, **kw))
         self.register_buffer("smooth", torch.ones(in_features, dtype=torch.bfloat16, **kw))
@@ -176,16 +203,20 @@ class SVDQuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, **kw))
 
     def dequantized_weight(self) -> Tensor:
-        return dequantize_weight(self.qweight, self.wscales, self.wcscales, self.fp4)  # (out, in) float32
+        # (out, in) float32
+        return dequantize_weight(self.qweight, self.wscales, self.wcscales, self.fp4)
 
     def forward(self, x: Tensor) -> Tensor:
-        # Shift and smoothing in the activation dtype, like the kernel's `dst += shift; h2div(dst, smooth)`.
+        # Shift and smoothing in the activation dtype, like the kernel's `dst += shift; h2div(dst,
+        # smooth)`.
         xs = (x + self.act_shift) / self.smooth.to(x.dtype)
-        xq = quantize_act(xs, self.fp4, unsigned=self.act_shift > 0)  # (..., in) float32, on the 4-bit grid
-        # NOTE(deviation): the kernel multiplies codes and applies scales per 64-wide k tile; we multiply dequantised
-        # operands: the same products, float32 accumulation in another order.
+        # (..., in) float32, on the 4-bit grid
+        xq = quantize_act(xs, self.fp4, unsigned=self.act_shift > 0)
+        # NOTE(deviation): the kernel multiplies codes and applies scales per 64-wide k tile; we
+        # multiply dequantised operands: the same products, float32 accumulation in another order.
         y = xq @ self.dequantized_weight().T  # 4-bit GEMM
-        y = y + (x.float() @ self.proj_down.float().T) @ self.proj_up.float().T  # 16-bit low-rank branch
+        # 16-bit low-rank branch
+        y = y + (x.float() @ self.proj_down.float().T) @ self.proj_up.float().T
         return (y + self.bias.float()).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -197,12 +228,17 @@ class W4A16Linear(nn.Module):
     """4-bit weights (INT4, group 64, bf16 scales), 16-bit activations: Nunchaku runs the AdaLN linears this way
     (AWQW4A16Linear; DeepCompressor's `extra_wgts` sint4 g64 for transformer_norm / transformer_add_norm)."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, device=None):
+    def __init__(
+        self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, device=None
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer(
-            "wscales", torch.ones(out_features, in_features // 64, dtype=torch.bfloat16, device=device)
+            "qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "wscales",
+            torch.ones(out_features, in_features // 64, dtype=torch.bfloat16, device=device),
         )
         self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
 
@@ -222,12 +258,18 @@ class SplitLinear(nn.Module):
 
     @staticmethod
     def from_linear(linear: nn.Linear, in_splits: list[int]) -> SplitLinear:
-        assert sum(in_splits) == linear.in_features, f"splits {in_splits} do not cover {linear.in_features} inputs"
+        assert sum(in_splits) == linear.in_features, (
+            f"splits {in_splits} do not cover {linear.in_features} inputs"
+        )
         parts, start = [], 0
         for i, n in enumerate(in_splits):
             last = i == len(in_splits) - 1
-            part = nn.Linear(n, linear.out_features, bias=last and linear.bias is not None, device="meta")
-            part.weight = nn.Parameter(linear.weight[:, start : start + n].clone(), requires_grad=False)
+            part = nn.Linear(
+                n, linear.out_features, bias=last and linear.bias is not None, device="meta"
+            )
+            part.weight = nn.Parameter(
+                linear.weight[:, start : start + n].clone(), requires_grad=False
+            )
             if part.bias is not None:
                 part.bias = nn.Parameter(linear.bias.clone(), requires_grad=False)
             parts.append(part)
@@ -250,7 +292,8 @@ class SplitLinear(nn.Module):
 DOUBLE_GROUPS = (
     (("attn.to_q", "attn.to_k", "attn.to_v"),),  # -> attn.to_qkv
     (("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),),  # -> attn.add_qkv_proj
-    (("attn.to_out.0",), ("attn.to_add_out",)),  # one λ for both attention outputs (smooth_diffusion_out_proj)
+    # one λ for both attention outputs (smooth_diffusion_out_proj)
+    (("attn.to_out.0",), ("attn.to_add_out",)),
     (("ff.net.0.proj",),),
     (("ff.net.2",),),
     (("ff_context.net.0.proj",),),
@@ -264,7 +307,8 @@ SINGLE_GROUPS = (
     (("proj_out.linears.0",),),  # -> attn.to_out
     (("proj_out.linears.1",),),  # -> mlp_fc2
 )
-POST_GELU = ("ff.net.2", "ff_context.net.2", "proj_out.linears.1")  # inputs shifted to unsigned under INT4
+# inputs shifted to unsigned under INT4
+POST_GELU = ("ff.net.2", "ff_context.net.2", "proj_out.linears.1")
 DOUBLE_W4A16 = ("norm1.linear", "norm1_context.linear")  # AdaLN-Zero linears: W4A16
 SINGLE_W4A16 = ("norm.linear",)
 
@@ -297,27 +341,43 @@ def split_proj_out(model: Flux) -> None:
     for block in model.single_transformer_blocks:
         if isinstance(block.proj_out, nn.Linear):
             hidden = block.proj_mlp.out_features
-            block.proj_out = SplitLinear.from_linear(block.proj_out, [block.proj_out.in_features - hidden, hidden])
+            block.proj_out = SplitLinear.from_linear(
+                block.proj_out, [block.proj_out.in_features - hidden, hidden]
+            )
 
 
-def quantized_structure(model: Flux, fp4: bool, rank: int, dtype: torch.dtype = torch.bfloat16) -> Flux:
+def quantized_structure(
+    model: Flux, fp4: bool, rank: int, dtype: torch.dtype = torch.bfloat16
+) -> Flux:
     """In place: the quantised model's module tree with empty quantised layers on the model's device (meta works), so
     a saved quantised state dict loads strictly into it."""
     split_proj_out(model)
     groups, w4a16 = flux_layers(model)
     for name in [n for group in groups for layer in group for n in layer]:
         lin = model.get_submodule(name)
-        q = SVDQuantLinear(lin.in_features, lin.out_features, rank, fp4, act_shift(name, fp4), dtype, lin.weight.device)
+        q = SVDQuantLinear(
+            lin.in_features,
+            lin.out_features,
+            rank,
+            fp4,
+            act_shift(name, fp4),
+            dtype,
+            lin.weight.device,
+        )
         set_module(model, name, q)
     for name in w4a16:
         lin = model.get_submodule(name)
-        set_module(model, name, W4A16Linear(lin.in_features, lin.out_features, dtype, lin.weight.device))
+        set_module(
+            model, name, W4A16Linear(lin.in_features, lin.out_features, dtype, lin.weight.device)
+        )
     return model
 
 
 def is_quantized(folder: str | Path) -> bool:
     """True for a transformer folder written by quantize.py (its config.json carries `_svdquant`)."""
-    return (Path(folder) / "config.json").is_file() and "_svdquant" in read_config(folder, "FLUX transformer")
+    return (Path(folder) / "config.json").is_file() and "_svdquant" in read_config(
+        folder, "FLUX transformer"
+    )
 
 
 def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> Flux:
@@ -325,9 +385,13 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> Fl
     SVDQuantLinear / W4A16Linear / SplitLinear. Called exactly like Flux: model(x, t, txt, y, guidance)."""
     cfg = read_config(folder, "quantized FLUX transformer")
     if "_svdquant" not in cfg:
-        raise ValueError(f"{folder} is not a quantize.py output: its config.json has no `_svdquant` entry")
+        raise ValueError(
+            f"{folder} is not a quantize.py output: its config.json has no `_svdquant` entry"
+        )
     q = cfg["_svdquant"]
     with torch.device("meta"):
         model = Flux(Flux.params_from_diffusers(cfg))
     quantized_structure(model, fp4=q["precision"] == "nvfp4", rank=q["rank"])
-    return load_weights(model, read_state_dict(folder, device=device), f"quantized FLUX {folder}").eval()
+    return load_weights(
+        model, read_state_dict(folder, device=device), f"quantized FLUX {folder}"
+    ).eval()

@@ -35,9 +35,10 @@ from transformers import (
     T5EncoderModel,
 )
 
-# SanaPipeline's default complex human instruction (diffusers 0.42 `SanaPipeline.__call__`; SANA's chi_prompt).
-# Gemma-2 is a decoder-only LLM: prefixing an instruction to "enhance" the prompt makes its hidden states better
-# conditioning (SANA §2.3). The lines are joined with "\n" and the user prompt follows "User Prompt: " directly.
+# SanaPipeline's default complex human instruction (diffusers 0.42 `SanaPipeline.__call__`; SANA's
+# chi_prompt). Gemma-2 is a decoder-only LLM: prefixing an instruction to "enhance" the prompt makes
+# its hidden states better conditioning (SANA §2.3). The lines are joined with "\n" and the user
+# prompt follows "User Prompt: " directly.
 SANA_INSTRUCTION = [
     "Given a user prompt, generate an 'Enhanced prompt' that provides detailed visual descriptions suitable for image generation. Evaluate the level of detail in the user prompt:",  # noqa: E501
     "- If the prompt is simple, focus on adding specifics about colors, shapes, sizes, textures, and spatial relationships to create vivid and concrete scenes.",  # noqa: E501
@@ -57,7 +58,10 @@ def expand(emb: dict[str, Tensor], batch: int) -> dict[str, Tensor]:
 
 def drop_text(cond: dict[str, Tensor], null: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
     """Per-sample text dropout for CFG training: rows where `drop` (B,) is True take the null embedding."""
-    return {k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), null[k].to(v.dtype), v) for k, v in cond.items()}
+    return {
+        k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), null[k].to(v.dtype), v)
+        for k, v in cond.items()
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,16 +71,30 @@ def drop_text(cond: dict[str, Tensor], null: dict[str, Tensor], drop: Tensor) ->
 class FluxTextEncoder(nn.Module):
     """CLIP-L pooled (B, 768) -> `y`, T5-XXL states (B, max_length, 4096) -> `txt`. Frozen, inference only."""
 
-    def __init__(self, clip: nn.Module, clip_tokenizer, t5: nn.Module, t5_tokenizer, max_length: int | None = None):
+    def __init__(
+        self,
+        clip: nn.Module,
+        clip_tokenizer,
+        t5: nn.Module,
+        t5_tokenizer,
+        max_length: int | None = None,
+    ):
         super().__init__()
-        self.clip, self.clip_tokenizer, self.t5, self.t5_tokenizer = clip, clip_tokenizer, t5, t5_tokenizer
+        self.clip, self.clip_tokenizer, self.t5, self.t5_tokenizer = (
+            clip,
+            clip_tokenizer,
+            t5,
+            t5_tokenizer,
+        )
         self.requires_grad_(False).eval()
-        # T5 length: 512 for real FLUX (256 in DC-Gen training); a tokenizer saved with a shorter model_max_length
-        # (the toy's 32) caps it, so one call works for both
+        # T5 length: 512 for real FLUX (256 in DC-Gen training); a tokenizer saved with a shorter
+        # model_max_length (the toy's 32) caps it, so one call works for both
         self.max_length = min(max_length or 512, t5_tokenizer.model_max_length)
-        # CLIP length: diffusers uses tokenizer.model_max_length (77); capped by the position table for safety
+        # CLIP length: diffusers uses tokenizer.model_max_length (77); capped by the position table
+        # for safety
         self.clip_length = min(clip_tokenizer.model_max_length, clip.config.max_position_embeddings)
-        self.txt_dim, self.vec_dim = t5.config.d_model, clip.config.hidden_size  # the backbone's input widths
+        # the backbone's input widths
+        self.txt_dim, self.vec_dim = t5.config.d_model, clip.config.hidden_size
         self._null: dict[str, Tensor] | None = None
 
     @torch.no_grad()
@@ -84,10 +102,14 @@ class FluxTextEncoder(nn.Module):
         """{"txt": (B, max_length, d_T5), "y": (B, d_CLIP)} for a list of prompts; longer prompts are truncated."""
         assert isinstance(prompts, (list, tuple)), "pass a list of prompts"
         tok = dict(padding="max_length", truncation=True, return_tensors="pt")
-        clip_ids = self.clip_tokenizer(list(prompts), max_length=self.clip_length, **tok).input_ids  # (B, 77)
-        t5_ids = self.t5_tokenizer(list(prompts), max_length=self.max_length, **tok).input_ids  # (B, L)
-        y = self.clip(clip_ids.to(self.clip.device)).pooler_output  # (B, d_CLIP), at the first end-of-text token
-        txt = self.t5(t5_ids.to(self.t5.device)).last_hidden_state  # (B, L, d_T5); no mask: FLUX attends to pads
+        # (B, 77)
+        clip_ids = self.clip_tokenizer(list(prompts), max_length=self.clip_length, **tok).input_ids
+        # (B, L)
+        t5_ids = self.t5_tokenizer(list(prompts), max_length=self.max_length, **tok).input_ids
+        # (B, d_CLIP), at the first end-of-text token
+        y = self.clip(clip_ids.to(self.clip.device)).pooler_output
+        # (B, L, d_T5); no mask: FLUX attends to pads
+        txt = self.t5(t5_ids.to(self.t5.device)).last_hidden_state
         return {"txt": txt, "y": y}
 
     def null(self, batch: int) -> dict[str, Tensor]:
@@ -104,13 +126,21 @@ class FluxTextEncoder(nn.Module):
 class SanaTextEncoder(nn.Module):
     """Gemma-2 last hidden states (B, max_length, 2304) -> `txt`, padding mask (B, max_length) -> `txt_mask`."""
 
-    def __init__(self, gemma: nn.Module, tokenizer, max_length: int = 300, instruction: list[str] | None = None):
+    def __init__(
+        self,
+        gemma: nn.Module,
+        tokenizer,
+        max_length: int = 300,
+        instruction: list[str] | None = None,
+    ):
         super().__init__()
         self.gemma, self.tokenizer, self.max_length = gemma, tokenizer, max_length
         self.requires_grad_(False).eval()
-        self.instruction = "\n".join(SANA_INSTRUCTION if instruction is None else instruction)  # [] disables it
-        # diffusers' budget: instruction tokens (with BOS and the trailing "▁") + max_length - 2. Right-padded, the
-        # kept window below then starts at the prompt's first token (that "▁" merges into it when tokenized jointly).
+        # [] disables it
+        self.instruction = "\n".join(SANA_INSTRUCTION if instruction is None else instruction)
+        # diffusers' budget: instruction tokens (with BOS and the trailing "▁") + max_length - 2.
+        # Right-padded, the kept window below then starts at the prompt's first token (that "▁"
+        # merges into it when tokenized jointly).
         self.instruction_length = len(tokenizer.encode(self.instruction)) + max_length - 2
         self.txt_dim = gemma.config.hidden_size
         self._null: dict[str, Tensor] | None = None
@@ -119,17 +149,25 @@ class SanaTextEncoder(nn.Module):
     def encode(self, prompts: list[str], instruction: bool = True) -> dict[str, Tensor]:
         """{"txt": (B, max_length, d), "txt_mask": (B, max_length) bool}; `instruction` prepends the instruction."""
         assert isinstance(prompts, (list, tuple)), "pass a list of prompts"
-        prompts = [p.lower().strip() for p in prompts]  # SanaPipeline's preprocessing (clean_caption=False)
+        # SanaPipeline's preprocessing (clean_caption=False)
+        prompts = [p.lower().strip() for p in prompts]
         length = self.max_length
         if instruction and self.instruction:
             prompts, length = [self.instruction + p for p in prompts], self.instruction_length
         tok = self.tokenizer(
-            prompts, padding="max_length", max_length=length, truncation=True, padding_side="right", return_tensors="pt"
+            prompts,
+            padding="max_length",
+            max_length=length,
+            truncation=True,
+            padding_side="right",
+            return_tensors="pt",
         )
         mask = tok.attention_mask.to(self.gemma.device)  # (B, length), 1 = real token
-        txt = self.gemma(tok.input_ids.to(self.gemma.device), attention_mask=mask).last_hidden_state  # (B, length, d)
-        # SANA §2.3: keep BOS and the last max_length - 1 positions; with the instruction this cuts it off (its
-        # information has flowed into the prompt's states through causal attention), without it this keeps all.
+        # (B, length, d)
+        txt = self.gemma(tok.input_ids.to(self.gemma.device), attention_mask=mask).last_hidden_state
+        # SANA §2.3: keep BOS and the last max_length - 1 positions; with the instruction this cuts
+        # it off (its information has flowed into the prompt's states through causal attention),
+        # without it this keeps all.
         keep = [0, *range(length - self.max_length + 1, length)]
         return {"txt": txt[:, keep], "txt_mask": mask[:, keep].bool()}
 
@@ -147,8 +185,12 @@ class SanaTextEncoder(nn.Module):
 # loading
 
 
-FLUX_LAYOUT = {"text_encoder": "CLIP text model", "tokenizer": "CLIP tokenizer", "text_encoder_2": "T5 encoder",
-               "tokenizer_2": "T5 tokenizer"}  # fmt: skip
+FLUX_LAYOUT = {
+    "text_encoder": "CLIP text model",
+    "tokenizer": "CLIP tokenizer",
+    "text_encoder_2": "T5 encoder",
+    "tokenizer_2": "T5 tokenizer",
+}
 SANA_LAYOUT = {"text_encoder": "Gemma-2 model", "tokenizer": "Gemma tokenizer"}
 LAYOUTS = "FLUX (text_encoder/ CLIP + tokenizer/, text_encoder_2/ T5 + tokenizer_2/) or SANA (text_encoder/ Gemma-2 + tokenizer/)"  # noqa: E501
 
@@ -167,25 +209,39 @@ def load_text_encoder(
     folder = Path(folder)
     cfg = folder / "text_encoder" / "config.json"
     model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None
-    if model_type == "clip_text_model" or (folder / "text_encoder_2").exists() or (folder / "tokenizer_2").exists():
+    if (
+        model_type == "clip_text_model"
+        or (folder / "text_encoder_2").exists()
+        or (folder / "tokenizer_2").exists()
+    ):
         family, layout = "FLUX", FLUX_LAYOUT
     elif model_type in ("gemma2", "gemma2_text"):
         family, layout = "SANA", SANA_LAYOUT
     else:
         what = (
-            f"text_encoder/ holds model_type {model_type!r}" if model_type else "there is no text_encoder/config.json"
+            f"text_encoder/ holds model_type {model_type!r}"
+            if model_type
+            else "there is no text_encoder/config.json"
         )
-        raise FileNotFoundError(f"{folder}: no text encoder found ({what}); expected the layout of {LAYOUTS}")
+        raise FileNotFoundError(
+            f"{folder}: no text encoder found ({what}); expected the layout of {LAYOUTS}"
+        )
     missing = [f"{sub}/ ({what})" for sub, what in layout.items() if not (folder / sub).is_dir()]
     if missing:
         want = ", ".join(f"{sub}/ ({what})" for sub, what in layout.items())
-        raise FileNotFoundError(f"{folder}: {family} text layout is missing {', '.join(missing)}; it needs {want}")
+        raise FileNotFoundError(
+            f"{folder}: {family} text layout is missing {', '.join(missing)}; it needs {want}"
+        )
 
-    def load(cls, sub: str):  # strict: transformers would fill a missing weight with random numbers and go on
-        model, info = cls.from_pretrained(folder / sub, dtype=dtype or "auto", local_files_only=True,
-                                          output_loading_info=True)  # fmt: skip
+    # strict: transformers would fill a missing weight with random numbers and go on
+    def load(cls, sub: str):
+        model, info = cls.from_pretrained(
+            folder / sub, dtype=dtype or "auto", local_files_only=True, output_loading_info=True
+        )
         if bad := info["missing_keys"] or info["mismatched_keys"]:
-            raise ValueError(f"{folder / sub}: the weights do not fit its config.json ({sorted(bad)[:4]}, ...)")
+            raise ValueError(
+                f"{folder / sub}: the weights do not fit its config.json ({sorted(bad)[:4]}, ...)"
+            )
         return model.to(device)
 
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)

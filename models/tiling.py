@@ -78,9 +78,11 @@ def tiled(fn: Callable, x: torch.Tensor, tile: int, overlap: int, scale: float) 
             dtype, t = t.dtype, t.float()  # blend in fp32, return in the model's dtype
             th, tw = t.shape[-2:]
             if out is None:
-                out = t.new_zeros(*t.shape[:2], round(H * scale), round(W * scale))  # (B, C', H', W')
+                # (B, C', H', W')
+                out = t.new_zeros(*t.shape[:2], round(H * scale), round(W * scale))
                 weight = t.new_zeros(round(H * scale), round(W * scale))  # (H', W')
-            ramp_y = blend_ramp(th, ov, t.device, start=y0 > 0, end=y0 + tile < H)  # ramps at shared edges only
+            # ramps at shared edges only
+            ramp_y = blend_ramp(th, ov, t.device, start=y0 > 0, end=y0 + tile < H)
             ramp_x = blend_ramp(tw, ov, t.device, start=x0 > 0, end=x0 + tile < W)
             w = ramp_y[:, None] * ramp_x[None, :]  # (th, tw)
             Y0, X0 = round(y0 * scale), round(x0 * scale)

@@ -29,7 +29,8 @@ class VAEParams:
     block_out_channels: tuple[int, ...] = (128, 256, 512, 512)  # width per level; f = 2^(levels-1)
     layers_per_block: int = 2  # ResNet blocks per encoder level (decoder: one more)
     norm_num_groups: int = 32  # GroupNorm groups
-    mid_block_add_attention: bool = True  # one single-head self-attention in the middle of encoder and decoder
+    mid_block_add_attention: bool = True  # one single-head self-attention in the middle of encoder
+    # and decoder
     use_quant_conv: bool = False  # 1x1 convs around the latent (SD VAE: True, FLUX: False)
     use_post_quant_conv: bool = False
     scaling_factor: float = 0.3611  # model-ready latent = (mean - shift_factor) · scaling_factor
@@ -54,7 +55,9 @@ class VAEParams:
         for k, want in checks.items():
             got = config.get(k, want)
             if (list(got) if isinstance(got, (list, tuple)) else got) != want:
-                raise ValueError(f"AutoencoderKL config {k}={got!r} is not supported; expected {want!r}")
+                raise ValueError(
+                    f"AutoencoderKL config {k}={got!r} is not supported; expected {want!r}"
+                )
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in names})
 
@@ -141,7 +144,9 @@ class DownLevel(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, n: int, groups: int, downsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n)]
+        )
         self.downsamplers = nn.ModuleList([Downsample(c_out)] if downsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -155,7 +160,9 @@ class UpLevel(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, n: int, groups: int, upsample: bool):
         super().__init__()
-        self.resnets = nn.ModuleList([ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n)])
+        self.resnets = nn.ModuleList(
+            [ResnetBlock(c_in if i == 0 else c_out, c_out, groups) for i in range(n)]
+        )
         self.upsamplers = nn.ModuleList([Upsample(c_out)] if upsample else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -176,7 +183,8 @@ class Encoder(nn.Module):
         w, g = p.block_out_channels, p.norm_num_groups
         self.conv_in = nn.Conv2d(p.in_channels, w[0], 3, 1, 1)
         self.down_blocks = nn.ModuleList(
-            DownLevel(w[max(i - 1, 0)], w[i], p.layers_per_block, g, downsample=i < len(w) - 1) for i in range(len(w))
+            DownLevel(w[max(i - 1, 0)], w[i], p.layers_per_block, g, downsample=i < len(w) - 1)
+            for i in range(len(w))
         )
         self.mid_block = MidBlock(w[-1], g, p.mid_block_add_attention)
         self.conv_norm_out = nn.GroupNorm(g, w[-1], eps=1e-6)
@@ -199,7 +207,8 @@ class Decoder(nn.Module):
         self.conv_in = nn.Conv2d(p.latent_channels, w[0], 3, 1, 1)
         self.mid_block = MidBlock(w[0], g, p.mid_block_add_attention)
         self.up_blocks = nn.ModuleList(
-            UpLevel(w[max(i - 1, 0)], w[i], p.layers_per_block + 1, g, upsample=i < len(w) - 1) for i in range(len(w))
+            UpLevel(w[max(i - 1, 0)], w[i], p.layers_per_block + 1, g, upsample=i < len(w) - 1)
+            for i in range(len(w))
         )
         self.conv_norm_out = nn.GroupNorm(g, w[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(w[-1], p.out_channels, 3, 1, 1)
@@ -231,13 +240,22 @@ class VAE(nn.Module):
         self.spatial_factor = 2 ** (len(params.block_out_channels) - 1)  # f
         self.latent_channels = C
         self.tile_px = tile_px  # images larger than this are encoded / decoded in overlapping tiles
-        self.tile_overlap_px: int | None = None  # overlap of the tiles; None: a quarter of tile_px, whatever it is
+        # overlap of the tiles; None: a quarter of tile_px, whatever it is
+        self.tile_overlap_px: int | None = None
 
     def config(self) -> dict:
         """The diffusers config.json of this model (with the block-type lists diffusers needs to rebuild it)."""
         n = len(self.params.block_out_channels)
-        extra = {"down_block_types": ["DownEncoderBlock2D"] * n, "up_block_types": ["UpDecoderBlock2D"] * n}
-        return {"_class_name": "AutoencoderKL", **dataclasses.asdict(self.params), **extra, "act_fn": "silu"}
+        extra = {
+            "down_block_types": ["DownEncoderBlock2D"] * n,
+            "up_block_types": ["UpDecoderBlock2D"] * n,
+        }
+        return {
+            "_class_name": "AutoencoderKL",
+            **dataclasses.asdict(self.params),
+            **extra,
+            "act_fn": "silu",
+        }
 
     def posterior(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw (un-normalised) posterior of images x: mean and log-variance, each (B, C, H/f, W/f)."""
@@ -271,7 +289,9 @@ class VAE(nn.Module):
         """Model-ready latents (B, C, h, w) -> images (B, 3, h·f, w·f) in about [-1, 1]."""
         f, p = self.spatial_factor, self.params
         if z.shape[1] != self.latent_channels:
-            raise ValueError(f"VAE decode: latent has {z.shape[1]} channels, this VAE needs C={self.latent_channels}")
+            raise ValueError(
+                f"VAE decode: latent has {z.shape[1]} channels, this VAE needs C={self.latent_channels}"
+            )
         z = z.to(self.decoder.conv_in.weight.dtype) / p.scaling_factor + p.shift_factor
         if self.tile_px and max(z.shape[-2:]) * f > self.tile_px:
             return tiled(self._decode, z, self.tile_px // f, self.overlap_px // f, f)
@@ -300,9 +320,11 @@ class VAE(nn.Module):
 # presets
 
 PRESETS = {
-    # black-forest-labs/FLUX.1-dev (and Krea-dev, schnell) vae/config.json (as third-party copies give it)
+    # black-forest-labs/FLUX.1-dev (and Krea-dev, schnell) vae/config.json (as third-party copies
+    # give it)
     "flux-vae": VAEParams(),
-    # Toy zoo: the FLUX VAE's role, f8 with 4 channels; shift/scale are set by ae15.py after training.
+    # Toy zoo: the FLUX VAE's role, f8 with 4 channels; shift/scale are set by ae15.py after
+    # training.
     "toy-vae-f8c4": VAEParams(
         latent_channels=4,
         block_out_channels=(16, 32, 64, 64),

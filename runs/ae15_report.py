@@ -18,9 +18,13 @@ from toy.shapes import ShapesDataset, render  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--out", default="out/ae15_ablation", help="the ablation's output folder")
-parser.add_argument("--strip", default="assets/ae15_ablation.png", help="where to write the comparison strip")
+parser.add_argument(
+    "--strip", default="assets/ae15_ablation.png", help="where to write the comparison strip"
+)
 parser.add_argument("--rows", type=int, default=3, help="held-out scenes in the strip")
-parser.add_argument("--tiling_ae", default="out/toy_ae/f32c16/ae", help="AE folder for the tiled-decode check")
+parser.add_argument(
+    "--tiling_ae", default="out/toy_ae/f32c16/ae", help="AE folder for the tiled-decode check"
+)
 args = parser.parse_args()
 out = Path(args.out)
 runs = {"masked (DC-AE 1.5)": out / "prefix", "unmasked (1.0-style)": out / "none"}
@@ -52,21 +56,25 @@ with torch.no_grad():
 grid = torch.cat([torch.cat(list(col), dim=1) for col in cols], dim=2)  # (3, rows·128, 7·128)
 head = 16
 img = Image.new("RGB", (grid.shape[2], grid.shape[1] + 2 * head), "white")
-img.paste(Image.fromarray(((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()), (0, 2 * head))
+img.paste(
+    Image.fromarray(((grid + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()), (0, 2 * head)
+)
 draw = ImageDraw.Draw(img)
 for k, name in enumerate(aes):
     draw.text((128 + k * 3 * 128 + 4, 2), name, fill="black")
 for j, label in enumerate(["input"] + [f"c'={c}" for c in prefixes] * 2):
     draw.text((j * 128 + 4, head + 2), label, fill="black")
 Path(args.strip).parent.mkdir(parents=True, exist_ok=True)
-img.quantize(colors=256, dither=Image.Dither.NONE).save(args.strip, optimize=True)  # palette PNG: small file
+# palette PNG: small file
+img.quantize(colors=256, dither=Image.Dither.NONE).save(args.strip, optimize=True)
 print(f"strip: {args.strip} ({img.width}x{img.height})")
 
 # --- tiling: decode the latent of a 1024² scene in one pass and in 256 px tiles (64 px overlap), compare. The AE is
 # --tiling_ae: the toy f32 AE of runs/ae15_toy.sh, trained on zoomed crops; the ablation's AEs saw only whole 128 px
 # scenes and do not reconstruct 8x larger shapes, tiled or not, so a seam test on them would measure nothing.
 ae = load_autoencoder(args.tiling_ae, tile_px=None)
-x = to_tensor(render(ShapesDataset(1024, seed=10_000, split="test").scene(0), 1024))[None]  # (1, 3, 1024, 1024)
+# (1, 3, 1024, 1024)
+x = to_tensor(render(ShapesDataset(1024, seed=10_000, split="test").scene(0), 1024))[None]
 with torch.no_grad():
     z = ae.encode(x)  # (1, C, 32, 32)
     full = ae.decode(z).clamp(-1, 1)
@@ -83,5 +91,7 @@ print(
     f"{(z_tiles - z).abs().mean():.4f} (latent std {z.std():.3f})"
 )
 panel = torch.cat([x[0], full[0], tiles[0], (diff[0] / 127.5 * 20 - 1).clamp(-1, 1)], dim=2)
-Image.fromarray(((panel + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(out / "tiling.png")
+Image.fromarray(((panel + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()).save(
+    out / "tiling.png"
+)
 print(f"tiling panel (input | one pass | tiled | 20x |diff|): {out / 'tiling.png'}")

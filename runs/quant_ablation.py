@@ -55,7 +55,10 @@ def inject_outliers(model: Flux, k: int, scale: float, gen: torch.Generator) -> 
     for blk in model.transformer_blocks:
         adaln(blk.norm1.linear, (1, 4)), adaln(blk.norm1_context.linear, (1, 4))
         pair(blk.attn.to_v, blk.attn.to_out[0]), pair(blk.attn.add_v_proj, blk.attn.to_add_out)
-        pair(blk.ff.net[0].proj, blk.ff.net[2]), pair(blk.ff_context.net[0].proj, blk.ff_context.net[2])
+        (
+            pair(blk.ff.net[0].proj, blk.ff.net[2]),
+            pair(blk.ff_context.net[0].proj, blk.ff_context.net[2]),
+        )
     for blk in model.single_transformer_blocks:
         adaln(blk.norm.linear, (1,))
         pair(blk.attn.to_v, blk.proj_out.linears[0]), pair(blk.proj_mlp, blk.proj_out.linears[1])
@@ -67,21 +70,33 @@ def ablation(cfg: Config, device, log: Path) -> None:
     params = replace(PRESETS[cfg.preset], depth=1, depth_single=1)
     model = Flux(params).to(device).eval()  # random init (seeded), fp32
     split_proj_out(model)
-    inject_outliers(model, cfg.outlier_channels, cfg.outlier_scale, torch.Generator().manual_seed(cfg.seed))
+    inject_outliers(
+        model, cfg.outlier_channels, cfg.outlier_scale, torch.Generator().manual_seed(cfg.seed)
+    )
     calib = list(random_batches(params, cfg, cfg.seed, cfg.calib_batches))
     held_out = list(random_batches(params, cfg, cfg.seed + 1, 2))
     groups, _ = flux_layers(model)
     names = [layer[0] for g in groups for layer in g]
     stats = calibrate(model, lambda: run_batches(model, calib), names, cfg.reservoir_rows, cfg.seed)
-    held = calibrate(model, lambda: run_batches(model, held_out), names, cfg.reservoir_rows, cfg.seed + 1)
+    held = calibrate(
+        model, lambda: run_batches(model, held_out), names, cfg.reservoir_rows, cfg.seed + 1
+    )
     ref = run_batches(model, held_out)
     rel = lambda a, b: math.sqrt(
-        sum((x - y).square().sum().item() for x, y in zip(a, b)) / sum(y.square().sum().item() for y in b)
+        sum((x - y).square().sum().item() for x, y in zip(a, b))
+        / sum(y.square().sum().item() for y in b)
     )
     floor = copy.deepcopy(model)
     quantize_adaln(floor)  # what every row below shares: only the AdaLN linears quantised (W4A16)
-    results = [dict(precision="-", method="adaln-w4a16-only", output_rel_err=rel(run_batches(floor, held_out), ref),
-                    layer_rel_err=None, seconds=0)]  # fmt: skip
+    results = [
+        dict(
+            precision="-",
+            method="adaln-w4a16-only",
+            output_rel_err=rel(run_batches(floor, held_out), ref),
+            layer_rel_err=None,
+            seconds=0,
+        )
+    ]
     del floor
     for precision in ("nvfp4", "int4"):
         for method in ("rtn", "svdquant"):
@@ -91,23 +106,41 @@ def ablation(cfg: Config, device, log: Path) -> None:
             with torch.no_grad():
                 for layer in (layer for g in groups for layer in g):
                     x = held[layer[0]].x.to(device)  # held-out rows of this layer's input
-                    layer_errs += [rel([qm.get_submodule(n)(x)], [model.get_submodule(n)(x)]) for n in layer]
-            r = dict(precision=precision, method=method, output_rel_err=rel(run_batches(qm, held_out), ref),
-                     layer_rel_err=sum(layer_errs) / len(layer_errs), seconds=round(time.time() - t0))  # fmt: skip
+                    layer_errs += [
+                        rel([qm.get_submodule(n)(x)], [model.get_submodule(n)(x)]) for n in layer
+                    ]
+            r = dict(
+                precision=precision,
+                method=method,
+                output_rel_err=rel(run_batches(qm, held_out), ref),
+                layer_rel_err=sum(layer_errs) / len(layer_errs),
+                seconds=round(time.time() - t0),
+            )
             results.append(r)
-            print0(f"ablation | {precision:<5} {method:<8} | output rel_err {r['output_rel_err']:.4f} | "
-                   f"layer rel_err {r['layer_rel_err']:.4f} | dt {r['seconds']}s", log_file=log)  # fmt: skip
+            print0(
+                f"ablation | {precision:<5} {method:<8} | output rel_err {r['output_rel_err']:.4f} | "
+                f"layer rel_err {r['layer_rel_err']:.4f} | dt {r['seconds']}s",
+                log_file=log,
+            )
     (Path(cfg.out_dir) / "ablation.json").write_text(json.dumps(results, indent=2) + "\n")
-    print0("\n| precision | method | stack output rel. error | mean layer rel. error (held-out rows) |", log_file=log)
+    print0(
+        "\n| precision | method | stack output rel. error | mean layer rel. error (held-out rows) |",
+        log_file=log,
+    )
     print0("|---|---|---|---|", log_file=log)
     for r in results:
         layer = "-" if r["layer_rel_err"] is None else f"{r['layer_rel_err']:.4f}"
-        print0(f"| {r['precision']} | {r['method']} | {r['output_rel_err']:.4f} | {layer} |", log_file=log)
+        print0(
+            f"| {r['precision']} | {r['method']} | {r['output_rel_err']:.4f} | {layer} |",
+            log_file=log,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv)
-    device = torch.device(cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(
+        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+    )
     torch.manual_seed(cfg.seed)
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     ablation(cfg, device, Path(cfg.out_dir) / "log.txt")

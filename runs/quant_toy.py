@@ -24,8 +24,12 @@ from models.pipeline import load_pipeline  # noqa: E402
 from models.svdquant import load_quantized  # noqa: E402
 from toy.shapes import eval_specs  # noqa: E402
 
-VARIANTS = {"nvfp4-rtn": ("nvfp4", "rtn"), "nvfp4-svdquant": ("nvfp4", "svdquant"), "int4-rtn": ("int4", "rtn"),
-            "int4-svdquant": ("int4", "svdquant")}  # fmt: skip
+VARIANTS = {
+    "nvfp4-rtn": ("nvfp4", "rtn"),
+    "nvfp4-svdquant": ("nvfp4", "svdquant"),
+    "int4-rtn": ("int4", "rtn"),
+    "int4-svdquant": ("int4", "svdquant"),
+}
 
 
 @torch.no_grad()
@@ -35,7 +39,9 @@ def velocity_error(ref, model, cache: LatentCache, rows: int = 64, seed: int = 0
     x0 = batch.pop("student").float()
     g = torch.Generator().manual_seed(seed)
     sigma = torch.rand(len(x0), generator=g)
-    x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * torch.randn(x0.shape, generator=g)
+    x_t = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * torch.randn(
+        x0.shape, generator=g
+    )
     kw = {"guidance": torch.full((len(x0),), 3.5)} if ref.params.guidance_embed else {}
     v, v_q = ref(x_t, sigma, **batch, **kw), model(x_t, sigma, **batch, **kw)
     return ((v_q - v).norm() / v.norm()).item()
@@ -44,8 +50,14 @@ def velocity_error(ref, model, cache: LatentCache, rows: int = 64, seed: int = 0
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="zoo/dcgen-1k", help="the toy model folder to quantise")
-    ap.add_argument("--val_cache", default="out/toy/cache/val256", help="held-out latent cache of the model's AE")
-    ap.add_argument("--size", type=int, default=256, help="image size of calibration and evaluation")
+    ap.add_argument(
+        "--val_cache",
+        default="out/toy/cache/val256",
+        help="held-out latent cache of the model's AE",
+    )
+    ap.add_argument(
+        "--size", type=int, default=256, help="image size of calibration and evaluation"
+    )
     ap.add_argument("--count", type=int, default=200, help="held-out prompts scored")
     ap.add_argument("--out", default="out/toy/quant", help="output folder")
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
@@ -58,7 +70,8 @@ def main() -> None:
     for name in args.variants:
         precision, method = VARIANTS[name]
         flags = f"--precision {precision} --method {method} --calib_count 16 --calib_size {args.size} --calib_steps 20"
-        flags += f" --num_grids 10 --lowrank_iters 20 --device cpu --name {name}"  # toy-sized search
+        # toy-sized search
+        flags += f" --num_grids 10 --lowrank_iters 20 --device cpu --name {name}"
         quantize.main(["--model", args.model, *flags.split(), "--out_dir", str(out / name)])
         err = velocity_error(ref, load_quantized(out / name / "transformer").eval(), cache)
         r = toy_eval.evaluate(str(out / name), out / name / "eval", specs, args.size, 20, 8, [])

@@ -40,10 +40,17 @@ def timed(fn, device):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--width", type=int, default=512)
-    ap.add_argument("--heads", type=int, default=4, help="head dim = width / heads; 128 as in FLUX by default")
+    ap.add_argument(
+        "--heads", type=int, default=4, help="head dim = width / heads; 128 as in FLUX by default"
+    )
     ap.add_argument("--double", type=int, default=2)
     ap.add_argument("--single", type=int, default=4)
-    ap.add_argument("--img_tokens", type=int, default=1024, help="a square grid of 2×2 patches of a 16-ch latent")
+    ap.add_argument(
+        "--img_tokens",
+        type=int,
+        default=1024,
+        help="a square grid of 2×2 patches of a 16-ch latent",
+    )
     ap.add_argument("--txt_tokens", type=int, default=64)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
@@ -55,15 +62,26 @@ def main():
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
 
     head_dim = args.width // args.heads
-    axes = (head_dim - 2 * (head_dim * 7 // 16), head_dim * 7 // 16, head_dim * 7 // 16)  # (16, 56, 56) at 128
+    # (16, 56, 56) at 128
+    axes = (head_dim - 2 * (head_dim * 7 // 16), head_dim * 7 // 16, head_dim * 7 // 16)
     torch.manual_seed(0)
     ref = FluxTransformer2DModel(
-        in_channels=64, num_layers=args.double, num_single_layers=args.single, attention_head_dim=head_dim,
-        num_attention_heads=args.heads, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        in_channels=64,
+        num_layers=args.double,
+        num_single_layers=args.single,
+        attention_head_dim=head_dim,
+        num_attention_heads=args.heads,
+        joint_attention_dim=4096,
+        pooled_projection_dim=768,
+        guidance_embeds=True,
         axes_dims_rope=axes,
-    )  # fmt: skip
+    )
     params = FluxParams(
-        hidden_size=args.width, num_heads=args.heads, depth=args.double, depth_single=args.single, axes_dim=axes
+        hidden_size=args.width,
+        num_heads=args.heads,
+        depth=args.double,
+        depth_single=args.single,
+        axes_dim=axes,
     )
     ours = Flux(params)
     ours.load_state_dict(ref.state_dict(), strict=True)  # identical weights
@@ -75,14 +93,22 @@ def main():
     x = torch.randn(B, 16, 2 * side, 2 * side, generator=g).to(device, dtype)
     txt = torch.randn(B, args.txt_tokens, 4096, generator=g).to(device, dtype)
     y = torch.randn(B, 768, generator=g).to(device, dtype)
-    t, w = torch.full((B,), 0.5, device=device, dtype=dtype), torch.full((B,), 3.5, device=device, dtype=dtype)
-    runs = {"ours": lambda: ours(x, t, txt, y, w), "diffusers": lambda: run_diffusers(ref, x, t, txt, y, w, 2)}
+    t, w = (
+        torch.full((B,), 0.5, device=device, dtype=dtype),
+        torch.full((B,), 3.5, device=device, dtype=dtype),
+    )
+    runs = {
+        "ours": lambda: ours(x, t, txt, y, w),
+        "diffusers": lambda: run_diffusers(ref, x, t, txt, y, w, 2),
+    }
 
     with torch.no_grad():
         err = (runs["ours"]().float() - runs["diffusers"]().float()).abs().max().item()
-    print(f"config: width {args.width}, {args.double} + {args.single} blocks, {side * side} image + "
-          f"{args.txt_tokens} text tokens, batch {B}, {args.dtype} on {device}, {torch.get_num_threads()} threads; "
-          f"max |ours - diffusers| = {err:.2e}")  # fmt: skip
+    print(
+        f"config: width {args.width}, {args.double} + {args.single} blocks, {side * side} image + "
+        f"{args.txt_tokens} text tokens, batch {B}, {args.dtype} on {device}, {torch.get_num_threads()} threads; "
+        f"max |ours - diffusers| = {err:.2e}"
+    )
 
     def train_step(name):
         model = ours if name == "ours" else ref
@@ -93,7 +119,8 @@ def main():
     for mode in ("forward", "train_step"):
         times = {"ours": [], "diffusers": []}
         for i in range(args.warmup + args.repeats):
-            for name in ("ours", "diffusers"):  # alternate, so drift in machine load hits both alike
+            # alternate, so drift in machine load hits both alike
+            for name in ("ours", "diffusers"):
                 if mode == "forward":
                     with torch.no_grad():
                         dt = timed(runs[name], device)
@@ -102,12 +129,19 @@ def main():
                 if i >= args.warmup:
                     times[name].append(dt)
         med = {k: statistics.median(v) for k, v in times.items()}
-        results[mode] = {**{f"{k}_s": v for k, v in med.items()}, "ratio": med["ours"] / med["diffusers"]}
-        print(f"{mode:10s}  ours {med['ours'] * 1e3:8.1f} ms   diffusers {med['diffusers'] * 1e3:8.1f} ms   "
-              f"ratio {results[mode]['ratio']:.3f}  (median of {args.repeats})")  # fmt: skip
+        results[mode] = {
+            **{f"{k}_s": v for k, v in med.items()},
+            "ratio": med["ours"] / med["diffusers"],
+        }
+        print(
+            f"{mode:10s}  ours {med['ours'] * 1e3:8.1f} ms   diffusers {med['diffusers'] * 1e3:8.1f} ms   "
+            f"ratio {results[mode]['ratio']:.3f}  (median of {args.repeats})"
+        )
 
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"args": vars(args), "max_abs_err": err, **results}, indent=2) + "\n")
+    Path(args.out).write_text(
+        json.dumps({"args": vars(args), "max_abs_err": err, **results}, indent=2) + "\n"
+    )
 
 
 if __name__ == "__main__":

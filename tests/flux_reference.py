@@ -11,10 +11,17 @@ def tiny_diffusers(token_dim: int, guidance: bool, seed: int = 0) -> FluxTransfo
     """A tiny random diffusers FLUX with the structure of the real one; weights far from init so bugs show."""
     torch.manual_seed(seed)
     model = FluxTransformer2DModel(
-        patch_size=1, in_channels=token_dim, num_layers=2, num_single_layers=2, attention_head_dim=16,
-        num_attention_heads=3, joint_attention_dim=24, pooled_projection_dim=12, guidance_embeds=guidance,
+        patch_size=1,
+        in_channels=token_dim,
+        num_layers=2,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=24,
+        pooled_projection_dim=12,
+        guidance_embeds=guidance,
         axes_dims_rope=(4, 6, 6),
-    )  # fmt: skip
+    )
     for name, p in model.named_parameters():
         is_norm = p.ndim == 1 and "norm" in name
         p.data = 1 + 0.2 * torch.randn_like(p) if is_norm else 0.15 * torch.randn_like(p)
@@ -30,9 +37,15 @@ def run_diffusers(model, x, t, txt, y, guidance, p):
         tokens = x.permute(0, 2, 3, 1).reshape(B, H * W, C)  # 1×1 packing of DC-Gen's pipeline
     ids = position_ids(txt.shape[1], H // p, W // p)
     out = model(
-        hidden_states=tokens, encoder_hidden_states=txt, pooled_projections=y, timestep=t,
-        img_ids=ids[txt.shape[1] :], txt_ids=ids[: txt.shape[1]], guidance=guidance, return_dict=False,
-    )[0]  # fmt: skip
+        hidden_states=tokens,
+        encoder_hidden_states=txt,
+        pooled_projections=y,
+        timestep=t,
+        img_ids=ids[txt.shape[1] :],
+        txt_ids=ids[: txt.shape[1]],
+        guidance=guidance,
+        return_dict=False,
+    )[0]
     if p == 2:
         return FluxPipeline._unpack_latents(out, H * 8, W * 8, vae_scale_factor=8)  # (B, C, H, W)
     return out.reshape(B, H, W, C).permute(0, 3, 1, 2)

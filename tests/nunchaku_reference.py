@@ -27,21 +27,27 @@ def unpack_w4(packed: torch.Tensor) -> torch.Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
     b = packed.view(torch.uint8).reshape(-1).to(torch.int32)
     nibbles = torch.stack([b & 0xF, b >> 4], dim=-1).reshape(-1)
-    return unpermute(nibbles, (n // 128, 8, 2, 8, 1, k // 64, 1, 2, 4, 8), (0, 5, 6, 1, 3, 8, 2, 7, 4, 9)).reshape(n, k)
+    return unpermute(
+        nibbles, (n // 128, 8, 2, 8, 1, k // 64, 1, 2, 4, 8), (0, 5, 6, 1, 3, 8, 2, 7, 4, 9)
+    ).reshape(n, k)
 
 
 def unpack_micro_scales(packed: torch.Tensor) -> torch.Tensor:
     """fp8 (G, n) -> (n, G). pack_micro_scale (warp_n 128): view (n/128, 1, 4, 4, 8, G/4, 4), permute
     (0, 5, 1, 4, 3, 2, 6)."""
     G, n = packed.shape
-    return unpermute(packed.reshape(-1), (n // 128, 1, 4, 4, 8, G // 4, 4), (0, 5, 1, 4, 3, 2, 6)).reshape(n, G)
+    return unpermute(
+        packed.reshape(-1), (n // 128, 1, 4, 4, 8, G // 4, 4), (0, 5, 1, 4, 3, 2, 6)
+    ).reshape(n, G)
 
 
 def unpack_scales(packed: torch.Tensor) -> torch.Tensor:
     """bf16 (n,) or (G, n) -> (n,) or (n, G). pack_scale (warp_n 128, s_pack_size 4, 32 lanes): reshape
     (n/128, 1, 8, 2, 4, 2, G), permute (0, 6, 1, 2, 4, 3, 5)."""
     n, G = packed.shape[-1], packed.numel() // packed.shape[-1]
-    out = unpermute(packed.reshape(-1), (n // 128, 1, 8, 2, 4, 2, G), (0, 6, 1, 2, 4, 3, 5)).reshape(n, G)
+    out = unpermute(
+        packed.reshape(-1), (n // 128, 1, 8, 2, 4, 2, G), (0, 6, 1, 2, 4, 3, 5)
+    ).reshape(n, G)
     return out[:, 0] if packed.ndim == 1 else out
 
 
@@ -50,11 +56,14 @@ def unpack_lowrank(packed: torch.Tensor, down: bool) -> torch.Tensor:
     (c pack, r pack, 2, 8, 1, 2, 4, 2) permuted (0, 1, 3, 6, 2, 5, 4, 7); down's fragments are ordered (c, r) from
     (r, c)."""
     c, r = packed.shape
-    frags = unpermute(packed.reshape(-1), (c // 16, r // 16, 2, 8, 1, 2, 4, 2), (0, 1, 3, 6, 2, 5, 4, 7))
+    frags = unpermute(
+        packed.reshape(-1), (c // 16, r // 16, 2, 8, 1, 2, 4, 2), (0, 1, 3, 6, 2, 5, 4, 7)
+    )
     frags = frags.reshape(c // 16, r // 16, 16, 16)
     if down:  # (c packs, r packs, 16 r, 16 c) <- view(r packs, 16, c packs, 16).permute(2, 0, 1, 3)
         return frags.permute(1, 2, 0, 3).reshape(r, c)
-    return frags.permute(0, 2, 1, 3).reshape(c, r)  # <- view(c packs, 16, r packs, 16).permute(0, 2, 1, 3)
+    # <- view(c packs, 16, r packs, 16).permute(0, 2, 1, 3)
+    return frags.permute(0, 2, 1, 3).reshape(c, r)
 
 
 def unpack_awq_w4(packed: torch.Tensor) -> torch.Tensor:
@@ -81,10 +90,16 @@ def convert_flux_state_dict(sd: dict) -> dict:
                 n = n.replace(a, b) if a in k else n
             n = n.replace(".norm_k.", ".attn.norm_k.").replace(".norm_q.", ".attn.norm_q.")
         elif "transformer_blocks." in k:
-            for a, b in ((".mlp_context_fc1.", ".ff_context.net.0.proj."), (".mlp_context_fc2.", ".ff_context.net.2."),
-                         (".mlp_fc1.", ".ff.net.0.proj."), (".mlp_fc2.", ".ff.net.2."),
-                         (".qkv_proj_context.", ".attn.add_qkv_proj."), (".qkv_proj.", ".attn.to_qkv."),
-                         (".out_proj.", ".attn.to_out.0."), (".out_proj_context.", ".attn.to_add_out.")):  # fmt: skip
+            for a, b in (
+                (".mlp_context_fc1.", ".ff_context.net.0.proj."),
+                (".mlp_context_fc2.", ".ff_context.net.2."),
+                (".mlp_fc1.", ".ff.net.0.proj."),
+                (".mlp_fc2.", ".ff.net.2."),
+                (".qkv_proj_context.", ".attn.add_qkv_proj."),
+                (".qkv_proj.", ".attn.to_qkv."),
+                (".out_proj.", ".attn.to_out.0."),
+                (".out_proj_context.", ".attn.to_add_out."),
+            ):
                 if a in k:
                     n = k.replace(a, b)
                     break
@@ -107,7 +122,9 @@ def v2_expected(config: dict, fp4: bool, rank: int) -> tuple[dict, set]:
     """{key: (shape, dtype)} of NunchakuFluxTransformer2DModelV2 built from `config` (bf16), and the names of its
     SVDQW4A4Linear modules. Starts from diffusers' own FluxTransformer2DModel and applies `_patch_model`."""
     with torch.device("meta"):
-        model = FluxTransformer2DModel.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+        model = FluxTransformer2DModel.from_config(
+            {k: v for k, v in config.items() if not k.startswith("_")}
+        )
     sd = {k: (tuple(v.shape), BF16) for k, v in model.state_dict().items()}
     D = model.inner_dim
     svdq_modules = set()
@@ -119,23 +136,52 @@ def v2_expected(config: dict, fp4: bool, rank: int) -> tuple[dict, set]:
 
     def svdq(name, i, o):  # linear.py: SVDQW4A4Linear parameters (bias=True for every FLUX linear)
         g = 16 if fp4 else 64
-        sd.update({f"{name}.qweight": ((o, i // 2), torch.int8), f"{name}.bias": ((o,), BF16),
-                   f"{name}.wscales": ((i // g, o), FP8 if fp4 else BF16), f"{name}.smooth_factor": ((i,), BF16),
-                   f"{name}.smooth_factor_orig": ((i,), BF16), f"{name}.proj_down": ((i, rank), BF16),
-                   f"{name}.proj_up": ((o, rank), BF16)})  # fmt: skip
+        sd.update(
+            {
+                f"{name}.qweight": ((o, i // 2), torch.int8),
+                f"{name}.bias": ((o,), BF16),
+                f"{name}.wscales": ((i // g, o), FP8 if fp4 else BF16),
+                f"{name}.smooth_factor": ((i,), BF16),
+                f"{name}.smooth_factor_orig": ((i,), BF16),
+                f"{name}.proj_down": ((i, rank), BF16),
+                f"{name}.proj_up": ((o, rank), BF16),
+            }
+        )
         if fp4:
             sd[f"{name}.wcscales"] = ((o,), BF16)
         svdq_modules.add(name)
 
     def awq(name, i, o):  # linear.py: AWQW4A16Linear, group 64
-        sd.update({f"{name}.qweight": ((o // 4, i // 2), torch.int32), f"{name}.bias": ((o,), BF16),
-                   f"{name}.wscales": ((i // 64, o), BF16), f"{name}.wzeros": ((i // 64, o), BF16)})  # fmt: skip
+        sd.update(
+            {
+                f"{name}.qweight": ((o // 4, i // 2), torch.int32),
+                f"{name}.bias": ((o,), BF16),
+                f"{name}.wscales": ((i // 64, o), BF16),
+                f"{name}.wzeros": ((i // 64, o), BF16),
+            }
+        )
 
     for b in range(len(model.transformer_blocks)):
         p = f"transformer_blocks.{b}."
-        drop(p, ["norm1.linear", "norm1_context.linear", "attn.to_q", "attn.to_k", "attn.to_v", "attn.add_q_proj",
-                 "attn.add_k_proj", "attn.add_v_proj", "attn.to_out.0", "attn.to_add_out", "ff.net.0.proj",
-                 "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2"])  # fmt: skip
+        drop(
+            p,
+            [
+                "norm1.linear",
+                "norm1_context.linear",
+                "attn.to_q",
+                "attn.to_k",
+                "attn.to_v",
+                "attn.add_q_proj",
+                "attn.add_k_proj",
+                "attn.add_v_proj",
+                "attn.to_out.0",
+                "attn.to_add_out",
+                "ff.net.0.proj",
+                "ff.net.2",
+                "ff_context.net.0.proj",
+                "ff_context.net.2",
+            ],
+        )
         awq(p + "norm1.linear", D, 6 * D), awq(p + "norm1_context.linear", D, 6 * D)
         svdq(p + "attn.to_qkv", D, 3 * D), svdq(p + "attn.add_qkv_proj", D, 3 * D)
         svdq(p + "attn.to_out.0", D, D), svdq(p + "attn.to_add_out", D, D)

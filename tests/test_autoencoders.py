@@ -30,8 +30,9 @@ def _perturb(model: torch.nn.Module, seed: int = 0) -> None:
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-1.5", "tiny-sana"])
 def test_dcae_matches_diffusers(tmp_path, name):
-    # "tiny": a 1.0-type config with ResBlock and EfficientViT stages, multi-scale attention, BatchNorm, shortcuts;
-    # "tiny-1.5": the 1.5 layout (stage 0 empty, no latent shortcuts); "tiny-sana": stride-2 conv / nearest-up.
+    # "tiny": a 1.0-type config with ResBlock and EfficientViT stages, multi-scale attention,
+    # BatchNorm, shortcuts; "tiny-1.5": the 1.5 layout (stage 0 empty, no latent shortcuts);
+    # "tiny-sana": stride-2 conv / nearest-up.
     p = dcae.PRESETS["tiny-1.5" if name == "tiny-1.5" else "tiny"]
     if name == "tiny-sana":
         p = dataclasses.replace(p, downsample_block_type="Conv", upsample_block_type="interpolate")
@@ -40,9 +41,11 @@ def test_dcae_matches_diffusers(tmp_path, name):
     ref.save_pretrained(tmp_path)
     ours = load_autoencoder(tmp_path)
     assert isinstance(ours, dcae.DCAE) and ours.spatial_factor == 8
-    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1  # non-square, batch 2
+    # non-square, batch 2
+    x = torch.rand(2, 3, 64, 96, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
-        z_ref = ref.encode(x).latent * p.scaling_factor  # diffusers leaves the scaling to the pipeline
+        # diffusers leaves the scaling to the pipeline
+        z_ref = ref.encode(x).latent * p.scaling_factor
         x_ref = ref.decode(z_ref / p.scaling_factor).sample
         z, x_rec = ours.encode(x), ours.decode(z_ref)
     assert z.shape == (2, p.latent_channels, 8, 12)
@@ -67,7 +70,8 @@ def test_vae_matches_diffusers(tmp_path):
     assert isinstance(ours, vae.VAE) and not ours.adaptive
     x = torch.rand(2, 3, 32, 48, generator=torch.Generator().manual_seed(1)) * 2 - 1
     with torch.no_grad():
-        z_ref = (ref.encode(x).latent_dist.mean - p.shift_factor) * p.scaling_factor  # FluxPipeline's normalisation
+        # FluxPipeline's normalisation
+        z_ref = (ref.encode(x).latent_dist.mean - p.shift_factor) * p.scaling_factor
         x_ref = ref.decode(z_ref / p.scaling_factor + p.shift_factor).sample
         z, x_rec = ours.encode(x), ours.decode(z_ref)
     assert z.shape == (2, 4, 16, 24)
@@ -95,18 +99,28 @@ def test_one_dispatch_between_the_two_classes(tmp_path):
     """Params pick the class, a config dict its params, and load_autoencoder reads back what a stage writes."""
     for name, cls in (("tiny-1.5", dcae.DCAE), ("tiny-vae", vae.VAE)):
         ae = build_autoencoder(PRESETS[name], tile_px=None)
-        assert type(ae) is cls and ae.tile_px is None and autoencoder_params(ae.config()) == PRESETS[name]
+        assert (
+            type(ae) is cls
+            and ae.tile_px is None
+            and autoencoder_params(ae.config()) == PRESETS[name]
+        )
         save_pretrained(tmp_path / name, ae.state_dict(), ae.config())
         back = load_autoencoder(tmp_path / name)
-        assert type(back) is cls and not back.training and back.state_dict().keys() == ae.state_dict().keys()
+        assert (
+            type(back) is cls
+            and not back.training
+            and back.state_dict().keys() == ae.state_dict().keys()
+        )
     with pytest.raises(ValueError, match="ckpt has _class_name 'FluxTransformer2DModel'"):
         autoencoder_params({"_class_name": "FluxTransformer2DModel"}, "ckpt")
 
 
-# the real models, built on the meta device: parameter counts in millions (encoder, decoder) and tensor counts
+# the real models, built on the meta device: parameter counts in millions (encoder, decoder) and
+# tensor counts
 REAL = {
     "dc-ae-f32c32-sana-1.1": (153.0, 159.2, 375),  # diffusers AutoencoderDC, the released config
-    "dc-ae-1.5-f64c128": (306.5, 408.3, 340),  # diffusers AutoencoderDC, our inferred mapping of dc_ae_f64_1_5
+    # diffusers AutoencoderDC, our inferred mapping of dc_ae_f64_1_5
+    "dc-ae-1.5-f64c128": (306.5, 408.3, 340),
     "dc-ae-1.5-f32c128": (228.6, 295.0, 296),
     "dc-ae-f32c32-in-1.0": (123.2, 200.2, 362),
     "dc-ae-f64c128-in-1.0": (264.6, 412.3, 418),
@@ -121,7 +135,9 @@ def test_real_presets_on_meta(name):
     enc, dec, n = REAL[name]
     count = lambda mod: round(sum(t.numel() for t in mod.parameters()) / 1e6, 1)
     assert (count(m.encoder), count(m.decoder), len(m.state_dict())) == (enc, dec, n)
-    assert {k: v.shape for k, v in m.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in m.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
 
 
 def test_flux_vae_preset_on_meta():
@@ -142,24 +158,29 @@ def test_adaptive_prefix_equals_zero_mask():
             masked = torch.cat([z[:, :c], torch.zeros_like(z[:, c:])], 1)
             assert (ae.decode(z[:, :c]) - ae.decode(masked)).abs().max() <= 1e-5
             assert torch.equal(ae.encode(x, channels=c), z[:, :c])
-        assert (ae.decode(z[:, :2]) - ae.decode(z)).abs().max() > 1e-3  # the dropped channels did matter
+        # the dropped channels did matter
+        assert (ae.decode(z[:, :2]) - ae.decode(z)).abs().max() > 1e-3
 
 
 def test_tiling_blends_exactly():
     """Weights of overlapping neighbours sum to 1; a local operator tiled equals it untiled."""
     assert torch.allclose(blend_ramp(8, 2, "cpu")[-2:] + blend_ramp(8, 2, "cpu")[:2], torch.ones(2))
-    ramp = blend_ramp(24, 8, "cpu")  # overlap 8: a dead margin of 2 at each shared edge, then a ramp over 4
+    # overlap 8: a dead margin of 2 at each shared edge, then a ramp over 4
+    ramp = blend_ramp(24, 8, "cpu")
     assert ramp[:2].eq(0).all() and ramp[-2:].eq(0).all() and ramp[6:-6].eq(1).all()
     assert torch.allclose(ramp[-8:] + ramp[:8], torch.ones(8))
-    assert blend_ramp(24, 8, "cpu", start=False)[:8].eq(1).all()  # an image border: no neighbour, no ramp
+    # an image border: no neighbour, no ramp
+    assert blend_ramp(24, 8, "cpu", start=False)[:8].eq(1).all()
     assert tile_starts(40, 16, 4) == [0, 12, 24] and tile_starts(10, 16, 4) == [0]
     x = torch.randn(1, 4, 40, 56)
-    up = lambda t: torch.nn.functional.interpolate(t, scale_factor=4) * 2  # pointwise in the input: no edge effects
+    # pointwise in the input: no edge effects
+    up = lambda t: torch.nn.functional.interpolate(t, scale_factor=4) * 2
     assert torch.allclose(tiled(up, x, 16, 4, 4), up(x), atol=1e-6)
     down = lambda t: torch.nn.functional.avg_pool2d(t, 4)
     assert torch.allclose(tiled(down, x, 16, 4, 0.25), down(x), atol=1e-6)
     ae = dcae.DCAE(dcae.PRESETS["tiny-1.5"], tile_px=None)
-    ae.tile_px = 256  # set after construction (sample.py --tile_px, bench.py): the overlap follows the tile size
+    # set after construction (sample.py --tile_px, bench.py): the overlap follows the tile size
+    ae.tile_px = 256
     assert ae.overlap_px == 64
 
 
@@ -176,9 +197,15 @@ def test_tiled_autoencoder_equals_untiled_when_local():
         x = torch.rand(1, 3, 64, 136) * 2 - 1
         z = ae.encode(x)  # (1, 8, 8, 17)
         rec = ae.decode(z)
-        ae.tile_px, ae.tile_overlap_px = 32, 16  # 4x4-latent tiles overlapping by 2 latents; last tiles flush
+        # 4x4-latent tiles overlapping by 2 latents; last tiles flush
+        ae.tile_px, ae.tile_overlap_px = 32, 16
         z_tiled, rec_tiled = ae.encode(x), ae.decode(z)
-    assert z_tiled.shape == z.shape == (1, 8, 8, 17) and rec_tiled.shape == rec.shape == (1, 3, 64, 136)
+    assert z_tiled.shape == z.shape == (1, 8, 8, 17) and rec_tiled.shape == rec.shape == (
+        1,
+        3,
+        64,
+        136,
+    )
     assert (z_tiled - z).abs().max() <= 1e-5 and (rec_tiled - rec).abs().max() <= 1e-5
 
 
@@ -192,10 +219,14 @@ def test_bad_inputs(tmp_path):
         ae.decode(torch.zeros(1, 2, 4, 4))
     with pytest.raises(ValueError, match="not adaptive"):
         vae.VAE(vae.PRESETS["tiny-vae"]).encode(torch.zeros(1, 3, 16, 16), channels=2)
-    with pytest.raises(FileNotFoundError, match=r"not a diffusers autoencoder .*expected config.json"):
+    with pytest.raises(
+        FileNotFoundError, match=r"not a diffusers autoencoder .*expected config.json"
+    ):
         load_autoencoder(tmp_path)  # empty folder
     (tmp_path / "config.json").write_text(json.dumps({"_class_name": "FluxTransformer2DModel"}))
-    with pytest.raises(ValueError, match="expected an autoencoder: 'AutoencoderKL'.*'AutoencoderDC'"):
+    with pytest.raises(
+        ValueError, match="expected an autoencoder: 'AutoencoderKL'.*'AutoencoderDC'"
+    ):
         load_autoencoder(tmp_path)
     with pytest.raises(ValueError, match="expected 'AutoencoderDC'"):
         dcae.DCAE.from_pretrained(tmp_path)

@@ -46,9 +46,31 @@ def test_flux_flops_count_every_token_linear():
 def test_flux_pair_runs_and_reports_ratios(tmp_path):
     """Real FLUX width, no blocks: the embedders and heads of flux-dev vs dcgen-flux-1k, one timed repeat."""
     out = tmp_path / "bench.json"
-    rows = bench.main(["--pair", "flux", "--random_weights", "--depth", "0", "--depth_single", "0", "--sizes", "256",
-                       "--repeats", "1", "--warmup", "0", "--text_len", "8", "--no-memory", "--no-end_to_end",
-                       "--device", "cpu", "--out", str(out)])  # fmt: skip
+    rows = bench.main(
+        [
+            "--pair",
+            "flux",
+            "--random_weights",
+            "--depth",
+            "0",
+            "--depth_single",
+            "0",
+            "--sizes",
+            "256",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--text_len",
+            "8",
+            "--no-memory",
+            "--no-end_to_end",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ]
+    )
     base, dcgen = rows
     assert (base["tokens"], dcgen["tokens"]) == (256, 64)  # f8 + 2x2 patches vs f32 + 1x1 at 256 px
     assert base["model"].startswith("flux-dev") and dcgen["model"].startswith("dcgen-flux-1k")
@@ -58,10 +80,28 @@ def test_flux_pair_runs_and_reports_ratios(tmp_path):
 
 def test_profile_splits_a_step_into_matmul_attention_and_the_rest():
     """The toy pair (committed zoo) at 256 px: both roles' step time is split into the three families."""
-    rows = bench.main(["--pair", "toy", "--sizes", "256", "--repeats", "1", "--warmup", "0", "--profile",
-                       "--no-memory", "--no-end_to_end", "--device", "cpu", "--out", ""])  # fmt: skip
+    rows = bench.main(
+        [
+            "--pair",
+            "toy",
+            "--sizes",
+            "256",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--profile",
+            "--no-memory",
+            "--no-end_to_end",
+            "--device",
+            "cpu",
+            "--out",
+            "",
+        ]
+    )
     for row in rows:
         prof = row["profile"]
         assert abs(prof["matmul_share"] + prof["attention_share"] + prof["other_share"] - 1) < 1e-6
-        assert prof["matmul_share"] > 0 and prof["attention_share"] > 0  # both families were found by name
+        # both families were found by name
+        assert prof["matmul_share"] > 0 and prof["attention_share"] > 0
         assert prof["matmul_gflops"] > 0 and prof["attention_gflops"] > 0

@@ -28,10 +28,13 @@ class Cfg:
 
 
 def test_parse_config_types_bools_and_defaults():
-    cfg = parse_config(Cfg, ["--lr", "3e-4", "--no-ema", "--sizes", "1024", "2048", "--init", "a.pt"])
+    cfg = parse_config(
+        Cfg, ["--lr", "3e-4", "--no-ema", "--sizes", "1024", "2048", "--init", "a.pt"]
+    )
     assert cfg == Cfg(lr=3e-4, steps=10, name="run", ema=False, init="a.pt", sizes=(1024, 2048))
     assert parse_config(Cfg, []) == Cfg()
-    assert parse_config(Cfg, ["--sizes", "1", "2", "--sizes", "3"]).sizes == (1, 2, 3)  # a repeated flag accumulates
+    # a repeated flag accumulates
+    assert parse_config(Cfg, ["--sizes", "1", "2", "--sizes", "3"]).sizes == (1, 2, 3)
     assert parse_config(Cfg, ["--sizes"]).sizes == ()  # given, a list flag replaces its default
     with pytest.raises(SystemExit):
         parse_config(Cfg, ["--lr", "fast"])  # a value of the wrong type
@@ -43,7 +46,8 @@ def test_help_shows_the_field_comments(capsys):
     with pytest.raises(SystemExit):
         parse_config(Cfg, ["--help"])
     out = " ".join(capsys.readouterr().out.split())  # argparse wraps help to the terminal's width
-    assert "peak learning rate (cosine decay to 10%)" in out  # a % in a comment is text, not a format directive
+    # a % in a comment is text, not a format directive
+    assert "peak learning rate (cosine decay to 10%)" in out
     assert "--ema, --no-ema" in out and "training resolutions in px" in out
 
 
@@ -69,7 +73,8 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
 
 def test_load_ckpt_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
-    path.write_bytes(pickle.dumps({"w": Cfg()}))  # a pickle that would construct an arbitrary object
+    # a pickle that would construct an arbitrary object
+    path.write_bytes(pickle.dumps({"w": Cfg()}))
     with pytest.raises(pickle.UnpicklingError):
         load_ckpt(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
@@ -82,8 +87,12 @@ def test_save_pretrained_shards_and_reads_back(tmp_path):
     assert len(list(tmp_path.glob("diffusion_pytorch_model-0000*-of-00003.safetensors"))) == 3
     back = read_state_dict(tmp_path)
     assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
-    save_pretrained(tmp_path, sd, {"_class_name": "X"})  # re-saving unsharded removes the stale shards
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "diffusion_pytorch_model.safetensors"]
+    # re-saving unsharded removes the stale shards
+    save_pretrained(tmp_path, sd, {"_class_name": "X"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "config.json",
+        "diffusion_pytorch_model.safetensors",
+    ]
 
 
 def test_image_grid_layout_and_metadata(tmp_path):
@@ -92,7 +101,8 @@ def test_image_grid_layout_and_metadata(tmp_path):
     im = Image.open(tmp_path / "g.png")
     assert im.size == (20, 16) and im.text == {"prompt": "a red circle", "seed": "7"}
     assert im.getpixel((0, 0)) == (0, 0, 0) and im.getpixel((10, 0)) == (128, 128, 128)
-    assert im.getpixel((0, 8)) == (255, 255, 255) and im.getpixel((10, 8)) == (0, 0, 0)  # empty cell stays black
+    # empty cell stays black
+    assert im.getpixel((0, 8)) == (255, 255, 255) and im.getpixel((10, 8)) == (0, 0, 0)
 
 
 def test_init_dist_single_process_and_torchrun(monkeypatch):
@@ -104,7 +114,13 @@ def test_init_dist_single_process_and_torchrun(monkeypatch):
     with socket.socket() as s:  # a free port for a one-process gloo group
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        "RANK": "0",
+        "LOCAL_RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     d = init_dist("cpu")
@@ -117,39 +133,57 @@ def test_init_dist_single_process_and_torchrun(monkeypatch):
 
 def test_lr_warmup_stable_decay():
     lr = [common.lr_at(s, 1.0, warmup=4, steps=20, decay=8) for s in range(20)]
-    assert lr[:4] == [0.25, 0.5, 0.75, 1.0] and lr[4:12] == [1.0] * 8  # warm-up, then stable until step 12
-    assert lr[12:] == [(20 - s) / 8 for s in range(12, 20)] and lr[-1] == 1 / 8  # linear to 0: the last step is > 0
-    # a run whose decay has not begun is the constant-lr run: resuming it with --steps/--decay extends it exactly
+    # warm-up, then stable until step 12
+    assert lr[:4] == [0.25, 0.5, 0.75, 1.0] and lr[4:12] == [1.0] * 8
+    # linear to 0: the last step is > 0
+    assert lr[12:] == [(20 - s) / 8 for s in range(12, 20)] and lr[-1] == 1 / 8
+    # a run whose decay has not begun is the constant-lr run: resuming it with --steps/--decay
+    # extends it exactly
     assert [common.lr_at(s, 1.0, 4) for s in range(12)] == lr[:12]
 
 
 def test_shift_for_counts_tokens_and_values_per_patch():
     for kind in ("flux", "dcgen", "constant"):
         for C, h, w, p in ((32, 32, 32, 1), (16, 128, 64, 2), (128, 64, 64, 1), (4, 64, 32, 2)):
-            old = common.shift_factor(kind, (h // p) * (w // p), C * p * p, 2.5)  # the formula of the call sites
+            # the formula of the call sites
+            old = common.shift_factor(kind, (h // p) * (w // p), C * p * p, 2.5)
             assert common.shift_for(kind, (C, h, w), p, 2.5) == old
-    # a swap of tokens and values shows: f32c32 at 1024² in 1x1 patches is 1024 tokens of 32 values, r = sqrt(8)
+    # a swap of tokens and values shows: f32c32 at 1024² in 1x1 patches is 1024 tokens of 32 values,
+    # r = sqrt(8)
     assert common.shift_for("dcgen", (32, 32, 32), 1) == pytest.approx(8**0.5)
-    assert common.shift_for("flux", (32, 32, 32), 1) == pytest.approx(common.shift_factor("flux", 1024, 32))
-    assert common.shift_for("flux", (32, 32, 32), 1) != pytest.approx(common.shift_factor("flux", 32, 1024))
+    assert common.shift_for("flux", (32, 32, 32), 1) == pytest.approx(
+        common.shift_factor("flux", 1024, 32)
+    )
+    assert common.shift_for("flux", (32, 32, 32), 1) != pytest.approx(
+        common.shift_factor("flux", 32, 1024)
+    )
     # p = 2 on an f8c16 FLUX latent of 1024²: (128/2)² = 4096 tokens of 64 values
-    assert common.shift_for("flux", (16, 128, 128), 2) == pytest.approx(common.shift_factor("flux", 4096, 64))
+    assert common.shift_for("flux", (16, 128, 128), 2) == pytest.approx(
+        common.shift_factor("flux", 4096, 64)
+    )
 
 
 def test_draw_prefixes_edge_cases():
     g = lambda step: common.step_generator(0, step)
     draws = [common.draw_prefixes(g(s), [8, 16], 3, True, 32) for s in range(200)]
-    assert all(d[0] == 32 and len(d) == 3 for d in draws)  # always_max, K >= 2: C first, K - 1 drawn
-    assert {c for d in draws for c in d[1:]} == {8, 16, 32}  # C is a candidate even when not given (official list)
+    # always_max, K >= 2: C first, K - 1 drawn
+    assert all(d[0] == 32 and len(d) == 3 for d in draws)
+    # C is a candidate even when not given (official list)
+    assert {c for d in draws for c in d[1:]} == {8, 16, 32}
     with_c = [common.draw_prefixes(g(s), [8, 16, 32], 3, True, 32) for s in range(200)]
     assert with_c == draws  # candidates including C or not: the same pool, the same draws
     free = [common.draw_prefixes(g(s), [8, 16], 2, False, 32) for s in range(200)]
-    assert {c for d in free for c in d} == {8, 16, 32} and any(32 not in d for d in free)  # no full latent forced
-    one = [common.draw_prefixes(g(s), [8, 16], 1, True, 32) for s in range(200)]  # K = 1: one draw, always_max or not
+    # no full latent forced
+    assert {c for d in free for c in d} == {8, 16, 32} and any(32 not in d for d in free)
+    # K = 1: one draw, always_max or not
+    one = [common.draw_prefixes(g(s), [8, 16], 1, True, 32) for s in range(200)]
     assert one == [common.draw_prefixes(g(s), [8, 16], 1, False, 32) for s in range(200)]
     assert all(len(d) == 1 for d in one) and {d[0] for d in one} == {8, 16, 32}
-    assert common.draw_prefixes(g(7), [8, 16], 3, True, 32) == draws[7]  # the generator alone decides
-    assert draws != [common.draw_prefixes(common.step_generator(1, s), [8, 16], 3, True, 32) for s in range(200)]
+    # the generator alone decides
+    assert common.draw_prefixes(g(7), [8, 16], 3, True, 32) == draws[7]
+    assert draws != [
+        common.draw_prefixes(common.step_generator(1, s), [8, 16], 3, True, 32) for s in range(200)
+    ]
     with pytest.raises(ValueError, match="must lie in 1..32"):
         common.draw_prefixes(g(0), [8, 64], 2, True, 32)
     with pytest.raises(ValueError, match="K=0"):

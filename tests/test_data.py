@@ -19,13 +19,17 @@ def test_image_folder(tmp_path):
     Image.new("RGB", (100, 160), (0, 0, 255)).save(tmp_path / "sub" / "b.jpg")
     with pytest.raises(ValueError, match="1 images .* have no caption"):
         ImageFolder(tmp_path, 64)
-    (tmp_path / "captions.jsonl").write_text(json.dumps({"file_name": "sub/b.jpg", "caption": "blue"}) + "\n")
+    (tmp_path / "captions.jsonl").write_text(
+        json.dumps({"file_name": "sub/b.jpg", "caption": "blue"}) + "\n"
+    )
     ds = ImageFolder(tmp_path, 64)
     assert [ds[i]["caption"] for i in range(2)] == ["a red image", "blue"]
     assert ds[0]["image"].shape == ds[1]["image"].shape == (3, 64, 64)
     assert torch.allclose(ds[0]["image"][:, 32, 32], torch.tensor([1.0, -1.0, -1.0]), atol=0.02)
     with pytest.raises(FileNotFoundError, match="no images"):
-        ImageFolder(tmp_path / "sub" / "nothing", 64) if (tmp_path / "sub" / "nothing").mkdir() is None else None
+        ImageFolder(tmp_path / "sub" / "nothing", 64) if (
+            tmp_path / "sub" / "nothing"
+        ).mkdir() is None else None
 
 
 def test_step_sampler_shards_and_resumes():
@@ -36,7 +40,11 @@ def test_step_sampler_shards_and_resumes():
     for _ in range(4):  # 24 samples: 2.4 epochs
         glob, parts = next(it1), [next(i) for i in its]
         assert parts[0] + parts[1] == glob  # rank r gets its slice of the single-process batch
-    epoch0 = [i for s in range(0, 10, 6) for i in StepSampler(n, 6, seed=5, start_step=s // 6).__iter__().__next__()]
+    epoch0 = [
+        i
+        for s in range(0, 10, 6)
+        for i in StepSampler(n, 6, seed=5, start_step=s // 6).__iter__().__next__()
+    ]
     assert sorted(epoch0[:10]) == list(range(10))  # each epoch is a permutation: every item once
     resumed = iter(StepSampler(n, batch, rank=1, world=2, seed=5, start_step=2))
     fresh = iter(StepSampler(n, batch, rank=1, world=2, seed=5))

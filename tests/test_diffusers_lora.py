@@ -35,7 +35,11 @@ def trained(init):
     it and the latent layers' weights in `init` (their base)."""
     model = Flux.from_pretrained(init, patch_size=2)
     inject_lora(model, RANK, ALPHA, targets=Flux.lora_targets, trainable=Flux.latent_layers)
-    base = {f"{n}.{k}": v.clone() for n in Flux.latent_layers for k, v in model.get_submodule(n).state_dict().items()}
+    base = {
+        f"{n}.{k}": v.clone()
+        for n in Flux.latent_layers
+        for k, v in model.get_submodule(n).state_dict().items()
+    }
     g = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for m in lora_layers(model).values():
@@ -49,11 +53,19 @@ def trained(init):
 def pipeline(init):
     """A FluxPipeline around a fresh copy of the transformer in `init`."""
     transformer = FluxTransformer2DModel.from_pretrained(init).eval()
-    return FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=transformer)  # fmt: skip
+    return FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=transformer,
+    )
 
 
-X = inputs(4, 8, 6)  # x, t, txt, y, guidance: 4 channels in 2x2 patches = 16 = the tiny model's token width
+# x, t, txt, y, guidance: 4 channels in 2x2 patches = 16 = the tiny model's token width
+X = inputs(4, 8, 6)
 
 
 @torch.no_grad()
@@ -68,11 +80,14 @@ def test_load_lora_weights_gives_our_merged_model(init, tmp_path):
     model, base = trained(init)
     expected = out(unload_lora(copy.deepcopy(model)))  # LoRA merged into plain nn.Linear layers
     assert (out(model) - expected).abs().max() < 1e-5 * expected.abs().max()
-    path = save_diffusers_lora(model, tmp_path, full=Flux.latent_layers, base=base, dtype=torch.float32)
+    path = save_diffusers_lora(
+        model, tmp_path, full=Flux.latent_layers, base=base, dtype=torch.float32
+    )
     assert path == tmp_path / LORA_FILE
     pipe = pipeline(init)
     before = out(pipe.transformer)
-    pipe.load_lora_weights(tmp_path)  # the user's line: the folder; the file has diffusers' default name
+    # the user's line: the folder; the file has diffusers' default name
+    pipe.load_lora_weights(tmp_path)
     got = out(pipe.transformer)
     assert (got - before).abs().max() > 0.1 * expected.abs().max()  # the LoRA does something
     assert (got - expected).abs().max() < 1e-5 * expected.abs().max()
@@ -93,12 +108,17 @@ def test_full_modules_matter_and_the_file_needs_no_metadata(init, tmp_path):
     pipe.load_lora_weights(tmp_path / "lora_only")
     assert (out(pipe.transformer) - expected).abs().max() > 0.1 * expected.abs().max()
 
-    path = save_diffusers_lora(model, tmp_path / "full", full=Flux.latent_layers, base=base, dtype=torch.float32)
+    path = save_diffusers_lora(
+        model, tmp_path / "full", full=Flux.latent_layers, base=base, dtype=torch.float32
+    )
     pipe = pipeline(init)
     before = out(pipe.transformer)
-    # the file's tensors without its metadata: diffusers infers the ranks from the shapes and alpha = rank
+    # the file's tensors without its metadata: diffusers infers the ranks from the shapes and alpha
+    # = rank
     state_dict = FluxPipeline.lora_state_dict(path)
-    FluxPipeline.load_lora_into_transformer(state_dict, network_alphas=None, transformer=pipe.transformer)
+    FluxPipeline.load_lora_into_transformer(
+        state_dict, network_alphas=None, transformer=pipe.transformer
+    )
     assert (out(pipe.transformer) - expected).abs().max() < 1e-5 * expected.abs().max()
     pipe.unload_lora_weights()
     assert (out(pipe.transformer) - before).abs().max() < 1e-6 * before.abs().max()
@@ -108,23 +128,37 @@ def test_file_layout_override_and_dtype(init, tmp_path):
     """Keys and metadata as diffusers expects; `state_dict` (e.g. the EMA weights) replaces the model's tensors;
     bf16 on disk by default; bad input fails loudly."""
     model, base = trained(init)
-    ema = {k: torch.full_like(v, 0.5) for k, v in model.state_dict().items() if ".lora_" in k or "x_embedder" in k}
+    ema = {
+        k: torch.full_like(v, 0.5)
+        for k, v in model.state_dict().items()
+        if ".lora_" in k or "x_embedder" in k
+    }
     path = save_diffusers_lora(model, tmp_path, full=Flux.latent_layers, base=base, state_dict=ema)
     with safe_open(path, "pt") as f:
         meta, keys = json.loads(f.metadata()["lora_adapter_metadata"]), set(f.keys())
         tensors = {k: f.get_tensor(k) for k in keys}
     n = len(lora_layers(model))
-    assert len(keys) == 3 * (n + 2) and all(k.startswith("transformer.") and ".lora_" in k for k in keys)
+    assert len(keys) == 3 * (n + 2) and all(
+        k.startswith("transformer.") and ".lora_" in k for k in keys
+    )
     assert {t.dtype for t in tensors.values()} == {torch.bfloat16}
-    assert meta["transformer.r"] == meta["transformer.lora_alpha"] == RANK and meta["transformer.lora_bias"]
-    assert meta["transformer.rank_pattern"] == {"^x_embedder": 16, "^proj_out": 16}  # min(16 in, 48 out)
-    assert meta["transformer.alpha_pattern"] == meta["transformer.rank_pattern"]  # scale 1: the exact change
+    assert (
+        meta["transformer.r"] == meta["transformer.lora_alpha"] == RANK
+        and meta["transformer.lora_bias"]
+    )
+    # min(16 in, 48 out)
+    assert meta["transformer.rank_pattern"] == {"^x_embedder": 16, "^proj_out": 16}
+    # scale 1: the exact change
+    assert meta["transformer.alpha_pattern"] == meta["transformer.rank_pattern"]
     a, b = (f"transformer.transformer_blocks.0.attn.to_q.lora_{x}.weight" for x in "AB")
-    assert torch.equal(tensors[a], torch.full_like(tensors[a], 0.5))  # the override, not the model's A
-    assert torch.equal(tensors[b], torch.full_like(tensors[b], 0.5 * ALPHA / RANK))  # the scale folded into B
+    # the override, not the model's A
+    assert torch.equal(tensors[a], torch.full_like(tensors[a], 0.5))
+    # the scale folded into B
+    assert torch.equal(tensors[b], torch.full_like(tensors[b], 0.5 * ALPHA / RANK))
     dW = 0.5 - base["x_embedder.weight"]  # x_embedder: A = I, B = W_ema - W_base
     assert torch.equal(tensors["transformer.x_embedder.lora_B.weight"], dW.bfloat16())
-    proj = model.proj_out.weight.detach() - base["proj_out.weight"]  # proj_out: A = W - W_base, B = I (no override)
+    # proj_out: A = W - W_base, B = I (no override)
+    proj = model.proj_out.weight.detach() - base["proj_out.weight"]
     assert torch.equal(tensors["transformer.proj_out.lora_A.weight"], proj.bfloat16())
     with pytest.raises(ValueError, match="state_dict names no LoRA tensor"):
         save_diffusers_lora(model, tmp_path, state_dict={"context_embedder.weight": torch.zeros(1)})

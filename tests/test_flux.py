@@ -14,7 +14,8 @@ from models.flux import PRESETS, Flux, FluxParams, position_ids, rope
 from flux_reference import inputs, run_diffusers, tiny_diffusers
 
 
-# (latent channels, patch): base FLUX (16×2×2 tokens, here 4×2×2) and DC-Gen-FLUX (32 channels, patch 1)
+# (latent channels, patch): base FLUX (16×2×2 tokens, here 4×2×2) and DC-Gen-FLUX (32 channels,
+# patch 1)
 @pytest.mark.parametrize("C,p,guidance", [(4, 2, True), (32, 1, True), (32, 1, False)])
 def test_parity_with_diffusers(tmp_path, C, p, guidance):
     ref = tiny_diffusers(C * p * p, guidance)
@@ -55,7 +56,9 @@ def test_mismatched_config_names_key_and_shapes(tmp_path):
 
 def test_not_a_model_folder(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(FileNotFoundError, match=r"not a FLUX transformer folder.*config.json.*notes.txt"):
+    with pytest.raises(
+        FileNotFoundError, match=r"not a FLUX transformer folder.*config.json.*notes.txt"
+    ):
         Flux.from_pretrained(tmp_path)
 
 
@@ -64,7 +67,9 @@ def test_our_config_round_trips_through_diffusers(tmp_path):
     ours = Flux(PRESETS["tiny"])
     cfg = ours.diffusers_config()
     ref = FluxTransformer2DModel.from_config({k: v for k, v in cfg.items() if k != "_class_name"})
-    assert {k: v.shape for k, v in ref.state_dict().items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    assert {k: v.shape for k, v in ref.state_dict().items()} == {
+        k: v.shape for k, v in ours.state_dict().items()
+    }
     assert Flux.params_from_diffusers(cfg) == PRESETS["tiny"]
 
 
@@ -75,7 +80,9 @@ def test_flux_dev_preset_is_12b_on_meta():
     n = sum(p.numel() for p in ours.parameters())
     assert all(p.is_meta for p in ours.parameters())  # nothing allocated
     assert n == sum(p.numel() for p in ref.parameters()) == 11_901_408_320
-    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {
+        k: v.shape for k, v in ref.state_dict().items()
+    }
 
 
 @pytest.mark.parametrize("name", ["dcgen-flux-1k", "dcgen-flux-4k"])
@@ -94,13 +101,19 @@ def test_rope_rotates_pairs_by_position():
 
     pe = rope(position_ids(0, 4, 4).float(), (4, 6, 6), 10_000)
     assert pe.shape == (16, 8) and torch.allclose(pe[0], torch.ones(8, dtype=torch.complex64))
-    q, k = torch.randn(1, 1, 1, 16).expand(1, 1, 16, 16), torch.randn(1, 1, 1, 16).expand(1, 1, 16, 16)
+    q, k = (
+        torch.randn(1, 1, 1, 16).expand(1, 1, 16, 16),
+        torch.randn(1, 1, 1, 16).expand(1, 1, 16, 16),
+    )
     qr, kr = apply_rope(q, pe), apply_rope(k, pe)
     dots = (qr[0, 0, :, None] * kr[0, 0, None, :]).sum(-1)  # (16, 16)
-    assert torch.allclose(dots[0, 1], dots[4, 5], atol=1e-5)  # (0,0)->(0,1) vs (1,0)->(1,1): same offset
+    # (0,0)->(0,1) vs (1,0)->(1,1): same offset
+    assert torch.allclose(dots[0, 1], dots[4, 5], atol=1e-5)
     assert not torch.allclose(dots[0, 1], dots[0, 2], atol=1e-3)
     x = torch.randn(2, 3, 16, 16)  # a rotation keeps each pair's norm
-    assert torch.allclose(apply_rope(x, pe).unflatten(-1, (-1, 2)).norm(dim=-1), x.unflatten(-1, (-1, 2)).norm(dim=-1))
+    assert torch.allclose(
+        apply_rope(x, pe).unflatten(-1, (-1, 2)).norm(dim=-1), x.unflatten(-1, (-1, 2)).norm(dim=-1)
+    )
 
 
 def test_tiny_forward_backward_and_checkpointing():
@@ -132,7 +145,13 @@ def test_channel_prefix_uses_the_first_columns_and_rows():
     sd["x_embedder.weight"] = sd["x_embedder.weight"][:, :k]
     sd["proj_out.weight"], sd["proj_out.bias"] = sd["proj_out.weight"][:k], sd["proj_out.bias"][:k]
     small.load_state_dict(sd)
-    x, t, txt, y, g = torch.randn(2, 8, 4, 6), torch.rand(2), torch.randn(2, 5, 32), torch.randn(2, 16), torch.ones(2)
+    x, t, txt, y, g = (
+        torch.randn(2, 8, 4, 6),
+        torch.rand(2),
+        torch.randn(2, 5, 32),
+        torch.randn(2, 16),
+        torch.ones(2),
+    )
     with pytest.raises(ValueError, match="latent has 3 channels, the model 8.*adaptive_channels"):
         full(x[:, :3], t, txt, y, g)  # a prefix by accident is an error
     full.adaptive_channels = True

@@ -21,24 +21,44 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_gpu_sh(out: Path, *flags: str) -> tuple[dict, str, str]:
     """bash runs/gpu.sh --tiny on the CPU with this interpreter; returns gpu.json, gpu.md and stdout."""
     env = {**os.environ, "PYTHON": sys.executable}
-    argv = ["bash", str(ROOT / "runs" / "gpu.sh"), "--tiny", "--device", "cpu", "--out", str(out), *flags]
+    argv = [
+        "bash",
+        str(ROOT / "runs" / "gpu.sh"),
+        "--tiny",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *flags,
+    ]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300, env=env, cwd=out.parent)
-    assert r.returncode == 0, f"gpu.sh failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert r.returncode == 0, (
+        f"gpu.sh failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    )
     return json.loads((out / "gpu.json").read_text()), (out / "gpu.md").read_text(), r.stdout
 
 
 def test_tiny_run_measures_every_section(tmp_path):
     res, md, stdout = run_gpu_sh(tmp_path / "gpu")
     assert res["errors"] == []
-    assert res["run"]["device"].startswith("CPU") and res["run"]["torch"] and res["run"]["git_commit"]
+    assert (
+        res["run"]["device"].startswith("CPU") and res["run"]["torch"] and res["run"]["git_commit"]
+    )
 
-    # 1. latency: both models of the pair at both sizes, eager timed; compile is skipped on a CPU, with its reason
+    # 1. latency: both models of the pair at both sizes, eager timed; compile is skipped on a CPU,
+    # with its reason
     eager = [r for r in res["latency"] if not r["compiled"]]
     pairs = {(r["role"], r["model"], r["size"]) for r in eager}
-    assert pairs == {("dcgen", "toy-f32c16", 256), ("dcgen", "toy-f32c16", 512), ("base", "toy", 256),
-                     ("base", "toy", 512)}  # fmt: skip
+    assert pairs == {
+        ("dcgen", "toy-f32c16", 256),
+        ("dcgen", "toy-f32c16", 512),
+        ("base", "toy", 256),
+        ("base", "toy", 512),
+    }
     for r in eager:
-        assert r["step_s"] > 0 and r["first_call_s"] > 0 and r["tflop"] > 0 and r["steps_timed"] >= 1, r
+        assert (
+            r["step_s"] > 0 and r["first_call_s"] > 0 and r["tflop"] > 0 and r["steps_timed"] >= 1
+        ), r
         assert math.isclose(r["tflops_achieved"], r["tflop"] / r["step_s"]), r
         assert r["peak_gib"] is None  # CPU: memory not measured, and the JSON says so
     assert "not measured" in res["memory"]
@@ -53,7 +73,9 @@ def test_tiny_run_measures_every_section(tmp_path):
     t = res["lora_step"]
     assert t["model"] == "tiny" and t["micro_batch"] == 2 and t["rank"] == 8
     assert t["step_s"] > 0 and t["plan_step_s"] > 0 and t["plan_peak_gib"] > 0, t
-    assert math.isclose(t["step_ratio"], t["step_s"] / t["plan_step_s"]) and math.isfinite(t["loss"]), t
+    assert math.isclose(t["step_ratio"], t["step_s"] / t["plan_step_s"]) and math.isfinite(
+        t["loss"]
+    ), t
     assert t["plan"]["flops"] > 0 and t["trainable_m"] > 0
 
     # 3. the decode, one pass and tiled
@@ -62,10 +84,20 @@ def test_tiny_run_measures_every_section(tmp_path):
 
     # gpu.md: the card, the three tables with one row per item; and the same tables on stdout
     assert md.startswith("# GPU check on CPU")
-    for header in ("| model | px | tokens |", "| px | compile | base s/step |", "| model | latent |", "| AE | px |"):
+    for header in (
+        "| model | px | tokens |",
+        "| px | compile | base s/step |",
+        "| model | latent |",
+        "| AE | px |",
+    ):
         assert header in md and header in stdout, header
-    assert md.count("| toy-f32c16 |") == 4 and md.count("| toy |") == 4 and md.count("| tiny-1.5 |") == 2
-    assert "skipped" not in md.split("| model | latent |")[1].split("## Notes")[0]  # only compile was skipped
+    assert (
+        md.count("| toy-f32c16 |") == 4
+        and md.count("| toy |") == 4
+        and md.count("| tiny-1.5 |") == 2
+    )
+    # only compile was skipped
+    assert "skipped" not in md.split("| model | latent |")[1].split("## Notes")[0]
 
 
 def test_budget_skips_items_with_a_note():

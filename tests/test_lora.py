@@ -56,8 +56,9 @@ def test_zero_b_equals_base():
     model = tiny_flux()
     base = model(*batch())
     inject_lora(model, rank=8, alpha=8)
-    # The whole network agrees to float rounding only: the extra LoRA buffers shift the alignment of temporary copies,
-    # and CPU BLAS kernels round differently on differently aligned data (seen: 1 ulp at `to_add_out`).
+    # The whole network agrees to float rounding only: the extra LoRA buffers shift the alignment of
+    # temporary copies, and CPU BLAS kernels round differently on differently aligned data (seen: 1
+    # ulp at `to_add_out`).
     assert (model(*batch()) - base).abs().max() < 1e-6
 
 
@@ -86,11 +87,17 @@ def test_only_lora_and_named_modules_train():
     names = inject_lora(model, rank=4, alpha=4, trainable=("x_embedder", "proj_out"))
     # 1 double block: 8 attention + 4 MLP linears; 2 single blocks: q, k, v, proj_mlp, proj_out each
     assert len(names) == 12 + 2 * 5 and "proj_out" not in names and "x_embedder" not in names
-    assert not any("norm" in n or "embed" in n for n in names)  # AdaLN linears and embedders are not targets
+    # AdaLN linears and embedders are not targets
+    assert not any("norm" in n or "embed" in n for n in names)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     lora = {n for n in trainable if ".lora_A." in n or ".lora_B." in n}
     assert lora == set(lora_state_dict(model)) and len(lora) == 2 * len(names)
-    assert trainable - lora == {"x_embedder.weight", "x_embedder.bias", "proj_out.weight", "proj_out.bias"}
+    assert trainable - lora == {
+        "x_embedder.weight",
+        "x_embedder.bias",
+        "proj_out.weight",
+        "proj_out.bias",
+    }
     model(*batch()).square().mean().backward()
     assert all(p.grad is None for n, p in model.named_parameters() if n not in trainable)
 
@@ -112,7 +119,8 @@ def test_lora_loads_into_diffusers_via_peft(tmp_path):
     ref = tiny_diffusers(16, True)
     ref.save_pretrained(tmp_path / "base")
     ours = Flux.from_pretrained(tmp_path / "base", patch_size=2)
-    inject_lora(ours, rank=4, alpha=12)  # scale 3: the file must give alpha / r = 3 (it is folded into B)
+    # scale 3: the file must give alpha / r = 3 (it is folded into B)
+    inject_lora(ours, rank=4, alpha=12)
     randomize_lora(ours)
     tensors, metadata = diffusers_lora(ours)
     save_ckpt(tensors, tmp_path / "lora" / "pytorch_lora_weights.safetensors", metadata=metadata)
@@ -125,7 +133,8 @@ def test_lora_loads_into_diffusers_via_peft(tmp_path):
     x, t, txt, y, g = inputs(4, 8, 6)
     expected = run_diffusers(ref, x, t, txt, y, g, 2)
     ref.disable_adapters()
-    assert (run_diffusers(ref, x, t, txt, y, g, 2) - expected).abs().max() > 1e-2  # the adapter was active
+    # the adapter was active
+    assert (run_diffusers(ref, x, t, txt, y, g, 2) - expected).abs().max() > 1e-2
     assert (ours(x, t, txt, y, g) - expected).abs().max() < 1e-5
 
 

@@ -25,7 +25,9 @@ from data import LatentCache
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def make_cache(folder: Path, n=12, C=4, h=8, w=8, L=5, D=32, V=16, shard=5, seed=0, latent="teacher", nan=False):
+def make_cache(
+    folder: Path, n=12, C=4, h=8, w=8, L=5, D=32, V=16, shard=5, seed=0, latent="teacher", nan=False
+):
     """A synthetic latent cache in align.py's format (random latents and text states), for the tiny FLUX preset."""
     folder.mkdir(parents=True, exist_ok=True)
     g = torch.Generator().manual_seed(seed)
@@ -33,7 +35,11 @@ def make_cache(folder: Path, n=12, C=4, h=8, w=8, L=5, D=32, V=16, shard=5, seed
     for i, start in enumerate(range(0, n, shard)):
         m = min(shard, n - start)
         z = torch.randn(m, C, h, w, generator=g) * (float("nan") if nan else 1)
-        tensors = {latent: z, "txt": torch.randn(m, L, D, generator=g), "y": torch.randn(m, V, generator=g)}
+        tensors = {
+            latent: z,
+            "txt": torch.randn(m, L, D, generator=g),
+            "y": torch.randn(m, V, generator=g),
+        }
         save_file(tensors, folder / f"shard_{i:05d}.safetensors")
         shards.append({"file": f"shard_{i:05d}.safetensors", "rows": m})
     save_file({"txt": torch.zeros(1, L, D), "y": torch.zeros(1, V)}, folder / "null.safetensors")
@@ -43,28 +49,67 @@ def make_cache(folder: Path, n=12, C=4, h=8, w=8, L=5, D=32, V=16, shard=5, seed
 
 
 def args(cache, out, *extra):
-    return ["--preset", "tiny", "--rank", "0", "--cache", str(cache), "--latent", "teacher", "--out_dir", str(out),
-            "--batch_size", "4", "--warmup", "2", "--sample_every", "0", "--log_every", "1", *extra]  # fmt: skip
+    return [
+        "--preset",
+        "tiny",
+        "--rank",
+        "0",
+        "--cache",
+        str(cache),
+        "--latent",
+        "teacher",
+        "--out_dir",
+        str(out),
+        "--batch_size",
+        "4",
+        "--warmup",
+        "2",
+        "--sample_every",
+        "0",
+        "--log_every",
+        "1",
+        *extra,
+    ]
 
 
 def run(argv, torchrun=0, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = ["torchrun", "--standalone", f"--nproc_per_node={torchrun}"] if torchrun else [sys.executable]
-    return subprocess.run([*launcher, "lora.py", *argv], cwd=ROOT, env=env, capture_output=True, text=True, check=check)
+    launcher = (
+        ["torchrun", "--standalone", f"--nproc_per_node={torchrun}"]
+        if torchrun
+        else [sys.executable]
+    )
+    return subprocess.run(
+        [*launcher, "lora.py", *argv],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=check,
+    )
 
 
 def losses(out: Path) -> dict[int, float]:
-    lines = [ln for ln in (out / "log.txt").read_text().splitlines() if ln.startswith("step ") and "| loss " in ln]
-    return {int(ln.split()[1].split("/")[0]): float(ln.split("| loss ")[1].split()[0]) for ln in lines}
+    lines = [
+        ln
+        for ln in (out / "log.txt").read_text().splitlines()
+        if ln.startswith("step ") and "| loss " in ln
+    ]
+    return {
+        int(ln.split()[1].split("/")[0]): float(ln.split("| loss ")[1].split()[0]) for ln in lines
+    }
 
 
 def test_smoke_two_steps_checkpoint_keys(tmp_path):
     cache = make_cache(tmp_path / "cache")
-    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "2", "--rank", "4")))
+    lora.main(
+        lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "2", "--rank", "4"))
+    )
     ckpt = load_ckpt(tmp_path / "out" / "ckpt_0000002.pt")
     keys = set(ckpt["model"])
     assert keys and all(
-        ".lora_A." in k or ".lora_B." in k or k.split(".")[0] in ("x_embedder", "proj_out") for k in keys
+        ".lora_A." in k or ".lora_B." in k or k.split(".")[0] in ("x_embedder", "proj_out")
+        for k in keys
     )
     assert {"x_embedder.weight", "proj_out.weight"} <= keys and keys == set(ckpt["ema"])
     assert ckpt["step"] == 2 and ckpt["config"]["rank"] == 4 and ckpt["optimizer"]["state"]
@@ -80,13 +125,20 @@ def test_two_ranks_equal_one_process(tmp_path, fsdp):
     run(args(cache, tmp_path / "one", *extra[:4]))
     r = run(args(cache, tmp_path / "two", *extra), torchrun=2, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    one, two = load_ckpt(tmp_path / "one" / "ckpt_0000003.pt"), load_ckpt(tmp_path / "two" / "ckpt_0000003.pt")
+    one, two = (
+        load_ckpt(tmp_path / "one" / "ckpt_0000003.pt"),
+        load_ckpt(tmp_path / "two" / "ckpt_0000003.pt"),
+    )
     assert one["model"].keys() == two["model"].keys()
     diff = max((one["model"][k] - two["model"][k]).abs().max().item() for k in one["model"])
-    print(f"{'FSDP' if fsdp else 'DDP'} 2 ranks vs 1 process after 3 steps: max abs parameter difference {diff:.2e}")
+    print(
+        f"{'FSDP' if fsdp else 'DDP'} 2 ranks vs 1 process after 3 steps: max abs parameter difference {diff:.2e}"
+    )
     assert diff < 1e-5
     assert max((one["ema"][k] - two["ema"][k]).abs().max().item() for k in one["ema"]) < 1e-5
-    assert all(abs(losses(tmp_path / "one")[s] - losses(tmp_path / "two")[s]) < 1e-5 for s in (1, 2, 3))
+    assert all(
+        abs(losses(tmp_path / "one")[s] - losses(tmp_path / "two")[s]) < 1e-5 for s in (1, 2, 3)
+    )
 
 
 def test_killed_run_resumes_exactly(tmp_path):
@@ -95,7 +147,9 @@ def test_killed_run_resumes_exactly(tmp_path):
     run(args(cache, tmp_path / "full", "--steps", "6", "--save_every", "3"))
     out = tmp_path / "killed"
     cmd = [sys.executable, "lora.py", *args(cache, out, "--steps", "40", "--save_every", "3")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (
         (out / "log.txt").exists() and "step 0000004" in (out / "log.txt").read_text()
@@ -125,7 +179,8 @@ class DistilledToy(torch.nn.Module):
         self.x0, self.noise, self.scale = x0, noise, torch.nn.Parameter(torch.ones(()))
 
     def forward(self, x, t, txt, y, guidance):
-        v_c = self.scale * (x - self.x0) / t[:, None, None, None]  # = noise - x0 on the path of (x0, noise)
+        # = noise - x0 on the path of (x0, noise)
+        v_c = self.scale * (x - self.x0) / t[:, None, None, None]
         v_u = 0.3 * x + 2.0  # anything: what the model does without the caption
         uncond = (txt == 0).all(dim=(1, 2))[:, None, None, None]  # the null caption
         w = guidance[:, None, None, None]
@@ -136,12 +191,14 @@ def test_guide_loss_recovers_the_conditional_velocity():
     B, C, h, w = 8, 3, 4, 4
     x0 = torch.randn(B, C, h, w)
     g = torch.Generator().manual_seed(3)
-    noise = torch.randn((B, C, h, w), generator=torch.Generator().manual_seed(3))  # what training.draw draws first
+    # what training.draw draws first
+    noise = torch.randn((B, C, h, w), generator=torch.Generator().manual_seed(3))
     model = DistilledToy(x0, noise)
     cond, null = (
         {"txt": torch.ones(B, 2, 3), "y": torch.ones(B, 2)},
         {"txt": torch.zeros(1, 2, 3), "y": torch.zeros(1, 2)},
     )
+
     def loss(g):  # lora.py's guide-loss term, without text dropout
         x_t, sigma, v, _, w = training.draw(x0, g, B, 0, 3.0, 0.0, 1.0, 14.0)
         return training.guide_loss(model, model, x_t, sigma, v, cond, null, w)
@@ -160,7 +217,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
     out = tmp_path / "diverge"
     with pytest.raises(RuntimeError, match=r"at step \d+; last good checkpoint: .*ckpt_\d{7}\.pt"):
         lora.main(
-            lora.parse_config(lora.Config, args(cache, out, "--steps", "50", "--save_every", "1", "--lr", "1e30"))
+            lora.parse_config(
+                lora.Config, args(cache, out, "--steps", "50", "--save_every", "1", "--lr", "1e30")
+            )
         )
     last = load_ckpt(max(out.glob("ckpt_*.pt")))
     assert all(torch.isfinite(t).all() for t in last["model"].values())
@@ -170,25 +229,44 @@ def test_model_that_does_not_fit_the_cache_fails_before_training(tmp_path):
     cache = make_cache(tmp_path / "cache", C=8)
     with pytest.raises(ValueError, match=r"latents of 4 channels.*shape \(8, 8, 8\)"):
         lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "2")))
-    assert not (tmp_path / "out" / "log.txt").exists() or "step" not in (tmp_path / "out" / "log.txt").read_text()
+    assert (
+        not (tmp_path / "out" / "log.txt").exists()
+        or "step" not in (tmp_path / "out" / "log.txt").read_text()
+    )
 
 
 def test_validation_loss_is_logged_and_deterministic(tmp_path):
     cache, val = make_cache(tmp_path / "cache"), make_cache(tmp_path / "val", n=5, seed=1)
-    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "2", "--val_cache", str(val),
-                                                  "--val_every", "1")))  # fmt: skip
-    lines = [ln for ln in (tmp_path / "out" / "log.txt").read_text().splitlines() if "val_loss" in ln]
+    lora.main(
+        lora.parse_config(
+            lora.Config,
+            args(
+                cache, tmp_path / "out", "--steps", "2", "--val_cache", str(val), "--val_every", "1"
+            ),
+        )
+    )
+    lines = [
+        ln for ln in (tmp_path / "out" / "log.txt").read_text().splitlines() if "val_loss" in ln
+    ]
     assert [ln.split()[1] for ln in lines] == ["0000001/0000002", "0000002/0000002"]
     model = lora.build_model(lora.Config(preset="tiny", rank=0), torch.float32)
-    a, b = (training.validate(model, LatentCache(val), "teacher", 2, "flux", 3.0, "cpu") for _ in range(2))
-    assert a == b and 0.5 < a < 10  # same points every call; a random model's velocity error is O(1) per element
+    a, b = (
+        training.validate(model, LatentCache(val), "teacher", 2, "flux", 3.0, "cpu")
+        for _ in range(2)
+    )
+    # same points every call; a random model's velocity error is O(1) per element
+    assert a == b and 0.5 < a < 10
 
 
 def test_clip_grad_zero_means_no_clipping(tmp_path):
     """--clip_grad 0 turns clipping off (it must not scale every gradient to zero and freeze the run)."""
     cache = make_cache(tmp_path / "cache")
     for name, clip in (("off", "0"), ("loose", "1e9")):
-        lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / name, "--steps", "2", "--clip_grad", clip)))
+        lora.main(
+            lora.parse_config(
+                lora.Config, args(cache, tmp_path / name, "--steps", "2", "--clip_grad", clip)
+            )
+        )
     off, loose = (load_ckpt(tmp_path / n / "ckpt_0000002.pt")["model"] for n in ("off", "loose"))
     cfg = lora.Config(preset="tiny", rank=0, cache=str(cache), latent="teacher")
     torch.manual_seed(cfg.seed)  # the initial weights, as lora.main builds them
@@ -200,7 +278,11 @@ def test_clip_grad_zero_means_no_clipping(tmp_path):
 def test_flow_matching_loss_on_a_guidance_model(tmp_path):
     """--loss fm on a guidance-distilled model (the plain-FM ablation of the guide loss) trains its w = 1 velocity."""
     cache = make_cache(tmp_path / "cache")
-    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "2", "--loss", "fm")))
+    lora.main(
+        lora.parse_config(
+            lora.Config, args(cache, tmp_path / "out", "--steps", "2", "--loss", "fm")
+        )
+    )
     log = (tmp_path / "out" / "log.txt").read_text()
     assert "loss flow matching" in log and sorted(losses(tmp_path / "out")) == [1, 2]
 
@@ -209,9 +291,22 @@ def test_bf16_lora_run_validates(tmp_path):
     """Under --dtype bf16 the frozen weights are bf16 and the trainable ones fp32: validation (and previews) must run
     under autocast as the loss does, or the first mixed matmul fails."""
     cache, val = make_cache(tmp_path / "cache"), make_cache(tmp_path / "val", n=5, seed=1)
-    extra = ["--steps", "2", "--rank", "4", "--dtype", "bf16", "--val_cache", str(val), "--val_every", "1"]
+    extra = [
+        "--steps",
+        "2",
+        "--rank",
+        "4",
+        "--dtype",
+        "bf16",
+        "--val_cache",
+        str(val),
+        "--val_every",
+        "1",
+    ]
     lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", *extra)))
-    vals = [ln for ln in (tmp_path / "out" / "log.txt").read_text().splitlines() if "val_loss" in ln]
+    vals = [
+        ln for ln in (tmp_path / "out" / "log.txt").read_text().splitlines() if "val_loss" in ln
+    ]
     assert len(vals) == 2 and all(0.1 < float(ln.split()[-1]) < 10 for ln in vals)
 
 
@@ -221,22 +316,31 @@ def test_augmented_training_adds_prefix_terms(tmp_path):
     cache = make_cache(tmp_path / "cache")
     base = ["--steps", "1", "--rank", "4", "--loss", "fm"]
     lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "plain", *base)))
-    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "aug", *base, "--prefixes", "2")))
+    lora.main(
+        lora.parse_config(lora.Config, args(cache, tmp_path / "aug", *base, "--prefixes", "2"))
+    )
     assert losses(tmp_path / "plain")[1] != losses(tmp_path / "aug")[1]
-    with pytest.raises(SystemExit, match=r"--prefixes \(4,\): none is shorter than the latent.s 4 channels"):
-        lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "bad", *base, "--prefixes", "4")))
+    with pytest.raises(
+        SystemExit, match=r"--prefixes \(4,\): none is shorter than the latent.s 4 channels"
+    ):
+        lora.main(
+            lora.parse_config(lora.Config, args(cache, tmp_path / "bad", *base, "--prefixes", "4"))
+        )
 
 
 def test_merge_refuses_a_checkpoint_that_does_not_fit(tmp_path):
     """--merge loads only the trainable tensors: a renamed or missing one must fail, not merge the base unchanged."""
     cache = make_cache(tmp_path / "cache")
-    lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "1", "--rank", "4")))
+    lora.main(
+        lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "1", "--rank", "4"))
+    )
     ckpt = load_ckpt(tmp_path / "out" / "ckpt_0000001.pt")
     name = next(k for k in ckpt["ema"] if ".lora_B." in k)
     ckpt["ema"]["renamed." + name] = ckpt["ema"].pop(name)
     torch.save(ckpt, tmp_path / "bad.pt")
     with pytest.raises(
-        ValueError, match=r"unknown tensors \['renamed\..*missing trainable tensors \['" + re.escape(name)
+        ValueError,
+        match=r"unknown tensors \['renamed\..*missing trainable tensors \['" + re.escape(name),
     ):
         lora.merge(lora.Config(merge=str(tmp_path / "bad.pt"), out_dir=str(tmp_path / "merged")))
     assert not (tmp_path / "merged").exists()

@@ -42,7 +42,12 @@ def random_quantized(params, fp4: bool, rank: int, seed: int = 0) -> Flux:
     groups, w4a16 = flux_layers(model)
     for layer in (layer for group in groups for layer in group):
         lam, down = (
-            (torch.rand(params.hidden_size * 0 + model.get_submodule(layer[0]).in_features, generator=g) + 0.5),
+            (
+                torch.rand(
+                    params.hidden_size * 0 + model.get_submodule(layer[0]).in_features, generator=g
+                )
+                + 0.5
+            ),
             None,
         )
         for name in layer:
@@ -60,33 +65,61 @@ def random_quantized(params, fp4: bool, rank: int, seed: int = 0) -> Flux:
     for name in w4a16:
         m: W4A16Linear = model.get_submodule(name)
         m.qweight.copy_(torch.randint(-7, 8, m.qweight.shape, generator=g))
-        m.wscales.copy_(torch.rand(m.wscales.shape, generator=g).to(BF16)), m.bias.copy_(rnd16(m.out_features))
+        (
+            m.wscales.copy_(torch.rand(m.wscales.shape, generator=g).to(BF16)),
+            m.bias.copy_(rnd16(m.out_features)),
+        )
     return model
 
 
 @pytest.mark.parametrize("fp4", [True, False])
-@pytest.mark.parametrize("hidden", [64, 128])  # 64: everything padded (to 128 / 16 groups); 128: only the AdaLN scales
+# 64: everything padded (to 128 / 16 groups); 128: only the AdaLN scales
+@pytest.mark.parametrize("hidden", [64, 128])
 def test_unpacking_the_export_gives_back_every_tensor_bit_exactly(fp4, hidden):
-    params = PRESETS["tiny"] if hidden == 64 else replace(PRESETS["tiny"], hidden_size=128, axes_dim=(16, 24, 24))
+    params = (
+        PRESETS["tiny"]
+        if hidden == 64
+        else replace(PRESETS["tiny"], hidden_size=128, axes_dim=(16, 24, 24))
+    )
     model = random_quantized(params, fp4, rank=16)
     sd = nunchaku_state_dict(model)
     seen = set()
-    for kind, layers in (("transformer_blocks", DOUBLE_LAYERS), ("single_transformer_blocks", SINGLE_LAYERS)):
+    for kind, layers in (
+        ("transformer_blocks", DOUBLE_LAYERS),
+        ("single_transformer_blocks", SINGLE_LAYERS),
+    ):
         for i, block in enumerate(getattr(model, kind)):
             for disk, ours in layers.items():
                 parts = [block.get_submodule(n) for n in ours]
-                p, cat = f"{kind}.{i}.{disk}", lambda a, parts=parts: torch.cat([getattr(m, a) for m in parts])
-                out, inp, G = sum(m.out_features for m in parts), parts[0].in_features, parts[0].wscales.shape[1]
-                assert torch.equal(unpack_w4(sd[f"{p}.qweight"])[:out, :inp], cat("qweight").int() & 0xF)
+                p, cat = (
+                    f"{kind}.{i}.{disk}",
+                    lambda a, parts=parts: torch.cat([getattr(m, a) for m in parts]),
+                )
+                out, inp, G = (
+                    sum(m.out_features for m in parts),
+                    parts[0].in_features,
+                    parts[0].wscales.shape[1],
+                )
+                assert torch.equal(
+                    unpack_w4(sd[f"{p}.qweight"])[:out, :inp], cat("qweight").int() & 0xF
+                )
                 assert unpack_w4(sd[f"{p}.qweight"])[out:].eq(0).all()  # padded rows are code 0
                 if fp4:
                     assert sd[f"{p}.wscales"].dtype == torch.float8_e4m3fn
-                    assert torch.equal(bits(unpack_micro_scales(sd[f"{p}.wscales"])[:out, :G]), bits(cat("wscales")))
+                    assert torch.equal(
+                        bits(unpack_micro_scales(sd[f"{p}.wscales"])[:out, :G]),
+                        bits(cat("wscales")),
+                    )
                     if len(parts) > 1:  # fused q/k/v: three tensor scales as per-channel wcscales
-                        assert torch.equal(bits(unpack_scales(sd[f"{p}.wcscales"])[:out]), bits(cat("wcscales")))
+                        assert torch.equal(
+                            bits(unpack_scales(sd[f"{p}.wcscales"])[:out]), bits(cat("wcscales"))
+                        )
                         assert f"{p}.wtscale" not in sd
                     else:
-                        assert sd[f"{p}.wtscale"].shape == (1,) and sd[f"{p}.wtscale"].item() == parts[0].wcscales[0]
+                        assert (
+                            sd[f"{p}.wtscale"].shape == (1,)
+                            and sd[f"{p}.wtscale"].item() == parts[0].wcscales[0]
+                        )
                 else:
                     ws = unpack_scales(sd[f"{p}.wscales"])
                     ws = ws[:out, None] if ws.ndim == 1 else ws[:out, :G]
@@ -94,29 +127,48 @@ def test_unpacking_the_export_gives_back_every_tensor_bit_exactly(fp4, hidden):
                     assert f"{p}.wtscale" not in sd and f"{p}.wcscales" not in sd
                 assert torch.equal(bits(unpack_scales(sd[f"{p}.bias"])[:out]), bits(cat("bias")))
                 for k in ("smooth", "smooth_orig"):
-                    assert torch.equal(bits(unpack_scales(sd[f"{p}.{k}"])[:inp]), bits(parts[0].smooth))
-                down, up = unpack_lowrank(sd[f"{p}.lora_down"], down=True), unpack_lowrank(sd[f"{p}.lora_up"], False)
-                assert torch.equal(bits(down[:16, :inp]), bits(parts[0].proj_down)) and down[:, inp:].eq(0).all()
+                    assert torch.equal(
+                        bits(unpack_scales(sd[f"{p}.{k}"])[:inp]), bits(parts[0].smooth)
+                    )
+                down, up = (
+                    unpack_lowrank(sd[f"{p}.lora_down"], down=True),
+                    unpack_lowrank(sd[f"{p}.lora_up"], False),
+                )
+                assert (
+                    torch.equal(bits(down[:16, :inp]), bits(parts[0].proj_down))
+                    and down[:, inp:].eq(0).all()
+                )
                 assert torch.equal(bits(up[:out]), bits(cat("proj_up")))
                 seen.add(p)
-            for name, chunks in (("norm1.linear", 6), ("norm1_context.linear", 6), ("norm.linear", 3)):
+            for name, chunks in (
+                ("norm1.linear", 6),
+                ("norm1_context.linear", 6),
+                ("norm.linear", 3),
+            ):
                 if not hasattr(block, name.split(".")[0]):
                     continue
                 m, p = block.get_submodule(name), f"{kind}.{i}.{name}"
                 D, G = m.out_features // chunks, m.in_features // 64
-                order = torch.arange(m.out_features).reshape(chunks, D).T.reshape(-1)  # file row j·chunks + c
+                # file row j·chunks + c
+                order = torch.arange(m.out_features).reshape(chunks, D).T.reshape(-1)
                 assert torch.equal(unpack_awq_w4(sd[f"{p}.qweight"]) - 7, m.qweight[order].int())
                 assert torch.equal(bits(sd[f"{p}.wscales"][:G].T), bits(m.wscales[order]))
                 assert sd[f"{p}.wscales"][G:].eq(0).all() and sd[f"{p}.wscales"].shape[0] % 16 == 0
-                assert torch.equal(sd[f"{p}.wzeros"][:G].T, (-(7 * m.wscales[order].float())).to(BF16))
-                one = torch.tensor([c in (1, chunks - 2) for c in range(chunks)]).repeat(D)  # scale chunks get +1
-                assert torch.equal(bits(sd[f"{p}.bias"]), bits((m.bias[order] + one.to(BF16)).to(BF16)))
+                assert torch.equal(
+                    sd[f"{p}.wzeros"][:G].T, (-(7 * m.wscales[order].float())).to(BF16)
+                )
+                # scale chunks get +1
+                one = torch.tensor([c in (1, chunks - 2) for c in range(chunks)]).repeat(D)
+                assert torch.equal(
+                    bits(sd[f"{p}.bias"]), bits((m.bias[order] + one.to(BF16)).to(BF16))
+                )
     assert len(seen) == 8 * params.depth + 4 * params.depth_single
     for k, v in model.state_dict().items():
         if not k.startswith(("transformer_blocks.", "single_transformer_blocks.")):
             assert torch.equal(sd[k], v.to(BF16)), k  # the 16-bit remainder, diffusers names
     assert torch.equal(
-        sd["transformer_blocks.0.norm_added_k.weight"], model.transformer_blocks[0].attn.norm_added_k.weight.to(BF16)
+        sd["transformer_blocks.0.norm_added_k.weight"],
+        model.transformer_blocks[0].attn.norm_added_k.weight.to(BF16),
     )
 
 
@@ -129,7 +181,11 @@ def test_tiny_export_names_and_shapes_are_what_nunchaku_v2_loads(fp4):
     sd, meta = nunchaku_state_dict(model), nunchaku_metadata(model, fp4, 32)
     expected, svdq = v2_expected(json.loads(meta["config"]), fp4, rank=32)
     problems = v2_load(sd, expected, svdq, fp4)
-    awq_rows = [p for p in problems if (".wscales:" in p or ".wzeros:" in p) and "(16, " in p and "(2, " in p]
+    awq_rows = [
+        p
+        for p in problems
+        if (".wscales:" in p or ".wzeros:" in p) and "(16, " in p and "(2, " in p
+    ]
     assert problems == awq_rows and len(awq_rows) == 2 * (2 * params.depth + params.depth_single)
 
 
@@ -143,21 +199,28 @@ def test_real_layout_on_meta_loads_into_nunchaku_v2_exactly(preset, fp4):
     sd, meta = nunchaku_state_dict(model), nunchaku_metadata(model, fp4, 32)
     config, qc = json.loads(meta["config"]), json.loads(meta["quantization_config"])
     assert (config["num_layers"], config["num_single_layers"], config["in_channels"]) == (
-        19, 38, 64 if preset == "flux-dev" else 128)  # fmt: skip
+        19,
+        38,
+        64 if preset == "flux-dev" else 128,
+    )
     assert qc == {
-        "method": "svdquant", "rank": 32,
-        "weight": {"dtype": "fp4_e2m1_all", "scale_dtype": [None, "fp8_e4m3_nan"], "group_size": 16} if fp4
+        "method": "svdquant",
+        "rank": 32,
+        "weight": {"dtype": "fp4_e2m1_all", "scale_dtype": [None, "fp8_e4m3_nan"], "group_size": 16}
+        if fp4
         else {"dtype": "int4", "scale_dtype": None, "group_size": 64},
-        "activation": {"dtype": "fp4_e2m1_all", "scale_dtype": "fp8_e4m3_nan", "group_size": 16} if fp4
+        "activation": {"dtype": "fp4_e2m1_all", "scale_dtype": "fp8_e4m3_nan", "group_size": 16}
+        if fp4
         else {"dtype": "int4", "scale_dtype": None, "group_size": 64},
-    }  # fmt: skip
+    }
     comfy = json.loads(meta["comfy_config"])
     assert comfy["model_class"] == "Flux" and comfy["model_config"]["hidden_size"] == 3072
     expected, svdq = v2_expected(config, fp4, rank=qc["rank"])
     assert v2_load(sd, expected, svdq, fp4) == []
     assert len(svdq) == 8 * 19 + 4 * 38
     n_wtscale = sum(k.endswith(".wtscale") for k in sd)
-    assert n_wtscale == (6 * 19 + 3 * 38 if fp4 else 0)  # NVFP4 unfused layers; fused q/k/v carry wcscales
+    # NVFP4 unfused layers; fused q/k/v carry wcscales
+    assert n_wtscale == (6 * 19 + 3 * 38 if fp4 else 0)
     assert sd["transformer_blocks.0.qkv_proj.qweight"].shape == (9216, 1536)
     assert sd["single_transformer_blocks.0.mlp_fc2.lora_down"].shape == (12288, 32)
     assert sd["transformer_blocks.0.norm1.linear.qweight"].shape == (18432 // 4, 1536)

@@ -27,9 +27,10 @@ sys.path.insert(0, str(ROOT))
 import plan  # noqa: E402
 from models.flux import PRESETS, Flux  # noqa: E402
 
-# Two models, each with sizes chosen so the step's own memory (activations, gradients, AdamW) is hundreds of MB,
-# far above the few MB of allocator and library noise: the toy at 32x32 latents (256 tokens) in fp32, and a real
-# FLUX-width model (D 3072, 24 heads, 1 double + 1 single block, 0.5 B parameters) in bf16 as the recipe trains.
+# Two models, each with sizes chosen so the step's own memory (activations, gradients, AdamW) is
+# hundreds of MB, far above the few MB of allocator and library noise: the toy at 32x32 latents (256
+# tokens) in fp32, and a real FLUX-width model (D 3072, 24 heads, 1 double + 1 single block, 0.5 B
+# parameters) in bf16 as the recipe trains.
 FLUX_WIDTH = dataclasses.replace(PRESETS["dcgen-flux-1k"], depth=1, depth_single=1)
 MODELS = {
     "toy": dict(
@@ -54,7 +55,9 @@ MODELS = {
     ),
 }
 # embed has no blocks, so no grad checkpointing: one case per model
-CASES = [(m, "embed", 0) for m in MODELS] + [(m, s, c) for m in MODELS for s in ("head", "lora") for c in (0, 1)]
+CASES = [(m, "embed", 0) for m in MODELS] + [
+    (m, s, c) for m in MODELS for s in ("head", "lora") for c in (0, 1)
+]
 RESULTS = []  # (model, stage, ckpt, predicted MB, measured MB), printed at the end of the module
 
 
@@ -69,13 +72,16 @@ def kwargs_of(model: str, stage: str, ckpt: bool) -> tuple[plan.FluxParams, dict
         grad_checkpointing=bool(ckpt),
         lora_rank=m["lora_rank"],
     )
-    if stage == "embed":  # the toy's base is the f8c4 toy (2x2 patches), its DC-AE 1.5 student is f32
+    # the toy's base is the f8c4 toy (2x2 patches), its DC-AE 1.5 student is f32
+    if stage == "embed":
         kw.update(teacher=PRESETS["toy"] if model == "toy" else None, ae_factor=32)
     return params, kw
 
 
 def rss_mb(field: str = "VmRSS") -> float:
-    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field))
+    line = next(
+        ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith(field)
+    )
     return int(line.split()[1]) / 1024
 
 
@@ -90,26 +96,40 @@ def measure(model: str, stage: str, ckpt: bool) -> dict:
 
     def run(params, b, hw, steps):
         with torch.device("meta"):
-            net = plan.build_model(stage, params, dtype, kw["lora_rank"] if stage == "lora" else 0, grid[0])
+            net = plan.build_model(
+                stage, params, dtype, kw["lora_rank"] if stage == "lora" else 0, grid[0]
+            )
         net = net.to_empty(device="cpu")
         with torch.no_grad():
-            for p in net.parameters():  # values do not change memory; fill_ is fast where normal_ takes seconds
+            # values do not change memory; fill_ is fast where normal_ takes seconds
+            for p in net.parameters():
                 p.fill_(0.01)
         net.grad_checkpointing = kw["grad_checkpointing"]
         opt, ema = plan.make_optimizer(net, stage, foreach=False)
-        null = {"txt": torch.randn(1, kw["txt_len"], params.context_in_dim), "y": torch.randn(1, params.vec_in_dim)}
+        null = {
+            "txt": torch.randn(1, kw["txt_len"], params.context_in_dim),
+            "y": torch.randn(1, params.vec_in_dim),
+        }
 
         def amp():
             return torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
 
         for _ in range(steps):
             batch = plan.make_batch(stage, params, b, hw, kw["txt_len"], grid)
-            plan.train_step(stage, net, opt, ema, batch, null, amp, guide, 1)  # as lora.py: batch, step, repeat
+            # as lora.py: batch, step, repeat
+            plan.train_step(stage, net, opt, ema, batch, null, amp, guide, 1)
             del batch
         return net
 
-    tiny = dataclasses.replace(PRESETS["tiny"], guidance_embed=params.guidance_embed, context_in_dim=32)
-    run(dataclasses.replace(tiny, in_channels=params.in_channels, patch_size=params.patch_size), 1, (4, 4), 2)
+    tiny = dataclasses.replace(
+        PRESETS["tiny"], guidance_embed=params.guidance_embed, context_in_dim=32
+    )
+    run(
+        dataclasses.replace(tiny, in_channels=params.in_channels, patch_size=params.patch_size),
+        1,
+        (4, 4),
+        2,
+    )
     before = rss_mb()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
     net = run(params, kw["micro_batch"], kw["latent_hw"], 1)
@@ -123,7 +143,12 @@ def measure(model: str, stage: str, ckpt: bool) -> dict:
 def measured():
     """Every case's measuring child, started with the module's first test and run two at a time (one thread each:
     this machine has 2 cores) while the other tests run; the comparisons come last in this file."""
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_ARENA_MAX": "1", "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "MALLOC_MMAP_THRESHOLD_": "65536",
+        "MALLOC_ARENA_MAX": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     env["PYTHONPATH"] = str(ROOT)
 
     def child(case):
@@ -150,7 +175,9 @@ def test_build_model_matches_the_stages():
             Flux(PRESETS["tiny"]).to(torch.bfloat16), rank, float(rank), targets, Flux.latent_layers
         )
         got = plan.build_model("lora" if targets else "head", PRESETS["tiny"], torch.bfloat16, rank)
-        describe = lambda m: {n: (p.dtype, p.requires_grad, tuple(p.shape)) for n, p in m.named_parameters()}  # noqa: E731
+        describe = lambda m: {
+            n: (p.dtype, p.requires_grad, tuple(p.shape)) for n, p in m.named_parameters()
+        }  # noqa: E731
         assert describe(got) == describe(want)
 
 
@@ -178,10 +205,17 @@ def test_forward_flops_equal_the_hook_count(stage, rank):
     torch.manual_seed(0)
     model = plan.build_model(stage, p, torch.float32, rank)
     B, hw, L = 2, (8, 6), 5
-    x, txt, y = torch.randn(B, p.in_channels, *hw), torch.randn(B, L, p.context_in_dim), torch.randn(B, p.vec_in_dim)
+    x, txt, y = (
+        torch.randn(B, p.in_channels, *hw),
+        torch.randn(B, L, p.context_in_dim),
+        torch.randn(B, p.vec_in_dim),
+    )
     counted = counted_linear_flops(model, x, torch.rand(B), txt, y, guidance=torch.ones(B))
-    pred = plan.predict(stage, p, micro_batch=B, latent_hw=hw, txt_len=L, lora_rank=rank, dtype="fp32")
-    import bench  # here: it imports the text encoders' library, which the measuring children need not load
+    pred = plan.predict(
+        stage, p, micro_batch=B, latent_hw=hw, txt_len=L, lora_rank=rank, dtype="fp32"
+    )
+    # here: it imports the text encoders' library, which the measuring children need not load
+    import bench
 
     attention = B * bench.flux_flops(p, hw[0] * hw[1] // 4, L)["attention"]
     assert pred["forward_flops"] - attention == counted
@@ -193,11 +227,14 @@ def test_step_flops_as_executed():
     p, kw = FLUX_WIDTH, dict(micro_batch=2, latent_hw=(8, 8), txt_len=16)
     sample = plan.predict("sample", p, **kw)
     D = p.hidden_size
-    vectors = 2 * (256 * D + D * D) + (p.vec_in_dim * D + D * D) + 12 * D * D + 3 * D * D + 2 * D * D
+    vectors = (
+        2 * (256 * D + D * D) + (p.vec_in_dim * D + D * D) + 12 * D * D + 3 * D * D + 2 * D * D
+    )
     assert sample["flops"] - sample["forward_flops"] == 2 * 2 * vectors
     off = plan.predict("head", p, **kw, guide=False)
     on = plan.predict("head", p, **kw, guide=False, grad_checkpointing=True)
-    blocks = sample["forward_flops"] - 2 * 2 * (64 * 32 * 3072 + 16 * 4096 * 3072)  # minus embedders and head
+    # minus embedders and head
+    blocks = sample["forward_flops"] - 2 * 2 * (64 * 32 * 3072 + 16 * 4096 * 3072)
     assert abs((on["flops"] - off["flops"]) - blocks) < 0.01 * blocks
 
 
@@ -210,19 +247,30 @@ def test_depth_extrapolation_is_exact(stage, ckpt):
     rank = 64 if stage == "lora" else 0
     direct = plan.trace(stage, p, 2, (16, 16), 64, "bf16", ckpt, 1, rank, True, 1, (64, 2), "cuda")
     persistent = direct["weights"] + direct["optimizer"]
-    assert pred["peak"] == pytest.approx(persistent + max(direct["peak_step"], direct["peak_optimizer"]), rel=1e-9)
+    assert pred["peak"] == pytest.approx(
+        persistent + max(direct["peak_step"], direct["peak_optimizer"]), rel=1e-9
+    )
     assert pred["flops"] == pytest.approx(direct["flops"], rel=1e-9)
 
 
 def test_check_fits(monkeypatch):
     model = Flux.__new__(Flux)  # check_fits reads only .params
     model.params = PRESETS["dcgen-flux-1k"]
-    kw = dict(micro_batch=64, latent_hw=(16, 16), txt_len=256, dtype="bf16", grad_checkpointing=False, fsdp_world=1)
+    kw = dict(
+        micro_batch=64,
+        latent_hw=(16, 16),
+        txt_len=256,
+        dtype="bf16",
+        grad_checkpointing=False,
+        fsdp_world=1,
+    )
     kw.update(lora_rank=0, guide=False, aug_k=1)
     plan.check_fits("head", model, **kw, device=torch.device("cpu"))  # a CPU run is never checked
     peak = plan.predict("head", model.params, **kw)["peak"]
     ckpt = plan.predict("head", model.params, **{**kw, "grad_checkpointing": True})["peak"]
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (0, (peak + ckpt) / 2 / 0.95))
+    monkeypatch.setattr(
+        torch.cuda, "mem_get_info", lambda device=None: (0, (peak + ckpt) / 2 / 0.95)
+    )
     with pytest.raises(SystemExit, match="--grad_checkpointing") as e:
         plan.check_fits("head", model, **kw, device=torch.device("cuda", 0))
     assert "\n" not in str(e.value) and "largest micro-batch that fits" in str(e.value)
@@ -231,12 +279,26 @@ def test_check_fits(monkeypatch):
 
 
 def test_cli_prints_the_table(tmp_path, capsys):
-    run = subprocess.run([sys.executable, "plan.py", "--help"], capture_output=True, text=True, cwd=ROOT)
+    run = subprocess.run(
+        [sys.executable, "plan.py", "--help"], capture_output=True, text=True, cwd=ROOT
+    )
     assert run.returncode == 0 and "--grad_checkpointing" in run.stdout
     out = tmp_path / "plan.json"
     stages = ["cache-512", "embed", "head", "merge-512", "sample-1k"]
     plan.main(
-        ["--gpus", "8", "--depth", "1", "--depth_single", "1", "--markdown", "--out", str(out), "--stages", *stages]
+        [
+            "--gpus",
+            "8",
+            "--depth",
+            "1",
+            "--depth_single",
+            "1",
+            "--markdown",
+            "--out",
+            str(out),
+            "--stages",
+            *stages,
+        ]
     )
     printed = capsys.readouterr().out
     assert "| head | 64 |" in printed and "GPU-days" in printed

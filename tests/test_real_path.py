@@ -39,15 +39,46 @@ def world(tmp_path_factory):
 
 
 def cache(world: Path, out: Path, *argv: str) -> Path:
-    align.main(["--stage", "cache", "--data", "shapes", "--resolution", str(SIZE), "--teacher_ae",
-                str(world / "teacher_ae"), "--student_ae", str(world / "student_ae"), "--text", str(world / "text"),
-                "--batch_size", "4", "--out_dir", str(out), *argv])  # fmt: skip
+    align.main(
+        [
+            "--stage",
+            "cache",
+            "--data",
+            "shapes",
+            "--resolution",
+            str(SIZE),
+            "--teacher_ae",
+            str(world / "teacher_ae"),
+            "--student_ae",
+            str(world / "student_ae"),
+            "--text",
+            str(world / "text"),
+            "--batch_size",
+            "4",
+            "--out_dir",
+            str(out),
+            *argv,
+        ]
+    )
     return out
 
 
 def stage(world: Path, out: Path, *argv: str) -> Path:
-    align.main(["--cache", str(world / "cache"), "--out_dir", str(out), "--batch_size", "4", "--log_every", "1",
-                "--steps", "2", *argv])  # fmt: skip
+    align.main(
+        [
+            "--cache",
+            str(world / "cache"),
+            "--out_dir",
+            str(out),
+            "--batch_size",
+            "4",
+            "--log_every",
+            "1",
+            "--steps",
+            "2",
+            *argv,
+        ]
+    )
     return out
 
 
@@ -67,14 +98,23 @@ def test_every_stage_trains_and_writes_the_base_folders_own_shift(world, tmp_pat
     a head run and a LoRA merge that all use it; before, every stage defaulted to FLUX's dynamic shift."""
     base = tmp_path / "base"
     shutil.copytree(world / "base", base, symlinks=True)
-    without_our_shift(base, {"_class_name": "FlowMatchEulerDiscreteScheduler", "use_dynamic_shifting": False,
-                             "shift": 2.0})  # fmt: skip
+    without_our_shift(
+        base,
+        {
+            "_class_name": "FlowMatchEulerDiscreteScheduler",
+            "use_dynamic_shifting": False,
+            "shift": 2.0,
+        },
+    )
     assert read_shift(base) == ("constant", 2.0)
     embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(base))
     assert read_shift(embed / "model") == ("constant", 2.0)
-    head = stage(world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"), "--warmup", "1")
+    head = stage(
+        world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"), "--warmup", "1"
+    )
     run = json.loads((head / "config.json").read_text())
-    assert (run["shift"], run["shift_value"]) == ("constant", 2.0)  # trained at r = 2, and recorded so
+    # trained at r = 2, and recorded so
+    assert (run["shift"], run["shift_value"]) == ("constant", 2.0)
     assert read_shift(head / "model") == ("constant", 2.0)
     # an explicit --shift still wins
     cfg = lora.with_shift(lora.Config(init=str(head / "model"), shift="dcgen"))
@@ -94,26 +134,58 @@ def test_a_sana_folder_trains_at_its_constant_flow_shift(world, tmp_path):
 
 def test_head_and_merged_folders_keep_the_runs_dtype(world, tmp_path):
     """--dtype bf16 runs write bf16 folders (fp32 doubled a 12B folder to 48 GB); fp32 runs stay fp32."""
-    embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"), "--dtype", "bf16")
-    head = stage(world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"), "--dtype", "bf16",
-                 "--warmup", "1")  # fmt: skip
+    embed = stage(
+        world,
+        tmp_path / "embed",
+        "--stage",
+        "embed",
+        "--base",
+        str(world / "base"),
+        "--dtype",
+        "bf16",
+    )
+    head = stage(
+        world,
+        tmp_path / "head",
+        "--stage",
+        "head",
+        "--init",
+        str(embed / "model"),
+        "--dtype",
+        "bf16",
+        "--warmup",
+        "1",
+    )
     assert tensor_dtypes(embed / "model") == tensor_dtypes(head / "model") == {torch.bfloat16}
     for dtype, want in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-        cfg = lora.Config(init=str(head / "model"), cache=str(world / "cache"), out_dir=str(tmp_path / dtype),
-                          rank=4, steps=2, batch_size=4, warmup=1, sample_every=0, dtype=dtype)  # fmt: skip
+        cfg = lora.Config(
+            init=str(head / "model"),
+            cache=str(world / "cache"),
+            out_dir=str(tmp_path / dtype),
+            rank=4,
+            steps=2,
+            batch_size=4,
+            warmup=1,
+            sample_every=0,
+            dtype=dtype,
+        )
         last = lora.main(cfg)
         merged = lora.merge(lora.Config(merge=str(last), out_dir=str(tmp_path / f"merged-{dtype}")))
         assert tensor_dtypes(merged) == {want}
         # the merged bf16 weights are the fp32 EMA weights rounded once
         ema = lora.load_ckpt(last)["ema"]["x_embedder.weight"]
-        sd = safetensors.torch.load_file(merged / "transformer" / "diffusion_pytorch_model.safetensors")
+        sd = safetensors.torch.load_file(
+            merged / "transformer" / "diffusion_pytorch_model.safetensors"
+        )
         assert torch.equal(sd["x_embedder.weight"], ema.to(want))
 
 
 def test_the_cache_encodes_in_one_pass_unless_told_to_tile(world, tmp_path):
     """Tiles are one flag away (--tile_px); by default the cache holds the one-pass latents."""
     one = LatentCache(world / "cache").get([0, 1], ["student", "teacher"])
-    tiled = LatentCache(cache(world, tmp_path / "tiled", "--count", "2", "--tile_px", "8")).get([0, 1], ["student"])
+    tiled = LatentCache(cache(world, tmp_path / "tiled", "--count", "2", "--tile_px", "8")).get(
+        [0, 1], ["student"]
+    )
     ae = load_autoencoder(world / "student_ae", tile_px=None).eval()
     images = torch.stack([align.ShapesDataset(SIZE, 0, "train", 8)[i]["image"] for i in (0, 1)])
     with torch.no_grad():
@@ -125,8 +197,24 @@ def test_the_cache_keeps_256_t5_tokens_as_official_training(world, tmp_path):
     """align.py --stage cache on a FLUX text folder (T5 tokenizer of 512 tokens) stores 256 T5 states per caption."""
     text = build_flux_text(tmp_path / "flux_text")
     out = tmp_path / "cache"
-    align.main(["--stage", "cache", "--data", "shapes", "--count", "2", "--resolution", str(SIZE), "--student_ae",
-                str(world / "student_ae"), "--text", str(text), "--out_dir", str(out)])  # fmt: skip
+    align.main(
+        [
+            "--stage",
+            "cache",
+            "--data",
+            "shapes",
+            "--count",
+            "2",
+            "--resolution",
+            str(SIZE),
+            "--student_ae",
+            str(world / "student_ae"),
+            "--text",
+            str(text),
+            "--out_dir",
+            str(out),
+        ]
+    )
     assert LatentCache(out).shape("txt")[0] == 256
 
 
@@ -152,13 +240,20 @@ def test_the_stated_torch_minimum_covers_every_torch_api_the_code_imports():
         r"from torch\.distributed\.tensor import": (2, 5),
         r"from torch\.nn\.attention import": (2, 3),
     }
-    code = "\n".join(p.read_text() for p in [*ROOT.glob("*.py"), *ROOT.glob("models/*.py"), *ROOT.glob("runs/*.py")])
+    code = "\n".join(
+        p.read_text()
+        for p in [*ROOT.glob("*.py"), *ROOT.glob("models/*.py"), *ROOT.glob("runs/*.py")]
+    )
     need = max(v for pattern, v in since.items() if re.search(pattern, code))
     stated = re.search(r"^torch>=(\d+)\.(\d+)", (ROOT / "requirements.txt").read_text(), re.M)
-    assert stated and tuple(map(int, stated.groups())) >= need, f"requirements.txt must say torch>={need}"
+    assert stated and tuple(map(int, stated.groups())) >= need, (
+        f"requirements.txt must say torch>={need}"
+    )
     minimum = f"torch>={stated[1]}.{stated[2]}"
     readme = (ROOT / "README.md").read_text()
-    assert minimum in readme and not re.search(r"torch>=(?!" + re.escape(minimum[7:]) + r"\b)", readme)
+    assert minimum in readme and not re.search(
+        r"torch>=(?!" + re.escape(minimum[7:]) + r"\b)", readme
+    )
 
 
 def test_a_lora_run_writes_a_file_diffusers_loads_onto_its_init_folder(world, tmp_path):
@@ -166,13 +261,32 @@ def test_a_lora_run_writes_a_file_diffusers_loads_onto_its_init_folder(world, tm
     --init folder's transformer gives the merged model's output (x_embedder and proj_out, trained in full, included).
     """
     embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"))
-    head = stage(world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"), "--warmup", "1")
-    cfg = lora.Config(init=str(head / "model"), cache=str(world / "cache"), out_dir=str(tmp_path / "lora"), rank=4,
-                      alpha=8, steps=3, batch_size=4, warmup=1, lr=1e-2, sample_every=0, ema=0.5)  # fmt: skip
+    head = stage(
+        world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"), "--warmup", "1"
+    )
+    cfg = lora.Config(
+        init=str(head / "model"),
+        cache=str(world / "cache"),
+        out_dir=str(tmp_path / "lora"),
+        rank=4,
+        alpha=8,
+        steps=3,
+        batch_size=4,
+        warmup=1,
+        lr=1e-2,
+        sample_every=0,
+        ema=0.5,
+    )
     merged = lora.merge(lora.Config(merge=str(lora.main(cfg)), out_dir=str(tmp_path / "merged")))
-    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None,
-                        transformer=FluxTransformer2DModel.from_pretrained(head / "model" / "transformer"))  # fmt: skip
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=FluxTransformer2DModel.from_pretrained(head / "model" / "transformer"),
+    )
     g = torch.Generator().manual_seed(0)
     x, t, txt, y = (
         torch.randn(2, 8, 2, 2, generator=g),
@@ -185,7 +299,9 @@ def test_a_lora_run_writes_a_file_diffusers_loads_onto_its_init_folder(world, tm
         before = run_diffusers(pipe.transformer.eval(), *args)
         pipe.load_lora_weights(tmp_path / "lora")
         got = run_diffusers(pipe.transformer, *args)
-        want = run_diffusers(FluxTransformer2DModel.from_pretrained(merged / "transformer").eval(), *args)
+        want = run_diffusers(
+            FluxTransformer2DModel.from_pretrained(merged / "transformer").eval(), *args
+        )
     scale = want.abs().max()
     assert (got - before).abs().max() > 1e-2 * scale  # the run moved the model
     assert (got - want).abs().max() < 1e-5 * scale  # an fp32 run writes an fp32 file
@@ -198,20 +314,36 @@ def test_a_training_run_checks_its_plan_before_the_first_step(world, tmp_path, m
 
     def refuse(stage, model, **kw):
         seen[stage] = kw
-        raise SystemExit(f"{stage}: predicted peak 99.0 GB per GPU > 76.0 GB usable; --grad_checkpointing 50.0 GB")
+        raise SystemExit(
+            f"{stage}: predicted peak 99.0 GB per GPU > 76.0 GB usable; --grad_checkpointing 50.0 GB"
+        )
 
     monkeypatch.setattr(lora, "check_fits", refuse)
     monkeypatch.setattr(align, "check_fits", refuse)
     embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"))
     with pytest.raises(SystemExit, match="head: predicted peak"):
         stage(world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"))
-    cfg = lora.Config(init=str(embed / "model"), cache=str(world / "cache"), out_dir=str(tmp_path / "lora"), rank=4,
-                      steps=2, batch_size=4, prefixes=(4,), num_prefixes=2)  # fmt: skip
+    cfg = lora.Config(
+        init=str(embed / "model"),
+        cache=str(world / "cache"),
+        out_dir=str(tmp_path / "lora"),
+        rank=4,
+        steps=2,
+        batch_size=4,
+        prefixes=(4,),
+        num_prefixes=2,
+    )
     with pytest.raises(SystemExit, match="--grad_checkpointing"):
         lora.main(cfg)
     assert seen["head"]["latent_hw"] == seen["lora"]["latent_hw"] == (2, 2)
-    assert seen["lora"]["micro_batch"] == 4 and seen["lora"]["lora_rank"] == 4 and seen["lora"]["aug_k"] == 2
-    assert not list((tmp_path / "head").glob("ckpt_*.pt")) and not list((tmp_path / "lora").glob("ckpt_*.pt"))
+    assert (
+        seen["lora"]["micro_batch"] == 4
+        and seen["lora"]["lora_rank"] == 4
+        and seen["lora"]["aug_k"] == 2
+    )
+    assert not list((tmp_path / "head").glob("ckpt_*.pt")) and not list(
+        (tmp_path / "lora").glob("ckpt_*.pt")
+    )
 
 
 def test_quantize_calibrates_a_bf16_folder_in_bf16(world, tmp_path, monkeypatch):
@@ -225,7 +357,10 @@ def test_quantize_calibrates_a_bf16_folder_in_bf16(world, tmp_path, monkeypatch)
     calibrate = quantize.calibrate
 
     def spy(model, run, names, *args, **kw):
-        hooks = [model.get_submodule(n).register_forward_hook(lambda m, i, o: seen.add(i[0].dtype)) for n in names]
+        hooks = [
+            model.get_submodule(n).register_forward_hook(lambda m, i, o: seen.add(i[0].dtype))
+            for n in names
+        ]
         try:
             return calibrate(model, run, names, *args, **kw)
         finally:
@@ -233,8 +368,29 @@ def test_quantize_calibrates_a_bf16_folder_in_bf16(world, tmp_path, monkeypatch)
                 h.remove()
 
     monkeypatch.setattr(quantize, "calibrate", spy)
-    quantize.main(["--model", str(tmp_path / "bf16"), "--calib_count", "2", "--calib_steps", "2", "--calib_size",
-                   str(SIZE), "--num_grids", "2", "--lowrank_iters", "2", "--rank", "4", "--device", "cpu",
-                   "--out_dir", str(tmp_path / "q")])  # fmt: skip
+    quantize.main(
+        [
+            "--model",
+            str(tmp_path / "bf16"),
+            "--calib_count",
+            "2",
+            "--calib_steps",
+            "2",
+            "--calib_size",
+            str(SIZE),
+            "--num_grids",
+            "2",
+            "--lowrank_iters",
+            "2",
+            "--rank",
+            "4",
+            "--device",
+            "cpu",
+            "--out_dir",
+            str(tmp_path / "q"),
+        ]
+    )
     assert seen == {torch.bfloat16}
-    assert torch.bfloat16 in tensor_dtypes(tmp_path / "q") and torch.float32 not in tensor_dtypes(tmp_path / "q")
+    assert torch.bfloat16 in tensor_dtypes(tmp_path / "q") and torch.float32 not in tensor_dtypes(
+        tmp_path / "q"
+    )

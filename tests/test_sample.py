@@ -14,7 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+)
 from PIL import Image
 from transformers import AutoTokenizer, CLIPTextModel, T5EncoderModel
 
@@ -36,8 +41,14 @@ def world(tmp_path_factory):
 
 
 def test_same_image_as_diffusers_flux_pipeline(world, tmp_path):
-    prompts, H, W, steps = ["a red circle above a blue square on a white background", "a green triangle"], 16, 24, 4
-    noise = torch.randn(2, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(5))  # tiny VAE: f2, 4 channels
+    prompts, H, W, steps = (
+        ["a red circle above a blue square on a white background", "a green triangle"],
+        16,
+        24,
+        4,
+    )
+    # tiny VAE: f2, 4 channels
+    noise = torch.randn(2, 4, H // 2, W // 2, generator=torch.Generator().manual_seed(5))
     save_ckpt({"noise": noise}, tmp_path / "noise.safetensors")
     argv = [
         "--model",
@@ -57,31 +68,65 @@ def test_same_image_as_diffusers_flux_pipeline(world, tmp_path):
         "--noise",
         str(tmp_path / "noise.safetensors"),
     ]
-    paths = sample.main([*argv, "--out", str(tmp_path / "ours.png")])  # fmt: skip
-    ours = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])  # (2, H, W, 3) in 0..255
+    paths = sample.main([*argv, "--out", str(tmp_path / "ours.png")])
+    # (2, H, W, 3) in 0..255
+    ours = np.stack([np.asarray(Image.open(p), dtype=np.float64) for p in paths])
     text = world / "text"
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                  base_image_seq_len=256, max_image_seq_len=4096),
+        scheduler=FlowMatchEulerDiscreteScheduler(
+            use_dynamic_shifting=True,
+            base_shift=0.5,
+            max_shift=1.15,
+            base_image_seq_len=256,
+            max_image_seq_len=4096,
+        ),
         vae=AutoencoderKL.from_pretrained(world / "teacher_ae"),
         text_encoder=CLIPTextModel.from_pretrained(text / "text_encoder"),
         tokenizer=AutoTokenizer.from_pretrained(text / "tokenizer"),
         text_encoder_2=T5EncoderModel.from_pretrained(text / "text_encoder_2"),
         tokenizer_2=AutoTokenizer.from_pretrained(text / "tokenizer_2"),
         transformer=FluxTransformer2DModel.from_pretrained(world / "base" / "transformer"),
-    )  # fmt: skip
+    )
     latents = FluxPipeline._pack_latents(noise, 2, 4, H // 2, W // 2)  # the same noise, packed 2×2
     with torch.no_grad():
-        ref = pipe(prompts, height=H, width=W, num_inference_steps=steps, guidance_scale=3.5, latents=latents,
-                   max_sequence_length=8, output_type="np").images * 255  # (2, H, W, 3)  # fmt: skip
+        ref = (
+            pipe(
+                prompts,
+                height=H,
+                width=W,
+                num_inference_steps=steps,
+                guidance_scale=3.5,
+                latents=latents,
+                max_sequence_length=8,
+                output_type="np",
+            ).images
+            * 255
+        )  # (2, H, W, 3)
     assert ours.shape == ref.shape and ref.std() > 10  # a non-trivial image
     assert np.abs(ours - ref).mean() <= 1.0  # <= 1/255 mean abs
 
 
 def test_png_metadata_and_grid(world, tmp_path):
     out = tmp_path / "grid.png"
-    sample.main(["--model", str(world / "base"), "--prompt", "a red circle", "--prompt", "a blue square", "--size",
-                 "16", "--steps", "2", "--grid", "--seed", "7", "--out", str(out)])  # fmt: skip
+    sample.main(
+        [
+            "--model",
+            str(world / "base"),
+            "--prompt",
+            "a red circle",
+            "--prompt",
+            "a blue square",
+            "--size",
+            "16",
+            "--steps",
+            "2",
+            "--grid",
+            "--seed",
+            "7",
+            "--out",
+            str(out),
+        ]
+    )
     im = Image.open(out)
     assert im.size == (32, 16)
     assert im.text["prompt"] == "a red circle | a blue square" and im.text["seed"] == "7"
@@ -92,8 +137,22 @@ def test_png_metadata_and_grid(world, tmp_path):
 def test_dcgen_shift_counts_the_values_of_packed_tokens(world, tmp_path):
     """--shift dcgen: r = sqrt(L·C·p²/4096) on the packed latent, as the official DC-Gen pipeline computes it. The
     tiny base at 16 px: an 8x8 latent of 4 channels in 2x2 patches, 16 tokens of 16 values: r = sqrt(256/4096)."""
-    paths = sample.main(["--model", str(world / "base"), "--prompt", "a red circle", "--size", "16", "--steps", "1",
-                         "--shift", "dcgen", "--out", str(tmp_path / "d.png")])  # fmt: skip
+    paths = sample.main(
+        [
+            "--model",
+            str(world / "base"),
+            "--prompt",
+            "a red circle",
+            "--size",
+            "16",
+            "--steps",
+            "1",
+            "--shift",
+            "dcgen",
+            "--out",
+            str(tmp_path / "d.png"),
+        ]
+    )
     assert Image.open(paths[0]).text["shift"] == "dcgen r=0.250"
 
 
@@ -104,22 +163,65 @@ def test_a_diffusers_scheduler_config_with_a_fixed_shift_is_honoured(world, tmp_
     config = tmp_path / "m" / "scheduler" / "scheduler_config.json"
     sched = {k: v for k, v in json.loads(config.read_text()).items() if k != "_shift"}
     config.write_text(json.dumps(sched | {"use_dynamic_shifting": False, "shift": 2.5}))
-    paths = sample.main(["--model", str(tmp_path / "m"), "--prompt", "a red circle", "--size", "16", "--steps", "1",
-                         "--out", str(tmp_path / "s.png")])  # fmt: skip
+    paths = sample.main(
+        [
+            "--model",
+            str(tmp_path / "m"),
+            "--prompt",
+            "a red circle",
+            "--size",
+            "16",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "s.png"),
+        ]
+    )
     assert Image.open(paths[0]).text["shift"] == "constant r=2.500"
 
 
 def test_cfg_model_uses_true_cfg(world, tmp_path):
-    paths = sample.main(["--model", str(world / "base_cfg"), "--prompt", "a red circle", "--size", "16", "--steps",
-                         "2", "--cfg", "3.0", "--out", str(tmp_path / "cfg.png")])  # fmt: skip
-    assert Image.open(paths[0]).text["cfg"] == "3.0" and Image.open(paths[0]).text["guidance"] == "none"
+    paths = sample.main(
+        [
+            "--model",
+            str(world / "base_cfg"),
+            "--prompt",
+            "a red circle",
+            "--size",
+            "16",
+            "--steps",
+            "2",
+            "--cfg",
+            "3.0",
+            "--out",
+            str(tmp_path / "cfg.png"),
+        ]
+    )
+    assert (
+        Image.open(paths[0]).text["cfg"] == "3.0"
+        and Image.open(paths[0]).text["guidance"] == "none"
+    )
 
 
 def test_true_cfg_on_a_guidance_model_batches_like_one_image_at_a_time(world, tmp_path):
     """--cfg on a guidance-distilled model (as diffusers' true_cfg_scale): two passes per step, both at guidance w;
     a batch of 2 gives the images of two runs of 1."""
-    common = ["--model", str(world / "base"), "--prompt", "a red circle", "--prompt", "a blue square", "--size", "16",
-              "--steps", "2", "--cfg", "2.0", "--seed", "3"]  # fmt: skip
+    common = [
+        "--model",
+        str(world / "base"),
+        "--prompt",
+        "a red circle",
+        "--prompt",
+        "a blue square",
+        "--size",
+        "16",
+        "--steps",
+        "2",
+        "--cfg",
+        "2.0",
+        "--seed",
+        "3",
+    ]
     two = sample.main([*common, "--batch", "2", "--out", str(tmp_path / "two.png")])
     one = sample.main([*common, "--batch", "1", "--out", str(tmp_path / "one.png")])
     pixels = [[np.asarray(Image.open(p), dtype=np.int16) for p in run] for run in (two, one)]
@@ -145,8 +247,12 @@ def test_bad_input_is_one_clear_line(world, tmp_path, argv, message):
     argv = [str(tmp_path / "noise.safetensors") if a == "NOISE" else a for a in argv]
     prompt = [] if not argv or argv[0] == "--prompts" else ["--prompt", "x"]
     full = ["--model", str(world / "base"), *prompt, "--size", "16", "--steps", "1", *argv]
-    r = subprocess.run([sys.executable, "sample.py", *full, "--out", str(tmp_path / "x.png")], cwd=ROOT,
-                       capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "sample.py", *full, "--out", str(tmp_path / "x.png")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     last = r.stderr.strip().splitlines()[-1]  # (above it: the loaders' progress bars)
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert last.startswith("error: ") and re.search(message, last), r.stderr
@@ -157,7 +263,9 @@ def test_missing_model_folder(tmp_path):
         sample.main(["--model", str(tmp_path / "nope"), "--prompt", "x"])
     (tmp_path / "half").mkdir()
     (tmp_path / "half" / "transformer").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"missing \['transformer/config.json', 'vae/config.json'"):
+    with pytest.raises(
+        FileNotFoundError, match=r"missing \['transformer/config.json', 'vae/config.json'"
+    ):
         sample.main(["--model", str(tmp_path / "half"), "--prompt", "x"])
 
 
@@ -170,14 +278,28 @@ def test_toy_zoo_is_the_default_and_small(tmp_path, capsys):
     size = sum(f.stat().st_size for f in zoo.rglob("*") if f.is_file() and not f.is_symlink())
     assert size < 40 * 2**20, f"zoo/ is {size / 2**20:.1f} MiB, over the 40 MB budget"
     for name in ("base", "krea", "dcgen-1k", "dcgen-4k"):
-        assert (zoo / name / "model_index.json").is_file() and (zoo / name / "vae" / "config.json").is_file(), name
-    (path,) = sample.main(["--prompt", "a red circle above a blue square", "--steps", "2", "--out",
-                           str(tmp_path / "zoo.png")])  # fmt: skip
+        assert (zoo / name / "model_index.json").is_file() and (
+            zoo / name / "vae" / "config.json"
+        ).is_file(), name
+    (path,) = sample.main(
+        [
+            "--prompt",
+            "a red circle above a blue square",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "zoo.png"),
+        ]
+    )
     img = Image.open(path)
     assert img.size == (4096, 4096) and "zoo/dcgen-4k" in img.text["model"]
-    assert img.text["prompt"] == "a red circle above a blue square on a black background"  # what was sampled
+    # what was sampled
+    assert img.text["prompt"] == "a red circle above a blue square on a black background"
     assert np.asarray(img).std() > 5  # not a flat canvas
-    assert "sampling 'a red circle above a blue square on a black background'" in capsys.readouterr().out
+    assert (
+        "sampling 'a red circle above a blue square on a black background'"
+        in capsys.readouterr().out
+    )
 
 
 def test_prompt_conventions_come_from_the_model_folder_not_its_path(world, tmp_path, capsys):
@@ -186,13 +308,18 @@ def test_prompt_conventions_come_from_the_model_folder_not_its_path(world, tmp_p
     shutil.copytree(ROOT / "zoo", tmp_path / "elsewhere", symlinks=True)
     prompt = "a red circle above a blue square"
     common = ["--prompt", prompt, "--size", "32", "--steps", "1"]
-    (path,) = sample.main(["--model", str(tmp_path / "elsewhere" / "krea"), *common, "--out", str(tmp_path / "a.png")])
+    (path,) = sample.main(
+        ["--model", str(tmp_path / "elsewhere" / "krea"), *common, "--out", str(tmp_path / "a.png")]
+    )
     assert Image.open(path).text["prompt"] == f"{prompt} on a black background"
     assert f"sampling '{prompt} on a black background'" in capsys.readouterr().out
-    text = build_flux_text(tmp_path / "zoo" / "text")  # real tokenizers (CLIP BPE, T5 Unigram), T5 width 24
+    # real tokenizers (CLIP BPE, T5 Unigram), T5 width 24
+    text = build_flux_text(tmp_path / "zoo" / "text")
     model = Flux(dataclasses.replace(PRESETS["tiny"], context_in_dim=24, vec_in_dim=32))
     write_pipeline(tmp_path / "zoo" / "real", model, world / "teacher_ae", text, "flux")
-    (path,) = sample.main(["--model", str(tmp_path / "zoo" / "real"), *common, "--out", str(tmp_path / "b.png")])
+    (path,) = sample.main(
+        ["--model", str(tmp_path / "zoo" / "real"), *common, "--out", str(tmp_path / "b.png")]
+    )
     assert Image.open(path).text["prompt"] == prompt and "note:" not in capsys.readouterr().out
 
 
@@ -203,7 +330,9 @@ def test_toy_eval_word_order_counts():
     import toy_eval
 
     spec = parse_caption("a red circle above a blue square on a white background")
-    assert toy_eval.swapped(spec).caption == "a blue square above a red circle on a white background"
+    assert (
+        toy_eval.swapped(spec).caption == "a blue square above a red circle on a white background"
+    )
     c = lambda rel, a=True: {"a_color": a, "b_color": True, "relation": rel}  # noqa: E731
     r = {"per_image": [c(True), c(True), c(False), c(True, a=False)]}
     r_swap = {"per_image": [c(False), c(True), c(False), c(True)]}

@@ -21,7 +21,7 @@ FLUX_SCHEDULER = dict(
     num_train_timesteps=1000,
     shift=3.0,
     use_dynamic_shifting=True,
-)  # fmt: skip  (FLUX.1-dev's scheduler/scheduler_config.json)
+)  # FLUX.1-dev's scheduler/scheduler_config.json
 
 
 @pytest.mark.parametrize("r", [1.0, math.sqrt(8), math.exp(1.15), 3.0, 0.5])
@@ -41,12 +41,16 @@ def test_shift_identity_at_r_1_and_the_exponential_form():
     sigma = torch.linspace(0.01, 1, 50, dtype=torch.float64)
     assert torch.equal(time_shift(1.0, sigma), sigma)
     mu = 1.15  # FLUX's form e^mu / (e^mu + 1/sigma - 1) is the same map with r = e^mu
-    assert torch.allclose(time_shift(math.exp(mu), sigma), math.exp(mu) / (math.exp(mu) + 1 / sigma - 1))
+    assert torch.allclose(
+        time_shift(math.exp(mu), sigma), math.exp(mu) / (math.exp(mu) + 1 / sigma - 1)
+    )
 
 
 def test_shift_factors():
-    assert shift_factor("dcgen", tokens=32 * 32, channels=32) == pytest.approx(2.828, abs=1e-3)  # 1024², f32c32
-    assert shift_factor("flux", tokens=4096, channels=128) == pytest.approx(math.exp(1.15))  # 4096², f64c128
+    # 1024², f32c32
+    assert shift_factor("dcgen", tokens=32 * 32, channels=32) == pytest.approx(2.828, abs=1e-3)
+    # 4096², f64c128
+    assert shift_factor("flux", tokens=4096, channels=128) == pytest.approx(math.exp(1.15))
     assert shift_factor("constant", tokens=1, channels=1, value=3.0) == 3.0
     with pytest.raises(ValueError, match="'flux', 'dcgen', 'constant'"):
         shift_factor("karras", 1, 1)
@@ -56,7 +60,9 @@ def test_shift_factors():
 def test_schedule_equals_diffusers_flux_scheduler(tokens):
     steps = 20
     scheduler = FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER)
-    scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(tokens, 256, 4096, 0.5, 1.15))
+    scheduler.set_timesteps(
+        sigmas=np.linspace(1.0, 1 / steps, steps), mu=calculate_shift(tokens, 256, 4096, 0.5, 1.15)
+    )
     ours = get_schedule(steps, shift_factor("flux", tokens, 16))
     assert (scheduler.sigmas - ours).abs().max() < 1e-6
 
@@ -86,7 +92,9 @@ def test_training_sigmas_are_logit_normal_on_the_1000_grid():
     assert s.shape == (20_000,) and s.min() > 0 and s.max() <= 1
     assert torch.allclose(s * 1000, (s * 1000).round(), atol=1e-3)  # r = 1: multiples of 1/1000
     assert abs(s.median().item() - 0.5) < 0.01  # logit-normal(0, 1) is symmetric about 1/2
-    tails = ((s - 0.5).abs() > 0.35).double().mean()  # P(|u - 1/2| > 0.35) = P(|z| > logit(0.85) = 1.735) = 0.083
+    # P(|u - 1/2| > 0.35) = P(|z| > logit(0.85) = 1.735) = 0.083
+    tails = ((s - 0.5).abs() > 0.35).double().mean()
     assert 0.073 < tails < 0.093  # (a uniform u would give 0.30)
     shifted = sample_sigmas(20_000, 3.0, torch.Generator().manual_seed(0))
-    assert shifted.median() > 0.7  # r = 3 moves the mass to high noise: median 3·0.5 / (1 + 2·0.5) = 0.75
+    # r = 3 moves the mass to high noise: median 3·0.5 / (1 + 2·0.5) = 0.75
+    assert shifted.median() > 0.7

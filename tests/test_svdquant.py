@@ -49,20 +49,33 @@ def test_e2m1_codebook_round_trips_and_ties():
     grid = torch.tensor(E2M1_GRID)
     values = torch.cat([grid, -grid[1:]])
     for ties_even in (True, False):
-        assert torch.equal(round_e2m1(values, ties_even), values)  # every codebook value is representable
+        # every codebook value is representable
+        assert torch.equal(round_e2m1(values, ties_even), values)
     assert torch.equal(e2m1_decode(e2m1_encode(values)), values)
-    assert e2m1_encode(torch.tensor([-0.0])).item() == 0  # -0 -> code 0, like DeepCompressor's argmin
-    assert e2m1_encode(torch.tensor([-6.0, 6.0])).tolist() == [15, 7]  # sign bit 8 + magnitude index
+    # -0 -> code 0, like DeepCompressor's argmin
+    assert e2m1_encode(torch.tensor([-0.0])).item() == 0
+    # sign bit 8 + magnitude index
+    assert e2m1_encode(torch.tensor([-6.0, 6.0])).tolist() == [15, 7]
     mids = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, -2.5, -5.0])
-    # Nunchaku's kernel (cvt.rn): half to even mantissa; DeepCompressor's codebook: half towards +inf.
+    # Nunchaku's kernel (cvt.rn): half to even mantissa; DeepCompressor's codebook: half towards
+    # +inf.
     assert round_e2m1(mids, ties_even=True).tolist() == [0, 1, 1, 2, 2, 4, 4, -2, -4]
     assert round_e2m1(mids, ties_even=False).tolist() == [0.5, 1, 1.5, 2, 3, 4, 6, -2, -4]
-    assert round_e2m1(torch.tensor([7.0, -100.0, 0.2, -0.3]), True).tolist() == [6, -6, 0, -0.5]  # saturates at 6
+    # saturates at 6
+    assert round_e2m1(torch.tensor([7.0, -100.0, 0.2, -0.3]), True).tolist() == [6, -6, 0, -0.5]
 
 
 def test_e4m3_rounding_matches_torch_float8_and_saturates_at_448():
     mids = (E4M3[1:] + E4M3[:-1]) / 2
-    x = torch.cat([E4M3, mids, torch.randn(20000) * 50, torch.rand(2000) * 2e-3, torch.tensor([449.0, 470.0, 1e6])])
+    x = torch.cat(
+        [
+            E4M3,
+            mids,
+            torch.randn(20000) * 50,
+            torch.rand(2000) * 2e-3,
+            torch.tensor([449.0, 470.0, 1e6]),
+        ]
+    )
     expected = x.clamp(-448, 448).to(torch.float8_e4m3fn).float()  # torch: round half to even
     assert torch.equal(round_e4m3(x, ties_even=True), expected)
     assert torch.equal(round_e4m3(mids, ties_even=False), E4M3[1:])  # DeepCompressor: ties go up
@@ -81,9 +94,12 @@ def test_weight_quantisation_groups_scales_and_exact_round_trip(fp4):
     assert torch.equal(dequantize_weight(encode(q, fp4), s, t.expand(48), fp4), deq)
     if fp4:
         assert set(q.abs().unique().tolist()) <= set(E2M1_GRID)
-        assert torch.isin(s, E4M3).all() and s.max() == 448  # micro-scales are FP8, the largest one saturated at 448
-        assert t == t.to(torch.bfloat16).float()  # the per-tensor scale is bf16 (Nunchaku's wtscale)
-        assert (w[5, 17] - deq[5, 17]).abs() <= 0.05 * 300  # the outlier is represented by the largest code
+        # micro-scales are FP8, the largest one saturated at 448
+        assert torch.isin(s, E4M3).all() and s.max() == 448
+        # the per-tensor scale is bf16 (Nunchaku's wtscale)
+        assert t == t.to(torch.bfloat16).float()
+        # the outlier is represented by the largest code
+        assert (w[5, 17] - deq[5, 17]).abs() <= 0.05 * 300
     else:
         assert q.min() >= -8 and q.max() <= 7 and torch.equal(q, q.round())
         assert torch.equal(s, s.to(torch.bfloat16).float()) and t == 1
@@ -106,7 +122,8 @@ def test_activation_quantisation_groups_and_saturation():
         y = x.clone()
         y[..., :g] *= 100
         assert torch.equal(quantize_act(y, fp4)[..., g:], xq[..., g:])
-    big = torch.full((1, 16), 5000.0)  # amax/6 = 833 > 448: the FP8 scale saturates, values clip to 6·448
+    # amax/6 = 833 > 448: the FP8 scale saturates, values clip to 6·448
+    big = torch.full((1, 16), 5000.0)
     assert quantize_act(big, fp4=True).max().item() == 6 * 448
     u = torch.rand(2, 64) + GELU_SHIFT
     uq = quantize_act(u, fp4=False, unsigned=True)
@@ -180,7 +197,9 @@ def make_layer(fp4, outliers=True, seed=0, name="lin", gelu=False):
     lin = nn.Linear(256, 96)
     lin.weight.data = torch.randn(96, 256) / 16
     model = nn.ModuleDict({"ff": nn.ModuleDict({"net": nn.ModuleDict({"2": lin})})})
-    return model, quantize.make_layer(model, [name if name != "lin" else "ff.net.2"], st, fp4, "cpu")
+    return model, quantize.make_layer(
+        model, [name if name != "lin" else "ff.net.2"], st, fp4, "cpu"
+    )
 
 
 @pytest.mark.parametrize("fp4", [True, False])
@@ -216,20 +235,28 @@ def test_quantized_model_saves_and_reloads_bit_exactly(tmp_path):
     model = Flux(PRESETS["tiny"]).eval()
     split_proj_out(model)
     groups, _ = flux_layers(model)
-    cfg = quantize.Config(num_grids=2, lowrank_iters=2, precision="int4", latent_hw=4, txt_len=5, calib_batches=1)
+    cfg = quantize.Config(
+        num_grids=2, lowrank_iters=2, precision="int4", latent_hw=4, txt_len=5, calib_batches=1
+    )
     batches = list(quantize.random_batches(model.params, cfg, 0, 1))
     ref = quantize.run_batches(model, batches)[0]
-    stats = quantize.calibrate(model, lambda: quantize.run_batches(model, batches), [g[0] for gr in groups for g in gr])
+    stats = quantize.calibrate(
+        model, lambda: quantize.run_batches(model, batches), [g[0] for gr in groups for g in gr]
+    )
     quantize.quantize_model(model, stats, cfg)
     out = quantize.run_batches(model, batches)[0]
-    assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.3  # quantised, still the same function roughly
+    # quantised, still the same function roughly
+    assert 0 < ((out - ref).norm() / ref.norm()).item() < 0.3
     assert isinstance(model.single_transformer_blocks[0].proj_out.linears[1], SVDQuantLinear)
-    assert model.transformer_blocks[0].ff.net[2].act_shift == GELU_SHIFT  # INT4 post-GELU input is unsigned
+    # INT4 post-GELU input is unsigned
+    assert model.transformer_blocks[0].ff.net[2].act_shift == GELU_SHIFT
     assert model.transformer_blocks[0].ff.net[0].proj.act_shift == 0.0
     from common import save_pretrained
 
     save_pretrained(
-        tmp_path, model.state_dict(), {**model.diffusers_config(), "_svdquant": {"precision": "int4", "rank": 32}}
+        tmp_path,
+        model.state_dict(),
+        {**model.diffusers_config(), "_svdquant": {"precision": "int4", "rank": 32}},
     )
     reloaded = load_quantized(tmp_path)
     assert torch.equal(quantize.run_batches(reloaded, batches)[0], out)

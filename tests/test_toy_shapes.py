@@ -28,7 +28,8 @@ def test_scorer_acceptance():
     scenes = [ds.scene(i) for i in range(200)]
     images = [render(s, 256) for s in scenes]
     own = accuracy(images, [s.spec for s in scenes])
-    shuffled = accuracy(images, [scenes[(i + 1) % 200].spec for i in range(200)])  # every image gets another prompt
+    # every image gets another prompt
+    shuffled = accuracy(images, [scenes[(i + 1) % 200].spec for i in range(200)])
     print(f"scorer accuracy: own prompts {own:.3f}, shuffled prompts {shuffled:.3f}")
     assert own >= 0.95 and shuffled <= 0.20
 
@@ -37,10 +38,16 @@ def test_scorer_reads_each_part_of_the_prompt():
     scene = ShapesDataset(256, seed=7).scene(3)
     img = render(scene, 256)
     s = scene.spec
-    assert score(torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1, s.caption)["correct"]  # tensor input
+    # tensor input
+    assert score(torch.from_numpy(img).permute(2, 0, 1).float() / 127.5 - 1, s.caption)["correct"]
     other = {"red": "blue", "blue": "red"}.get(s.color_a, "red" if s.color_b != "red" else "green")
     flips = {
-        "relation": {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}[s.relation],
+        "relation": {
+            "above": "below",
+            "below": "above",
+            "left of": "right of",
+            "right of": "left of",
+        }[s.relation],
         "shape_a": "circle" if s.shape_a != "circle" else "square",
         "color_a": other,
         "background": "black" if s.background != "black" else "white",
@@ -59,10 +66,14 @@ def test_render_is_deterministic_and_resolution_independent():
     assert a["image"].shape == (3, 64, 64) and a["image"].min() >= -1 and a["image"].max() <= 1
     scene = ds.scene(5)
     small = render(scene, 256).astype(np.float32)
-    big = np.asarray(Image.fromarray(render(scene, 1024)).resize((256, 256), Image.Resampling.BOX), np.float32)
-    assert np.abs(small - big).mean() < 1.0  # the 1024 px render box-filtered to 256 px is the 256 px render
+    big = np.asarray(
+        Image.fromarray(render(scene, 1024)).resize((256, 256), Image.Resampling.BOX), np.float32
+    )
+    # the 1024 px render box-filtered to 256 px is the 256 px render
+    assert np.abs(small - big).mean() < 1.0
     edge = render(scene, 1024)
-    assert len(np.unique(edge.reshape(-1, 3), axis=0)) > 10  # anti-aliased edges (more than bg + 2 flat colours)
+    # anti-aliased edges (more than bg + 2 flat colours)
+    assert len(np.unique(edge.reshape(-1, 3), axis=0)) > 10
 
 
 def test_zoomed_crops_are_windows_of_big_renders():
@@ -71,7 +82,8 @@ def test_zoomed_crops_are_windows_of_big_renders():
     scene, full = ds.scene(9), render(ds.scene(9), 200)
     assert img.shape == (3, 64, 64) and ds[9]["caption"] == scene.spec.caption
     window = render(scene, 200, (17, 101, 64, 64))
-    assert np.array_equal(window, full[17:81, 101:165])  # a window costs only its pixels, and is exact
+    # a window costs only its pixels, and is exact
+    assert np.array_equal(window, full[17:81, 101:165])
     assert not torch.equal(img, ShapesDataset(64, seed=2)[9]["image"])
 
 
@@ -82,12 +94,21 @@ def test_captions_and_split():
     test = all_specs("test")
     assert 0.08 < len(test) / len(specs) < 0.17
     s = test[0]  # the mirrored wording of a held-out scene is held out too
-    flip = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}[s.relation]
-    assert split_of(s.__class__(s.color_b, s.shape_b, flip, s.color_a, s.shape_a, s.background)) == "test"
+    flip = {"above": "below", "below": "above", "left of": "right of", "right of": "left of"}[
+        s.relation
+    ]
+    assert (
+        split_of(s.__class__(s.color_b, s.shape_b, flip, s.color_a, s.shape_a, s.background))
+        == "test"
+    )
     train = ShapesDataset(32, seed=0, split="train")
     assert all(split_of(parse_caption(train[i]["caption"])) == "train" for i in range(50))
     held = eval_specs(200, seed=0)
-    assert len(set(held)) == 200 and all(split_of(h) == "test" for h in held) and held == eval_specs(200, seed=0)
+    assert (
+        len(set(held)) == 200
+        and all(split_of(h) == "test" for h in held)
+        and held == eval_specs(200, seed=0)
+    )
     with pytest.raises(ValueError, match="expected 'a <color> <shape>"):
         parse_caption("a cat on a mat")
 
@@ -96,12 +117,28 @@ def test_caption_roles_name_the_side_the_renderer_uses():
     """The toy T5 is pretrained to read, per colour and shape word, the side its object goes (toy.shapes.caption_roles):
     those labels must be where random_scene puts the objects, for all four relations and both wordings."""
     assert caption_roles("a red circle left of a blue square on a gray background") == [
-        -1, 2, 2, -1, -1, -1, 3, 3, -1, -1, -1, -1]  # fmt: skip
+        -1,
+        2,
+        2,
+        -1,
+        -1,
+        -1,
+        3,
+        3,
+        -1,
+        -1,
+        -1,
+        -1,
+    ]
     rng = np.random.default_rng(0)
     for spec in all_specs()[::61]:
         words, roles = spec.caption.split(), caption_roles(spec.caption)
         assert len(roles) == len(words) and [w for w, r in zip(words, roles) if r >= 0] == [
-            spec.color_a, spec.shape_a, spec.color_b, spec.shape_b]  # fmt: skip
+            spec.color_a,
+            spec.shape_a,
+            spec.color_b,
+            spec.shape_b,
+        ]
         scene = random_scene(spec, rng)
         sides = [r for r in roles if r >= 0]
         side_a, side_b = sides[0], sides[-1]

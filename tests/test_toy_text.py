@@ -43,7 +43,10 @@ def flux_pipeline(folder) -> FluxPipeline:
 
 
 COLORS = ["red", "green", "blue", "yellow", "purple", "orange", "black", "white"]
-SHAPES, RELATIONS = ["circle", "square", "triangle", "star"], ["above", "below", "left of", "right of"]
+SHAPES, RELATIONS = (
+    ["circle", "square", "triangle", "star"],
+    ["above", "below", "left of", "right of"],
+)
 
 
 def caption(c1, s1, rel, c2, s2, bg):
@@ -52,7 +55,14 @@ def caption(c1, s1, rel, c2, s2, bg):
 
 def random_parts(rng):
     c1, c2 = rng.sample(COLORS, 2)
-    return [c1, rng.choice(SHAPES), rng.choice(RELATIONS), c2, rng.choice(SHAPES), rng.choice(COLORS)]
+    return [
+        c1,
+        rng.choice(SHAPES),
+        rng.choice(RELATIONS),
+        c2,
+        rng.choice(SHAPES),
+        rng.choice(COLORS),
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -68,17 +78,21 @@ def test_toy_is_small_deterministic_and_a_real_flux_layout(toy, tmp_path):
     assert size < 1.5e6, size
     enc = load_text_encoder(folder)
     assert (enc.max_length, enc.txt_dim, enc.vec_dim) == (32, 64, 64)
-    assert load_text_encoder(folder, max_length=256).max_length == 32  # the training length request is capped
+    # the training length request is capped
+    assert load_text_encoder(folder, max_length=256).max_length == 32
     again = load_text_encoder(build_toy_text_encoder(tmp_path / "again", corpus, seed=0))
     other = load_text_encoder(build_toy_text_encoder(tmp_path / "other", corpus, seed=1))
     a, b, c = enc(corpus[:2]), again(corpus[:2]), other(corpus[:2])
-    assert torch.equal(a["txt"], b["txt"]) and torch.equal(a["y"], b["y"])  # same seed, same encoder
+    # same seed, same encoder
+    assert torch.equal(a["txt"], b["txt"]) and torch.equal(a["y"], b["y"])
     assert (a["txt"] - c["txt"]).abs().max() > 0.1  # another seed, another encoder
     oov = enc(["a zebra-striped hexagon 42"])  # unknown words map to <unk>: no crash
     assert torch.isfinite(oov["txt"]).all()
     # the toy follows diffusers' FLUX path exactly, like the real encoders
     with torch.no_grad():
-        txt, y, _ = flux_pipeline(folder).encode_prompt(corpus[:3], prompt_2=None, device="cpu", max_sequence_length=32)
+        txt, y, _ = flux_pipeline(folder).encode_prompt(
+            corpus[:3], prompt_2=None, device="cpu", max_sequence_length=32
+        )
     got = enc(corpus[:3])
     assert (got["txt"] - txt).abs().max() <= 1e-6 and (got["y"] - y).abs().max() <= 1e-6
 
@@ -98,13 +112,20 @@ def test_toy_separates_prompts_and_word_order(toy):
     a = enc([caption(*p) for p in parts])
     swapped = enc([caption(p[3], p[1], p[2], p[0], p[4], p[5]) for p in parts])
     rand = enc([caption(*random_parts(rng)) for _ in parts])
-    n = 12  # real tokens of these captions ("a c s r a c s on a c background </s>"; "left of" adds one)
-    d_swap = torch.stack([set_distance(a["txt"][i, :n], swapped["txt"][i, :n]) for i in range(32)]).mean()
-    d_rand = torch.stack([set_distance(a["txt"][i, :n], rand["txt"][i, :n]) for i in range(32)]).mean()
+    # real tokens of these captions ("a c s r a c s on a c background </s>"; "left of" adds one)
+    n = 12
+    d_swap = torch.stack(
+        [set_distance(a["txt"][i, :n], swapped["txt"][i, :n]) for i in range(32)]
+    ).mean()
+    d_rand = torch.stack(
+        [set_distance(a["txt"][i, :n], rand["txt"][i, :n]) for i in range(32)]
+    ).mean()
     cos_y = torch.nn.functional.cosine_similarity(a["y"], rand["y"])
     cos_txt = torch.nn.functional.cosine_similarity(a["txt"].flatten(1), rand["txt"].flatten(1))
-    print(f"toy separation: set distance swap/random {d_swap / d_rand:.2f}; cosine of random pairs y "
-          f"{cos_y.mean():.3f} txt {cos_txt.mean():.3f}")  # fmt: skip
+    print(
+        f"toy separation: set distance swap/random {d_swap / d_rand:.2f}; cosine of random pairs y "
+        f"{cos_y.mean():.3f} txt {cos_txt.mean():.3f}"
+    )
     assert d_swap / d_rand > 0.2
     assert (a["y"] - swapped["y"]).norm(dim=-1).min() > 1e-3
     assert cos_txt.max() < 0.99
@@ -123,7 +144,9 @@ def side_probe(enc, captions, fit):
     x, y = torch.stack(x), torch.tensor(y)
     x = torch.cat([x, torch.ones(len(x), 1)], 1)
     n = 2 * fit  # two colour words per caption
-    w = torch.linalg.solve(x[:n].T @ x[:n] + 1e-3 * torch.eye(x.shape[1]), x[:n].T @ F.one_hot(y[:n], 4).float())
+    w = torch.linalg.solve(
+        x[:n].T @ x[:n] + 1e-3 * torch.eye(x.shape[1]), x[:n].T @ F.one_hot(y[:n], 4).float()
+    )
     return ((x[n:] @ w).argmax(1) == y[n:]).float().mean().item()
 
 
@@ -135,11 +158,17 @@ def test_toy_pretraining_makes_the_side_readable(tmp_path):
     roles = [caption_roles(c) for c in captions]
     acc = {}
     for steps in (0, 100):
-        folder = build_toy_text_encoder(tmp_path / f"s{steps}", captions[:300], roles=roles[:300] if steps else None,
-                                        pretrain_steps=steps)  # fmt: skip
+        folder = build_toy_text_encoder(
+            tmp_path / f"s{steps}",
+            captions[:300],
+            roles=roles[:300] if steps else None,
+            pretrain_steps=steps,
+        )
         with torch.no_grad():
             acc[steps] = side_probe(load_text_encoder(folder), captions, fit=300)
-    print(f"side of a colour word read linearly from its T5 state: random {acc[0]:.3f}, pretrained {acc[100]:.3f}")
+    print(
+        f"side of a colour word read linearly from its T5 state: random {acc[0]:.3f}, pretrained {acc[100]:.3f}"
+    )
     assert acc[100] >= 0.99 and acc[0] < acc[100] - 0.03
 
 
@@ -177,8 +206,15 @@ def test_toy_prompts_complete_the_background_and_note_the_rest(capsys):
     assert toy_prompts(["a red circle above a blue square"]) == [
         "a red circle above a blue square on a black background"
     ]
-    assert "sampling 'a red circle above a blue square on a black background'" in capsys.readouterr().out
-    given = ["a green circle left of a red square on a white background", "a cat on a mat", "a red circle above x"]
+    assert (
+        "sampling 'a red circle above a blue square on a black background'"
+        in capsys.readouterr().out
+    )
+    given = [
+        "a green circle left of a red square on a white background",
+        "a cat on a mat",
+        "a red circle above x",
+    ]
     assert toy_prompts(given) == given
     out = capsys.readouterr().out
     assert "sampling" not in out and out.count("note: the toy zoo knows only the captions") == 1

@@ -41,14 +41,21 @@ def clip_tokenizer() -> CLIPTokenizer:
 def t5_tokenizer() -> T5Tokenizer:
     """Unigram over letters and a few words, "<pad>" 0, "</s>" 1, "<unk>" 2 as in T5."""
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
-    pieces += [(c, -3.0) for c in LETTERS] + [("▁" + c, -2.5) for c in LETTERS] + [("▁" + w, -1.0) for w in WORDS]
+    pieces += (
+        [(c, -3.0) for c in LETTERS]
+        + [("▁" + c, -2.5) for c in LETTERS]
+        + [("▁" + w, -1.0) for w in WORDS]
+    )
     return T5Tokenizer(vocab=list(dict.fromkeys(pieces)), extra_ids=0, model_max_length=512)
 
 
 def gemma_tokenizer() -> GemmaTokenizer:
     """Byte-fallback BPE (any character encodes), BOS added, like Gemma's."""
     specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
-    vocab = {tok: i for i, tok in enumerate([*specials, *(f"<0x{i:02X}>" for i in range(256)), *LETTERS, "▁"])}
+    vocab = {
+        tok: i
+        for i, tok in enumerate([*specials, *(f"<0x{i:02X}>" for i in range(256)), *LETTERS, "▁"])
+    }
     merges = []
     for w in WORDS:
         pieces = ["▁", *w]
@@ -65,17 +72,31 @@ def build_flux_text(folder: Path, seed: int = 0) -> Path:
     clip_tok, t5_tok = clip_tokenizer(), t5_tokenizer()
     clip = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=len(clip_tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=77, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+            vocab_size=len(clip_tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
             projection_dim=16,
         )
-    )  # fmt: skip
+    )
     t5 = T5EncoderModel(
         T5Config(
-            vocab_size=len(t5_tok), d_model=24, d_kv=6, d_ff=48, num_layers=2, num_heads=4,
-            relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+            vocab_size=len(t5_tok),
+            d_model=24,
+            d_kv=6,
+            d_ff=48,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            dropout_rate=0.0,
         )
-    )  # fmt: skip
+    )
     clip.save_pretrained(folder / "text_encoder")
     clip_tok.save_pretrained(folder / "tokenizer")
     t5.save_pretrained(folder / "text_encoder_2")
@@ -89,10 +110,19 @@ def build_sana_text(folder: Path, seed: int = 0) -> Path:
     tok = gemma_tokenizer()
     gemma = Gemma2Model(
         Gemma2Config(
-            vocab_size=len(tok), hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=8, pad_token_id=0, eos_token_id=1, bos_token_id=2, sliding_window=64,
+            vocab_size=len(tok),
+            hidden_size=24,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            pad_token_id=0,
+            eos_token_id=1,
+            bos_token_id=2,
+            sliding_window=64,
         )
-    )  # fmt: skip
+    )
     gemma.save_pretrained(folder / "text_encoder")
     tok.save_pretrained(folder / "tokenizer")
     return folder

@@ -16,7 +16,8 @@ from models.vae import VAE
 from toy.shapes import ShapesDataset
 from toy.text import build_toy_text_encoder
 
-SIZE = 16  # px: teacher AE f2 + patch 2 -> 4x4 tokens; student AE f8 + patch 1 -> 2x2 tokens (4x fewer)
+# px: teacher AE f2 + patch 2 -> 4x4 tokens; student AE f8 + patch 1 -> 2x2 tokens (4x fewer)
+SIZE = 16
 
 
 def tiny_flux(guidance: bool) -> Flux:
@@ -27,8 +28,13 @@ def build_world(root: Path) -> Path:
     torch.manual_seed(0)
     captions = [ShapesDataset(size_px=SIZE, seed=0)[i]["caption"] for i in range(50)]
     build_toy_text_encoder(root / "text", captions, dim=32, max_length=8)
-    for name, ae in (("teacher_ae", VAE(VAE_PRESETS["tiny-vae"])), ("student_ae", DCAE(DCAE_PRESETS["tiny-1.5"]))):
+    for name, ae in (
+        ("teacher_ae", VAE(VAE_PRESETS["tiny-vae"])),
+        ("student_ae", DCAE(DCAE_PRESETS["tiny-1.5"])),
+    ):
         save_pretrained(root / name, ae.state_dict(), ae.config())
-    write_pipeline(root / "base", tiny_flux(True), root / "teacher_ae", root / "text", "flux")  # guidance-distilled
-    write_pipeline(root / "base_cfg", tiny_flux(False), root / "teacher_ae", root / "text", "flux")  # a CFG model
+    # guidance-distilled
+    write_pipeline(root / "base", tiny_flux(True), root / "teacher_ae", root / "text", "flux")
+    # a CFG model
+    write_pipeline(root / "base_cfg", tiny_flux(False), root / "teacher_ae", root / "text", "flux")
     return root
