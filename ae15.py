@@ -61,20 +61,17 @@ from toy.shapes import ShapesDataset
 
 @dataclasses.dataclass
 class Config:
-    model: str = "toy-f32c16"  # preset of a fresh AE (models/dcae.py or models/vae.py PRESETS);
-    # ignored with --init
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
+    model: str = "toy-f32c16"  # preset of a fresh AE (models/dcae.py or models/vae.py PRESETS); ignored with --init
     init: str = ""  # diffusers-format AE folder to fine-tune, or to evaluate with --eval
     data: str = "shapes"  # "shapes" (procedural captioned shapes, data.py) or an image folder
     size_px: int = 128  # training / eval image size (square)
-    zoom: tuple[float, float] = (1.0, 1.0)  # shapes only: train on size_px crops of scenes rendered
-    # up to x zoom
-    mask: str = "prefix"  # "prefix": DC-AE 1.5 channel masking; "none": DC-AE 1.0-style, full
-    # latent only
-    prefixes: tuple[int, ...] = ()  # candidate c' set; empty: 16, 20, ..., C when C >= 64, else
-    # C/8, 2C/8, ..., C
+    zoom: tuple[float, float] = (1.0, 1.0)  # shapes only: train on size_px crops of scenes rendered up to x zoom
+    mask: str = "prefix"  # "prefix": DC-AE 1.5 channel masking; "none": DC-AE 1.0-style, full latent only
+    prefixes: tuple[int, ...] = ()  # candidate c' set; empty: 16, 20, ..., C when C >= 64, else C/8, 2C/8, ..., C
     num_prefixes: int = 2  # K: channel prefixes decoded per step (one encoder pass)
-    always_max: bool = True  # for K >= 2, one of the K prefixes is always c' = C (official
-    # always_sample_max_channel)
+    always_max: bool = True  # for K >= 2, one of the K prefixes is always c' = C (official always_sample_max_channel)
     steps: int = 1500  # optimizer steps in total
     batch_size: int = 16  # images per rank per step
     lr: float = 1e-3  # peak AdamW learning rate (linear warm-up, cosine decay to 10%)
@@ -82,20 +79,15 @@ class Config:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # max gradient norm
     l1_weight: float = 1.0  # weight of the L1 reconstruction loss (the paper's pixel loss)
-    l2_weight: float = 0.0  # weight of an MSE term (the toy runs use 1: see "NOTE(deviation)" in
-    # the loop)
-    kl_weight: float = 1e-4  # KL VAE only: weight of the KL term (per-element mean) against the
-    # pixel loss
-    lpips_weight: float = 0.0  # LPIPS weight; needs --lpips_path (no weights can be downloaded
-    # here)
-    lpips_path: str = ""  # folder with torchvision's vgg16-397923af.pth and the lpips package's
-    # v0.1 vgg.pth
+    l2_weight: float = 0.0  # weight of an MSE term (the toy runs use 1: see "NOTE(deviation)" in the loop)
+    kl_weight: float = 1e-4  # KL VAE only: weight of the KL term (per-element mean) against the pixel loss
+    lpips_weight: float = 0.0  # LPIPS weight; needs --lpips_path (no weights can be downloaded here)
+    lpips_path: str = ""  # folder with torchvision's vgg16-397923af.pth and the lpips package's v0.1 vgg.pth
     gan_weight: float = 0.0  # hinge-GAN generator weight (PatchGAN trained from scratch); 0 = off
     gan_start: int = 0  # step from which the GAN terms are on
     eval: bool = False  # evaluate --init (or the fresh --model) and exit: PSNR / SSIM per prefix
     eval_n: int = 64  # images evaluated (held-out procedural scenes, or the first of the folder)
-    eval_prefixes: tuple[int, ...] = ()  # c' evaluated and sampled; empty: C/8, C/4, C/2, C
-    # (adaptive) or C
+    eval_prefixes: tuple[int, ...] = ()  # c' evaluated and sampled; empty: C/8, C/4, C/2, C (adaptive) or C
     log_every: int = 10  # steps between log lines
     sample_every: int = 250  # steps between reconstruction grids
     save_every: int = 500  # steps between checkpoints (the last step is always saved)
@@ -103,10 +95,10 @@ class Config:
     resume: bool = False  # continue from the newest out_dir/ckpt_*.pt
     seed: int = 0  # base seed (rank r uses seed + r; prefixes and data are shared-seeded per step)
     device: str = "auto"  # "auto", "cpu" or "cuda"
-    dtype: str = "fp32"  # fp32, or bf16: autocast over fp32 weights (faster on GPUs and on CPUs
-    # with AVX512-BF16)
+    dtype: str = "fp32"  # fp32, or bf16: autocast over fp32 weights (faster on GPUs and on CPUs with AVX512-BF16)
     num_workers: int = 0  # DataLoader workers per rank
     dry_run: bool = False  # print the config and parameter counts, then exit
+    # fmt: on
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -114,7 +106,8 @@ class Config:
 
 
 class Reconstruct(nn.Module):
-    """The training forward that DDP wraps: encode once, decode every channel prefix (DC-AE 1.5's channel masking)."""
+    """The training forward that DDP wraps: encode once, decode every channel prefix (DC-AE 1.5's
+    channel masking)."""
 
     def __init__(self, ae: nn.Module):
         super().__init__()
@@ -138,7 +131,8 @@ class Reconstruct(nn.Module):
 
 
 def candidate_prefixes(C: int, given: tuple[int, ...]) -> list[int]:
-    """The c' candidates: `given`, or every multiple of 4 from 16 (owl-wms#65's; C >= 64) or of C/8 (toy latents)."""
+    """The c' candidates: `given`, or every multiple of 4 from 16 (owl-wms#65's; C >= 64) or of C/8
+    (toy latents)."""
     assert all(1 <= c <= C for c in given), f"--prefixes {given} must lie in 1..{C}"
     step = 4 if C >= 64 else max(1, C // 8)
     default = range(16 if C >= 64 else step, C + 1, step)
@@ -153,8 +147,9 @@ def lr_at(step: int, cfg: Config) -> float:
 
 
 class LPIPS(nn.Module):
-    """LPIPS v0.1 with the VGG16 trunk (Zhang et al. 2018): unit-normalised features at 5 depths, squared differences
-    weighted by 1x1 convs, averaged over space, summed. Weights come from local files only."""
+    """LPIPS v0.1 with the VGG16 trunk (Zhang et al. 2018): unit-normalised features at 5 depths,
+    squared differences weighted by 1x1 convs, averaged over space, summed. Weights come from local
+    files only."""
 
     VGG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
     # torchvision vgg16.features indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
@@ -198,7 +193,8 @@ class LPIPS(nn.Module):
 
 
 def patch_discriminator(width: int = 64) -> nn.Module:
-    """PatchGAN (pix2pix): one real/fake logit per ~70 px patch. Trained from scratch, so no weights are needed."""
+    """PatchGAN (pix2pix): one real/fake logit per ~70 px patch. Trained from scratch, so no weights
+    are needed."""
     block = lambda a, b: [nn.Conv2d(a, b, 4, 2, 1), nn.GroupNorm(8, b), nn.LeakyReLU(0.2)]
     layers = [
         nn.Conv2d(3, width, 4, 2, 1),
@@ -248,8 +244,9 @@ def eval_batch(cfg: Config, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate(ae: nn.Module, cfg: Config, prefixes: list[int], device: torch.device) -> dict:
-    """Mean PSNR / SSIM of the reconstruction of cfg.eval_n held-out images for each channel prefix c'; on the shapes
-    set also the scorer's accuracy on the reconstructions (can a downstream model's output still be read?)."""
+    """Mean PSNR / SSIM of the reconstruction of cfg.eval_n held-out images for each channel prefix
+    c'; on the shapes set also the scorer's accuracy on the reconstructions (can a downstream
+    model's output still be read?)."""
     ae.eval()
     x_all = eval_batch(cfg, cfg.eval_n)
     stats = {c: {"psnr": 0.0, "ssim": 0.0, "acc": 0.0} for c in prefixes}
@@ -280,7 +277,8 @@ def recon_grid(ae: nn.Module, x: torch.Tensor, prefixes: list[int]) -> torch.Ten
 
 @torch.no_grad()
 def measure_latent_scale(ae: nn.Module, x: torch.Tensor) -> None:
-    """Set the latent normalisation from data: DC-AE s = 1/RMS (diffusers' definition); VAE shift = mean, s = 1/std."""
+    """Set the latent normalisation from data: DC-AE s = 1/RMS (diffusers' definition); VAE shift =
+    mean, s = 1/std."""
     p = ae.params
     # undo the current normalisation
     raw = ae.encode(x) / p.scaling_factor + getattr(p, "shift_factor", 0.0)
@@ -307,7 +305,8 @@ def check_flags(cfg: Config) -> None:
 
 
 def load_ae(cfg: Config, ckpt: dict | None) -> nn.Module:
-    """The AE: the --resume checkpoint's (its own config), the --init folder's, or a fresh --model preset."""
+    """The AE: the --resume checkpoint's (its own config), the --init folder's, or a fresh --model
+    preset."""
     if ckpt is not None:
         ae = build_autoencoder(autoencoder_params(ckpt["ae_config"]), tile_px=None)
         ae.load_state_dict(ckpt["model"])
@@ -336,7 +335,8 @@ def describe(ae: nn.Module, prefixes: list[int]) -> str:
 
 
 def run_eval(ae: nn.Module, cfg: Config, show: list[int], dist, out: Path) -> None:
-    """--eval: PSNR / SSIM per prefix on stdout, eval.json and a reconstruction grid eval.png in out."""
+    """--eval: PSNR / SSIM per prefix on stdout, eval.json and a reconstruction grid eval.png in
+    out."""
     res = evaluate(ae, cfg, show, dist.device)
     for c, r in res.items():
         print0(f"channels {c:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()))
@@ -351,7 +351,8 @@ def run_eval(ae: nn.Module, cfg: Config, show: list[int], dist, out: Path) -> No
 
 
 def loss_networks(cfg: Config, dist):
-    """LPIPS (frozen, from --lpips_path) and the PatchGAN with its DDP wrapper, each None when its weight is 0."""
+    """LPIPS (frozen, from --lpips_path) and the PatchGAN with its DDP wrapper, each None when its
+    weight is 0."""
     lpips = LPIPS.load(cfg.lpips_path).to(dist.device) if cfg.lpips_weight > 0 else None
     disc = patch_discriminator().to(dist.device) if cfg.gan_weight > 0 else None
     disc_ddp = DDP(disc) if disc is not None and dist.world_size > 1 else disc
@@ -359,7 +360,8 @@ def loss_networks(cfg: Config, dist):
 
 
 def make_optimizers(cfg: Config, ae: nn.Module, disc: nn.Module | None, ckpt: dict | None):
-    """AdamW for the AE (and the discriminator), restored with the discriminator from the --resume checkpoint."""
+    """AdamW for the AE (and the discriminator), restored with the discriminator from the --resume
+    checkpoint."""
     opt = torch.optim.AdamW(
         ae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
     )
@@ -386,8 +388,9 @@ def train_step(
     lpips,
     disc,
 ):
-    """One AE update on the batch x (with the GAN's generator term when `disc` is given). Returns the logged values
-    (losses, gradient norm) and the fp32 reconstructions, which the discriminator's step reuses."""
+    """One AE update on the batch x (with the GAN's generator term when `disc` is given). Returns
+    the logged values (losses, gradient norm) and the fp32 reconstructions, which the
+    discriminator's step reuses."""
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
         recs, kl = model(x, prefixes)
     recs = [r.float() for r in recs]  # the losses in fp32
@@ -439,7 +442,8 @@ def latest_checkpoint(out: Path) -> Path:
 
 
 def log_line(cfg: Config, done: int, losses: dict, prefixes: list[int], dt: float, dist) -> str:
-    """The `step | loss | ...` line of step `done`; dt is the mean training time of a step since the last line."""
+    """The `step | loss | ...` line of step `done`; dt is the mean training time of a step since the
+    last line."""
     v = {k: t.item() for k, t in losses.items()}
     return (
         f"step {done:07d}/{cfg.steps:07d} | loss {v['loss']:.4f} | l1 {v['l1']:.4f} | l2 {v['l2']:.4f}"
@@ -450,7 +454,8 @@ def log_line(cfg: Config, done: int, losses: dict, prefixes: list[int], dt: floa
 
 
 def save_checkpoint(out: Path, done: int, cfg: Config, ae: nn.Module, opt, disc, disc_opt) -> None:
-    """ckpt_{done:07d}.pt with the AE, its optimizer (and the discriminator's); keeps the newest two."""
+    """ckpt_{done:07d}.pt with the AE, its optimizer (and the discriminator's); keeps the newest
+    two."""
     state = {
         "model": ae.state_dict(),
         "optimizer": opt.state_dict(),
@@ -468,7 +473,8 @@ def save_checkpoint(out: Path, done: int, cfg: Config, ae: nn.Module, opt, disc,
 def export(
     ae: nn.Module, ds, cfg: Config, show: list[int], device: torch.device, out: Path, log: Path
 ) -> None:
-    """Measure the latent scale, write the diffusers-format folder out/ae, report held-out reconstruction quality."""
+    """Measure the latent scale, write the diffusers-format folder out/ae, report held-out
+    reconstruction quality."""
     ae.eval()
     measure_latent_scale(
         ae, torch.stack([ds[i]["image"] for i in range(min(64, len(ds)))]).to(device)

@@ -85,28 +85,23 @@ from training import (
 
 @dataclass
 class CacheConfig:
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
     stage: str = "cache"  # cache, embed or head (each has its own flags: align.py --stage X --help)
     out_dir: str = "out/cache"  # shard_*.safetensors, null.safetensors, meta.json, config.json
-    data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), or
-    # "shapes" (procedural)
+    data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), or "shapes" (procedural)
     count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
-    split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation
-    # cache)
+    split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation cache)
     resolution: int = 512  # image size in px (resized, center-cropped)
-    teacher_resolution: int = 0  # px of the teacher's copy of each image (0: --resolution),
-    # area-downsampled; pairs a student at a large size with the base at its own size on the same
-    # token grid (the toy 4K model: README)
-    teacher_ae: str = ""  # the base model's AE folder (e.g. FLUX.1-Krea-dev/vae); "" skips the
-    # teacher latents
+    teacher_resolution: int = 0  # px of the teacher's copy of each image (0: --resolution), area-downsampled; pairs
+    # a student at a large size with the base at its own size on the same token grid (the toy 4K model: README)
+    teacher_ae: str = ""  # the base model's AE folder (e.g. FLUX.1-Krea-dev/vae); "" skips the teacher latents
     student_ae: str = ""  # the deep-compression AE folder (DC-AE); "" skips the student latents
-    student_channels: int = 0  # DC-AE 1.5: keep only the first c latent channels (its structured
-    # prefix); 0: all
+    student_channels: int = 0  # DC-AE 1.5: keep only the first c latent channels (its structured prefix); 0: all
     text: str = ""  # folder with the text encoders (the base model folder)
-    max_length: int = 256  # FLUX: T5 tokens (official training: 256, "t5-256"; sampling 512); SANA:
-    # Gemma tokens
+    max_length: int = 256  # FLUX: T5 tokens (official training: 256, "t5-256"; sampling 512); SANA: Gemma tokens
     # kept (its own 300 unless given); 0: the encoder's default (T5 512)
-    tile_px: int = 0  # encode in overlapping tiles of this many px (0: one pass, as the official
-    # code); tiles bound
+    tile_px: int = 0  # encode in overlapping tiles of this many px (0: one pass, as the official code); tiles bound
     # the AE's memory but their seams differ from one pass (README: differences)
     shard_size: int = 256  # rows per shard file
     batch_size: int = 64  # images encoded at once
@@ -114,18 +109,20 @@ class CacheConfig:
     dtype: str = "fp32"  # fp32 or bf16 (the AEs encode under bf16 autocast)
     seed: int = 0  # "shapes": which scenes
     log_every: int = 10  # batches between progress lines
+    # fmt: on
 
 
 @dataclass
 class EmbedConfig:
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
     stage: str = "embed"  # cache, embed or head (each has its own flags: align.py --stage X --help)
     out_dir: str = "out/embed"  # checkpoints, log.txt, config.json, model/ (the assembled student)
     base: str = ""  # the base model folder (its transformer and its patch embedder)
     cache: str = "out/cache"  # the latent cache, with both latents
     align: str = "upsample"  # loss: upsample (official default) or downsample (DC-Gen Eq. (1))
     patch_size: int = 1  # patch size of the student model (DC-Gen: 1)
-    shift: str = ""  # noise-level shift written to the model folder: "" the base folder's own (what
-    # sample.py uses
+    shift: str = ""  # noise-level shift written to the model folder: "" the base folder's own (what sample.py uses
     # for it), flux, dcgen or constant (common.shift_factor)
     shift_value: float = 3.0  # r of --shift constant
     steps: int = 20_000  # optimizer steps
@@ -140,18 +137,19 @@ class EmbedConfig:
     save_every: int = 1000  # steps between checkpoints
     resume: bool = False  # continue from the newest checkpoint in out_dir
     dry_run: bool = False  # print the config and parameter counts, then exit
+    # fmt: on
 
 
 @dataclass
 class HeadConfig:
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
     stage: str = "head"  # cache, embed or head (each has its own flags: align.py --stage X --help)
     out_dir: str = "out/head"  # checkpoints, log.txt, config.json, model/ (the complete student)
     init: str = ""  # the embed stage's model folder
     cache: str = "out/cache"  # the latent cache, with student latents and text states
-    loss: str = "auto"  # auto (guide loss if the model embeds guidance, else flow matching), fm or
-    # guide
-    shift: str = ""  # training noise-level shift: "" the --init folder's own, flux, dcgen or
-    # constant
+    loss: str = "auto"  # auto (guide loss if the model embeds guidance, else flow matching), fm or guide
+    shift: str = ""  # training noise-level shift: "" the --init folder's own, flux, dcgen or constant
     shift_value: float = 3.0  # r of --shift constant
     steps: int = 5000  # optimizer steps
     batch_size: int = 64  # global batch, split over the ranks
@@ -160,8 +158,7 @@ class HeadConfig:
     beta2: float = 0.999  # AdamW beta2 (beta1 0.9)
     clip_grad: float = 0.1  # max global gradient norm (0: none)
     device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32 or bf16 (frozen weights in bf16, autocast; the two trained layers
-    # fp32)
+    dtype: str = "fp32"  # fp32 or bf16 (frozen weights in bf16, autocast; the two trained layers fp32)
     fsdp: bool = False  # shard the model (FSDP2, per block) instead of DDP
     grad_checkpointing: bool = False  # recompute block activations in backward
     seed: int = 0  # data order and draws
@@ -170,6 +167,7 @@ class HeadConfig:
     sample_every: int = 0  # steps between preview grids (0: never)
     resume: bool = False  # continue from the newest checkpoint in out_dir
     dry_run: bool = False  # print the config and parameter counts, then exit
+    # fmt: on
 
 
 STAGES = {"cache": CacheConfig, "embed": EmbedConfig, "head": HeadConfig}
@@ -180,7 +178,8 @@ STAGES = {"cache": CacheConfig, "embed": EmbedConfig, "head": HeadConfig}
 
 
 def embed_map(layer: nn.Module, z: torch.Tensor, p: int) -> torch.Tensor:
-    """A patch embedder applied to a latent z (B, C, H, W), as a 2-D map of token embeddings (B, D, H/p, W/p)."""
+    """A patch embedder applied to a latent z (B, C, H, W), as a 2-D map of token embeddings (B, D,
+    H/p, W/p)."""
     # SANA: conv with kernel = stride = p (DDP-wrapped)
     if isinstance(getattr(layer, "module", layer), nn.Conv2d):
         return layer(z)
@@ -192,8 +191,8 @@ def embed_map(layer: nn.Module, z: torch.Tensor, p: int) -> torch.Tensor:
 def new_layer_like(
     old: nn.Module, c_in: int | None = None, c_out: int | None = None, patch: int = 1
 ) -> nn.Module:
-    """A fresh layer of old's kind and width for the student latent: xavier-uniform weight, zero bias (official). A
-    conv embedder gets kernel = stride = the student's patch size."""
+    """A fresh layer of old's kind and width for the student latent: xavier-uniform weight, zero
+    bias (official). A conv embedder gets kernel = stride = the student's patch size."""
     if isinstance(old, nn.Conv2d):
         new = nn.Conv2d(c_in, old.out_channels, patch, stride=patch)
     else:
@@ -204,7 +203,8 @@ def new_layer_like(
 
 
 def align_loss(e_t: torch.Tensor, e_s: torch.Tensor, mode: str) -> torch.Tensor:
-    """MSE between teacher and student embedding maps, compared on one grid (s = teacher grid / student grid)."""
+    """MSE between teacher and student embedding maps, compared on one grid (s = teacher grid /
+    student grid)."""
     s = e_t.shape[-1] // e_s.shape[-1]
     # NOTE(deviation): DC-Gen Eq. (1) average-pools the teacher map; the official code's default
     # bilinearly upsamples the student map instead. We follow the code; --align downsample is the
@@ -223,8 +223,9 @@ def align_loss(e_t: torch.Tensor, e_s: torch.Tensor, mode: str) -> torch.Tensor:
 
 @torch.no_grad()
 def cache_stage(cfg: CacheConfig, d) -> None:
-    """Encode images with both AEs and captions with the text encoders into safetensors shards (resumable: a
-    finished shard is skipped). Each rank writes the shards i = rank (mod world); the master writes meta.json."""
+    """Encode images with both AEs and captions with the text encoders into safetensors shards
+    (resumable: a finished shard is skipped). Each rank writes the shards i = rank (mod world); the
+    master writes meta.json."""
     assert cfg.teacher_ae or cfg.student_ae, "give --teacher_ae and/or --student_ae"
     r, r_t = cfg.resolution, cfg.teacher_resolution or cfg.resolution
     assert r_t <= r, (
@@ -423,8 +424,9 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
 
 
 def head_stage(cfg: HeadConfig, d) -> None:
-    """DC-Gen stage 2: the new embedder and a fresh head trained with the model's own loss, backbone frozen (the
-    official stage 2 runs its stage-3 trainer with the backbone frozen), then the complete student model folder."""
+    """DC-Gen stage 2: the new embedder and a fresh head trained with the model's own loss, backbone
+    frozen (the official stage 2 runs its stage-3 trainer with the backbone frozen), then the
+    complete student model folder."""
     out, log = Path(cfg.out_dir), Path(cfg.out_dir) / "log.txt"
     cache = LatentCache(cfg.cache)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32

@@ -50,40 +50,34 @@ ZOO = Path(__file__).resolve().parent / "zoo"
 
 @dataclass
 class Config:
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
     pair: str = "toy"  # toy, flux or sana (see the docstring)
     sizes: tuple[int, ...] = (1024, 4096)  # square image sizes in px
     zoo: str = str(ZOO)  # toy: the zoo folder
-    random_weights: bool = False  # real-size shapes with random weights (flux, sana): no
-    # checkpoints needed
-    depth: int = -1  # reduced depth for CPU runs of real-width models: double-stream (FLUX) or all
-    # (SANA) blocks
+    random_weights: bool = False  # real-size shapes with random weights (flux, sana): no checkpoints needed
+    depth: int = -1  # reduced depth for CPU runs of real-width models: double-stream (FLUX) or all (SANA) blocks
     depth_single: int = -1  # reduced single-stream depth (FLUX)
-    dcgen_1k_max: int = 1024  # flux/toy: sizes up to this use the f32 DC-Gen model, larger ones the
-    # f64 one
+    dcgen_1k_max: int = 1024  # flux/toy: sizes up to this use the f32 DC-Gen model, larger ones the f64 one
     steps: int = 20  # denoising steps of the end-to-end latency
     repeats: int = 5  # timed repeats (median), alternating base / DC-Gen
     warmup: int = 2  # untimed repeats first
-    end_to_end: bool = True  # also time text encoding + `steps` steps + decode (composed from parts
-    # where noted)
-    e2e_max_step_s: float = 60.0  # if one step takes longer, the end-to-end time is composed from
-    # measured parts
+    end_to_end: bool = True  # also time text encoding + `steps` steps + decode (composed from parts where noted)
+    e2e_max_step_s: float = 60.0  # if one step takes longer, the end-to-end time is composed from measured parts
     text_len: int = 512  # random-weights text tokens (T5 length at sampling)
     device: str = "auto"  # auto, cuda or cpu
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
     attention: str = "auto"  # SDPA backend: auto, flash, efficient, cudnn or math
     compile: bool = False  # torch.compile the transformers (mode max-autotune-no-cudagraphs)
-    memory: bool = True  # peak memory of one step and of the decode, each in a fresh process (CPU)
-    # or reset (CUDA)
-    profile: bool = False  # also profile 3 steps of each role: time in matmuls / attention / the
-    # rest, and GFLOP/s
-    decode: bool = False  # instead: peak memory and time of one tiled decode (--ae, --size,
-    # --tile_px)
+    memory: bool = True  # peak memory of one step and of the decode, each in a fresh process (CPU) or reset (CUDA)
+    profile: bool = False  # also profile 3 steps of each role: time in matmuls / attention / the rest, and GFLOP/s
+    decode: bool = False  # instead: peak memory and time of one tiled decode (--ae, --size, --tile_px)
     ae: str = "dc-ae-1.5-f64c128"  # --decode: AE preset (models/dcae.py or vae.py) or folder
     size: int = 4096  # --decode: image size in px
     tile_px: int = 1024  # --decode: tile size (0: no tiling)
     out: str = "out/bench.json"  # results
-    _probe: str = ""  # (internal) "role:step" or "role:decode": measure one thing in this fresh
-    # process, print GB
+    _probe: str = ""  # (internal) "role:step" or "role:decode": measure one thing in this fresh process, print GB
+    # fmt: on
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,8 +85,9 @@ class Config:
 
 
 def flux_flops(p, img_tokens: int, txt_tokens: int) -> dict[str, float]:
-    """One FLUX forward: linear layers (per token: 12·D² in every block, double-stream blocks for txt and img
-    separately), joint softmax attention (QKᵀ and AV: 2·L²·D multiply-adds per block), embedders and head."""
+    """One FLUX forward: linear layers (per token: 12·D² in every block, double-stream blocks for
+    txt and img separately), joint softmax attention (QKᵀ and AV: 2·L²·D multiply-adds per block),
+    embedders and head."""
     D, L = p.hidden_size, img_tokens + txt_tokens
     mlp = int(D * p.mlp_ratio)
     # q, k, v, out + MLP in, out (same for the txt and img streams)
@@ -108,8 +103,9 @@ def flux_flops(p, img_tokens: int, txt_tokens: int) -> dict[str, float]:
 
 
 def sana_flops(p, img_tokens: int, txt_tokens: int) -> dict[str, float]:
-    """One SANA forward: linear self-attention costs O(N·D·d) (kernel sums), cross-attention O(N·L_txt·D), and the
-    Mix-FFN's 1×1 convs are linear layers (its 3×3 depthwise conv: 9 MACs per channel per token)."""
+    """One SANA forward: linear self-attention costs O(N·D·d) (kernel sums), cross-attention
+    O(N·L_txt·D), and the Mix-FFN's 1×1 convs are linear layers (its 3×3 depthwise conv: 9 MACs per
+    channel per token)."""
     D, N, d = p.hidden_size, img_tokens, p.hidden_size // p.num_heads
     hidden = int(D * p.mlp_ratio)
     cross = p.cross_heads * p.cross_head_dim
@@ -141,7 +137,8 @@ class Role:
 
 
 def random_init(module: torch.nn.Module, device, dtype) -> torch.nn.Module:
-    """Real shapes, random values: materialise a meta-built module on `device` in `dtype` without a checkpoint."""
+    """Real shapes, random values: materialise a meta-built module on `device` in `dtype` without a
+    checkpoint."""
     module = module.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for name, t in module.named_parameters():
@@ -198,8 +195,9 @@ def build_role(cfg: Config, role: str, size: int, device, dtype) -> Role:
 def inputs(
     role: Role, size: int, cfg: Config, device, dtype
 ) -> tuple[torch.Tensor, dict, dict | None]:
-    """Noise at the role's latent grid and the text conditioning: encoded by the role's text encoder, or random
-    states of the real shapes (T5-XXL + CLIP-L for FLUX, Gemma-2 for SANA) when there is none."""
+    """Noise at the role's latent grid and the text conditioning: encoded by the role's text
+    encoder, or random states of the real shapes (T5-XXL + CLIP-L for FLUX, Gemma-2 for SANA) when
+    there is none."""
     f, C = role.ae.spatial_factor, role.model.params.in_channels
     x = torch.randn(1, C, size // f, size // f, device=device, dtype=dtype)
     if role.text is not None:
@@ -226,7 +224,8 @@ def inputs(
 
 
 def step_fn(role: Role, x, cond, null, model):
-    """One denoising step's network evaluations: one pass (guidance-distilled), or two batched (true CFG)."""
+    """One denoising step's network evaluations: one pass (guidance-distilled), or two batched (true
+    CFG)."""
     B = x.shape[0]
     t = torch.full((B,), 0.5, device=x.device, dtype=x.dtype)
     w = (
@@ -260,10 +259,11 @@ ATTENTION_OPS = (
 
 
 def profile_step(fn, row: dict, device) -> dict:
-    """Where a step's time goes (torch.profiler, self time of each op, averaged over 3 steps): matmuls, attention,
-    everything else; and the throughput each family reaches on its share of the analytic FLOPs. A pair whose measured
-    speed-up falls short of the FLOP ratio shows here whether the smaller model is overhead-bound (a large "other"
-    share) or runs its kernels at a lower rate (small matmuls use the cores less well than big ones)."""
+    """Where a step's time goes (torch.profiler, self time of each op, averaged over 3 steps):
+    matmuls, attention, everything else; and the throughput each family reaches on its share of the
+    analytic FLOPs. A pair whose measured speed-up falls short of the FLOP ratio shows here whether
+    the smaller model is overhead-bound (a large "other" share) or runs its kernels at a lower rate
+    (small matmuls use the cores less well than big ones)."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -302,8 +302,8 @@ def profile_step(fn, row: dict, device) -> dict:
 
 
 def peak_memory_gb(cfg: Config, role: str, size: int, what: str, device) -> float:
-    """Peak memory of one step (or one decode) of `role` at `size`: a fresh process on CPU (its peak RSS: weights,
-    activations, everything), the allocator's peak on CUDA."""
+    """Peak memory of one step (or one decode) of `role` at `size`: a fresh process on CPU (its peak
+    RSS: weights, activations, everything), the allocator's peak on CUDA."""
     argv = [
         sys.executable,
         __file__,
@@ -340,7 +340,8 @@ def peak_memory_gb(cfg: Config, role: str, size: int, what: str, device) -> floa
 
 
 def probe(cfg: Config, device, dtype) -> None:
-    """--_probe role:what: run one step or one decode and print the peak memory in GB (used by peak_memory_gb)."""
+    """--_probe role:what: run one step or one decode and print the peak memory in GB (used by
+    peak_memory_gb)."""
     name, what = cfg._probe.split(":")
     role = build_role(cfg, name, cfg.sizes[0], device, dtype)
     x, cond, null = inputs(role, cfg.sizes[0], cfg, device, dtype)
@@ -352,8 +353,9 @@ def probe(cfg: Config, device, dtype) -> None:
 
 
 def peak_rss_gb() -> float:
-    """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss: the latter survives exec, so a
-    child of a big parent would report the parent's size (the kernel keeps the pre-exec high-water mark)."""
+    """This process's peak resident memory. Linux's VmHWM, not getrusage's ru_maxrss: the latter
+    survives exec, so a child of a big parent would report the parent's size (the kernel keeps the
+    pre-exec high-water mark)."""
     status = Path("/proc/self/status")
     if status.is_file():
         return (
@@ -369,7 +371,8 @@ def peak_rss_gb() -> float:
 
 
 def decode_bench(cfg: Config, device, dtype) -> dict:
-    """One decode of a --size image: time and this process's peak memory (run it alone, one tile size per run)."""
+    """One decode of a --size image: time and this process's peak memory (run it alone, one tile
+    size per run)."""
     if Path(cfg.ae).is_dir():
         ae = load_autoencoder(cfg.ae, dtype=dtype, device=device)
     elif cfg.ae not in AE_PRESETS:
@@ -482,8 +485,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def measure_role(cfg: Config, role: Role, size: int, run, step_s: float, device) -> dict:
-    """Token count, FLOPs, the median step time, and the end-to-end latency of `steps` steps (measured; or
-    composed from the measured parts when one step is slower than e2e_max_step_s)."""
+    """Token count, FLOPs, the median step time, and the end-to-end latency of `steps` steps
+    (measured; or composed from the measured parts when one step is slower than e2e_max_step_s)."""
     model, x, cond, null, _ = run
     p, tokens = role.model.params, role.tokens(size)
     txt_len = cond["txt"].shape[1]

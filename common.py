@@ -31,7 +31,8 @@ from models.loading import atomic_write, save_pretrained  # noqa: F401  (save_pr
 
 
 def parse_config(cls: type, argv: list[str] | None = None):
-    """Build `cls` from the command line: one flag per field, named exactly like it; bools are `--x/--no-x`.
+    """Build `cls` from the command line: one flag per field, named exactly like it; bools are
+    `--x/--no-x`.
 
     The inline comment after each field (`lr: float = 1e-4  # peak learning rate`) becomes its `--help` text.
     """
@@ -92,7 +93,8 @@ class Dist:
 
 
 def init_dist(device: str = "auto") -> Dist:
-    """Join the torchrun process group (nccl on GPU, gloo on CPU), or run as world size 1 under plain `python`."""
+    """Join the torchrun process group (nccl on GPU, gloo on CPU), or run as world size 1 under
+    plain `python`."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     torchrun = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -134,7 +136,8 @@ def seed_everything(seed: int) -> None:
 
 
 def run_info(world_size: int = 1) -> dict:
-    """What a run record needs to be reproducible: the git commit (and whether the tree was dirty), versions, GPU."""
+    """What a run record needs to be reproducible: the git commit (and whether the tree was dirty),
+    versions, GPU."""
 
     def git(*a):  # "" when git is missing or this is not a checkout
         if not shutil.which("git"):
@@ -158,8 +161,9 @@ def run_info(world_size: int = 1) -> dict:
 
 
 def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.Module:
-    """DDP over the ranks (gradients all-reduced in backward), or FSDP2: each transformer block sharded over the
-    ranks, then the root (PyTorch's fully_shard recipe), for bases too large to replicate (the 12B FLUX)."""
+    """DDP over the ranks (gradients all-reduced in backward), or FSDP2: each transformer block
+    sharded over the ranks, then the root (PyTorch's fully_shard recipe), for bases too large to
+    replicate (the 12B FLUX)."""
     if d.world_size == 1:
         return model
     if fsdp:
@@ -177,7 +181,8 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.
 def lr_at(
     step: int, lr: float, warmup: int, warmup_lr: float = 0.0, steps: int = 0, decay: int = 0
 ) -> float:
-    """Linear warm-up over `warmup` steps (step 0 already moves), constant, then linear to 0 over the last `decay`."""
+    """Linear warm-up over `warmup` steps (step 0 already moves), constant, then linear to 0 over
+    the last `decay`."""
     warm = warmup_lr + (lr - warmup_lr) * (step + 1) / warmup if step < warmup else lr
     # before its decay, the constant-lr run
     return warm * min(1.0, (steps - step) / decay) if decay else warm
@@ -192,19 +197,21 @@ def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of every random draw of one training step (noise, sigmas, text dropout, guidance scales).
-    Draws are made for the global batch and each rank takes its slice, so a resumed run repeats the uninterrupted one
-    exactly, and N ranks draw what one process with the same global batch draws."""
+    """The generator of every random draw of one training step (noise, sigmas, text dropout,
+    guidance scales). Draws are made for the global batch and each rank takes its slice, so a
+    resumed run repeats the uninterrupted one exactly, and N ranks draw what one process with the
+    same global batch draws."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def draw_prefixes(
     g: torch.Generator, candidates: Sequence[int], k: int, always_max: bool, C: int
 ) -> list[int]:
-    """The K channel counts c' of one DC-AE 1.5 training step (channel masking, augmented diffusion training), drawn
-    uniformly with `g` from the candidates and C; with always_max and K >= 2, C first and K - 1 drawn. K = 1 draws one
-    either way, as dc-ai-projects/DC-Gen@cae2205 dc_gen/aecore/trainer.py `prepare_batch` (L373-420) does.
-    NOTE(deviation): dc_gen/c2icore/trainer.py L461-484 gives [C] alone for K = 1 with always_sample_max_channel."""
+    """The K channel counts c' of one DC-AE 1.5 training step (channel masking, augmented diffusion
+    training), drawn uniformly with `g` from the candidates and C; with always_max and K >= 2, C
+    first and K - 1 drawn. K = 1 draws one either way, as dc-ai-projects/DC-Gen@cae2205
+    dc_gen/aecore/trainer.py `prepare_batch` (L373-420) does. NOTE(deviation):
+    dc_gen/c2icore/trainer.py L461-484 gives [C] alone for K = 1 with always_sample_max_channel."""
     pool = sorted({*candidates, C})
     if pool[0] < 1 or pool[-1] > C or k < 1:
         raise ValueError(
@@ -221,7 +228,8 @@ def draw_prefixes(
 
 
 def save_ckpt(obj, path: str | Path, metadata: dict[str, str] | None = None) -> None:
-    """Save `obj` (a torch.save dict, or a flat tensor dict for `.safetensors`) atomically: temp file, fsync, rename."""
+    """Save `obj` (a torch.save dict, or a flat tensor dict for `.safetensors`) atomically: temp
+    file, fsync, rename."""
     if Path(path).suffix == ".safetensors":
         tensors = {k: v.detach().contiguous() for k, v in obj.items()}
         atomic_write(path, lambda f: f.write(safetensors.torch.save(tensors, metadata=metadata)))
@@ -230,7 +238,8 @@ def save_ckpt(obj, path: str | Path, metadata: dict[str, str] | None = None) -> 
 
 
 def load_ckpt(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a checkpoint written by save_ckpt: safetensors, or torch.load with weights_only=True (no pickled code)."""
+    """Load a checkpoint written by save_ckpt: safetensors, or torch.load with weights_only=True (no
+    pickled code)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -242,7 +251,8 @@ def load_ckpt(path: str | Path, device: str | torch.device = "cpu"):
 def save_image_grid(
     images: torch.Tensor, path: str | Path, nrow: int = 4, text: dict | None = None
 ) -> None:
-    """Save (B, 3, H, W) images in [-1, 1] as one PNG grid, `nrow` images wide, with `text` as PNG metadata."""
+    """Save (B, 3, H, W) images in [-1, 1] as one PNG grid, `nrow` images wide, with `text` as PNG
+    metadata."""
     from PIL import Image, PngImagePlugin
 
     B, _, H, W = images.shape
@@ -279,14 +289,16 @@ def time_shift(r: float, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def flux_mu(tokens: int, base_tokens=256, max_tokens=4096, base_shift=0.5, max_shift=1.15) -> float:
-    """FLUX's mu, linear in the number of image tokens: mu(256) = 0.5, mu(4096) = 1.15 (extrapolated beyond)."""
+    """FLUX's mu, linear in the number of image tokens: mu(256) = 0.5, mu(4096) = 1.15 (extrapolated
+    beyond)."""
     m = (max_shift - base_shift) / (max_tokens - base_tokens)
     return base_shift + m * (tokens - base_tokens)
 
 
 def shift_factor(kind: str, tokens: int, channels: int, value: float = 3.0) -> float:
-    """The r of `time_shift` for shift `kind` on `tokens` image tokens of `channels` values each (C·p² for p×p
-    patches, as the official pipeline's sqrt(L·latents.shape[2]/4096) counts a packed latent's values)."""
+    """The r of `time_shift` for shift `kind` on `tokens` image tokens of `channels` values each
+    (C·p² for p×p patches, as the official pipeline's sqrt(L·latents.shape[2]/4096) counts a packed
+    latent's values)."""
     if kind == "flux":
         return math.exp(flux_mu(tokens))
     if kind == "dcgen":
@@ -297,19 +309,22 @@ def shift_factor(kind: str, tokens: int, channels: int, value: float = 3.0) -> f
 
 
 def shift_for(kind: str, latent_chw: tuple[int, int, int], patch: int, value: float = 3.0) -> float:
-    """`shift_factor` for a latent of shape (C, h, w) seen in p×p patches: (h/p)(w/p) tokens of C·p² values each."""
+    """`shift_factor` for a latent of shape (C, h, w) seen in p×p patches: (h/p)(w/p) tokens of C·p²
+    values each."""
     C, h, w = latent_chw
     return shift_factor(kind, (h // patch) * (w // patch), C * patch * patch, value)
 
 
 def get_schedule(steps: int, r: float) -> torch.Tensor:
-    """Sampling noise levels: `steps` uniform levels 1 ... 1/steps, shifted by r, then a final 0. Shape (steps + 1,)."""
+    """Sampling noise levels: `steps` uniform levels 1 ... 1/steps, shifted by r, then a final 0.
+    Shape (steps + 1,)."""
     sigmas = torch.linspace(1.0, 1.0 / steps, steps, dtype=torch.float64)
     return torch.cat([time_shift(r, sigmas), sigmas.new_zeros(1)]).float()
 
 
 def sample_sigmas(batch: int, r: float, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Training noise levels: u ~ logit-normal(0, 1) (SD3 §3.1), on the 1000-level grid, shifted by r. Shape (B,)."""
+    """Training noise levels: u ~ logit-normal(0, 1) (SD3 §3.1), on the 1000-level grid, shifted by
+    r. Shape (B,)."""
     u = torch.sigmoid(torch.randn(batch, generator=generator, dtype=torch.float64))
     # As DC-Gen's dc_ai/t2icore/models/flux.py (Flux.forward_train): the shifted 1000-step schedule
     # indexed by int(u·1000), sigma = 1 - i/1000.
@@ -322,7 +337,8 @@ def get_noise(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 
 
 def denoise(velocity: typing.Callable, x: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-    """Euler solver of dx/dsigma = v(x, sigma) from sigmas[0] = 1 to sigmas[-1] = 0; x stays in float32."""
+    """Euler solver of dx/dsigma = v(x, sigma) from sigmas[0] = 1 to sigmas[-1] = 0; x stays in
+    float32."""
     for sigma, sigma_next in zip(sigmas[:-1].tolist(), sigmas[1:].tolist()):
         x = x + (sigma_next - sigma) * velocity(x, sigma).float()  # one Euler step towards the data
     return x
@@ -331,8 +347,9 @@ def denoise(velocity: typing.Callable, x: torch.Tensor, sigmas: torch.Tensor) ->
 def guided_velocity(
     model, cond: dict, null: dict | None = None, guidance: float | None = None, cfg: float = 1.0
 ):
-    """v(x, sigma) for `denoise`, with guidance made explicit. A guidance-distilled model (FLUX.1-dev/Krea) takes
-    the scale w as an input, one pass; a CFG model takes two, v_u + cfg·(v_c - v_u), batched as [cond, null]."""
+    """v(x, sigma) for `denoise`, with guidance made explicit. A guidance-distilled model
+    (FLUX.1-dev/Krea) takes the scale w as an input, one pass; a CFG model takes two, v_u + cfg·(v_c
+    - v_u), batched as [cond, null]."""
 
     def v(x: torch.Tensor, sigma: float) -> torch.Tensor:
         # rows of the forward pass: [cond] or [cond, null]

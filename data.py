@@ -90,13 +90,14 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class StepSampler(torch.utils.data.Sampler):
-    """Yields this rank's batch of dataset indices for step start_step, start_step + 1, ... (forever).
+    """Yields this rank's batch of dataset indices for step start_step, start_step + 1, ...
+        (forever).
 
-    Global sample number p = (step·world + rank)·batch + j, so ranks never share a sample within a step and the data
-    of a step does not depend on where the run (re)started. With shuffle, p walks a fresh permutation of the n items
-    each epoch (seeded by seed + epoch, the same on every rank), like DistributedSampler.set_epoch; without it, p is
-    the index itself (procedural datasets, where every index is already a fresh random sample).
-    """
+    Global sample number p = (step·world + rank)·batch + j, so ranks never share a sample within a
+        step and the data of a step does not depend on where the run (re)started. With shuffle, p walks
+        a fresh permutation of the n items each epoch (seeded by seed + epoch, the same on every rank),
+        like DistributedSampler.set_epoch; without it, p is the index itself (procedural datasets, where
+        every index is already a fresh random sample)."""
 
     def __init__(
         self,
@@ -124,7 +125,8 @@ class StepSampler(torch.utils.data.Sampler):
         return self._perm[i]
 
     def batch_of(self, step: int) -> list[int]:
-        """This rank's indices at `step`: a pure function of the step, so a resumed run needs no sampler state."""
+        """This rank's indices at `step`: a pure function of the step, so a resumed run needs no
+        sampler state."""
         p0 = (step * self.world + self.rank) * self.batch
         return [self.index(p) for p in range(p0, p0 + self.batch)]
 
@@ -138,9 +140,10 @@ class StepSampler(torch.utils.data.Sampler):
 
 
 class LatentCache:
-    """Rows written by `align.py --stage cache`: per image, its latent under the teacher AE (the base model's) and/or
-    the student AE (the deep-compression one) and the text encoder's output for its caption, in safetensors shards,
-    plus the empty-prompt ("null") embedding. Training never runs an AE or a text encoder per step (as DC-Gen's
+    """Rows written by `align.py --stage cache`: per image, its latent under the teacher AE (the
+    base model's) and/or the student AE (the deep-compression one) and the text encoder's output for
+    its caption, in safetensors shards, plus the empty-prompt ("null") embedding. Training never
+    runs an AE or a text encoder per step (as DC-Gen's
     dc_ai/dc_adapt/data_provider/latent_mixture.py reads pre-extracted latents).
 
         meta.json        count, shards [{file, rows}], shapes, teacher_ae, student_ae, text (folders), captions

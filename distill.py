@@ -52,23 +52,19 @@ from training import check_latent, draw, merged_state_dict, prepare, train
 
 @dataclass
 class Config:
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
     # what to train
     init: str = ""  # the CFG model to distill: a model folder without a guidance embedding
     cache: str = "out/cache"  # latent cache written by align.py --stage cache
-    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher
-    # (base AE)
-    out_dir: str = "out/distill"  # checkpoints, log.txt, samples/, model/ (the distilled model
-    # folder)
-    rank: int = 0  # 0: train all weights of the student; > 0: LoRA of that rank (plus the guidance
-    # embedder)
+    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher (base AE)
+    out_dir: str = "out/distill"  # checkpoints, log.txt, samples/, model/ (the distilled model folder)
+    rank: int = 0  # 0: train all weights of the student; > 0: LoRA of that rank (plus the guidance embedder)
     alpha: float = 256.0  # LoRA alpha: the update is (alpha / rank)·B·A
-    lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the
-    # model's); empty: no LoRA
-    trainable: tuple[str, ...] = ()  # with LoRA: modules trained in full (the guidance embedder
-    # always is)
+    lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the model's); empty: no LoRA
+    trainable: tuple[str, ...] = ()  # with LoRA: modules trained in full (the guidance embedder always is)
     # loss
-    drop_text: float = 0.1  # probability of training a sample on the empty prompt (its target: v_u
-    # at every w)
+    drop_text: float = 0.1  # probability of training a sample on the empty prompt (its target: v_u at every w)
     w_min: float = 1.0  # smallest guidance scale distilled (w = 1: the conditional velocity)
     w_max: float = 14.0  # largest guidance scale distilled (the range DC-Gen's guide loss samples)
     shift: str = ""  # noise-level shift: "" the --init folder's own, flux, dcgen or constant
@@ -86,12 +82,9 @@ class Config:
     ema: float = 0.999  # EMA decay of the student's trainable weights (0: no EMA)
     # runtime
     device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights
-    # fp32)
-    fsdp: bool = False  # shard the student over the ranks (FSDP2, per block) instead of replicating
-    # it (DDP)
-    grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in
-    # depth)
+    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights fp32)
+    fsdp: bool = False  # shard the student over the ranks (FSDP2, per block) instead of replicating it (DDP)
+    grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in depth)
     seed: int = 0  # seeds the data order and every draw of the loss
     log_every: int = 10  # steps between log lines
     sample_every: int = 1000  # steps between preview grids (0: never), with embedded guidance
@@ -103,6 +96,7 @@ class Config:
     dry_run: bool = False  # print the config and parameter counts, then exit
     merge: str = ""  # a checkpoint of this script: write its model folder (EMA weights) to out_dir
     merge_ema: bool = True  # --merge: use the EMA weights (else the raw ones)
+    # fmt: on
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -123,7 +117,8 @@ def load_teacher(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def build_student(cfg: Config, dtype: torch.dtype, teacher: torch.nn.Module) -> torch.nn.Module:
-    """The teacher plus a guidance embedder whose output starts at zero: student(x, t, c, w) = teacher(x, t, c)."""
+    """The teacher plus a guidance embedder whose output starts at zero: student(x, t, c, w) =
+    teacher(x, t, c)."""
     with torch.device("meta"):
         student = type(teacher)(dataclasses.replace(teacher.params, guidance_embed=True))
     # SANA's guidance layout (SANA-Sprint) keeps the timestep MLP one level up; FLUX only adds
@@ -160,8 +155,8 @@ def with_shift(cfg: Config) -> Config:
 
 
 def merge(cfg: Config) -> Path:
-    """Write the model folder of a checkpoint of this script: the student with its (EMA) weights, in the run's dtype,
-    with the teacher folder's AE and text encoders."""
+    """Write the model folder of a checkpoint of this script: the student with its (EMA) weights, in
+    the run's dtype, with the teacher folder's AE and text encoders."""
     ckpt = load_ckpt(cfg.merge)
     run = Config(**{**ckpt["config"], "merge": "", "resume": False})
     dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32

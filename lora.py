@@ -68,45 +68,36 @@ from training import (
 
 @dataclass
 class Config:
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
     # what to train
     init: str = ""  # model folder to start from; "" trains --preset from scratch (with --rank 0)
     preset: str = ""  # FLUX preset (models/flux.py) of a model trained from scratch
     cache: str = "out/cache"  # latent cache written by align.py --stage cache
-    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher
-    # (base AE)
+    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher (base AE)
     out_dir: str = "out/lora"  # checkpoints, log.txt, samples/
     rank: int = 256  # LoRA rank; 0 trains all weights
     alpha: float = 256.0  # LoRA alpha: the update is (alpha / rank)·B·A
-    lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the
-    # model's); empty: no LoRA
-    trainable: tuple[str, ...] | None = None  # modules trained in full beside LoRA (default: the
-    # model's latent layers)
+    lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the model's); empty: no LoRA
+    trainable: tuple[str, ...] | None = None  # modules trained in full beside LoRA (default: the model's latent layers)
     # loss
-    loss: str = "auto"  # auto (guide if the model embeds guidance, else fm), fm (flow matching),
-    # guide
+    loss: str = "auto"  # auto (guide if the model embeds guidance, else fm), fm (flow matching), guide
     drop_text: float = 0.1  # probability of training a sample on the empty prompt
     w_min: float = 1.0  # guide loss: smallest guidance scale w
     w_max: float = 14.0  # guide loss: largest guidance scale w
-    guide_uncond: str = "one"  # guide loss: v_u at guidance 1 (official code) or at the sampled w
-    # ("w", the paper)
-    shift: str = ""  # noise-level shift: "" the --init folder's own (sample.py's; flux for
-    # --preset), flux (mu linear
+    guide_uncond: str = "one"  # guide loss: v_u at guidance 1 (official code) or at the sampled w ("w", the paper)
+    shift: str = ""  # noise-level shift: "" the --init folder's own (sample.py's; flux for --preset), flux (mu linear
     # in tokens), dcgen (sqrt(C·p²·L/4096)) or constant
     shift_value: float = 3.0  # r of --shift constant (with --shift "", the folder's own value)
-    prefixes: tuple[int, ...] = ()  # DC-AE 1.5 augmented diffusion training: candidate channel
-    # prefixes c' (empty:
-    # off; the model then also takes x[:, :c'])
-    num_prefixes: int = 2  # K: loss terms per step, one per channel prefix drawn
-    # (common.draw_prefixes)
-    always_max: bool = True  # one of the K terms is always the full latent (official
-    # always_sample_max_channel) optimisation (official stage-3 recipe: AdamW (0.9, 0.95), wd 0, lr
-    # 1e-4, 1000 warm-up steps, clip 0.1, EMA 0.999)
+    prefixes: tuple[int, ...] = ()  # DC-AE 1.5 augmented diffusion training: candidate channel prefixes c' (empty: off)
+    num_prefixes: int = 2  # K: loss terms per step, one per channel prefix drawn (common.draw_prefixes)
+    always_max: bool = True  # one of the K terms is always the full latent (official always_sample_max_channel)
+    # optimisation (official stage-3 recipe: AdamW (0.9, 0.95), wd 0, lr 1e-4, 1000 warm-up steps, clip 0.1, EMA 0.999)
     steps: int = 10_000  # optimizer steps
     batch_size: int = 64  # global batch, split over the ranks
     lr: float = 1e-4  # peak learning rate
     warmup: int = 1000  # linear warm-up steps, then constant
-    decay: int = 0  # linear decay to 0 over the last `decay` steps (0: none; the official recipe is
-    # constant)
+    decay: int = 0  # linear decay to 0 over the last `decay` steps (0: none; the official recipe is constant)
     beta1: float = 0.9  # AdamW beta1
     beta2: float = 0.95  # AdamW beta2
     weight_decay: float = 0.0  # AdamW weight decay
@@ -114,27 +105,23 @@ class Config:
     ema: float = 0.999  # EMA decay of the trainable weights (0: no EMA)
     # runtime
     device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights
-    # fp32)
-    fsdp: bool = False  # shard the model over the ranks (FSDP2, per block) instead of replicating
-    # it (DDP)
-    grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in
-    # depth)
+    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights fp32)
+    fsdp: bool = False  # shard the model over the ranks (FSDP2, per block) instead of replicating it (DDP)
+    grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in depth)
     seed: int = 0  # seeds the data order and every draw of the loss
     log_every: int = 10  # steps between log lines
     sample_every: int = 1000  # steps between preview grids (0: never)
     sample_count: int = 4  # previews: the first cached captions, fixed noise
     sample_steps: int = 20  # Euler steps of a preview
-    sample_guidance: float = 3.5  # previews: embedded guidance (guidance-distilled) or CFG scale
-    # (CFG models)
+    sample_guidance: float = 3.5  # previews: embedded guidance (guidance-distilled) or CFG scale (CFG models)
     save_every: int = 1000  # steps between checkpoints
     val_cache: str = ""  # held-out latent cache: log the validation flow-matching loss on it
     val_every: int = 0  # steps between validations (0: at the end only, when val_cache is given)
     resume: bool = False  # continue from the newest checkpoint in out_dir
     dry_run: bool = False  # print the config and parameter counts, then exit
-    merge: str = ""  # a checkpoint of this script: fold its (EMA) weights into its base and write a
-    # model folder
+    merge: str = ""  # a checkpoint of this script: fold its (EMA) weights into its base and write a model folder
     merge_ema: bool = True  # --merge: use the EMA weights (else the raw ones)
+    # fmt: on
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -142,8 +129,9 @@ class Config:
 
 
 def build_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
-    """The model to train: --init's transformer (frozen weights in dtype) or a fresh --preset, LoRA injected on the
-    model's targets (or --lora_targets), requires_grad set and trainable tensors in fp32 (training.prepare)."""
+    """The model to train: --init's transformer (frozen weights in dtype) or a fresh --preset, LoRA
+    injected on the model's targets (or --lora_targets), requires_grad set and trainable tensors in
+    fp32 (training.prepare)."""
     if cfg.init:
         model = load_pipeline(cfg.init, dtype=dtype, parts=("transformer",)).transformer
     else:
@@ -155,8 +143,9 @@ def build_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
 
 
 def with_shift(cfg: Config) -> Config:
-    """cfg with --shift resolved: given, or the --init folder's own, so that a run trains at the noise levels its model
-    samples at (SANA a constant 3.0, FLUX mu(L)) unless told otherwise. Resolved before config.json is written."""
+    """cfg with --shift resolved: given, or the --init folder's own, so that a run trains at the
+    noise levels its model samples at (SANA a constant 3.0, FLUX mu(L)) unless told otherwise.
+    Resolved before config.json is written."""
     if cfg.shift:
         assert cfg.shift in SHIFTS, (
             f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the model folder\'s own)'
@@ -167,9 +156,10 @@ def with_shift(cfg: Config) -> Config:
 
 
 def merge(cfg: Config) -> Path:
-    """Fold a checkpoint's (EMA) trainable weights into its --init model and write a model folder to out_dir, in the
-    dtype the run trained in, with the --init folder's AE and text encoders: the cache is not needed. A model
-    trained from a --preset has no folder: its cache's AE and text encoders are taken."""
+    """Fold a checkpoint's (EMA) trainable weights into its --init model and write a model folder to
+    out_dir, in the dtype the run trained in, with the --init folder's AE and text encoders: the
+    cache is not needed. A model trained from a --preset has no folder: its cache's AE and text
+    encoders are taken."""
     ckpt = load_ckpt(cfg.merge)
     run = Config(**{**ckpt["config"], "merge": "", "resume": False})
     dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32

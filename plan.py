@@ -65,22 +65,23 @@ CLIP_L = 123_060_480  # CLIP ViT-L/14 text model (FLUX text_encoder)
 
 @dataclass
 class Config:
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
     gpus: int = 8  # ranks of every torchrun stage (runs/pipeline.sh uses 8)
     gpu: str = "h100"  # h100, h200 or rtx5090: memory per GPU and dense bf16 peak
     mfu: float = 0.4  # fraction of the GPU's dense bf16 peak that a step reaches
-    dtype: str = "bf16"  # fp32 or bf16 (frozen weights in bf16, trainable fp32, autocast), as the
-    # stages' --dtype
+    dtype: str = "bf16"  # fp32 or bf16 (frozen weights in bf16, trainable fp32, autocast), as the stages' --dtype
     grad_checkpointing: bool = True  # head and LoRA stages: recompute block activations in backward
     fsdp: bool = True  # head and LoRA stages: FSDP2 shards over the ranks (else DDP replicas)
     depth: int = -1  # double-stream blocks (-1: the preset's 19); smaller for quick looks
     depth_single: int = -1  # single-stream blocks (-1: the preset's 38)
-    preset: str = ""  # FLUX preset planned for every stage ("": dcgen-flux-1k for 1K, dcgen-flux-4k
-    # for 4K)
+    preset: str = ""  # FLUX preset planned for every stage ("": dcgen-flux-1k for 1K, dcgen-flux-4k for 4K)
     txt_len: int = 256  # T5 tokens in training (the official recipe's max_length)
     sample_txt_len: int = 512  # T5 tokens at sampling (FLUX's default)
     stages: tuple[str, ...] = ()  # only these rows (e.g. lora-512 sample-4k); empty: every stage
     out: str = ""  # also write the rows as JSON here
     markdown: bool = False  # print a markdown table (README) instead of plain text
+    # fmt: on
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -88,9 +89,10 @@ class Config:
 
 
 class Tracker(TorchDispatchMode):
-    """Every storage an op allocates: its bytes, the phase it was born and released in and when (a weakref
-    finaliser), and the FLOPs of each matmul, convolution and attention kernel. Outputs that alias an input (views,
-    in-place ops) and storages that existed before (parameters, optimizer states) are not counted."""
+    """Every storage an op allocates: its bytes, the phase it was born and released in and when (a
+    weakref finaliser), and the FLOPs of each matmul, convolution and attention kernel. Outputs that
+    alias an input (views, in-place ops) and storages that existed before (parameters, optimizer
+    states) are not counted."""
 
     def __init__(self):
         super().__init__()
@@ -124,7 +126,8 @@ class Tracker(TorchDispatchMode):
         self.rows[self.live.pop(key)][3:] = [self.clock, self.phase]
 
     def peaks(self, weight) -> dict[str, float]:
-        """The most bytes alive at once in each phase, a storage counting weight(row, phase born) x its bytes."""
+        """The most bytes alive at once in each phase, a storage counting weight(row, phase born) x
+        its bytes."""
         events = []
         for row, (n, born, phase, released, phase_released) in enumerate(self.rows):
             w = weight(row, phase) * n
@@ -137,8 +140,9 @@ class Tracker(TorchDispatchMode):
 
 
 def op_flops(func, args, kwargs, out) -> float:
-    """FLOPs of one aten op: torch.utils.flop_counter's formulas, plus CPU flash attention (what SDPA runs on a CPU
-    and on these fake CPU tensors; the same math as CUDA flash attention, whose backward recomputes QKᵀ: 2.5x)."""
+    """FLOPs of one aten op: torch.utils.flop_counter's formulas, plus CPU flash attention (what
+    SDPA runs on a CPU and on these fake CPU tensors; the same math as CUDA flash attention, whose
+    backward recomputes QKᵀ: 2.5x)."""
     name = func._overloadpacket.__name__
     if "scaled_dot_product" in name and "for_cpu" in name:
         if name.endswith("backward"):
@@ -150,10 +154,11 @@ def op_flops(func, args, kwargs, out) -> float:
 
 @contextlib.contextmanager
 def cuda_autocast_norms():
-    """CUDA autocast's float32 list on top of CPU autocast (the trace runs on CPU fake tensors). The two agree on
-    matmuls and attention (bf16); CUDA also runs normalisations in fp32 (ATen autocast_mode.h, AT_FORALL_FP32), so
-    their outputs, and the activations saved after them, are fp32 on a GPU where a CPU keeps bf16. Patched at the
-    functional level, so that grad checkpointing's recompute inside backward sees it too."""
+    """CUDA autocast's float32 list on top of CPU autocast (the trace runs on CPU fake tensors). The
+    two agree on matmuls and attention (bf16); CUDA also runs normalisations in fp32 (ATen
+    autocast_mode.h, AT_FORALL_FP32), so their outputs, and the activations saved after them, are
+    fp32 on a GPU where a CPU keeps bf16. Patched at the functional level, so that grad
+    checkpointing's recompute inside backward sees it too."""
     saved = {name: getattr(F, name) for name in ("layer_norm", "rms_norm", "group_norm")}
 
     def fp32(fn):
@@ -178,7 +183,8 @@ def cuda_autocast_norms():
 
 
 def to_fake(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
-    """Swap a meta-built module's parameters for fake CPU tensors of the same shapes, dtypes and requires_grad."""
+    """Swap a meta-built module's parameters for fake CPU tensors of the same shapes, dtypes and
+    requires_grad."""
     memo = {}
     for m in module.modules():
         for name, p in list(m._parameters.items()):
@@ -202,7 +208,8 @@ def to_fake(module: nn.Module, mode: FakeTensorMode) -> nn.Module:
 def build_model(
     stage: str, params: FluxParams, dtype: torch.dtype, lora_rank: int, teacher_in: int = 64
 ) -> nn.Module:
-    """The module a stage puts on the GPU, dtypes and requires_grad as the stages set them (training.prepare)."""
+    """The module a stage puts on the GPU, dtypes and requires_grad as the stages set them
+    (training.prepare)."""
     # align.py: the frozen base embedder (teacher_in: FLUX's f8c16 latent in 2x2 patches)
     if stage == "embed":
         teacher = nn.Linear(teacher_in, params.hidden_size).to(dtype)
@@ -221,8 +228,9 @@ def build_model(
 def make_batch(
     stage: str, params: FluxParams, b: int, latent_hw, txt_len: int, teacher=(64, 2)
 ) -> dict:
-    """One rank's batch: latents and text states as the latent cache holds them (fp32). Embed: the teacher latent of
-    the same images, in 2x2 patches of teacher[0] / 4 channels, on a token grid teacher[1] times the student's."""
+    """One rank's batch: latents and text states as the latent cache holds them (fp32). Embed: the
+    teacher latent of the same images, in 2x2 patches of teacher[0] / 4 channels, on a token grid
+    teacher[1] times the student's."""
     h, w = latent_hw
     if stage == "embed":
         t = 2 * teacher[1]
@@ -238,7 +246,8 @@ def make_batch(
 
 
 def make_optimizer(model: nn.Module, stage: str, foreach: bool):
-    """AdamW over the trainable tensors (fp32 states) and, for LoRA, the fp32 EMA copy lora.py keeps."""
+    """AdamW over the trainable tensors (fp32 states) and, for LoRA, the fp32 EMA copy lora.py
+    keeps."""
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:  # sampling
         return None, {}
@@ -263,8 +272,8 @@ def embed_map(layer: nn.Module, z: torch.Tensor, p: int) -> torch.Tensor:
 
 
 def diffusion_loss(model, x0, cond, null, g, guide: bool) -> torch.Tensor:
-    """lora.py's loss term: training.draw (text dropout 10%, w ~ U(1, 14)), then the guide loss (DC-Gen §3.3,
-    a no-grad unconditional pass beside the one with gradient) or flow matching."""
+    """lora.py's loss term: training.draw (text dropout 10%, w ~ U(1, 14)), then the guide loss
+    (DC-Gen §3.3, a no-grad unconditional pass beside the one with gradient) or flow matching."""
     x_t, sigma, v, drop, w = draw(x0, g, x0.shape[0], 0, 1.0, 0.1, 1.0, 14.0)
     cond = drop_text(cond, null, drop)
     if guide:
@@ -275,9 +284,10 @@ def diffusion_loss(model, x0, cond, null, g, guide: bool) -> torch.Tensor:
 def train_step(
     stage, model, opt, ema, batch, null, amp, guide: bool, aug_k: int, mark=lambda phase: None
 ):
-    """One optimizer step as the stage scripts run it: training.train's loop body (loss terms on aug_k channel
-    prefixes under autocast, backward, clip, AdamW, EMA), or align.py's embed step (the frozen embedder without
-    grad, the fresh one trained on its bilinearly upsampled map, the official default)."""
+    """One optimizer step as the stage scripts run it: training.train's loop body (loss terms on
+    aug_k channel prefixes under autocast, backward, clip, AdamW, EMA), or align.py's embed step
+    (the frozen embedder without grad, the fresh one trained on its bilinearly upsampled map, the
+    official default)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if stage == "embed":
         dtype = model["teacher"].weight.dtype
@@ -326,8 +336,9 @@ def trace(stage: str, params: FluxParams, *args) -> dict:
 def trace_step(
     stage, fields, b, latent_hw, txt_len, dtype, ckpt, shards, rank, guide, aug_k, teacher, device
 ) -> dict:
-    """Build the stage's model on fake tensors and trace one steady-state step (the optimizer states exist).
-    shards: FSDP world size: gradients, optimizer states and the optimizer's temporaries count 1/shards."""
+    """Build the stage's model on fake tensors and trace one steady-state step (the optimizer states
+    exist). shards: FSDP world size: gradients, optimizer states and the optimizer's temporaries
+    count 1/shards."""
     params = FluxParams(**dict(fields))
     mode = FakeTensorMode()
     torch_dtype = torch.bfloat16 if dtype == "bf16" else torch.float32
@@ -397,9 +408,9 @@ def trace_step(
 
 
 def merge_estimate(params: FluxParams, rank: int, dtype: torch.dtype) -> dict:
-    """lora.py --merge, on the host: the model in the run's dtype with its fp32 LoRA and latent layers, the
-    checkpoint's four copies of the trainable tensors (weights, EMA, AdamW's two states), and merge_lora's fp32 B·A
-    then scale·(B·A) of one layer at a time."""
+    """lora.py --merge, on the host: the model in the run's dtype with its fp32 LoRA and latent
+    layers, the checkpoint's four copies of the trainable tensors (weights, EMA, AdamW's two
+    states), and merge_lora's fp32 B·A then scale·(B·A) of one layer at a time."""
     with torch.device("meta"):
         model = build_model("lora", params, dtype, rank)
     layers = [m for m in model.modules() if hasattr(m, "lora_A")]
@@ -415,8 +426,8 @@ def merge_estimate(params: FluxParams, rank: int, dtype: torch.dtype) -> dict:
 def forward_flops(
     params: FluxParams, img_tokens: int, txt_tokens: int, lora_rank: int
 ) -> dict[str, float]:
-    """One forward: bench.flux_flops (token linears and attention) plus the LoRA branches, 2·r·(in + out) FLOPs per
-    token per adapted linear (with rank 0 or in the head stage there are none)."""
+    """One forward: bench.flux_flops (token linears and attention) plus the LoRA branches, 2·r·(in +
+    out) FLOPs per token per adapted linear (with rank 0 or in the head stage there are none)."""
     # here, not at the top: bench imports the whole pipeline (transformers), this needs one formula
     import bench
 
@@ -451,12 +462,13 @@ def predict(
     ae_factor: int | None = None,
     device: str = "cuda",
 ) -> dict:
-    """Bytes per rank ("weights", "grads", "optimizer" (AdamW states + EMA), "activations", "peak") and "flops" of
-    one optimizer step on this rank (forward + backward + recompute, as executed; "sample"/"quantize": one denoising
-    forward; "merge": folding every LoRA, on the host). ddp: DDP replicas (a gradient-bucket copy). Embed only:
-    teacher, the base model (default: FLUX.1's f8c16 latent, 2x2 patches) and ae_factor, the student AE's factor
-    (default: 32 up to 32 latent channels, DC-AE f32c32, else 64, DC-AE 1.5 f64c128). device "cpu" traces CPU
-    autocast and AdamW's per-tensor loop instead of CUDA's (the tests measure on a CPU)."""
+    """Bytes per rank ("weights", "grads", "optimizer" (AdamW states + EMA), "activations", "peak")
+    and "flops" of one optimizer step on this rank (forward + backward + recompute, as executed;
+    "sample"/"quantize": one denoising forward; "merge": folding every LoRA, on the host). ddp: DDP
+    replicas (a gradient-bucket copy). Embed only: teacher, the base model (default: FLUX.1's f8c16
+    latent, 2x2 patches) and ae_factor, the student AE's factor (default: 32 up to 32 latent
+    channels, DC-AE f32c32, else 64, DC-AE 1.5 f64c128). device "cpu" traces CPU autocast and
+    AdamW's per-tensor loop instead of CUDA's (the tests measure on a CPU)."""
     valid = ("embed", "head", "lora", "merge", "sample", "quantize")
     if stage not in valid:
         raise ValueError(f"unknown stage {stage!r}; choose from {valid}")
@@ -531,8 +543,9 @@ def predict(
 def largest_micro_batch(
     stage: str, params: FluxParams, budget: float, anchor: int = 1, exact: bool = True, **kw
 ):
-    """The largest micro-batch whose predicted peak fits `budget` bytes (0: none). Memory is affine in the micro-batch
-    (every activation scales with it), so anchor and 2·anchor give it; exact: confirmed (or bisected) by tracing."""
+    """The largest micro-batch whose predicted peak fits `budget` bytes (0: none). Memory is affine
+    in the micro-batch (every activation scales with it), so anchor and 2·anchor give it; exact:
+    confirmed (or bisected) by tracing."""
     peak = lambda b: predict(stage, params, micro_batch=b, **kw)["peak"]  # noqa: E731
     a, a2 = peak(anchor), peak(2 * anchor)
     slope = max((a2 - a) / anchor, 1.0)
@@ -549,10 +562,11 @@ def largest_micro_batch(
 def check_fits(
     stage: str, model: nn.Module, *, micro_batch: int, device: torch.device, **kw
 ) -> None:
-    """Stop a CUDA run at start, in one line, when its predicted peak exceeds the card (5% kept for the CUDA context
-    and allocator slack): the predicted and the card's GB, the largest micro-batch that fits, and single-flag
-    changes with their predicted peaks, cheapest first. kw: predict's (latent_hw, txt_len, dtype,
-    grad_checkpointing, fsdp_world, lora_rank, guide, aug_k). Any FLUX-shaped model: only model.params is read."""
+    """Stop a CUDA run at start, in one line, when its predicted peak exceeds the card (5% kept for
+    the CUDA context and allocator slack): the predicted and the card's GB, the largest micro-batch
+    that fits, and single-flag changes with their predicted peaks, cheapest first. kw: predict's
+    (latent_hw, txt_len, dtype, grad_checkpointing, fsdp_world, lora_rank, guide, aug_k). Any
+    FLUX-shaped model: only model.params is read."""
     if torch.device(device).type != "cuda":
         return
     total = torch.cuda.mem_get_info(device)[1]
@@ -588,8 +602,9 @@ def check_fits(
 def ae_estimate(
     preset: str, size_px: int, micro_batch: int, dtype: torch.dtype, tile_px: int | None
 ) -> dict:
-    """Peak memory and FLOPs of one AE encode and one decode at size_px (no grad), traced on fake tensors; tile_px
-    None is one pass, else the overlapping tiles the AEs use by default (models/autoencoder.py)."""
+    """Peak memory and FLOPs of one AE encode and one decode at size_px (no grad), traced on fake
+    tensors; tile_px None is one pass, else the overlapping tiles the AEs use by default
+    (models/autoencoder.py)."""
     params = DCAE_PRESETS.get(preset) or VAE_PRESETS[preset]
     mode = FakeTensorMode()
     with torch.device("meta"):

@@ -75,44 +75,35 @@ from toy.shapes import ShapesDataset
 
 @dataclass
 class Config:
-    model: str = ""  # model folder (calibrated with the sampler) or FLUX transformer folder; "" =
-    # random `preset`
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
+    model: str = ""  # model folder (calibrated with the sampler) or FLUX transformer folder; "" = random `preset`
     preset: str = "tiny"  # models/flux.py preset of the random model (used when `model` is "")
     patch_size: int = 0  # latent patch size of `model` (0: its config's `_patch_size`, else 1)
-    out_dir: str = "out/quantize"  # transformer/ (emulation), svdq-*.safetensors (Nunchaku),
-    # config.json, log.txt
-    name: str = "model"  # model name in the export file name
-    # svdq-{fp4|int4}_r{rank}-{name}.safetensors
+    out_dir: str = "out/quantize"  # transformer/ (emulation), svdq-*.safetensors (Nunchaku), config.json, log.txt
+    name: str = "model"  # model name in the export file name svdq-{fp4|int4}_r{rank}-{name}.safetensors
     precision: str = "nvfp4"  # nvfp4 (Blackwell RTX 50) | int4 (Turing/Ampere/Ada)
-    method: str = "svdquant"  # svdquant | rtn (round-to-nearest W4A4, no smoothing, no low-rank
-    # branch: the ablation)
+    method: str = "svdquant"  # svdquant | rtn (round-to-nearest W4A4, no smoothing, no low-rank branch: the ablation)
     rank: int = 32  # rank r of the 16-bit low-rank branch
-    num_grids: int = 20  # α grid i/n, i = 1..n-1, of the smoothing search (DeepCompressor 20; its
-    # fast.yaml 10)
-    lowrank_iters: int = 100  # at most this many refinements L <- SVD_r(Ŵ - Q(Ŵ - L)); stops when
-    # the error rises
+    num_grids: int = 20  # α grid i/n, i = 1..n-1, of the smoothing search (DeepCompressor 20; its fast.yaml 10)
+    lowrank_iters: int = 100  # at most this many refinements L <- SVD_r(Ŵ - Q(Ŵ - L)); stops when the error rises
     svd_niter: int = 4  # power iterations of the randomised truncated SVD
-    calib_file: str = ""  # safetensors of recorded model inputs x, t, txt, y[, guidance], each (N,
-    # ...); "" = random
-    calib_prompts: str = ""  # model folder: prompt file for the sampler (one per line); "" =
-    # procedural captions
-    calib_count: int = 64  # model folder: prompts run through the sampler, every step's inputs
-    # recorded
+    calib_file: str = ""  # safetensors of recorded model inputs x, t, txt, y[, guidance], each (N, ...); "" = random
+    calib_prompts: str = ""  # model folder: prompt file for the sampler (one per line); "" = procedural captions
+    calib_count: int = 64  # model folder: prompts run through the sampler, every step's inputs recorded
     calib_steps: int = 20  # model folder: sampler steps
     calib_size: int = 1024  # model folder: image size in px of the calibration samples
     calib_batch_size: int = 2  # samples per calibration forward
     calib_batches: int = 4  # random calibration forwards (when calib_file is "")
     latent_hw: int = 16  # side of the random calibration latents, latent pixels
     txt_len: int = 32  # text tokens of the random calibration inputs
-    guidance: float = 3.5  # embedded guidance scale of the random calibration inputs
-    # (guidance-distilled models)
-    reservoir_rows: int = 512  # input rows kept per layer (uniform sample) for the output-error
-    # objective
-    check: bool = False  # load the export with the real Nunchaku (Blackwell/Ada GPU) and compare
-    # one forward
+    guidance: float = 3.5  # embedded guidance scale of the random calibration inputs (guidance-distilled models)
+    reservoir_rows: int = 512  # input rows kept per layer (uniform sample) for the output-error objective
+    check: bool = False  # load the export with the real Nunchaku (Blackwell/Ada GPU) and compare one forward
     device: str = "auto"  # cuda | cpu | auto
     seed: int = 0
     dry_run: bool = False  # print the config and the layer counts, then exit
+    # fmt: on
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -120,11 +111,12 @@ class Config:
 
 
 class InputStats:
-    """What one linear saw: per-input-channel min and max over every row, and a uniform sample of `rows` rows
-    (bottom-k reservoir: each row draws a random key, the rows with the k smallest keys are kept).
+    """What one linear saw: per-input-channel min and max over every row, and a uniform sample of
+        `rows` rows (bottom-k reservoir: each row draws a random key, the rows with the k smallest keys
+        are kept).
 
-    NOTE(deviation): DeepCompressor keeps every calibration activation (128 prompts x all steps) on disk; the
-    extremes here are exact over all rows, the output-error objective uses the sample."""
+    NOTE(deviation): DeepCompressor keeps every calibration activation (128 prompts x all steps) on
+        disk; the extremes here are exact over all rows, the output-error objective uses the sample."""
 
     def __init__(self, rows: int, generator: torch.Generator):
         self.rows, self.gen = rows, generator
@@ -154,8 +146,9 @@ def calibrate(
     rows: int = 512,
     seed: int = 0,
 ):
-    """Hook the inputs of the linears `names`, call `run()` (any code that runs the model: the sampler over N prompts
-    at its timesteps, or a loop over recorded inputs), unhook. Returns {name: InputStats}."""
+    """Hook the inputs of the linears `names`, call `run()` (any code that runs the model: the
+    sampler over N prompts at its timesteps, or a loop over recorded inputs), unhook. Returns {name:
+    InputStats}."""
     gen = torch.Generator().manual_seed(seed)
     stats = {n: InputStats(rows, gen) for n in names}
     hooks = [
@@ -188,7 +181,8 @@ def random_batches(params, cfg: Config, seed: int, batches: int) -> Iterator[dic
 
 
 def file_batches(path: str, batch_size: int) -> Iterator[dict]:
-    """Recorded model inputs (safetensors): x (N, C, H, W), t (N,), txt (N, L, 4096), y (N, 768)[, guidance (N,)]."""
+    """Recorded model inputs (safetensors): x (N, C, H, W), t (N,), txt (N, L, 4096), y (N, 768)[,
+    guidance (N,)]."""
     d = load_ckpt(path)
     for i in range(0, d["x"].shape[0], batch_size):
         yield {
@@ -207,8 +201,9 @@ def run_batches(model: Flux, batches: list[dict]) -> list[Tensor]:
 
 
 def sampler_run(pipe, cfg: Config, device) -> Callable[[], None]:
-    """Calibration as SVDQuant does it: the sampler itself over N prompts, so every layer sees its inputs at every
-    noise level of a real generation (the model's own guidance, shift and resolution)."""
+    """Calibration as SVDQuant does it: the sampler itself over N prompts, so every layer sees its
+    inputs at every noise level of a real generation (the model's own guidance, shift and
+    resolution)."""
     if cfg.calib_prompts:
         prompts = [
             ln.strip() for ln in Path(cfg.calib_prompts).read_text().splitlines() if ln.strip()
@@ -288,8 +283,9 @@ def make_layer(model: Flux, names: list[str], st: InputStats, fp4: bool, device)
 
 
 def smooth_candidates(num_grids: int) -> list[tuple[float, float]]:
-    """(α, β) pairs of DeepCompressor's alpha 0.5, beta -2 (calib/config/smooth.py: get_alpha_beta_pairs): no
-    smoothing, activation-only (α, 0), and SmoothQuant's (α, 1 - α), α = i/num_grids."""
+    """(α, β) pairs of DeepCompressor's alpha 0.5, beta -2 (calib/config/smooth.py:
+    get_alpha_beta_pairs): no smoothing, activation-only (α, 0), and SmoothQuant's (α, 1 - α), α =
+    i/num_grids."""
     grid = [i / num_grids for i in range(1, num_grids)]
     return [(0.0, 0.0)] + [(a, 0.0) for a in grid] + [(a, 1 - a) for a in grid]
 
@@ -297,8 +293,9 @@ def smooth_candidates(num_grids: int) -> list[tuple[float, float]]:
 def smooth_scale(xmax: Tensor, wmax: Tensor, alpha: float, beta: float) -> Tensor:
     """λ = xmax^α / wmax^β (calib/smooth.py: get_smooth_scale), zeros -> 1, all ones if any inf/nan.
 
-    NOTE(deviation): rounded to bf16 first, so the weights are smoothed with exactly the λ that Nunchaku's kernel
-    divides the input by; DeepCompressor smooths with the float32 λ and stores it as bf16."""
+    NOTE(deviation): rounded to bf16 first, so the weights are smoothed with exactly the λ that
+        Nunchaku's kernel divides the input by; DeepCompressor smooths with the float32 λ and stores it
+        as bf16."""
     if alpha == 0 and beta == 0:
         return torch.ones_like(xmax)
     lam = xmax.pow(alpha) / (wmax.pow(beta) if beta > 0 else 1)
@@ -309,8 +306,8 @@ def smooth_scale(xmax: Tensor, wmax: Tensor, alpha: float, beta: float) -> Tenso
 
 
 def lowrank(w: Tensor, rank: int, niter: int) -> tuple[Tensor, Tensor]:
-    """Rank-r truncation of w (out, in): L_down = V_rᵀ (r, in), L_up = U_r·S_r (out, r) (nn/patch/lowrank.py), both
-    rounded to 16 bits (bf16), the branch's storage format."""
+    """Rank-r truncation of w (out, in): L_down = V_rᵀ (r, in), L_up = U_r·S_r (out, r)
+    (nn/patch/lowrank.py), both rounded to 16 bits (bf16), the branch's storage format."""
     rank = min(rank, *w.shape)
     if rank == 0:
         return w.new_zeros(0, w.shape[1]), w.new_zeros(w.shape[0], 0)
@@ -330,8 +327,8 @@ def lowrank(w: Tensor, rank: int, niter: int) -> tuple[Tensor, Tensor]:
 def quantize_split(
     w: Tensor, splits: list[int], fp4: bool
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """quantize_weight per fused part (each its own tensor scale) -> (grid values, group scales, per-row tensor scale,
-    dequantised weight), all (Σout, ...) float32."""
+    """quantize_weight per fused part (each its own tensor scale) -> (grid values, group scales,
+    per-row tensor scale, dequantised weight), all (Σout, ...) float32."""
     parts = [quantize_weight(part, fp4) for part in w.split(splits)]
     q, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     c = torch.cat([t.expand(n) for (_, _, t), n in zip(parts, splits)])
@@ -339,9 +336,10 @@ def quantize_split(
 
 
 def refine(layer: Layer, lam: Tensor, rank: int, iters: int, cfg: Config, fp4: bool) -> Result:
-    """Low-rank branch and 4-bit residual for a given λ: L <- SVD_r(Ŵ - Q(Ŵ - L)) from Q = 0, keeping the best
-    output error and stopping at the first increase (calib/lowrank.py, early_stop). iters = 1 is the one-shot
-    split DeepCompressor's smoothing search evaluates (allow_low_rank: true)."""
+    """Low-rank branch and 4-bit residual for a given λ: L <- SVD_r(Ŵ - Q(Ŵ - L)) from Q = 0,
+    keeping the best output error and stopping at the first increase (calib/lowrank.py, early_stop).
+    iters = 1 is the one-shot split DeepCompressor's smoothing search evaluates (allow_low_rank:
+    true)."""
     ws = layer.w * lam  # Ŵ = W·diag(λ)
     xs = layer.x / lam  # x̂, input of the low-rank branch
     # Q(x̂) as the kernel makes it
@@ -363,8 +361,9 @@ def refine(layer: Layer, lam: Tensor, rank: int, iters: int, cfg: Config, fp4: b
 def svdquant_group(
     layers: list[Layer], cfg: Config, fp4: bool
 ) -> tuple[Tensor, tuple[float, float], list[Result]]:
-    """One λ for the group (max over its inputs and weights), searched over the (α, β) grid by the summed output
-    error of its layers, then each layer's low-rank branch refined. method rtn: λ = 1, no branch."""
+    """One λ for the group (max over its inputs and weights), searched over the (α, β) grid by the
+    summed output error of its layers, then each layer's low-rank branch refined. method rtn: λ = 1,
+    no branch."""
     if cfg.method == "rtn":
         lam = torch.ones_like(layers[0].xmax)
         return lam, (0.0, 0.0), [refine(layer, lam, 0, 1, cfg, fp4) for layer in layers]
@@ -381,7 +380,8 @@ def svdquant_group(
 
 
 def install(model: Flux, layer: Layer, lam: Tensor, res: Result, fp4: bool) -> None:
-    """Replace the layer's linears by SVDQuantLinear modules holding the result in Nunchaku's conventions."""
+    """Replace the layer's linears by SVDQuantLinear modules holding the result in Nunchaku's
+    conventions."""
     lam64, rank, start = lam.double(), res.down.shape[0], 0
     # lora_down / smooth: the branch reads the raw x
     down = (res.down.double() / lam64).to(torch.bfloat16)
@@ -412,7 +412,8 @@ def install(model: Flux, layer: Layer, lam: Tensor, res: Result, fp4: bool) -> N
 
 @torch.no_grad()
 def quantize_model(model: Flux, stats: dict, cfg: Config, log: Path | None = None) -> None:
-    """In place: every W4A4 group of flux_layers through svdquant_group, then the AdaLN linears to W4A16."""
+    """In place: every W4A4 group of flux_layers through svdquant_group, then the AdaLN linears to
+    W4A16."""
     fp4, device = cfg.precision == "nvfp4", next(model.parameters()).device
     groups, _ = flux_layers(model)
     for i, group in enumerate(groups):
@@ -435,7 +436,8 @@ def quantize_model(model: Flux, stats: dict, cfg: Config, log: Path | None = Non
 
 @torch.no_grad()
 def quantize_adaln(model: Flux) -> None:
-    """In place: the AdaLN linears to W4A16, INT4 group 64 round-to-nearest (DeepCompressor's extra_wgts)."""
+    """In place: the AdaLN linears to W4A16, INT4 group 64 round-to-nearest (DeepCompressor's
+    extra_wgts)."""
     for name in flux_layers(model)[1]:
         lin = model.get_submodule(name)
         q, s, _ = quantize_weight(lin.weight.float(), fp4=False)
@@ -449,7 +451,8 @@ def quantize_adaln(model: Flux) -> None:
 
 
 def nunchaku_problem(fp4: bool) -> str | None:
-    """Why Nunchaku's FLUX loader cannot run here, or None. Imports nothing (the real package loads CUDA code)."""
+    """Why Nunchaku's FLUX loader cannot run here, or None. Imports nothing (the real package loads
+    CUDA code)."""
     spec = importlib.util.find_spec("nunchaku")
     if spec is None:
         return (
@@ -487,7 +490,8 @@ def nunchaku_problem(fp4: bool) -> str | None:
 
 @torch.no_grad()
 def nunchaku_check(export: Path, folder: Path, cfg: Config, device, log: Path) -> None:
-    """One forward of Nunchaku's NunchakuFluxTransformer2DModelV2 on the export vs our emulation, same inputs."""
+    """One forward of Nunchaku's NunchakuFluxTransformer2DModelV2 on the export vs our emulation,
+    same inputs."""
     from nunchaku.models.transformers.transformer_flux_v2 import NunchakuFluxTransformer2DModelV2
 
     ours = load_quantized(folder, device)
@@ -530,7 +534,8 @@ def nunchaku_check(export: Path, folder: Path, cfg: Config, device, log: Path) -
 
 
 def check_rank(model: Flux, groups: list[list[list[str]]], rank: int) -> None:
-    """One rank for every layer (Nunchaku builds each from the file's single `rank`): the smallest layer bounds it."""
+    """One rank for every layer (Nunchaku builds each from the file's single `rank`): the smallest
+    layer bounds it."""
     layer_of = model.get_submodule
     # each a list of linears fused along the output (q/k/v)
     fused = [layer for g in groups for layer in g]
@@ -546,8 +551,8 @@ def check_rank(model: Flux, groups: list[list[list[str]]], rank: int) -> None:
 
 
 def calibration_run(cfg: Config, pipe, model: Flux, device) -> tuple[Callable[[], None], str]:
-    """What calibration runs, and a description for the log: the sampler over N prompts (a model folder), the
-    recorded inputs of --calib_file, or random inputs."""
+    """What calibration runs, and a description for the log: the sampler over N prompts (a model
+    folder), the recorded inputs of --calib_file, or random inputs."""
     if pipe is not None:
         return sampler_run(
             pipe, cfg, device
@@ -560,8 +565,8 @@ def calibration_run(cfg: Config, pipe, model: Flux, device) -> tuple[Callable[[]
 
 
 def save_outputs(model: Flux, cfg: Config, pipe, out: Path) -> tuple[Path, Path]:
-    """The emulated model (models.svdquant.load_quantized reads it) and Nunchaku's single-file export. Returns the
-    transformer folder and the export file."""
+    """The emulated model (models.svdquant.load_quantized reads it) and Nunchaku's single-file
+    export. Returns the transformer folder and the export file."""
     fp4 = cfg.precision == "nvfp4"
     rank = cfg.rank if cfg.method == "svdquant" else 0
     folder = out / "transformer"

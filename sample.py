@@ -48,30 +48,29 @@ ZOO = Path(__file__).resolve().parent / "zoo"
 
 @dataclass
 class Config:
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
     prompt: tuple[str, ...] = ()  # a prompt; repeat the flag for several
     prompts: str = ""  # a text file with one prompt per line
     model: str = ""  # model folder (default: the toy zoo's DC-Gen model, zoo/dcgen-4k)
-    out: str = "out/sample.png"  # PNG; several images are written as out_0.png, out_1.png, ...
-    # unless --grid
+    out: str = "out/sample.png"  # PNG; several images are written as out_0.png, out_1.png, ... unless --grid
     grid: bool = False  # write all images as one grid PNG
-    size: int = 0  # square image size in px (0: --width/--height, else 1024; 4096 for a model on an
-    # f64 AE)
+    size: int = 0  # square image size in px (0: --width/--height, else 1024; 4096 for a model on an f64 AE)
     width: int = 0  # image width in px
     height: int = 0  # image height in px
     steps: int = 20  # Euler steps
     guidance: float = 3.5  # embedded guidance scale (guidance-distilled models)
-    cfg: float = 0.0  # true classifier-free guidance scale (0: 1 for guidance-distilled models, 4.5
-    # for CFG models)
+    cfg: float = 0.0  # true classifier-free guidance scale (0: 1 for guidance-distilled models, 4.5 for CFG models)
     seed: int = 0  # noise seed (image i of a run uses the i-th draw of one seeded generator)
     batch: int = 1  # images per forward pass
-    noise: str = ""  # start from this noise: a safetensors file with `noise` (B, C, h, w) in the
-    # AE's latent layout
+    noise: str = ""  # start from this noise: a safetensors file with `noise` (B, C, h, w) in the AE's latent layout
     shift: str = ""  # override the model's noise-level shift: flux, dcgen or constant
     shift_value: float = 3.0  # r of --shift constant
     device: str = "auto"  # auto (cuda if present), cuda or cpu
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
     tile_px: int = 1024  # AE decode tile size in px for large images (0: never tile)
     max_length: int = 0  # text tokens: T5's for FLUX (0: 512, the most), Gemma's for SANA (0: 300)
+    # fmt: on
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -108,7 +107,8 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def progress(velocity, steps: int, sync):
-    """Wrap a velocity function so that each call (one Euler step) updates a `step i/n, s/step` line."""
+    """Wrap a velocity function so that each call (one Euler step) updates a `step i/n, s/step`
+    line."""
     state = {"i": 0, "t0": time.perf_counter()}
 
     def wrapped(x, sigma):
@@ -155,7 +155,8 @@ def initial_noise(cfg: Config, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 class Clock:
-    """Seconds spent per part (text, denoise, decode), the clock running around synchronised work only."""
+    """Seconds spent per part (text, denoise, decode), the clock running around synchronised work
+    only."""
 
     def __init__(self, sync):
         self.sync = sync
@@ -184,7 +185,8 @@ def save_batch(
 def report(
     times: dict[str, float], batch_steps: int, device: torch.device, paths: list[Path]
 ) -> None:
-    """The latency of each part (the paper's claim is speed), the peak memory, and the files written."""
+    """The latency of each part (the paper's claim is speed), the peak memory, and the files
+    written."""
     per_step = times["denoise"] / batch_steps  # per step of one batch
     print(
         f"text encoding {times['text']:.2f}s | denoising {times['denoise']:.2f}s ({per_step:.3f}s/step) | "

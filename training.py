@@ -60,9 +60,10 @@ from models.lora import inject_lora, lora_layers, save_diffusers_lora, unload_lo
 
 
 def prepare(model: nn.Module, rank: int, alpha: float, targets, trainable) -> nn.Module:
-    """LoRA of `rank` on the layers matching `targets` (regexes; empty: no LoRA) and the modules `trainable` trained
-    in full; rank 0 trains every weight. Only trainable tensors need gradients, and they train in fp32 beside a
-    bf16 base (autocast computes in bf16): a bf16 update of 1e-4 relative would round to nothing."""
+    """LoRA of `rank` on the layers matching `targets` (regexes; empty: no LoRA) and the modules
+    `trainable` trained in full; rank 0 trains every weight. Only trainable tensors need gradients,
+    and they train in fp32 beside a bf16 base (autocast computes in bf16): a bf16 update of 1e-4
+    relative would round to nothing."""
     if rank == 0:
         return model.float().requires_grad_(True)
     if targets:
@@ -100,7 +101,8 @@ def full_layers(model: nn.Module) -> tuple[str, ...]:
 
 
 def check_loaded(result, model: nn.Module, source) -> None:
-    """A checkpoint holds a run's trainable tensors only: it must name no unknown tensor and miss no trainable one."""
+    """A checkpoint holds a run's trainable tensors only: it must name no unknown tensor and miss no
+    trainable one."""
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     unknown = sorted(result.unexpected_keys)
     missing = sorted(set(result.missing_keys) & trainable)
@@ -114,8 +116,9 @@ def check_loaded(result, model: nn.Module, source) -> None:
 def merged_state_dict(
     model: nn.Module, weights: dict, dtype: torch.dtype, source
 ) -> dict[str, torch.Tensor]:
-    """`weights` (a checkpoint's trainable tensors) loaded into the prepared model, LoRA folded into the base, every
-    tensor in `dtype`: the run's (bf16 for --dtype bf16, as the released DC-Gen weights)."""
+    """`weights` (a checkpoint's trainable tensors) loaded into the prepared model, LoRA folded into
+    the base, every tensor in `dtype`: the run's (bf16 for --dtype bf16, as the released DC-Gen
+    weights)."""
     check_loaded(model.load_state_dict(weights, strict=False), model, source)
     model = unload_lora(model) if lora_layers(model) else model  # W + (alpha / r)·B·A, in W's dtype
     # the fp32-trained layers join the base's dtype
@@ -127,9 +130,10 @@ def merged_state_dict(
 
 
 def draw(x0, g, batch: int, rank: int, r: float, drop_text: float, w_min: float, w_max: float):
-    """A training point for each of this rank's latents x0 (b, C, h, w). Every draw is made for the global batch
-    and sliced, so any number of ranks (and a resumed run) sees the same numbers. Returns x_t, sigma, the target
-    velocity v = noise - x0, the text-dropout mask and a guidance scale w ~ U(w_min, w_max)."""
+    """A training point for each of this rank's latents x0 (b, C, h, w). Every draw is made for the
+    global batch and sliced, so any number of ranks (and a resumed run) sees the same numbers.
+    Returns x_t, sigma, the target velocity v = noise - x0, the text-dropout mask and a guidance
+    scale w ~ U(w_min, w_max)."""
     b = x0.shape[0]
     rows = slice(rank * b, (rank + 1) * b)  # this rank's slice of the global batch
     noise = torch.randn((batch, *x0.shape[1:]), generator=g)[rows].to(x0)
@@ -142,8 +146,8 @@ def draw(x0, g, batch: int, rank: int, r: float, drop_text: float, w_min: float,
 
 
 def flow_matching_loss(model, x_t, sigma, v, cond: dict) -> torch.Tensor:
-    """|| v_θ(x_t, t, c) - (noise - x0) ||²: flow matching. A guidance-distilled model is asked for its conditional
-    velocity (embedded guidance w = 1)."""
+    """|| v_θ(x_t, t, c) - (noise - x0) ||²: flow matching. A guidance-distilled model is asked for
+    its conditional velocity (embedded guidance w = 1)."""
     raw = getattr(model, "module", model)  # under DDP the params live on the wrapped module
     w_one = (
         {"guidance": torch.ones_like(sigma)} if getattr(raw.params, "guidance_embed", False) else {}
@@ -154,10 +158,11 @@ def flow_matching_loss(model, x_t, sigma, v, cond: dict) -> torch.Tensor:
 def guide_loss(
     model, frozen, x_t, sigma, v, cond: dict, null: dict, w, uncond: str = "one"
 ) -> torch.Tensor:
-    """DC-Gen's guide loss for guidance-distilled bases (FLUX.1-Krea), DC-Gen §3.3 Eqs. (3)-(7), as the official
-    `dc_ai/t2icore/models/flux.py` (Flux.forward_train, use_guide_loss) computes it. A distilled model's output is
-    v_g ≈ v_u + w·(v_c - v_u), so the conditional velocity it implies, v_hat = (v_g - (1 - w)·v_u) / w, is regressed
-    on the data's velocity: the guidance embedded in the model stays meaningful while it moves to the new latent."""
+    """DC-Gen's guide loss for guidance-distilled bases (FLUX.1-Krea), DC-Gen §3.3 Eqs. (3)-(7), as
+    the official `dc_ai/t2icore/models/flux.py` (Flux.forward_train, use_guide_loss) computes it. A
+    distilled model's output is v_g ≈ v_u + w·(v_c - v_u), so the conditional velocity it implies,
+    v_hat = (v_g - (1 - w)·v_u) / w, is regressed on the data's velocity: the guidance embedded in
+    the model stays meaningful while it moves to the new latent."""
     # guided prediction at a random scale w, with gradient
     v_g = model(x_t, sigma, **cond, guidance=w)
     # NOTE(deviation): the official code evaluates v_u at guidance 1; the paper's Eqs. (5)-(7) at
@@ -180,8 +185,9 @@ def guide_loss(
 def validate(
     raw, cache: LatentCache, latent: str, batch_size: int, shift: str, shift_value: float, device
 ) -> float:
-    """Flow-matching loss of the conditional velocity (guidance w = 1 for guidance-distilled models) on every row of
-    a held-out cache, with the same noise and noise levels at every call: comparable across steps and runs."""
+    """Flow-matching loss of the conditional velocity (guidance w = 1 for guidance-distilled models)
+    on every row of a held-out cache, with the same noise and noise levels at every call: comparable
+    across steps and runs."""
     keys = [latent, *sorted(cache.null)]
     total = 0.0
     for start in range(0, len(cache), batch_size):
@@ -205,7 +211,8 @@ def validate(
 
 @torch.no_grad()
 def preview(raw, ae, cond: dict, null: dict, latent_shape, r: float, c, path: Path) -> None:
-    """Fixed captions, fixed noise, the current weights: a grid to watch training by (c: the run's config)."""
+    """Fixed captions, fixed noise, the current weights: a grid to watch training by (c: the run's
+    config)."""
     B = cond["txt"].shape[0]
     x = get_noise((B, *latent_shape), seed=c.seed).to(null["txt"].device)
     # embedded guidance (whatever the training loss)
@@ -247,9 +254,10 @@ LossFn = Callable[[nn.Module, torch.Tensor, dict, torch.Generator, float], torch
 
 
 def lora_file_base(raw: nn.Module, init: str) -> tuple[tuple[str, ...], dict] | None:
-    """What diffusers' LoRA file needs beside the LoRA tensors: the modules trained in full and their --init weights
-    (it stores each as its change from them), taken before training or resuming moves them. None where no such
-    file can be written: no --init folder, no LoRA, or a full module that is no nn.Linear (SANA's conv embedder)."""
+    """What diffusers' LoRA file needs beside the LoRA tensors: the modules trained in full and
+    their --init weights (it stores each as its change from them), taken before training or resuming
+    moves them. None where no such file can be written: no --init folder, no LoRA, or a full module
+    that is no nn.Linear (SANA's conv embedder)."""
     full = full_layers(raw)
     if (
         not init
@@ -265,8 +273,9 @@ def lora_file_base(raw: nn.Module, init: str) -> tuple[tuple[str, ...], dict] | 
 
 
 def resume(model: nn.Module, raw: nn.Module, opt, ema: dict, path: Path, device) -> int:
-    """Load a checkpoint's trainable tensors, optimizer state and EMA into a (possibly FSDP-sharded) model; every
-    rank reads the file and FSDP re-shards what it loads. Returns the step to continue from."""
+    """Load a checkpoint's trainable tensors, optimizer state and EMA into a (possibly FSDP-sharded)
+    model; every rank reads the file and FSDP re-shards what it loads. Returns the step to continue
+    from."""
     ckpt = load_ckpt(path)
     opts = StateDictOptions(full_state_dict=True, strict=False)  # the trainable tensors only
     check_loaded(set_model_state_dict(model, ckpt["model"], options=opts), raw, path)
@@ -283,8 +292,9 @@ def resume(model: nn.Module, raw: nn.Module, opt, ema: dict, path: Path, device)
 
 
 def save(model, raw, opt, ema: dict, cfg, step: int, d: Dist, lora_file, dtype, last_good) -> Path:
-    """Atomically write the trainable tensors, EMA, optimizer and config as out_dir/ckpt_{step}.pt, and diffusers'
-    LoRA file beside it; every rank takes part (FSDP gathers the shards), the master writes."""
+    """Atomically write the trainable tensors, EMA, optimizer and config as out_dir/ckpt_{step}.pt,
+    and diffusers' LoRA file beside it; every rank takes part (FSDP gathers the shards), the master
+    writes."""
     params = [p for p in model.parameters() if p.requires_grad]
     finite = torch.tensor(float(all(torch.isfinite(p).all() for p in params)))  # this rank's shards
     if d.world_size > 1:
@@ -314,9 +324,9 @@ def save(model, raw, opt, ema: dict, cfg, step: int, d: Dist, lora_file, dtype, 
 
 
 def prefix_loss(loss_fn: LossFn, model, x0, text: dict, g, c, p: int) -> torch.Tensor:
-    """The step's loss: loss_fn on the full latent, or with --prefixes the mean over K channel prefixes x0[:, :c'],
-    each at the shift of its own size (DC-AE 1.5's augmented diffusion training, official
-    `dc_gen/c2icore/trainer.py`)."""
+    """The step's loss: loss_fn on the full latent, or with --prefixes the mean over K channel
+    prefixes x0[:, :c'], each at the shift of its own size (DC-AE 1.5's augmented diffusion
+    training, official `dc_gen/c2icore/trainer.py`)."""
     C = x0.shape[1]
     # NOTE(deviation): the official trainer draws the prefixes from a per-GPU generator; here every
     # rank draws the same ones (from the step's generator), so N ranks train exactly as one process
@@ -339,9 +349,10 @@ def log_line(step: int, c, loss: float, grad_norm: float, lr: float, dt: float, 
 def train(
     cfg, d: Dist, raw: nn.Module, cache: LatentCache, latent: str, loss_fn: LossFn, log: Path
 ) -> Path:
-    """Run cfg.steps optimizer steps of `loss_fn(model, x0, text, g, r)` on this rank's latents x0 (b, C, h, w)
-    from `cache[latent]` (text: the cached text states; g: the step's generator, r: the shift's factor for x0).
-    Returns the last checkpoint. `raw` is the prepared model; it is wrapped (DDP or FSDP2) here."""
+    """Run cfg.steps optimizer steps of `loss_fn(model, x0, text, g, r)` on this rank's latents x0
+    (b, C, h, w) from `cache[latent]` (text: the cached text states; g: the step's generator, r: the
+    shift's factor for x0). Returns the last checkpoint. `raw` is the prepared model; it is wrapped
+    (DDP or FSDP2) here."""
     c = types.SimpleNamespace(**{**OPTIONAL, **dataclasses.asdict(cfg)})
     out = Path(c.out_dir)
     dtype = torch.bfloat16 if c.dtype == "bf16" else torch.float32

@@ -36,8 +36,8 @@ PRESETS = {**dcae.PRESETS, **vae.PRESETS}  # every AE preset by name: DCAEParams
 
 
 def autoencoder_params(config: dict, where: str = "the config") -> DCAEParams | VAEParams:
-    """The params of a diffusers AE config dict: AutoencoderDC -> DCAEParams, AutoencoderKL -> VAEParams. `where`
-    names the config in the error (a config.json path)."""
+    """The params of a diffusers AE config dict: AutoencoderDC -> DCAEParams, AutoencoderKL ->
+    VAEParams. `where` names the config in the error (a config.json path)."""
     kind = config.get("_class_name")
     if kind == "AutoencoderDC":
         return DCAEParams.from_config(config)
@@ -50,7 +50,8 @@ def autoencoder_params(config: dict, where: str = "the config") -> DCAEParams | 
 
 
 def build_autoencoder(params: DCAEParams | VAEParams, tile_px: int | None = 1024) -> DCAE | VAE:
-    """A randomly initialised AE (on the current default device, e.g. meta): DCAEParams -> DCAE, VAEParams -> VAE."""
+    """A randomly initialised AE (on the current default device, e.g. meta): DCAEParams -> DCAE,
+    VAEParams -> VAE."""
     return (DCAE if isinstance(params, DCAEParams) else VAE)(params, tile_px=tile_px)
 
 
@@ -60,11 +61,12 @@ def load_autoencoder(
     device: str | torch.device = "cpu",
     tile_px: int | None = 1024,
 ) -> DCAE | VAE:
-    """Load a diffusers-format AE folder (config.json + safetensors): AutoencoderKL -> VAE, AutoencoderDC -> DCAE.
+    """Load a diffusers-format AE folder (config.json + safetensors): AutoencoderKL -> VAE,
+        AutoencoderDC -> DCAE.
 
-    dtype None keeps the stored dtype, except fp16/bf16 weights on a CPU, which are upcast to fp32: CPU convolutions
-    have no fast half-precision path (the zoo's f64 AE encodes a 4096 px image in 447 s in fp16, 3.4 s in fp32).
-    """
+    dtype None keeps the stored dtype, except fp16/bf16 weights on a CPU, which are upcast to fp32:
+        CPU convolutions have no fast half-precision path (the zoo's f64 AE encodes a 4096 px image in
+        447 s in fp16, 3.4 s in fp32)."""
     folder = Path(folder)
     if not (folder / "config.json").is_file() and (folder / "vae" / "config.json").is_file():
         raise FileNotFoundError(

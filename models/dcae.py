@@ -93,7 +93,8 @@ class DCAEParams:
 
     @classmethod
     def from_config(cls, config: dict) -> DCAEParams:
-        """Params from an AutoencoderDC config.json dict (keys diffusers adds, like _class_name, are skipped)."""
+        """Params from an AutoencoderDC config.json dict (keys diffusers adds, like _class_name, are
+        skipped)."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in config.items() if k in names})
 
@@ -146,7 +147,8 @@ class ResBlock(nn.Module):
 
 
 class MultiScaleProjection(nn.Module):
-    """Multi-scale token aggregation of LiteMLA: a depthwise kxk conv, then a grouped 1x1 conv, over q, k and v."""
+    """Multi-scale token aggregation of LiteMLA: a depthwise kxk conv, then a grouped 1x1 conv, over
+    q, k and v."""
 
     def __init__(self, channels: int, heads: int, kernel: int):
         super().__init__()
@@ -210,7 +212,8 @@ class LiteMLA(nn.Module):
 
 
 class GLUMBConv(nn.Module):
-    """The EfficientViT block's local mixer: 1x1 expand (x8) -> SiLU -> depthwise 3x3 -> gated (GLU) -> 1x1 -> norm."""
+    """The EfficientViT block's local mixer: 1x1 expand (x8) -> SiLU -> depthwise 3x3 -> gated (GLU)
+    -> 1x1 -> norm."""
 
     def __init__(self, channels: int, expand: int = 4):
         super().__init__()
@@ -239,11 +242,12 @@ class EfficientViTBlock(nn.Module):
 
 
 class DownBlock(nn.Module):
-    """Halve H and W: conv + pixel-unshuffle (or a stride-2 conv), plus the residual-autoencoding shortcut.
+    """Halve H and W: conv + pixel-unshuffle (or a stride-2 conv), plus the residual-autoencoding
+        shortcut.
 
-    Shortcut (DC-AE §3.1): pixel_unshuffle(x) has 4·C_in channels; averaging groups of 4·C_in/C_out of them gives
-    C_out channels with no parameters, so the conv only learns what the space-to-channel move cannot express.
-    """
+    Shortcut (DC-AE §3.1): pixel_unshuffle(x) has 4·C_in channels; averaging groups of 4·C_in/C_out
+        of them gives C_out channels with no parameters, so the conv only learns what the
+        space-to-channel move cannot express."""
 
     def __init__(self, c_in: int, c_out: int, pixel_unshuffle: bool, shortcut: bool):
         super().__init__()
@@ -262,7 +266,8 @@ class DownBlock(nn.Module):
 
 
 class UpBlock(nn.Module):
-    """Double H and W: conv + pixel-shuffle (or nearest + conv), plus the channel-duplicating shortcut."""
+    """Double H and W: conv + pixel-shuffle (or nearest + conv), plus the channel-duplicating
+    shortcut."""
 
     def __init__(self, c_in: int, c_out: int, pixel_shuffle: bool, shortcut: bool):
         super().__init__()
@@ -294,7 +299,8 @@ def make_block(
 
 
 class Encoder(nn.Module):
-    """conv_in -> stages of blocks, each followed by a DownBlock -> conv_out to C channels (sliceable in DC-AE 1.5)."""
+    """conv_in -> stages of blocks, each followed by a DownBlock -> conv_out to C channels
+    (sliceable in DC-AE 1.5)."""
 
     def __init__(self, p: DCAEParams):
         super().__init__()
@@ -336,7 +342,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """conv_in from c <= C channels (sliceable in DC-AE 1.5) -> stages (UpBlock, then blocks) -> norm, act, conv."""
+    """conv_in from c <= C channels (sliceable in DC-AE 1.5) -> stages (UpBlock, then blocks) ->
+    norm, act, conv."""
 
     def __init__(self, p: DCAEParams):
         super().__init__()
@@ -384,7 +391,8 @@ class Decoder(nn.Module):
 
 
 class DCAE(nn.Module):
-    """DC-AE 1.0 / 1.5 with the project's AE interface (models/autoencoder.py): encode, decode, tiling, loading."""
+    """DC-AE 1.0 / 1.5 with the project's AE interface (models/autoencoder.py): encode, decode,
+    tiling, loading."""
 
     def __init__(self, params: DCAEParams, tile_px: int | None = 1024):
         super().__init__()
@@ -415,7 +423,8 @@ class DCAE(nn.Module):
             )
 
     def encode(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> model-ready latents (B, c, H/f, W/f), c = channels or C."""
+        """Images (B, 3, H, W) in [-1, 1] -> model-ready latents (B, c, H/f, W/f), c = channels or
+        C."""
         f, c = self.spatial_factor, channels or self.latent_channels
         check_image_size(x.shape[-2], x.shape[-1], f, "DC-AE encode")
         self._check_channels(c)
@@ -427,7 +436,8 @@ class DCAE(nn.Module):
         return z * self.params.scaling_factor
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Model-ready latents (B, c, h, w), any c <= C for adaptive AEs -> images (B, 3, h·f, w·f) in about [-1, 1]."""
+        """Model-ready latents (B, c, h, w), any c <= C for adaptive AEs -> images (B, 3, h·f, w·f)
+        in about [-1, 1]."""
         f = self.spatial_factor
         self._check_channels(z.shape[1])
         z = z.to(self.decoder.conv_in.weight.dtype) / self.params.scaling_factor

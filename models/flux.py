@@ -99,7 +99,8 @@ PRESETS = {
 def timestep_embedding(
     t: Tensor, dim: int = 256, max_period: float = 10_000.0, time_factor: float = 1000.0
 ) -> Tensor:
-    """Sinusoidal embedding of t·1000 (cos half first), the standard DDPM/DiT frequency ladder. (B,) -> (B, dim)."""
+    """Sinusoidal embedding of t·1000 (cos half first), the standard DDPM/DiT frequency ladder. (B,)
+    -> (B, dim)."""
     # NOTE(deviation): computed in float32 even for a bf16 model; diffusers multiplies by 1000 in
     # the model dtype.
     half = dim // 2
@@ -147,7 +148,8 @@ class TimeTextEmbed(nn.Module):
 
 
 def position_ids(txt_len: int, h: int, w: int, device=None) -> Tensor:
-    """(txt_len + h·w, 3) positions: text tokens all (0, 0, 0); image token (0, row, col) on the token grid."""
+    """(txt_len + h·w, 3) positions: text tokens all (0, 0, 0); image token (0, row, col) on the
+    token grid."""
     rows, cols = torch.meshgrid(
         torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij"
     )
@@ -157,9 +159,10 @@ def position_ids(txt_len: int, h: int, w: int, device=None) -> Tensor:
 
 
 def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
-    """3-axis RoPE: axis i (text index, row, column) owns axes_dim[i]/2 of a head's channel pairs, and pair k of it is
-    rotated by the angle position_i · theta^(-2k / axes_dim[i]). Returns the unit complex numbers e^(i·angle),
-    (L, head_dim / 2) complex64; the angles are computed in float64 like diffusers."""
+    """3-axis RoPE: axis i (text index, row, column) owns axes_dim[i]/2 of a head's channel pairs,
+    and pair k of it is rotated by the angle position_i · theta^(-2k / axes_dim[i]). Returns the
+    unit complex numbers e^(i·angle), (L, head_dim / 2) complex64; the angles are computed in
+    float64 like diffusers."""
     angles = []
     for i, d in enumerate(axes_dim):
         # (d/2,)
@@ -170,11 +173,12 @@ def rope(ids: Tensor, axes_dim: tuple[int, ...], theta: int) -> Tensor:
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
-    """Rotate the interleaved channel pairs (x[2k], x[2k+1]) of (B, H, L, head_dim) by `pe`'s angles.
+    """Rotate the interleaved channel pairs (x[2k], x[2k+1]) of (B, H, L, head_dim) by `pe`'s
+        angles.
 
-    A pair is read as the complex number x[2k] + i·x[2k+1], so the rotation is one complex multiply. On CPU this is
-    ~30x faster than splitting even/odd channels and stacking them back (a strided copy).
-    """
+    A pair is read as the complex number x[2k] + i·x[2k+1], so the rotation is one complex multiply.
+        On CPU this is ~30x faster than splitting even/odd channels and stacking them back (a strided
+        copy)."""
     xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, H, L, head_dim/2) complex
     return torch.view_as_real(xc * pe).flatten(-2).type_as(x)  # (B, H, L, head_dim)
 
@@ -194,10 +198,11 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class AdaLNZero(nn.Module):
-    """Adaptive LayerNorm whose shift, scale and residual gate are regressed from vec (AdaLN-Zero, DiT §3.2).
+    """Adaptive LayerNorm whose shift, scale and residual gate are regressed from vec (AdaLN-Zero,
+        DiT §3.2).
 
-    n = 6 for a double-stream branch (shift, scale, gate of attention, then of the MLP), 3 for a single-stream block.
-    """
+    n = 6 for a double-stream branch (shift, scale, gate of attention, then of the MLP), 3 for a
+        single-stream block."""
 
     def __init__(self, dim: int, n: int):
         super().__init__()
@@ -210,7 +215,8 @@ class AdaLNZero(nn.Module):
 
 
 class GELUProj(nn.Module):
-    """Linear then tanh-approximate GELU (diffusers' `GELU` activation module, which owns the first MLP linear)."""
+    """Linear then tanh-approximate GELU (diffusers' `GELU` activation module, which owns the first
+    MLP linear)."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -221,7 +227,8 @@ class GELUProj(nn.Module):
 
 
 class FeedForward(nn.Module):
-    """D -> 4D -> GELU(tanh) -> D, laid out as diffusers' `net.0.proj`, `net.1` (dropout, 0), `net.2`."""
+    """D -> 4D -> GELU(tanh) -> D, laid out as diffusers' `net.0.proj`, `net.1` (dropout, 0),
+    `net.2`."""
 
     def __init__(self, dim: int, hidden: int):
         super().__init__()
@@ -232,7 +239,8 @@ class FeedForward(nn.Module):
 
 
 class SelfAttention(nn.Module):
-    """q, k, v projections with per-head RMSNorm on q and k (QK-norm keeps attention logits bounded)."""
+    """q, k, v projections with per-head RMSNorm on q and k (QK-norm keeps attention logits
+    bounded)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -259,7 +267,8 @@ class SelfAttention(nn.Module):
 
 
 class JointAttention(SelfAttention):
-    """Attention over [txt, img]: each stream has its own projections and norms, the softmax is shared."""
+    """Attention over [txt, img]: each stream has its own projections and norms, the softmax is
+    shared."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__(dim, num_heads)
@@ -314,8 +323,9 @@ class DoubleStreamBlock(nn.Module):
 
 
 class SingleStreamBlock(nn.Module):
-    """Parallel block (ViT-22B style) on [txt, img]: attention and MLP read the same modulated input, and one linear
-    `proj_out` is both attention's output projection and the MLP's second layer."""
+    """Parallel block (ViT-22B style) on [txt, img]: attention and MLP read the same modulated
+    input, and one linear `proj_out` is both attention's output projection and the MLP's second
+    layer."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float):
         super().__init__()
@@ -333,8 +343,8 @@ class SingleStreamBlock(nn.Module):
 
 
 class AdaLNOut(nn.Module):
-    """Final adaptive LayerNorm (diffusers' AdaLayerNormContinuous). Its linear emits (scale, shift): the reverse of
-    AdaLNZero's order, a classic porting pitfall."""
+    """Final adaptive LayerNorm (diffusers' AdaLayerNormContinuous). Its linear emits (scale,
+    shift): the reverse of AdaLNZero's order, a classic porting pitfall."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -393,8 +403,9 @@ class Flux(nn.Module):
     def forward(
         self, x: Tensor, t: Tensor, txt: Tensor, y: Tensor, guidance: Tensor | None = None
     ) -> Tensor:
-        """Velocity v(x_t, t): x (B, C, H, W) noisy latent, t (B,) noise level sigma in [0, 1], txt (B, L, 4096) T5
-        states, y (B, 768) CLIP pooled, guidance (B,) embedded guidance scale w. Returns (B, C, H, W)."""
+        """Velocity v(x_t, t): x (B, C, H, W) noisy latent, t (B,) noise level sigma in [0, 1], txt
+        (B, L, 4096) T5 states, y (B, 768) CLIP pooled, guidance (B,) embedded guidance scale w.
+        Returns (B, C, H, W)."""
         p = self.params.patch_size
         B, C, H, W = x.shape
         assert H % p == 0 and W % p == 0, f"latent {H}x{W} is not divisible by the patch size {p}"
@@ -440,7 +451,8 @@ class Flux(nn.Module):
         return rearrange(img, "b (h w) (c p1 p2) -> b c (h p1) (w p2)", h=H // p, p1=p, p2=p)
 
     def run_block(self, block: nn.Module, *args):
-        """Call a block; with grad checkpointing its activations are recomputed in backward instead of stored."""
+        """Call a block; with grad checkpointing its activations are recomputed in backward instead
+        of stored."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -449,7 +461,8 @@ class Flux(nn.Module):
     # diffusers-format folders
 
     def diffusers_config(self) -> dict:
-        """config.json of the equivalent diffusers FluxTransformer2DModel (plus our patch size, which it ignores)."""
+        """config.json of the equivalent diffusers FluxTransformer2DModel (plus our patch size,
+        which it ignores)."""
         p = self.params
         return {
             "_class_name": "FluxTransformer2DModel",
@@ -470,9 +483,9 @@ class Flux(nn.Module):
 
     @staticmethod
     def params_from_diffusers(cfg: dict, patch_size: int | None = None) -> FluxParams:
-        """FluxParams of a diffusers config.json. The patch size is not in diffusers' config (it packs outside the
-        model): pass it, or it is read from our "_patch_size" key, else 1 (in_channels then means latent channels).
-        """
+        """FluxParams of a diffusers config.json. The patch size is not in diffusers' config (it
+        packs outside the model): pass it, or it is read from our "_patch_size" key, else 1
+        (in_channels then means latent channels)."""
         p = patch_size or cfg.get("_patch_size", 1)
         token_dim, out = cfg["in_channels"], cfg.get("out_channels") or cfg["in_channels"]
         if out != token_dim or token_dim % (p * p) or cfg.get("patch_size", 1) != 1:
@@ -501,9 +514,9 @@ class Flux(nn.Module):
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
     ) -> Flux:
-        """Load a diffusers-format transformer folder (config.json + one or sharded safetensors), strictly: the model
-        is built on the meta device (no memory) and the stored tensors are assigned in place, in their stored dtype
-        (bf16 for released FLUX) unless `dtype` is given."""
+        """Load a diffusers-format transformer folder (config.json + one or sharded safetensors),
+        strictly: the model is built on the meta device (no memory) and the stored tensors are
+        assigned in place, in their stored dtype (bf16 for released FLUX) unless `dtype` is given."""
         params = cls.params_from_diffusers(read_config(folder, "FLUX transformer"), patch_size)
         with torch.device("meta"):
             model = cls(params)

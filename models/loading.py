@@ -19,7 +19,8 @@ from torch import nn
 
 
 def read_config(folder: str | Path, what: str) -> dict:
-    """The folder's config.json; `what` names the expected model in the error, e.g. "FLUX transformer"."""
+    """The folder's config.json; `what` names the expected model in the error, e.g. "FLUX
+    transformer"."""
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         found = (
@@ -58,7 +59,8 @@ def read_state_dict(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """All tensors of the folder's weights, floating ones cast to `dtype` when given (else kept as stored)."""
+    """All tensors of the folder's weights, floating ones cast to `dtype` when given (else kept as
+    stored)."""
     sd = {}
     for file in weight_files(folder, name):
         with safe_open(file, framework="pt", device=str(device)) as f:
@@ -69,11 +71,12 @@ def read_state_dict(
 
 
 def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> nn.Module:
-    """Strictly load `sd` into `model` (usually built on the meta device) by assigning the tensors in place.
+    """Strictly load `sd` into `model` (usually built on the meta device) by assigning the tensors
+        in place.
 
-    Fails before touching the model with a message naming the missing / unexpected keys, or the first key whose
-    shape differs, with both shapes: the usual sign of a config that does not match the checkpoint.
-    """
+    Fails before touching the model with a message naming the missing / unexpected keys, or the
+        first key whose shape differs, with both shapes: the usual sign of a config that does not match
+        the checkpoint."""
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
@@ -97,9 +100,9 @@ def load_weights(model: nn.Module, sd: dict[str, torch.Tensor], what: str) -> nn
 
 
 def atomic_write(path: str | Path, write: Callable) -> None:
-    """Call `write(f)` on a temp file beside `path`, fsync, then rename it over `path`: readers (and a crash) see the
-    old file or the new one, never half of one. A checkpoint being written when the process dies never replaces
-    the last good one."""
+    """Call `write(f)` on a temp file beside `path`, fsync, then rename it over `path`: readers (and
+    a crash) see the old file or the new one, never half of one. A checkpoint being written when the
+    process dies never replaces the last good one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -125,7 +128,8 @@ def save_pretrained(
     name: str = "diffusion_pytorch_model",
     max_shard_bytes: int = 10 * 2**30,
 ) -> None:
-    """Write a diffusers-format folder: config.json plus `name`.safetensors, or shards and an index when large."""
+    """Write a diffusers-format folder: config.json plus `name`.safetensors, or shards and an index
+    when large."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shards, size = [{}], 0

@@ -25,8 +25,9 @@ from models.loading import atomic_write
 
 
 class LoRALinear(nn.Linear):
-    """An nn.Linear plus a low-rank update. It shares (does not copy) the base layer's weight and bias, so the
-    state-dict keys of the base weights are unchanged and a base checkpoint still loads into the injected model."""
+    """An nn.Linear plus a low-rank update. It shares (does not copy) the base layer's weight and
+    bias, so the state-dict keys of the base weights are unchanged and a base checkpoint still loads
+    into the injected model."""
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0):
         super().__init__(
@@ -68,9 +69,10 @@ def inject_lora(
     targets: tuple[str, ...] | None = None,
     trainable: tuple[str, ...] = (),
 ) -> list[str]:
-    """Freeze `model`, wrap every nn.Linear whose full name matches a `targets` regex (default: the model's
-    `lora_targets`, e.g. DC-Gen's FLUX list) in a LoRALinear, and unfreeze the modules named in `trainable` (e.g. the
-    model's `latent_layers`, "x_embedder" and "proj_out"). Returns the wrapped names."""
+    """Freeze `model`, wrap every nn.Linear whose full name matches a `targets` regex (default: the
+    model's `lora_targets`, e.g. DC-Gen's FLUX list) in a LoRALinear, and unfreeze the modules named
+    in `trainable` (e.g. the model's `latent_layers`, "x_embedder" and "proj_out"). Returns the
+    wrapped names."""
     targets = model.lora_targets if targets is None else targets
     model.requires_grad_(False)
     names = [
@@ -98,7 +100,8 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> None:
-    """W <- W + (alpha / r)·B·A in every LoRA layer; the forward then skips the branch (same outputs, less work)."""
+    """W <- W + (alpha / r)·B·A in every LoRA layer; the forward then skips the branch (same
+    outputs, less work)."""
     for m in lora_layers(model).values():
         if not m.merged:
             m.weight += m.delta().to(m.weight.dtype)
@@ -115,7 +118,8 @@ def unmerge_lora(model: nn.Module) -> None:
 
 
 def unload_lora(model: nn.Module) -> nn.Module:
-    """Merge, then put plain nn.Linear layers back: a model with the base architecture and the merged weights."""
+    """Merge, then put plain nn.Linear layers back: a model with the base architecture and the
+    merged weights."""
     merge_lora(model)
     for name, m in lora_layers(model).items():
         parent, _, child = name.rpartition(".")
@@ -131,7 +135,8 @@ def lora_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def load_lora_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
-    """Load a lora_state_dict into an injected model; every LoRA tensor must be present and nothing else given."""
+    """Load a lora_state_dict into an injected model; every LoRA tensor must be present and nothing
+    else given."""
     expected = lora_state_dict(model)
     missing, unexpected = sorted(expected.keys() - sd.keys()), sorted(sd.keys() - expected.keys())
     if missing or unexpected:
@@ -155,12 +160,13 @@ def diffusers_lora(
     base: dict[str, Tensor] | None = None,
     state_dict: dict[str, Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """Tensors and safetensors metadata of diffusers' LoRA file: keys `<prefix>.<module>.lora_A.weight` (PEFT names),
-    and under the metadata key "lora_adapter_metadata" the peft LoraConfig as JSON, each field prefixed
-    (`{"transformer.r": 256, "transformer.lora_alpha": 256, ...}`), which diffusers turns into the LoraConfig as is.
-    The alpha / r scale is folded into B (B' = (alpha / r)·B, lora_alpha = r): loaders that miss the metadata assume
-    alpha = r (diffusers does for `transformer.load_lora_adapter(file)` and for a metadata-less file), and so still
-    build the same update.
+    """Tensors and safetensors metadata of diffusers' LoRA file: keys
+    `<prefix>.<module>.lora_A.weight` (PEFT names), and under the metadata key
+    "lora_adapter_metadata" the peft LoraConfig as JSON, each field prefixed (`{"transformer.r":
+    256, "transformer.lora_alpha": 256, ...}`), which diffusers turns into the LoraConfig as is. The
+    alpha / r scale is folded into B (B' = (alpha / r)·B, lora_alpha = r): loaders that miss the
+    metadata assume alpha = r (diffusers does for `transformer.load_lora_adapter(file)` and for a
+    metadata-less file), and so still build the same update.
 
     `full` names plain nn.Linear modules trained in full (DC-Gen: `Flux.latent_layers`, x_embedder and proj_out).
     diffusers' Flux loader has no format for full weights: kohya `.diff`/`.diff_b` keys are dropped; peft's

@@ -64,7 +64,8 @@ WARP_N = 128
 
 
 def pad(t: Tensor, multiples: tuple[int, ...], fill: float = 0) -> Tensor:
-    """Pad every dim i at the end to a multiple of multiples[i], with `fill` (backend/utils.py: pad)."""
+    """Pad every dim i at the end to a multiple of multiples[i], with `fill` (backend/utils.py:
+    pad)."""
     shape = [-(-n // m) * m for n, m in zip(t.shape, multiples)]
     out = torch.full(shape, fill, dtype=t.dtype, device=t.device)
     out[tuple(slice(0, n) for n in t.shape)] = t
@@ -72,11 +73,12 @@ def pad(t: Tensor, multiples: tuple[int, ...], fill: float = 0) -> Tensor:
 
 
 def pack_w4(codes: Tensor) -> Tensor:
-    """4-bit codes (n, k) -> int8 (n, k/2) in Nunchaku's MMA tile order (utils.py: NunchakuWeightPacker.pack_weight).
+    """4-bit codes (n, k) -> int8 (n, k/2) in Nunchaku's MMA tile order (utils.py:
+        NunchakuWeightPacker.pack_weight).
 
-    n = (tile, 8 packs, 2, 8 lanes), k = (tile of 64, 2, 4 lanes, 8 nibbles of one 32-bit register); a warp reads
-    the permutation (n tile, k tile, n pack, n lane, k lane, n sub, k sub, nibble) as consecutive 32-bit words.
-    """
+    n = (tile, 8 packs, 2, 8 lanes), k = (tile of 64, 2, 4 lanes, 8 nibbles of one 32-bit register);
+        a warp reads the permutation (n tile, k tile, n pack, n lane, k lane, n sub, k sub, nibble) as
+        consecutive 32-bit words."""
     w = pad(codes.to(torch.int32) & 0xF, (WARP_N, 2 * 64))
     n, k = w.shape
     w = w.reshape(n // 128, 8, 2, 8, k // 64, 2, 4, 8).permute(0, 4, 1, 3, 6, 2, 5, 7)
@@ -86,9 +88,9 @@ def pack_w4(codes: Tensor) -> Tensor:
 
 
 def pack_micro_scales(s: Tensor) -> Tensor:
-    """NVFP4 group-16 scales (out, in/16) -> float8_e4m3fn (in/16, out) in the order of
-    `mma ... block_scale.scale_vec::4X` (utils.py: pack_micro_scale): lane 4·l + q holds outputs 32·p + 8·q + l of
-    p = 0..3, each as 4 consecutive group scales (one 64-wide k tile)."""
+    """NVFP4 group-16 scales (out, in/16) -> float8_e4m3fn (in/16, out) in the order of `mma ...
+    block_scale.scale_vec::4X` (utils.py: pack_micro_scale): lane 4·l + q holds outputs 32·p + 8·q +
+    l of p = 0..3, each as 4 consecutive group scales (one 64-wide k tile)."""
     s = pad(s.float(), (WARP_N, 64 // 16), fill=1).to(torch.float8_e4m3fn)
     n, groups = s.shape
     # (tile, ktile, l, q, p, kgroup)
@@ -97,9 +99,10 @@ def pack_micro_scales(s: Tensor) -> Tensor:
 
 
 def pack_scales(s: Tensor, group_pad: int = 2) -> Tensor:
-    """16-bit per-output values (out,) or group scales (out, G) -> packed bf16 ((out,) or (G, out)) in the order of
-    the mma.m16n8 accumulator (utils.py: pack_scale, warp_n 128: s_pack_size 4, 32 lanes): lane 4·a + c holds outputs
-    16·a + 8·b + 2·c + d for b, d in {0, 1}. Padded outputs (and groups, to an even count) are filled with 1."""
+    """16-bit per-output values (out,) or group scales (out, G) -> packed bf16 ((out,) or (G, out))
+    in the order of the mma.m16n8 accumulator (utils.py: pack_scale, warp_n 128: s_pack_size 4, 32
+    lanes): lane 4·a + c holds outputs 16·a + 8·b + 2·c + d for b, d in {0, 1}. Padded outputs (and
+    groups, to an even count) are filled with 1."""
     vector = s.ndim == 1
     s = pad(
         s.to(torch.bfloat16).reshape(s.shape[0], -1), (WARP_N, 1 if vector else group_pad), fill=1
@@ -111,8 +114,9 @@ def pack_scales(s: Tensor, group_pad: int = 2) -> Tensor:
 
 
 def pack_lowrank(w: Tensor, down: bool) -> Tensor:
-    """Low-rank factor -> bf16 in 16x16 MMA fragments (utils.py: pack_lowrank_weight). down: L_down (r, in) -> (in, r);
-    up: L_up (out, r) -> (out, r). The big dim is padded to 128, both to 16 (the rank to a multiple of 16)."""
+    """Low-rank factor -> bf16 in 16x16 MMA fragments (utils.py: pack_lowrank_weight). down: L_down
+    (r, in) -> (in, r); up: L_up (out, r) -> (out, r). The big dim is padded to 128, both to 16 (the
+    rank to a multiple of 16)."""
     w = pad(w.to(torch.bfloat16), (16, WARP_N) if down else (WARP_N, 16))
     if down:  # (r, c): the MMA's n is the rank, k the input
         r, c = w.shape
@@ -127,7 +131,8 @@ def pack_lowrank(w: Tensor, down: bool) -> Tensor:
 
 
 def svdq_layer(parts: list[SVDQuantLinear]) -> dict[str, Tensor]:
-    """One Nunchaku W4A4 layer from our linears fused along the output (convert_to_nunchaku_w4x4y16_linear_weight)."""
+    """One Nunchaku W4A4 layer from our linears fused along the output
+    (convert_to_nunchaku_w4x4y16_linear_weight)."""
     first = parts[0]
     if first.proj_down.device.type != "meta":  # fused parts share their input: same λ and L_down
         assert all(
@@ -162,8 +167,9 @@ def svdq_layer(parts: list[SVDQuantLinear]) -> dict[str, Tensor]:
 
 
 def pack_awq_w4(q: Tensor) -> Tensor:
-    """Unsigned 4-bit (out, in) -> int32 (out/4, in/2), TinyChat's GEMV order (backend/tinychat/utils.py: pack_w4):
-    16-bit word t of a 32-input block holds inputs t, t+8, t+16, t+24; rows go in 4-row x 64-input tiles."""
+    """Unsigned 4-bit (out, in) -> int32 (out/4, in/2), TinyChat's GEMV order
+    (backend/tinychat/utils.py: pack_w4): 16-bit word t of a 32-input block holds inputs t, t+8,
+    t+16, t+24; rows go in 4-row x 64-input tiles."""
     oc, ic = q.shape
     w = q.to(torch.int32).reshape(-1, 4, 8)
     w = w[:, 0] | (w[:, 1] << 4) | (w[:, 2] << 8) | (w[:, 3] << 12)  # (oc·ic/32, 8) 16-bit words
@@ -172,7 +178,8 @@ def pack_awq_w4(q: Tensor) -> Tensor:
 
 
 def awq_layer(m: W4A16Linear, chunks: int) -> dict[str, Tensor]:
-    """AdaLN linear -> Nunchaku AWQ W4A16 (convert_to_nunchaku_w4x16_linear_weight with adanorm_splits = chunks)."""
+    """AdaLN linear -> Nunchaku AWQ W4A16 (convert_to_nunchaku_w4x16_linear_weight with
+    adanorm_splits = chunks)."""
     out, inp = m.qweight.shape
     interleave = lambda t: (
         t.reshape(chunks, out // chunks, *t.shape[1:]).transpose(0, 1).reshape(t.shape)
@@ -200,7 +207,8 @@ def awq_layer(m: W4A16Linear, chunks: int) -> dict[str, Tensor]:
 
 
 def nunchaku_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """All tensors of the Nunchaku file for a quantised Flux (quantized_structure layout; meta tensors work)."""
+    """All tensors of the Nunchaku file for a quantised Flux (quantized_structure layout; meta
+    tensors work)."""
     sd, used = {}, set()
     for kind, layers, norms, adanorm in (
         ("transformer_blocks", DOUBLE_LAYERS, DOUBLE_NORMS, DOUBLE_ADANORM),
@@ -237,8 +245,9 @@ def nunchaku_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 
 def nunchaku_metadata(model: nn.Module, fp4: bool, rank: int) -> dict[str, str]:
-    """The file's metadata, as nunchaku/merge_safetensors.py writes it. `rank` is the packed rank (lora_down's
-    second dim: a multiple of 16), which NunchakuFluxTransformer2DModelV2 builds its layers with."""
+    """The file's metadata, as nunchaku/merge_safetensors.py writes it. `rank` is the packed rank
+    (lora_down's second dim: a multiple of 16), which NunchakuFluxTransformer2DModelV2 builds its
+    layers with."""
     p = model.params
     fmt = {"dtype": "fp4_e2m1_all" if fp4 else "int4", "group_size": 16 if fp4 else 64}
     quantization_config = {

@@ -63,8 +63,9 @@ def transformer_class(folder: str | Path) -> type[Flux] | type[Sana]:
 
 
 def load_transformer(folder: Path, ae_latent_channels: int | None, **kw) -> nn.Module:
-    """FLUX's patch size is not in diffusers' config (its pipeline packs 2×2 outside the model): take our
-    "_patch_size" key, else infer it from the AE's latent channels (64 = 16·2·2 for FLUX.1, 32 = 32·1·1 for DC-Gen)."""
+    """FLUX's patch size is not in diffusers' config (its pipeline packs 2×2 outside the model):
+    take our "_patch_size" key, else infer it from the AE's latent channels (64 = 16·2·2 for FLUX.1,
+    32 = 32·1·1 for DC-Gen)."""
     cls = transformer_class(folder)
     if cls is Sana:
         return Sana.from_pretrained(folder, **kw)
@@ -83,10 +84,10 @@ def load_transformer(folder: Path, ae_latent_channels: int | None, **kw) -> nn.M
 
 
 def sampling_shift(folder: Path, transformer_cfg: dict, ae_cfg: dict | None) -> tuple[str, float]:
-    """The noise-level shift the model was trained with: our "_shift" key in scheduler_config.json when present,
-    else what the released pipelines do (DC-Gen generate.py, pipeline_dcgen_flux.py): SANA a constant flow_shift;
-    DC-Gen-FLUX 1K (DC-AE f32c32) the "flux2" shift r = sqrt(C·p²·L/4096); FLUX.1 and DC-Gen-FLUX 4K the dynamic
-    shift mu(L)."""
+    """The noise-level shift the model was trained with: our "_shift" key in scheduler_config.json
+    when present, else what the released pipelines do (DC-Gen generate.py, pipeline_dcgen_flux.py):
+    SANA a constant flow_shift; DC-Gen-FLUX 1K (DC-AE f32c32) the "flux2" shift r =
+    sqrt(C·p²·L/4096); FLUX.1 and DC-Gen-FLUX 4K the dynamic shift mu(L)."""
     sched_file = folder / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
     if "_shift" in sched:
@@ -116,8 +117,9 @@ def sampling_shift(folder: Path, transformer_cfg: dict, ae_cfg: dict | None) -> 
 
 
 def read_shift(folder: str | Path) -> tuple[str, float]:
-    """The shift a model folder samples with (`sampling_shift`), read from its configs alone: no weights are loaded.
-    Every training stage defaults to it, so a SANA run trains at SANA's constant 3.0 and a FLUX run at FLUX's mu."""
+    """The shift a model folder samples with (`sampling_shift`), read from its configs alone: no
+    weights are loaded. Every training stage defaults to it, so a SANA run trains at SANA's constant
+    3.0 and a FLUX run at FLUX's mu."""
     folder = Path(folder)
     ae_file = folder / "vae" / "config.json"
     ae_cfg = read_config(folder / "vae", "autoencoder") if ae_file.is_file() else None
@@ -132,7 +134,8 @@ def load_pipeline(
     max_length: int | None = None,
     tile_px: int | None = 1024,
 ) -> Pipeline:
-    """Load the `parts` of a model folder; a missing part is named in the error with what the folder holds."""
+    """Load the `parts` of a model folder; a missing part is named in the error with what the folder
+    holds."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
@@ -184,9 +187,9 @@ def write_pipeline(
     state_dict: dict[str, torch.Tensor] | None = None,
     config: dict | None = None,
 ) -> None:
-    """Write a model folder: the transformer's weights (`state_dict`, default its own) and config (default its
-    diffusers config), the AE and text encoders linked (or copied, `copy=True`, e.g. for the committed toy zoo) from
-    where they live, and the sampling shift."""
+    """Write a model folder: the transformer's weights (`state_dict`, default its own) and config
+    (default its diffusers config), the AE and text encoders linked (or copied, `copy=True`, e.g.
+    for the committed toy zoo) from where they live, and the sampling shift."""
     assert shift in SHIFTS, f"shift {shift!r} not in {SHIFTS}"
     folder = Path(folder)
     text = {p: Path(text_folder) / p for p in TEXT_PARTS if (Path(text_folder) / p).is_dir()}

@@ -93,7 +93,8 @@ PRESETS = {
 
 
 def timestep_embedding(timestep: Tensor, dim: int = 256, max_period: float = 10_000.0) -> Tensor:
-    """Sinusoidal embedding (cos half first) of a timestep on the 0..1000 scale, in float32. (B,) -> (B, dim)."""
+    """Sinusoidal embedding (cos half first) of a timestep on the 0..1000 scale, in float32. (B,) ->
+    (B, dim)."""
     half = dim // 2
     freqs = torch.exp(
         -math.log(max_period)
@@ -105,8 +106,8 @@ def timestep_embedding(timestep: Tensor, dim: int = 256, max_period: float = 10_
 
 
 class MLPEmbedder(nn.Module):
-    """linear_1 -> act -> linear_2: SiLU for timesteps (diffusers' TimestepEmbedding), tanh-GELU for the caption
-    projection (PixArt-α's, diffusers' PixArtAlphaTextProjection)."""
+    """linear_1 -> act -> linear_2: SiLU for timesteps (diffusers' TimestepEmbedding), tanh-GELU for
+    the caption projection (PixArt-α's, diffusers' PixArtAlphaTextProjection)."""
 
     def __init__(self, in_dim: int, dim: int, act: Callable[[Tensor], Tensor] = F.silu):
         super().__init__()
@@ -119,7 +120,8 @@ class MLPEmbedder(nn.Module):
 
 
 class TimestepEmbedder(nn.Module):
-    """MLP(sinusoid(timestep)); a module of its own only so that the keys read `time_embed.emb.timestep_embedder`."""
+    """MLP(sinusoid(timestep)); a module of its own only so that the keys read
+    `time_embed.emb.timestep_embedder`."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -130,8 +132,9 @@ class TimestepEmbedder(nn.Module):
 
 
 class AdaLNSingle(nn.Module):
-    """adaLN-single (PixArt-α §2.3): ONE linear regresses the 6 modulation vectors from t for the whole network; each
-    block only adds its own learned (6, D) table. DiT's per-block adaLN would cost 20·6·D² = 0.6 B more parameters."""
+    """adaLN-single (PixArt-α §2.3): ONE linear regresses the 6 modulation vectors from t for the
+    whole network; each block only adds its own learned (6, D) table. DiT's per-block adaLN would
+    cost 20·6·D² = 0.6 B more parameters."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -147,8 +150,9 @@ class AdaLNSingle(nn.Module):
 
 
 class AdaLNSingleGuidance(nn.Module):
-    """adaLN-single with an embedded guidance scale added to the timestep embedding, as FLUX.1-dev does
-    (diffusers' SanaCombinedTimestepGuidanceEmbeddings, used by SANA-Sprint): one pass instead of CFG's two."""
+    """adaLN-single with an embedded guidance scale added to the timestep embedding, as FLUX.1-dev
+    does (diffusers' SanaCombinedTimestepGuidanceEmbeddings, used by SANA-Sprint): one pass instead
+    of CFG's two."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -171,7 +175,8 @@ class AdaLNSingleGuidance(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) · weight over the last dim, statistics in float32 (diffusers' RMSNorm with a weight)."""
+    """x / rms(x) · weight over the last dim, statistics in float32 (diffusers' RMSNorm with a
+    weight)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -186,7 +191,8 @@ class RMSNorm(nn.Module):
 
 
 class LinearAttention(nn.Module):
-    """ReLU linear attention (SANA §2.2, after Katharopoulos et al. 2020), the self-attention of every block.
+    """ReLU linear attention (SANA §2.2, after Katharopoulos et al. 2020), the self-attention of
+    every block.
 
     Softmax attention costs O(N²·d) in the number of tokens N. With the kernel φ = ReLU instead of exp,
         out_i = Σ_j φ(q_i)·φ(k_j) v_j / Σ_j φ(q_i)·φ(k_j) = φ(q_i) (Σ_j φ(k_j)ᵀ v_j) / (φ(q_i) · Σ_j φ(k_j)),
@@ -231,7 +237,8 @@ class LinearAttention(nn.Module):
 
 
 class CrossAttention(nn.Module):
-    """Softmax attention from image tokens (queries) to text tokens (keys, values), padding masked out."""
+    """Softmax attention from image tokens (queries) to text tokens (keys, values), padding masked
+    out."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, qk_norm: bool):
         super().__init__()
@@ -265,11 +272,11 @@ class CrossAttention(nn.Module):
 
 
 class GLUMBConv(nn.Module):
-    """Mix-FFN (SANA §2.2): 1×1 conv to 2·hidden, SiLU, 3×3 depthwise conv, GLU gate, 1×1 conv back to D.
+    """Mix-FFN (SANA §2.2): 1×1 conv to 2·hidden, SiLU, 3×3 depthwise conv, GLU gate, 1×1 conv back
+        to D.
 
-    The depthwise conv mixes each token with its 8 neighbours: local detail that linear attention is weak at, and
-    the model's only source of position information (no positional embedding anywhere).
-    """
+    The depthwise conv mixes each token with its 8 neighbours: local detail that linear attention is
+        weak at, and the model's only source of position information (no positional embedding anywhere)."""
 
     def __init__(self, dim: int, mlp_ratio: float):
         super().__init__()
@@ -289,7 +296,8 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 
 
 class SanaBlock(nn.Module):
-    """Linear self-attention, cross-attention to the text, Mix-FFN; the first and last modulated by adaLN-single."""
+    """Linear self-attention, cross-attention to the text, Mix-FFN; the first and last modulated by
+    adaLN-single."""
 
     def __init__(self, p: SanaParams):
         super().__init__()
@@ -320,7 +328,8 @@ class SanaBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Conv with kernel = stride = p: every p×p patch of the latent becomes one D-dim token (module `proj`)."""
+    """Conv with kernel = stride = p: every p×p patch of the latent becomes one D-dim token (module
+    `proj`)."""
 
     def __init__(self, in_channels: int, dim: int, patch_size: int):
         super().__init__()
@@ -375,9 +384,10 @@ class Sana(nn.Module):
         txt_mask: Tensor | None = None,
         guidance: Tensor | None = None,
     ) -> Tensor:
-        """Velocity v(x_t, t): x (B, C, H, W) noisy latent, t (B,) noise level sigma in [0, 1], txt (B, L, 2304)
-        Gemma-2 states, txt_mask (B, L) 1 for real tokens and 0 for padding (None: all real), guidance (B,)
-        embedded guidance scale w (guidance-distilled models only). Returns (B, C, H, W)."""
+        """Velocity v(x_t, t): x (B, C, H, W) noisy latent, t (B,) noise level sigma in [0, 1], txt
+        (B, L, 2304) Gemma-2 states, txt_mask (B, L) 1 for real tokens and 0 for padding (None: all
+        real), guidance (B,) embedded guidance scale w (guidance-distilled models only). Returns (B,
+        C, H, W)."""
         p, (H, W) = self.params, x.shape[-2:]
         assert H % p.patch_size == 0 and W % p.patch_size == 0, (
             f"latent {H}x{W} not divisible by patch {p.patch_size}"
@@ -425,7 +435,8 @@ class Sana(nn.Module):
         )
 
     def run_block(self, block: nn.Module, *args):
-        """Call a block; with grad checkpointing its activations are recomputed in backward instead of stored."""
+        """Call a block; with grad checkpointing its activations are recomputed in backward instead
+        of stored."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
@@ -503,9 +514,10 @@ class Sana(nn.Module):
     def from_pretrained(
         cls, folder: str | Path, dtype: torch.dtype | None = None, device="cpu"
     ) -> Sana:
-        """Load a diffusers-format transformer folder (config.json + one or sharded safetensors), strictly: the model
-        is built on the meta device (no memory) and the stored tensors are assigned in place, in their stored dtype
-        unless `dtype` is given. Missing config keys take diffusers' defaults."""
+        """Load a diffusers-format transformer folder (config.json + one or sharded safetensors),
+        strictly: the model is built on the meta device (no memory) and the stored tensors are
+        assigned in place, in their stored dtype unless `dtype` is given. Missing config keys take
+        diffusers' defaults."""
         params = cls.params_from_diffusers(read_config(folder, "SANA transformer"))
         with torch.device("meta"):
             model = cls(params)

@@ -45,9 +45,10 @@ GELU_SHIFT = 0.171875
 def round_float(
     x: Tensor, mantissa_bits: int, min_exponent: int, max_value: float, ties_even: bool
 ) -> Tensor:
-    """Round to the nearest value of a float format with `mantissa_bits` explicit mantissa bits, subnormals below
-    2^min_exponent and saturation at ±max_value. Within a binade [2^e, 2^(e+1)) the values are a uniform grid of step
-    2^(e - mantissa_bits), so rounding is x/step -> integer -> ·step (exact in float32).
+    """Round to the nearest value of a float format with `mantissa_bits` explicit mantissa bits,
+    subnormals below 2^min_exponent and saturation at ±max_value. Within a binade [2^e, 2^(e+1)) the
+    values are a uniform grid of step 2^(e - mantissa_bits), so rounding is x/step -> integer ->
+    ·step (exact in float32).
 
     Ties: `ties_even` rounds half to even (= even mantissa), as the GPU's cvt.rn.satfinite does (Nunchaku's activation
     quantiser); otherwise half up, towards +inf, as DeepCompressor's codebook rounding `nearest_neighbor`
@@ -71,8 +72,8 @@ def round_e4m3(x: Tensor, ties_even: bool) -> Tensor:
 
 
 def e2m1_encode(q: Tensor) -> Tensor:
-    """E2M1 values -> 4-bit codes (int8): magnitude index, plus 8 if negative. A -0 becomes code 0, as DeepCompressor's
-    `fp_quantize` argmin (backend/utils.py) picks the first of the two zeros."""
+    """E2M1 values -> 4-bit codes (int8): magnitude index, plus 8 if negative. A -0 becomes code 0,
+    as DeepCompressor's `fp_quantize` argmin (backend/utils.py) picks the first of the two zeros."""
     grid = torch.tensor(E2M1_GRID, device=q.device)
     return (torch.searchsorted(grid, q.abs().contiguous()) + 8 * (q < 0)).to(torch.int8)
 
@@ -88,16 +89,18 @@ def e2m1_decode(codes: Tensor) -> Tensor:
 
 
 def quantize_weight(w: Tensor, fp4: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """4-bit weight quantisation as DeepCompressor does it (quantizer/impl/scale.py; configs/svdquant/nvfp4|int4.yaml).
+    """4-bit weight quantisation as DeepCompressor does it (quantizer/impl/scale.py;
+        configs/svdquant/nvfp4|int4.yaml).
 
-    w (out, in) -> q (out, in) values on the 4-bit grid, group scales (out, in/g), tensor scale (), all float32; the
-    dequantised weight is q · group scale · tensor scale, and `encode` turns q into the stored 4-bit codes.
+    w (out, in) -> q (out, in) values on the 4-bit grid, group scales (out, in/g), tensor scale (),
+        all float32; the dequantised weight is q · group scale · tensor scale, and `encode` turns q into
+        the stored 4-bit codes.
 
-    NVFP4 (g = 16): the ideal micro-scale is s = amax/6 per group; the tensor scale t = bf16(max s / 448)
-    (DeepCompressor quantises this level to the model dtype, and Nunchaku stores it as bf16 `wtscale`); micro-scales are
-    fp8(s / t) <= 448 (saturating). INT4 (g = 64): s = bf16(amax / 7), q = round(w / s) in [-8, 7] (half to even,
-    torch.round); the tensor scale is 1. A zero scale is replaced by 1 (QuantScale.remove_zero).
-    """
+    NVFP4 (g = 16): the ideal micro-scale is s = amax/6 per group; the tensor scale t = bf16(max s /
+        448) (DeepCompressor quantises this level to the model dtype, and Nunchaku stores it as bf16
+        `wtscale`); micro-scales are fp8(s / t) <= 448 (saturating). INT4 (g = 64): s = bf16(amax / 7),
+        q = round(w / s) in [-8, 7] (half to even, torch.round); the tensor scale is 1. A zero scale is
+        replaced by 1 (QuantScale.remove_zero)."""
     out, inp = w.shape
     g = 16 if fp4 else 64
     assert inp % g == 0, f"in_features {inp} is not a multiple of the group size {g}"
@@ -121,7 +124,8 @@ def encode(q: Tensor, fp4: bool) -> Tensor:
 
 
 def dequantize_weight(codes: Tensor, wscales: Tensor, wcscales: Tensor, fp4: bool) -> Tensor:
-    """codes (out, in), group scales (out, G), per-output-channel scales (out,) -> float32 weight (out, in)."""
+    """codes (out, in), group scales (out, G), per-output-channel scales (out,) -> float32 weight
+    (out, in)."""
     q = e2m1_decode(codes) if fp4 else codes.float()
     g = codes.shape[1] // wscales.shape[1]
     return q * wscales.float().repeat_interleave(g, dim=1) * wcscales.float()[:, None]
@@ -129,12 +133,13 @@ def dequantize_weight(codes: Tensor, wscales: Tensor, wcscales: Tensor, fp4: boo
 
 def quantize_act(x: Tensor, fp4: bool, unsigned: bool = False) -> Tensor:
     """Fake-quantise activations per token and group of inputs, as Nunchaku's kernel does on the fly
-    (gemm_w4a4.cuh: quantize_w4a4_fp4_from_fpsum_warp / quantize_w4a4_from_fpsum_warp). (..., in) -> float32 (..., in).
+        (gemm_w4a4.cuh: quantize_w4a4_fp4_from_fpsum_warp / quantize_w4a4_from_fpsum_warp). (..., in) ->
+        float32 (..., in).
 
-    NVFP4 (g = 16): s = min(amax/6, 448); codes = rne_e2m1(x / s); dequantised with fp8(s) (the kernel divides by the
-    float scale and hands the MMA its rounded FP8 copy). INT4 (g = 64): s = amax/7 (amax/15 unsigned); codes =
-    round(x / s) clamped to [-8, 7] ([0, 15]); dequantised with the scale stored in 16 bits (bf16).
-    """
+    NVFP4 (g = 16): s = min(amax/6, 448); codes = rne_e2m1(x / s); dequantised with fp8(s) (the
+        kernel divides by the float scale and hands the MMA its rounded FP8 copy). INT4 (g = 64): s =
+        amax/7 (amax/15 unsigned); codes = round(x / s) clamped to [-8, 7] ([0, 15]); dequantised with
+        the scale stored in 16 bits (bf16)."""
     g = 16 if fp4 else 64
     xg = x.float().unflatten(-1, (-1, g))  # (..., G, g)
     amax = xg.abs().amax(-1, keepdim=True)
@@ -156,8 +161,9 @@ def quantize_act(x: Tensor, fp4: bool, unsigned: bool = False) -> Tensor:
 
 
 class SVDQuantLinear(nn.Module):
-    """The emulated SVDQuant W4A4 linear (Nunchaku's SVDQW4A4Linear): a 4-bit GEMM on smoothed, quantised inputs plus
-    a 16-bit low-rank branch on the raw input. Buffers (unpacked; models/nunchaku.py packs them):
+    """The emulated SVDQuant W4A4 linear (Nunchaku's SVDQW4A4Linear): a 4-bit GEMM on smoothed,
+    quantised inputs plus a 16-bit low-rank branch on the raw input. Buffers (unpacked;
+    models/nunchaku.py packs them):
 
         qweight  (out, in) int8     4-bit codes of the residual R (NVFP4: sign·8 + E2M1 index; INT4: value in [-8, 7])
         wscales  (out, in/g)        group scales: float8_e4m3fn (NVFP4, g = 16) or bfloat16 (INT4, g = 64)
@@ -225,8 +231,9 @@ class SVDQuantLinear(nn.Module):
 
 
 class W4A16Linear(nn.Module):
-    """4-bit weights (INT4, group 64, bf16 scales), 16-bit activations: Nunchaku runs the AdaLN linears this way
-    (AWQW4A16Linear; DeepCompressor's `extra_wgts` sint4 g64 for transformer_norm / transformer_add_norm)."""
+    """4-bit weights (INT4, group 64, bf16 scales), 16-bit activations: Nunchaku runs the AdaLN
+    linears this way (AWQW4A16Linear; DeepCompressor's `extra_wgts` sint4 g64 for transformer_norm /
+    transformer_add_norm)."""
 
     def __init__(
         self, in_features: int, out_features: int, dtype: torch.dtype = torch.bfloat16, device=None
@@ -248,9 +255,10 @@ class W4A16Linear(nn.Module):
 
 
 class SplitLinear(nn.Module):
-    """One linear over concatenated inputs, run as one linear per input slice and summed: y = Σ_i linears[i](x_i).
-    The single-stream block's proj_out is [attention out | MLP fc2]; Nunchaku quantises the parts separately
-    (`attn.to_out`, `mlp_fc2`) and DeepCompressor keeps the bias in the last part (ConcatLinear)."""
+    """One linear over concatenated inputs, run as one linear per input slice and summed: y = Σ_i
+    linears[i](x_i). The single-stream block's proj_out is [attention out | MLP fc2]; Nunchaku
+    quantises the parts separately (`attn.to_out`, `mlp_fc2`) and DeepCompressor keeps the bias in
+    the last part (ConcatLinear)."""
 
     def __init__(self, parts: list[nn.Module]):
         super().__init__()
@@ -337,7 +345,8 @@ def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def split_proj_out(model: Flux) -> None:
-    """In place, function-preserving: every single-stream proj_out -> SplitLinear([attention part, MLP part])."""
+    """In place, function-preserving: every single-stream proj_out -> SplitLinear([attention part,
+    MLP part])."""
     for block in model.single_transformer_blocks:
         if isinstance(block.proj_out, nn.Linear):
             hidden = block.proj_mlp.out_features
@@ -349,8 +358,8 @@ def split_proj_out(model: Flux) -> None:
 def quantized_structure(
     model: Flux, fp4: bool, rank: int, dtype: torch.dtype = torch.bfloat16
 ) -> Flux:
-    """In place: the quantised model's module tree with empty quantised layers on the model's device (meta works), so
-    a saved quantised state dict loads strictly into it."""
+    """In place: the quantised model's module tree with empty quantised layers on the model's device
+    (meta works), so a saved quantised state dict loads strictly into it."""
     split_proj_out(model)
     groups, w4a16 = flux_layers(model)
     for name in [n for group in groups for layer in group for n in layer]:
@@ -381,8 +390,9 @@ def is_quantized(folder: str | Path) -> bool:
 
 
 def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> Flux:
-    """The emulated SVDQuant FLUX written by quantize.py (`out_dir/transformer`): a Flux whose block linears are
-    SVDQuantLinear / W4A16Linear / SplitLinear. Called exactly like Flux: model(x, t, txt, y, guidance)."""
+    """The emulated SVDQuant FLUX written by quantize.py (`out_dir/transformer`): a Flux whose block
+    linears are SVDQuantLinear / W4A16Linear / SplitLinear. Called exactly like Flux: model(x, t,
+    txt, y, guidance)."""
     cfg = read_config(folder, "quantized FLUX transformer")
     if "_svdquant" not in cfg:
         raise ValueError(

@@ -57,7 +57,8 @@ def expand(emb: dict[str, Tensor], batch: int) -> dict[str, Tensor]:
 
 
 def drop_text(cond: dict[str, Tensor], null: dict[str, Tensor], drop: Tensor) -> dict[str, Tensor]:
-    """Per-sample text dropout for CFG training: rows where `drop` (B,) is True take the null embedding."""
+    """Per-sample text dropout for CFG training: rows where `drop` (B,) is True take the null
+    embedding."""
     return {
         k: torch.where(drop.view(-1, *[1] * (v.ndim - 1)), null[k].to(v.dtype), v)
         for k, v in cond.items()
@@ -69,7 +70,8 @@ def drop_text(cond: dict[str, Tensor], null: dict[str, Tensor], drop: Tensor) ->
 
 
 class FluxTextEncoder(nn.Module):
-    """CLIP-L pooled (B, 768) -> `y`, T5-XXL states (B, max_length, 4096) -> `txt`. Frozen, inference only."""
+    """CLIP-L pooled (B, 768) -> `y`, T5-XXL states (B, max_length, 4096) -> `txt`. Frozen,
+    inference only."""
 
     def __init__(
         self,
@@ -99,7 +101,8 @@ class FluxTextEncoder(nn.Module):
 
     @torch.no_grad()
     def forward(self, prompts: list[str]) -> dict[str, Tensor]:
-        """{"txt": (B, max_length, d_T5), "y": (B, d_CLIP)} for a list of prompts; longer prompts are truncated."""
+        """{"txt": (B, max_length, d_T5), "y": (B, d_CLIP)} for a list of prompts; longer prompts
+        are truncated."""
         assert isinstance(prompts, (list, tuple)), "pass a list of prompts"
         tok = dict(padding="max_length", truncation=True, return_tensors="pt")
         # (B, 77)
@@ -124,7 +127,8 @@ class FluxTextEncoder(nn.Module):
 
 
 class SanaTextEncoder(nn.Module):
-    """Gemma-2 last hidden states (B, max_length, 2304) -> `txt`, padding mask (B, max_length) -> `txt_mask`."""
+    """Gemma-2 last hidden states (B, max_length, 2304) -> `txt`, padding mask (B, max_length) ->
+    `txt_mask`."""
 
     def __init__(
         self,
@@ -147,7 +151,8 @@ class SanaTextEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, prompts: list[str], instruction: bool = True) -> dict[str, Tensor]:
-        """{"txt": (B, max_length, d), "txt_mask": (B, max_length) bool}; `instruction` prepends the instruction."""
+        """{"txt": (B, max_length, d), "txt_mask": (B, max_length) bool}; `instruction` prepends the
+        instruction."""
         assert isinstance(prompts, (list, tuple)), "pass a list of prompts"
         # SanaPipeline's preprocessing (clean_caption=False)
         prompts = [p.lower().strip() for p in prompts]
@@ -175,7 +180,8 @@ class SanaTextEncoder(nn.Module):
         return self.encode(prompts, instruction=True)
 
     def null(self, batch: int) -> dict[str, Tensor]:
-        """The empty prompt's embedding (no instruction, as SanaPipeline's negative prompt), cached, `batch` rows."""
+        """The empty prompt's embedding (no instruction, as SanaPipeline's negative prompt), cached,
+        `batch` rows."""
         if self._null is None or self._null["txt"].device != self.gemma.device:
             self._null = self.encode([""], instruction=False)
         return expand(self._null, batch)
@@ -203,9 +209,9 @@ def load_text_encoder(
 ) -> FluxTextEncoder | SanaTextEncoder:
     """The frozen text encoder of a model folder, on `device`, in `dtype` (default: as stored).
 
-    `max_length`: T5 tokens for FLUX (default 512; at most the T5 tokenizer's model_max_length, 32 for the toy),
-    Gemma tokens kept for SANA (default 300). Nothing is downloaded: every part must be in the folder.
-    """
+    `max_length`: T5 tokens for FLUX (default 512; at most the T5 tokenizer's model_max_length, 32
+        for the toy), Gemma tokens kept for SANA (default 300). Nothing is downloaded: every part must
+        be in the folder."""
     folder = Path(folder)
     cfg = folder / "text_encoder" / "config.json"
     model_type = json.loads(cfg.read_text()).get("model_type") if cfg.is_file() else None

@@ -12,14 +12,15 @@ import torch
 
 
 def nearest_multiples(n: int, f: int) -> str:
-    """The valid sizes nearest n, as text: n itself if it is a positive multiple of f, else the multiples of f just
-    below and above it (just f for n <= f)."""
+    """The valid sizes nearest n, as text: n itself if it is a positive multiple of f, else the
+    multiples of f just below and above it (just f for n <= f)."""
     lo = max(n // f * f, 0)
     return f"{n}" if lo == n > 0 else f"{f}" if lo == 0 else f"{lo} or {lo + f}"
 
 
 def check_image_size(h: int, w: int, f: int, what: str) -> None:
-    """Raise a ValueError naming the nearest valid sizes when h or w is not a multiple of the spatial factor f."""
+    """Raise a ValueError naming the nearest valid sizes when h or w is not a multiple of the
+    spatial factor f."""
     if h % f == 0 and w % f == 0 and h > 0 and w > 0:
         return
     raise ValueError(
@@ -42,7 +43,8 @@ def check_image_size(h: int, w: int, f: int, what: str) -> None:
 
 
 def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
-    """Offsets of tiles covering [0, length): stride tile - overlap, the last tile flush with the end."""
+    """Offsets of tiles covering [0, length): stride tile - overlap, the last tile flush with the
+    end."""
     if length <= tile:
         return [0]
     assert 0 <= overlap < tile, f"tile overlap {overlap} must be smaller than the tile {tile}"
@@ -50,12 +52,12 @@ def tile_starts(length: int, tile: int, overlap: int) -> list[int]:
 
 
 def blend_ramp(n: int, overlap: int, device: torch.device, start=True, end=True) -> torch.Tensor:
-    """Weights along one tile axis of n samples, ramped at the edges shared with a neighbour (`start`, `end`): 0 for
-    the first m = overlap // 4 samples from the edge, then (k - m + 1) / (overlap - 2m + 1) for the k-th, capped at 1.
+    """Weights along one tile axis of n samples, ramped at the edges shared with a neighbour
+        (`start`, `end`): 0 for the first m = overlap // 4 samples from the edge, then (k - m + 1) /
+        (overlap - 2m + 1) for the k-th, capped at 1.
 
-    Two neighbours overlapping by `overlap` or more get weights that sum to 1 (or, overlapping by more, to >= 1)
-    at every shared sample, so every sample has weight.
-    """
+    Two neighbours overlapping by `overlap` or more get weights that sum to 1 (or, overlapping by
+        more, to >= 1) at every shared sample, so every sample has weight."""
     i = torch.arange(n, device=device, dtype=torch.float32)
     m, w = overlap // 4, torch.ones(n, device=device)
     for shared, k in ((start, i), (end, n - 1 - i)):  # k: distance from that edge
@@ -67,8 +69,8 @@ def blend_ramp(n: int, overlap: int, device: torch.device, start=True, end=True)
 def tiled(fn: Callable, x: torch.Tensor, tile: int, overlap: int, scale: float) -> torch.Tensor:
     """Apply `fn` to overlapping (tile x tile) windows of x (B, C, H, W) and blend the results.
 
-    `fn` maps a window (B, C, h, w) to (B, C', h·scale, w·scale): scale = f for a decoder, 1/f for an encoder.
-    """
+    `fn` maps a window (B, C, h, w) to (B, C', h·scale, w·scale): scale = f for a decoder, 1/f for
+        an encoder."""
     H, W = x.shape[-2:]
     out = weight = dtype = None
     ov = round(overlap * scale)  # the overlap in output samples

@@ -44,7 +44,8 @@ class VAEParams:
 
     @classmethod
     def from_config(cls, config: dict) -> VAEParams:
-        """Params from an AutoencoderKL config.json dict; fails on variants this file does not implement."""
+        """Params from an AutoencoderKL config.json dict; fails on variants this file does not
+        implement."""
         n = len(config.get("block_out_channels", cls.block_out_channels))
         checks = {
             "down_block_types": ["DownEncoderBlock2D"] * n,
@@ -67,7 +68,8 @@ class VAEParams:
 
 
 class ResnetBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv3x3, twice, plus the input (through a 1x1 conv when the width changes)."""
+    """GroupNorm -> SiLU -> conv3x3, twice, plus the input (through a 1x1 conv when the width
+    changes)."""
 
     def __init__(self, c_in: int, c_out: int, groups: int):
         super().__init__()
@@ -118,7 +120,8 @@ class MidBlock(nn.Module):
 
 
 class Downsample(nn.Module):
-    """Stride-2 conv3x3 after padding one pixel on the right and bottom only (the SD/FLUX convention)."""
+    """Stride-2 conv3x3 after padding one pixel on the right and bottom only (the SD/FLUX
+    convention)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -176,7 +179,8 @@ class UpLevel(nn.Module):
 
 
 class Encoder(nn.Module):
-    """conv_in -> levels (ResNets + stride-2 conv) -> mid block -> GroupNorm, SiLU, conv to 2C (mean, log-variance)."""
+    """conv_in -> levels (ResNets + stride-2 conv) -> mid block -> GroupNorm, SiLU, conv to 2C
+    (mean, log-variance)."""
 
     def __init__(self, p: VAEParams):
         super().__init__()
@@ -199,7 +203,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """conv_in -> mid block -> levels (ResNets + nearest-x2 conv), widest first -> GroupNorm, SiLU, conv to RGB."""
+    """conv_in -> mid block -> levels (ResNets + nearest-x2 conv), widest first -> GroupNorm, SiLU,
+    conv to RGB."""
 
     def __init__(self, p: VAEParams):
         super().__init__()
@@ -225,7 +230,8 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """KL autoencoder (diffusers AutoencoderKL) with the project's AE interface (models/autoencoder.py)."""
+    """KL autoencoder (diffusers AutoencoderKL) with the project's AE interface
+    (models/autoencoder.py)."""
 
     adaptive = False  # no channel prefixes: every latent channel is needed
 
@@ -244,7 +250,8 @@ class VAE(nn.Module):
         self.tile_overlap_px: int | None = None
 
     def config(self) -> dict:
-        """The diffusers config.json of this model (with the block-type lists diffusers needs to rebuild it)."""
+        """The diffusers config.json of this model (with the block-type lists diffusers needs to
+        rebuild it)."""
         n = len(self.params.block_out_channels)
         extra = {
             "down_block_types": ["DownEncoderBlock2D"] * n,
@@ -265,10 +272,12 @@ class VAE(nn.Module):
         return mean, logvar.clamp(-30.0, 20.0)
 
     def encode(self, x: torch.Tensor, channels: int | None = None) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> model-ready latents (mean - shift)·scale, (B, C, H/f, W/f).
+        """Images (B, 3, H, W) in [-1, 1] -> model-ready latents (mean - shift)·scale, (B, C, H/f,
+                W/f).
 
-        NOTE(deviation): the official DC-Gen AE wrapper encodes a posterior *sample*; we take the mean, so a latent
-        cache is deterministic. `posterior` returns the mean and log-variance, for a sample."""
+        NOTE(deviation): the official DC-Gen AE wrapper encodes a posterior *sample*; we take the
+                mean, so a latent cache is deterministic. `posterior` returns the mean and log-variance, for
+                a sample."""
         f, p = self.spatial_factor, self.params
         check_image_size(x.shape[-2], x.shape[-1], f, "VAE encode")
         if channels not in (None, self.latent_channels):

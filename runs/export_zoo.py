@@ -58,7 +58,8 @@ MODELS = {  # zoo name: (runs/toy.sh step and run folder, AE, what it is, how it
 
 
 def half(folder: Path, dst: Path, name: str = "diffusion_pytorch_model") -> int:
-    """Copy a diffusers-format weights folder with its floating tensors in fp16; returns the parameter count."""
+    """Copy a diffusers-format weights folder with its floating tensors in fp16; returns the
+    parameter count."""
     sd = {
         k: v.half() if v.is_floating_point() else v
         for k, v in read_state_dict(folder, name).items()
@@ -74,7 +75,8 @@ def link(src: Path, dst: Path) -> None:
 
 
 def export(src: Path, kept: Path, dst: Path) -> int:
-    """fp16 copy of the weights folder src, or, when the run folder lacks it, the previous zoo's copy `kept` as is."""
+    """fp16 copy of the weights folder src, or, when the run folder lacks it, the previous zoo's
+    copy `kept` as is."""
     if src.is_dir():
         return half(src, dst)
     if not kept.is_dir():

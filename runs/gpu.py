@@ -54,42 +54,34 @@ PAPER_SECONDS = {1024: (4.65, 1.10), 2048: (23.76, 1.41), 4096: (213.81, 4.04)}
 
 @dataclass
 class Config:
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
     out: str = "out/gpu"  # folder for gpu.json and gpu.md
     tiny: bool = False  # CPU smoke run: replaces the fields named in TINY by toy presets and sizes
     device: str = "auto"  # auto, cuda or cpu
     threads: int = 0  # CPU threads of torch (0: its default)
-    dtype: str = "bf16"  # bf16 or fp32: inference weights, the frozen base of the LoRA step, the
-    # decode
-    budget_s: float = 420.0  # wall-clock budget: items whose estimate would end past it are
-    # skipped, with a note
-    peak_tflops: float = 989.0  # dense bf16 peak of the card, TFLOP/s (H100 SXM 989), for estimates
-    # and predictions
-    mfu: float = 0.4  # assumed fraction of peak_tflops reached, for estimates and plan's predicted
-    # seconds
+    dtype: str = "bf16"  # bf16 or fp32: inference weights, the frozen base of the LoRA step, the decode
+    budget_s: float = 420.0  # wall-clock budget: items whose estimate would end past it are skipped, with a note
+    peak_tflops: float = 989.0  # dense bf16 peak of the card, TFLOP/s (H100 SXM 989), for estimates and predictions
+    mfu: float = 0.4  # assumed fraction of peak_tflops reached, for estimates and plan's predicted seconds
     # 1. transformer latency per denoising step
     base: str = "flux-dev"  # base FLUX preset (models/flux.py)
-    base_ae: str = "flux-vae"  # its AE preset (models/vae.py or dcae.py): only the spatial factor
-    # is used
+    base_ae: str = "flux-vae"  # its AE preset (models/vae.py or dcae.py): only the spatial factor is used
     dcgen_1k: str = "dcgen-flux-1k"  # DC-Gen preset at sizes up to dcgen_1k_max
     dcgen_1k_ae: str = "dc-ae-f32c32-in-1.0"  # its AE preset
     dcgen_4k: str = "dcgen-flux-4k"  # DC-Gen preset above dcgen_1k_max
     dcgen_4k_ae: str = "dc-ae-1.5-f64c128"  # its AE preset
-    dcgen_1k_max: int = 1024  # sizes up to this use dcgen_1k, larger ones dcgen_4k (bench.py's
-    # pairing)
+    dcgen_1k_max: int = 1024  # sizes up to this use dcgen_1k, larger ones dcgen_4k (bench.py's pairing)
     sizes: tuple[int, ...] = (1024, 2048, 4096)  # square image sizes in px
     text_len: int = 512  # T5 tokens at sampling
     steps: int = 3  # timed steps per item (median reported), after one warm-up step
-    big_step_s: float = 2.0  # when a step takes (or is estimated to take) longer, time only
-    # steps_big steps
+    big_step_s: float = 2.0  # when a step takes (or is estimated to take) longer, time only steps_big steps
     steps_big: int = 1  # timed steps of the big items (FLUX at 2K, 4K)
-    compile: bool = True  # also time compiled transformer blocks (GPU only; skipped with a note on
-    # a CPU)
+    compile: bool = True  # also time compiled transformer blocks (GPU only; skipped with a note on a CPU)
     compile_mode: str = "default"  # torch.compile mode of the blocks
-    compile_s: float = 40.0  # assumed compile time of one compiled item (one new shape), for the
-    # budget
+    compile_s: float = 40.0  # assumed compile time of one compiled item (one new shape), for the budget
     # 2. one LoRA training step (lora.py's model and guide loss)
-    train_preset: str = "dcgen-flux-1k"  # FLUX preset trained (needs a guidance embedding for the
-    # guide loss)
+    train_preset: str = "dcgen-flux-1k"  # FLUX preset trained (needs a guidance embedding for the guide loss)
     train_latent_hw: int = 16  # latent side: 512 px on DC-AE f32c32
     train_txt_len: int = 256  # T5 tokens in training
     micro_batch: int = 8  # samples per step
@@ -101,8 +93,8 @@ class Config:
     ae: str = "dc-ae-1.5-f64c128"  # AE preset (models/dcae.py or vae.py)
     decode_size: int = 4096  # image size in px
     tile_px: tuple[int, ...] = (0, 1024)  # tile sizes to time (0: one pass)
-    decode_estimate_s: float = 10.0  # assumed seconds of one decode item (warm-up + timed), for the
-    # budget
+    decode_estimate_s: float = 10.0  # assumed seconds of one decode item (warm-up + timed), for the budget
+    # fmt: on
 
 
 # --tiny: toy presets of models/flux.py, dcae.py, vae.py at CPU sizes, same code paths; fp32 (a CPU's bf16 matmuls
@@ -159,9 +151,9 @@ class Clock:
 
 
 def attempt(clock: Clock, what: str, fn, errors: list[str]) -> dict:
-    """Run one item. An exception (out of memory, a kernel's size limit, a bug in plan.py) is recorded in gpu.json
-    and gpu.md, printed, and turns the exit status to 1, and the run goes on: one failing item must not cost a short
-    GPU loan the others."""
+    """Run one item. An exception (out of memory, a kernel's size limit, a bug in plan.py) is
+    recorded in gpu.json and gpu.md, printed, and turns the exit status to 1, and the run goes on:
+    one failing item must not cost a short GPU loan the others."""
     try:
         return fn()
     except Exception as e:
@@ -176,7 +168,8 @@ def reset_peak(device: torch.device) -> None:
 
 
 def peak_gib(device: torch.device) -> float | None:
-    """The CUDA allocator's peak since reset_peak; None on a CPU (the process's peak RSS would mix all items)."""
+    """The CUDA allocator's peak since reset_peak; None on a CPU (the process's peak RSS would mix
+    all items)."""
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
@@ -209,8 +202,8 @@ def spatial_factor(ae_name: str) -> int:
 
 
 def latency_plan(cfg: Config) -> list[tuple[str, str, str, tuple[int, ...]]]:
-    """(role, FLUX preset, AE preset, sizes) in run order: the cheap DC-Gen models first, the base last, so that a
-    tight budget drops the most expensive items (FLUX at 4K) first."""
+    """(role, FLUX preset, AE preset, sizes) in run order: the cheap DC-Gen models first, the base
+    last, so that a tight budget drops the most expensive items (FLUX at 4K) first."""
     small = tuple(s for s in cfg.sizes if s <= cfg.dcgen_1k_max)
     large = tuple(s for s in cfg.sizes if s > cfg.dcgen_1k_max)
     return [
@@ -221,8 +214,9 @@ def latency_plan(cfg: Config) -> list[tuple[str, str, str, tuple[int, ...]]]:
 
 
 def build_role(role: str, preset: str, ae_name: str, device, dtype) -> bench.Role:
-    """A bench.Role of random weights. Not bench.build_role: that one fixes the real presets (no tiny run) and
-    materialises the AE too; here the AE stays on the meta device, read only for its spatial factor."""
+    """A bench.Role of random weights. Not bench.build_role: that one fixes the real presets (no
+    tiny run) and materialises the AE too; here the AE stays on the meta device, read only for its
+    spatial factor."""
     with torch.device("meta"):
         # in dtype already: no fp32 copy of 12B (48 GB) on the device
         model = Flux(flux_params(preset)).to(dtype)
@@ -233,9 +227,10 @@ def build_role(role: str, preset: str, ae_name: str, device, dtype) -> bench.Rol
 
 
 def compile_blocks(model: Flux, mode: str) -> None:
-    """Regional compilation: every transformer block compiled in place, the 19 double-stream blocks sharing one
-    compiled graph per shape and the 38 single-stream blocks another. A whole-model compile (bench.py --compile)
-    takes minutes per resolution for 57 blocks; this takes seconds and runs the same kernels inside the blocks."""
+    """Regional compilation: every transformer block compiled in place, the 19 double-stream blocks
+    sharing one compiled graph per shape and the 38 single-stream blocks another. A whole-model
+    compile (bench.py --compile) takes minutes per resolution for 57 blocks; this takes seconds and
+    runs the same kernels inside the blocks."""
     # NOTE(deviation): bench.py compiles the whole model in max-autotune-no-cudagraphs mode; here
     # blocks, --compile_mode one graph per block class and shape; past the limit (default 8) dynamo
     # would run the blocks eager, silently
@@ -253,8 +248,9 @@ def step_estimate(cfg: Config, preset: str, ae_name: str, size: int) -> tuple[in
 
 
 def latency_item(cfg: Config, role: bench.Role, size: int, device, dtype) -> dict:
-    """One warm-up step (kernel selection; compilation of compiled blocks), then `steps` timed steps, or steps_big
-    when the warm-up took longer than big_step_s (FLUX-12B at 4K: about 10 s a step on an H100)."""
+    """One warm-up step (kernel selection; compilation of compiled blocks), then `steps` timed
+    steps, or steps_big when the warm-up took longer than big_step_s (FLUX-12B at 4K: about 10 s a
+    step on an H100)."""
     x, cond, null = bench.inputs(role, size, bench.Config(text_len=cfg.text_len), device, dtype)
     step = bench.step_fn(role, x, cond, null, role.model)
     reset_peak(device)
@@ -273,10 +269,10 @@ def latency_item(cfg: Config, role: bench.Role, size: int, device, dtype) -> dic
 def latency_section(
     cfg: Config, clock: Clock, compiled: bool, device, dtype, errors: list[str], rows: list[dict]
 ):
-    """Every model of the pair at its sizes, eager or compiled, appended to `rows` as measured. A compiled item's
-    estimate includes a compilation only for a sequence length not compiled yet (the graphs are shared across
-    models: DC-Gen at 4K has FLUX's 1K shape); after the first, the measured compile time replaces --compile_s if it
-    is longer."""
+    """Every model of the pair at its sizes, eager or compiled, appended to `rows` as measured. A
+    compiled item's estimate includes a compilation only for a sequence length not compiled yet (the
+    graphs are shared across models: DC-Gen at 4K has FLUX's 1K shape); after the first, the
+    measured compile time replaces --compile_s if it is longer."""
     compiled_tokens, compile_s = set(), cfg.compile_s
     for role_name, preset, ae_name, sizes in latency_plan(cfg):
         role = None
@@ -327,7 +323,8 @@ def latency_section(
 
 
 def speedups(rows: list[dict]) -> list[dict]:
-    """Base over DC-Gen seconds per step at each size and compile mode, beside the FLOP ratio and the paper's."""
+    """Base over DC-Gen seconds per step at each size and compile mode, beside the FLOP ratio and
+    the paper's."""
     timed = {(r["role"], r["size"], r["compiled"]): r for r in rows if "step_s" in r}
     out = []
     for (role, size, compiled), dc in timed.items():
@@ -354,7 +351,8 @@ def speedups(rows: list[dict]) -> list[dict]:
 
 
 def lora_step(cfg: Config, clock: Clock, device, dtype) -> dict:
-    """lora.py's model, loss and update on random latents: the step's seconds and peak memory, and plan.predict's."""
+    """lora.py's model, loss and update on random latents: the step's seconds and peak memory, and
+    plan.predict's."""
     params = flux_params(cfg.train_preset)
     assert params.guidance_embed, (
         f"{cfg.train_preset}: the guide loss needs a guidance-distilled preset"

@@ -26,10 +26,13 @@ from quantize import calibrate, quantize_adaln, quantize_model, random_batches, 
 
 @dataclass
 class Config(QuantizeConfig):
+    # a table of flags: one field, its default and its --help text per line
+    # fmt: off
     preset: str = "flux-dev"  # models/flux.py preset whose width the 1 + 1-block stack takes
     outlier_channels: int = 16  # input channels per quantised layer turned into outliers
     outlier_scale: float = 20.0  # their magnitude factor
     out_dir: str = "out/quant-ablation"  # ablation.json, log.txt
+    # fmt: on
 
 
 @torch.no_grad()
@@ -65,8 +68,9 @@ def inject_outliers(model: Flux, k: int, scale: float, gen: torch.Generator) -> 
 
 
 def ablation(cfg: Config, device, log: Path) -> None:
-    """{RTN, SVDQuant} x {NVFP4, INT4} on a random 1 double + 1 single block stack with outlier inputs: relative
-    error vs fp32 of the stack's output, and of every quantised linear on held-out input rows (mean over linears)."""
+    """{RTN, SVDQuant} x {NVFP4, INT4} on a random 1 double + 1 single block stack with outlier
+    inputs: relative error vs fp32 of the stack's output, and of every quantised linear on held-out
+    input rows (mean over linears)."""
     params = replace(PRESETS[cfg.preset], depth=1, depth_single=1)
     model = Flux(params).to(device).eval()  # random init (seeded), fp32
     split_proj_out(model)

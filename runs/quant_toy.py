@@ -34,7 +34,8 @@ VARIANTS = {
 
 @torch.no_grad()
 def velocity_error(ref, model, cache: LatentCache, rows: int = 64, seed: int = 0) -> float:
-    """||v_q - v|| / ||v|| of the velocity on `rows` held-out latents, noise levels uniform in (0, 1), guidance 3.5."""
+    """||v_q - v|| / ||v|| of the velocity on `rows` held-out latents, noise levels uniform in (0,
+    1), guidance 3.5."""
     batch = cache.get(list(range(min(rows, len(cache)))), ["student", *sorted(cache.null)])
     x0 = batch.pop("student").float()
     g = torch.Generator().manual_seed(seed)

@@ -35,7 +35,8 @@ from toy.shapes import ShapesDataset, Spec, eval_specs  # noqa: E402
 def evaluate(
     model: str, out: Path, specs: list, size: int, steps: int, batch: int, extra: list[str]
 ) -> dict:
-    """Sample one image per held-out prompt (seed i for prompt i), then score each against its prompt."""
+    """Sample one image per held-out prompt (seed i for prompt i), then score each against its
+    prompt."""
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompts.txt").write_text("\n".join(s.caption for s in specs) + "\n")
     t0 = time.perf_counter()
@@ -79,14 +80,16 @@ def evaluate(
 
 
 def swapped(spec: Spec) -> Spec:
-    """The same scene with its objects named the other way round: 'a X above a Y' -> 'a Y above a X'."""
+    """The same scene with its objects named the other way round: 'a X above a Y' -> 'a Y above a
+    X'."""
     return dataclasses.replace(
         spec, color_a=spec.color_b, shape_a=spec.shape_b, color_b=spec.color_a, shape_b=spec.shape_a
     )
 
 
 def word_order(r: dict, r_swap: dict) -> dict:
-    """Of the prompts whose two colours are found under both wordings: under how many wordings the relation holds."""
+    """Of the prompts whose two colours are found under both wordings: under how many wordings the
+    relation holds."""
     found = lambda c: c["a_color"] and c["b_color"]  # noqa: E731
     pairs = [
         (c, d)

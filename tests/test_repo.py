@@ -23,16 +23,40 @@ def lines(path: Path) -> int:
 
 
 def test_line_budgets():
-    over = [
-        f"{p.name}: {lines(p)}" for p in map(ROOT.joinpath, STAGES) if p.exists() and lines(p) > 600
-    ]
+    """Stage scripts at most 500 lines; models/ files 600 and common.py 400: those two budgets moved when the code
+    was formatted at 100 characters (budgets move, code is not packed to meet them)."""
+    over = [f"{p.name}: {lines(p)}" for p in map(ROOT.joinpath, STAGES) if lines(p) > 500]
     over += [
-        f"models/{p.name}: {lines(p)}" for p in (ROOT / "models").glob("*.py") if lines(p) > 500
+        f"models/{p.name}: {lines(p)}" for p in (ROOT / "models").glob("*.py") if lines(p) > 600
     ]
-    # common.py: the style guide's "about 300", moved to 320 for shift_for and draw_prefixes
-    # (budgets move, code is not packed to meet them)
-    over += [f"common.py: {lines(ROOT / 'common.py')}"] if lines(ROOT / "common.py") > 320 else []
-    assert not over, f"over budget (stage 600, models/ 500, common.py 320 lines): {over}"
+    over += [f"common.py: {lines(ROOT / 'common.py')}"] if lines(ROOT / "common.py") > 400 else []
+    assert not over, f"over budget (stage 500, models/ 600, common.py 400 lines): {over}"
+
+
+def code_files() -> list[Path]:
+    return [*ROOT.glob("*.py"), *(ROOT / "models").glob("*.py"), *(ROOT / "runs").glob("*.py"),
+            *(ROOT / "toy").glob("*.py")]  # fmt: skip
+
+
+def test_lines_are_not_packed():
+    """At most 10 % of non-blank lines over 100 characters (the code is formatted at 100; comments and strings may
+    run to 120), no `# fmt: skip` (`# fmt: off` only around a Config's table of flags), and no function over 80
+    lines: a reader follows one screen at a time."""
+    text = {p: p.read_text() for p in code_files()}
+    rows = [ln for t in text.values() for ln in t.splitlines() if ln.strip()]
+    long = sum(len(ln) > 100 for ln in rows)
+    assert long <= 0.10 * len(rows), f"{long} of {len(rows)} non-blank lines exceed 100 characters"
+    assert not [p.name for p, t in text.items() if "fmt: skip" in t], (
+        "# fmt: skip packs lines: format them"
+    )
+    over = []
+    for p, t in text.items():
+        for node in ast.walk(ast.parse(t)):
+            if isinstance(node, ast.FunctionDef) and node.end_lineno - node.lineno + 1 > 80:
+                over.append(
+                    f"{p.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+                )
+    assert not over, f"functions over 80 lines: {over}"
 
 
 def test_readme_test_command_is_what_ci_runs():
