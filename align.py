@@ -58,10 +58,9 @@ from common import (
 )
 from data import ImageFolder, LatentCache, StepSampler
 from models.autoencoder import load_autoencoder
-from models.flux import Flux
 from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text, load_text_encoder
-from plan import check_fits
+from plan import check_run
 from toy.shapes import ShapesDataset
 from training import (
     check_latent,
@@ -222,33 +221,62 @@ def align_loss(e_t: torch.Tensor, e_s: torch.Tensor, mode: str) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode_rows(cfg: CacheConfig, items: list[dict], aes: dict, text, device) -> dict:
+    """One batch of the cache: each AE's latent of the images (the teacher's of its own, smaller copy:
+    the same scene on the same token grid) and the captions' text states."""
+    x = torch.stack([it["image"] for it in items]).to(device)  # (B, 3, H, W) in [-1, 1]
+    r_t = cfg.teacher_resolution or cfg.resolution
+    inputs = {"student": (x, cfg.student_channels or None)}  # (images, latent channels to keep)
+    if "teacher" in aes:
+        small = F.interpolate(x, size=(r_t, r_t), mode="area") if r_t != cfg.resolution else x
+        inputs["teacher"] = (small, None)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
+        rows = {k: ae.encode(*inputs[k]).float().cpu() for k, ae in aes.items()}
+    return rows | {k: v.cpu() for k, v in text([it["caption"] for it in items]).items()}
+
+
+def write_meta(cfg: CacheConfig, out: Path, n: int, n_shards: int, text) -> None:
+    """The cache's null.safetensors (the empty prompt's states) and meta.json (shards, shapes, sources)."""
+    save_ckpt({k: v.cpu() for k, v in text.null(1).items()}, out / "null.safetensors")
+    probe = load_ckpt(out / "shard_00000.safetensors")
+    rows = [min(cfg.shard_size, n - i * cfg.shard_size) for i in range(n_shards)]
+    meta = {
+        "count": n,
+        "shards": [{"file": f"shard_{i:05d}.safetensors", "rows": r} for i, r in enumerate(rows)],
+        "shapes": {k: list(v.shape[1:]) for k, v in probe.items()},
+        "teacher_ae": str(Path(cfg.teacher_ae).resolve()) if cfg.teacher_ae else "",
+        "student_ae": str(Path(cfg.student_ae).resolve()) if cfg.student_ae else "",
+        "text": str(Path(cfg.text).resolve()),
+        "resolution": cfg.resolution,
+        "teacher_resolution": cfg.teacher_resolution or cfg.resolution,
+        "student_channels": cfg.student_channels,
+        "data": cfg.data,
+    }
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    print0(f"cache of {n} rows: {meta['shapes']}")
+
+
 def cache_stage(cfg: CacheConfig, d) -> None:
     """Encode images with both AEs and captions with the text encoders into safetensors shards
     (resumable: a finished shard is skipped). Each rank writes the shards i = rank (mod world); the
     master writes meta.json."""
     assert cfg.teacher_ae or cfg.student_ae, "give --teacher_ae and/or --student_ae"
-    r, r_t = cfg.resolution, cfg.teacher_resolution or cfg.resolution
-    assert r_t <= r, (
-        f"--teacher_resolution {r_t} > --resolution {r}: the teacher's copy is a downsampled one"
+    r_t = cfg.teacher_resolution or cfg.resolution
+    assert r_t <= cfg.resolution, (
+        f"--teacher_resolution {r_t} > --resolution {cfg.resolution}: the teacher's copy is a "
+        "downsampled one"
     )
     out = Path(cfg.out_dir)
-    data = (
-        ShapesDataset(cfg.resolution, cfg.seed, cfg.split, cfg.count)
-        if cfg.data == "shapes"
-        else None
-    )
-    data = data or ImageFolder(cfg.data, size_px=cfg.resolution)
+    if cfg.data == "shapes":
+        data = ShapesDataset(cfg.resolution, cfg.seed, cfg.split, cfg.count)
+    else:
+        data = ImageFolder(cfg.data, size_px=cfg.resolution)
     tile = cfg.tile_px or None  # None: one pass
-    aes = {
-        k: load_autoencoder(p, device=d.device, tile_px=tile).eval()
-        for k, p in (("teacher", cfg.teacher_ae), ("student", cfg.student_ae))
-        if p
-    }
-    # FLUX: CLIP + T5; SANA: Gemma-2 (keeps its own 300)
-    flux_text = (Path(cfg.text) / "text_encoder_2").is_dir()
-    text = load_text_encoder(
-        cfg.text, device=d.device, max_length=(cfg.max_length or None) if flux_text else None
-    )
+    sources = (("teacher", cfg.teacher_ae), ("student", cfg.student_ae))
+    aes = {k: load_autoencoder(p, device=d.device, tile_px=tile).eval() for k, p in sources if p}
+    flux_text = (Path(cfg.text) / "text_encoder_2").is_dir()  # FLUX: CLIP + T5; SANA: Gemma-2
+    max_length = (cfg.max_length or None) if flux_text else None  # SANA keeps its own 300
+    text = load_text_encoder(cfg.text, device=d.device, max_length=max_length)
     n = len(data)
     n_shards = math.ceil(n / cfg.shard_size)
     t0, done = time.perf_counter(), 0
@@ -257,97 +285,81 @@ def cache_stage(cfg: CacheConfig, d) -> None:
         if path.is_file():
             continue
         rows, captions = {}, []
-        for start in range(i * cfg.shard_size, min(n, (i + 1) * cfg.shard_size), cfg.batch_size):
-            items = [
-                data[j]
-                for j in range(start, min(n, (i + 1) * cfg.shard_size, start + cfg.batch_size))
-            ]
-            x = torch.stack([it["image"] for it in items]).to(d.device)  # (B, 3, H, W) in [-1, 1]
-            # (images, latent channels to keep)
-            inputs = {"student": (x, cfg.student_channels or None)}
-            # the teacher's copy at its own size: the same scene, the same token grid
-            if "teacher" in aes:
-                inputs["teacher"] = (
-                    F.interpolate(x, size=(r_t, r_t), mode="area") if r_t != r else x,
-                    None,
-                )
-            with torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-                batch = {k: ae.encode(*inputs[k]).float() for k, ae in aes.items()}
-            batch |= text([it["caption"] for it in items])
-            for k, v in batch.items():
-                rows.setdefault(k, []).append(v.cpu())
+        end = min(n, (i + 1) * cfg.shard_size)
+        for start in range(i * cfg.shard_size, end, cfg.batch_size):
+            items = [data[j] for j in range(start, min(end, start + cfg.batch_size))]
+            for k, v in encode_rows(cfg, items, aes, text, d.device).items():
+                rows.setdefault(k, []).append(v)
             captions += [it["caption"] for it in items]
             done += len(items)
-            # large images take seconds each: show progress
-            if (start // cfg.batch_size + 1) % cfg.log_every == 0:
+            if (start // cfg.batch_size + 1) % cfg.log_every == 0:  # large images take seconds each
                 print0(f"  {done} rows encoded, {(time.perf_counter() - t0) / done:.2f} s/row")
-        save_ckpt(
-            {k: torch.cat(v) for k, v in rows.items()},
-            path,
-            metadata={"captions": json.dumps(captions)},
-        )
+        tensors = {k: torch.cat(v) for k, v in rows.items()}
+        save_ckpt(tensors, path, metadata={"captions": json.dumps(captions)})
         print0(f"shard {i + 1}/{n_shards} ({len(captions)} rows) -> {path}")
     if d.world_size > 1:
         dist.barrier()
     if d.master:
-        save_ckpt({k: v.cpu() for k, v in text.null(1).items()}, out / "null.safetensors")
-        probe = load_ckpt(out / "shard_00000.safetensors")
-        shards = [
-            {
-                "file": f"shard_{i:05d}.safetensors",
-                "rows": min(cfg.shard_size, n - i * cfg.shard_size),
-            }
-            for i in range(n_shards)
-        ]
-        meta = {
-            "count": n,
-            "shards": shards,
-            "shapes": {k: list(v.shape[1:]) for k, v in probe.items()},
-            "teacher_ae": str(Path(cfg.teacher_ae).resolve()) if cfg.teacher_ae else "",
-            "student_ae": str(Path(cfg.student_ae).resolve()) if cfg.student_ae else "",
-            "text": str(Path(cfg.text).resolve()),
-            "resolution": r,
-            "teacher_resolution": r_t,
-            "student_channels": cfg.student_channels,
-            "data": cfg.data,
-        }
-        (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        print0(f"cache of {n} rows: {meta['shapes']}")
+        write_meta(cfg, out, n, n_shards, text)
+
+
+def check_grids(base, cache: LatentCache, p_s: int) -> str:
+    """The student's token grid must divide the teacher's by one integer s in both directions."""
+    (C_t, h_t, w_t), (C_s, h_s, w_s) = cache.shape("teacher"), cache.shape("student")
+    p_t = base.params.patch_size
+    grid_t, grid_s = (h_t // p_t, w_t // p_t), (h_s // p_s, w_s // p_s)
+    s = grid_t[0] // max(grid_s[0], 1)
+    if C_t != base.params.in_channels or grid_s[0] * s != grid_t[0] or grid_s[1] * s != grid_t[1]:
+        raise ValueError(
+            f"teacher latents {(C_t, h_t, w_t)} (base model: {base.params.in_channels} channels, "
+            f"patch {p_t} -> grid {grid_t}) and student latents {(C_s, h_s, w_s)} (patch {p_s} -> "
+            f"grid {grid_s}): the student grid must divide the teacher grid by the same integer in "
+            "both directions"
+        )
+    return f"teacher grid {grid_t} -> student grid {grid_s} (x{s})"
+
+
+def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: EmbedConfig, dtype):
+    """The student model (the official `flux_assemble.py`): the base's backbone, the aligned embedder
+    and a fresh head, built on the meta device and given the base's tensors (no second copy of 12B),
+    written as a model folder with the student AE and the base's shift."""
+    C_s = cache.shape("student")[0]
+    with torch.device("meta"):
+        new = type(base)(
+            dataclasses.replace(base.params, in_channels=C_s, patch_size=cfg.patch_size)
+        )
+    layers = base.latent_layers
+    sd = {k: v for k, v in base.state_dict().items() if not k.startswith(layers)}
+    sd |= {f"{name}.{k}": v.to(dtype) for k, v in student.state_dict().items()}
+    out_features = new.get_submodule(layers[1]).out_features
+    fresh = new_layer_like(base.get_submodule(layers[1]), c_out=out_features)
+    sd |= {f"{layers[1]}.{k}": v.to(dtype) for k, v in fresh.state_dict().items()}
+    new.load_state_dict(sd, strict=True, assign=True)
+    shift, value = (cfg.shift, cfg.shift_value) if cfg.shift else read_shift(cfg.base)
+    out = Path(cfg.out_dir) / "model"
+    write_pipeline(out, new, cache.meta["student_ae"], cache.meta["text"], shift, value)
+    print0(
+        f"student model (new embedder, fresh head) -> {out}", log_file=Path(cfg.out_dir) / "log.txt"
+    )
 
 
 def embed_stage(cfg: EmbedConfig, d) -> None:
     out, log = Path(cfg.out_dir), Path(cfg.out_dir) / "log.txt"
     cache = LatentCache(cfg.cache)
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
-    base = (
-        load_pipeline(cfg.base, dtype=dtype, parts=("transformer",))
-        .transformer.eval()
-        .requires_grad_(False)
-    )
+    base = load_pipeline(cfg.base, dtype=dtype, parts=("transformer",)).transformer
+    base = base.eval().requires_grad_(False)
     # the frozen base embedder: FLUX's x_embedder is a Linear, SANA's patch_embed wraps a Conv2d
-    # (`proj`)
-    name = base.latent_layers[0] + (
-        ".proj" if hasattr(base.get_submodule(base.latent_layers[0]), "proj") else ""
-    )
+    name = base.latent_layers[0]
+    name += ".proj" if hasattr(base.get_submodule(name), "proj") else ""
     teacher = base.get_submodule(name).to(d.device)
-    (C_t, h_t, w_t), (C_s, h_s, w_s) = cache.shape("teacher"), cache.shape("student")
-    p_t, p_s = base.params.patch_size, cfg.patch_size
-    grid_t, grid_s = (h_t // p_t, w_t // p_t), (h_s // p_s, w_s // p_s)
-    s = grid_t[0] // max(grid_s[0], 1)
-    if C_t != base.params.in_channels or grid_s[0] * s != grid_t[0] or grid_s[1] * s != grid_t[1]:
-        raise ValueError(
-            f"teacher latents {(C_t, h_t, w_t)} (base model: {base.params.in_channels} channels, patch {p_t} -> grid "
-            f"{grid_t}) and student latents {(C_s, h_s, w_s)} (patch {p_s} -> grid {grid_s}): the student grid must "
-            "divide the teacher grid by the same integer in both directions"
-        )
+    grids = check_grids(base, cache, cfg.patch_size)
+    p_t, p_s, C_s = base.params.patch_size, cfg.patch_size, cache.shape("student")[0]
     torch.manual_seed(cfg.seed)  # the same fresh embedder on every rank
-    conv = isinstance(teacher, nn.Conv2d)
-    student = new_layer_like(teacher, c_in=C_s if conv else C_s * p_s * p_s, patch=p_s).to(d.device)
-    print0(
-        f"embed: teacher grid {grid_t} -> student grid {grid_s} (x{s}), {cfg.align} loss; "
-        f"{sum(p.numel() for p in student.parameters())} trainable parameters",
-        log_file=log,
-    )
+    c_in = C_s if isinstance(teacher, nn.Conv2d) else C_s * p_s * p_s
+    student = new_layer_like(teacher, c_in=c_in, patch=p_s).to(d.device)
+    n_params = sum(p.numel() for p in student.parameters())
+    print0(f"embed: {grids}, {cfg.align} loss; {n_params} trainable parameters", log_file=log)
     if cfg.dry_run:
         return
     seed_everything(cfg.seed + d.rank)
@@ -364,19 +376,18 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
         raise ValueError(
             f"--batch_size {cfg.batch_size} must be a multiple of the {d.world_size} ranks"
         )
-    b = cfg.batch_size // d.world_size
     # ranks get disjoint shares of a step
-    sampler = StepSampler(len(cache), b, d.rank, d.world_size, cfg.seed)
+    sampler = StepSampler(
+        len(cache), cfg.batch_size // d.world_size, d.rank, d.world_size, cfg.seed
+    )
+    other = "downsample" if cfg.align == "upsample" else "upsample"
     t0 = time.perf_counter()
     while step < cfg.steps:
-        idx = sampler.batch_of(step)
-        batch = {
-            k: v.to(d.device, dtype) for k, v in cache.get(idx, ["teacher", "student"]).items()
-        }
-        with torch.no_grad():
-            # (b, D, *grid_t): what the backbone expects
+        batch = cache.get(sampler.batch_of(step), ["teacher", "student"])
+        batch = {k: v.to(d.device, dtype) for k, v in batch.items()}
+        with torch.no_grad():  # what the backbone expects: (b, D, *teacher grid)
             e_t = embed_map(teacher, batch["teacher"], p_t).float()
-        e_s = embed_map(model, batch["student"].float(), p_s)  # (b, D, *grid_s)
+        e_s = embed_map(model, batch["student"].float(), p_s)  # (b, D, *student grid)
         loss = align_loss(e_t, e_s, cfg.align)
         loss.backward()
         if cfg.clip_grad > 0:
@@ -385,42 +396,18 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
         opt.zero_grad(set_to_none=True)
         step += 1
         if step % cfg.log_every == 0 or step == cfg.steps:
-            other = align_loss(
-                e_t, e_s.detach(), "downsample" if cfg.align == "upsample" else "upsample"
-            )
+            loss_other = align_loss(e_t, e_s.detach(), other)  # the other variant, for comparison
             dt = (time.perf_counter() - t0) / cfg.log_every
-            print0(
-                f"step {step:07d}/{cfg.steps:07d} | loss {loss.item():.5f} | other {other.item():.5f} | "
-                f"dt {dt * 1e3:.0f}ms | samples/s {cfg.batch_size / dt:.1f}",
-                log_file=log,
-            )
+            line = f"step {step:07d}/{cfg.steps:07d} | loss {loss.item():.5f}"
+            line += f" | other {loss_other.item():.5f} | dt {dt * 1e3:.0f}ms"
+            print0(line + f" | samples/s {cfg.batch_size / dt:.1f}", log_file=log)
             t0 = time.perf_counter()
         if (step % cfg.save_every == 0 or step == cfg.steps) and d.master:
-            state = {
-                "model": student.state_dict(),
-                "ema": {},
-                "optimizer": opt.state_dict(),
-                "step": step,
-                "config": dataclasses.asdict(cfg),
-            }
+            state = {"model": student.state_dict(), "ema": {}, "optimizer": opt.state_dict()}
+            state |= {"step": step, "config": dataclasses.asdict(cfg)}
             save_ckpt(state, out / f"ckpt_{step:07d}.pt")
-    # --- assemble the student: base backbone + the new embedder + a fresh head (official flux_assemble.py) ---
-    if d.master:
-        # no memory: every tensor is assigned below, the backbone's shared with `base`
-        with torch.device("meta"):
-            new = type(base)(dataclasses.replace(base.params, in_channels=C_s, patch_size=p_s))
-        head = base.get_submodule(base.latent_layers[1])
-        sd = {k: v for k, v in base.state_dict().items() if not k.startswith(base.latent_layers)}
-        sd |= {f"{name}.{k}": v.to(dtype) for k, v in student.state_dict().items()}
-        fresh = new_layer_like(head, c_out=new.get_submodule(base.latent_layers[1]).out_features)
-        sd |= {f"{base.latent_layers[1]}.{k}": v.to(dtype) for k, v in fresh.state_dict().items()}
-        new.load_state_dict(sd, strict=True, assign=True)
-        # the base's own
-        shift, value = (cfg.shift, cfg.shift_value) if cfg.shift else read_shift(cfg.base)
-        write_pipeline(
-            out / "model", new, cache.meta["student_ae"], cache.meta["text"], shift, value
-        )
-        print0(f"student model (new embedder, fresh head) -> {out / 'model'}", log_file=log)
+    if d.master:  # --- assemble the student: base backbone + the new embedder + a fresh head ---
+        assemble(base, name, student, cache, cfg, dtype)
 
 
 def head_stage(cfg: HeadConfig, d) -> None:
@@ -439,32 +426,14 @@ def head_stage(cfg: HeadConfig, d) -> None:
     raw = build()
     check_latent(raw, cache.shape("student"), f"the cache {cfg.cache} (student)")
     guide = cfg.loss == "guide" or (cfg.loss == "auto" and raw.params.guidance_embed)
-    assert not guide or raw.params.guidance_embed, (
-        "--loss guide needs a model with a guidance embedding"
-    )
+    assert not guide or raw.params.guidance_embed, "--loss guide needs a guidance embedding"
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     print0(
         f"head: {raw.latent_layers} trainable ({n_train / 1e6:.2f} M parameters), backbone frozen; loss "
         f"{'guide' if guide else 'flow matching'}",
         log_file=log,
     )
-    # on CUDA: the planner's peak against the card, before hours are spent
-    if isinstance(raw, Flux):
-        _, h, w = cache.shape("student")
-        check_fits(
-            "head",
-            raw,
-            micro_batch=cfg.batch_size // d.world_size,
-            device=d.device,
-            latent_hw=(h, w),
-            txt_len=cache.shape("txt")[0],
-            dtype=cfg.dtype,
-            grad_checkpointing=cfg.grad_checkpointing,
-            fsdp_world=d.world_size if cfg.fsdp else 1,
-            lora_rank=0,
-            guide=guide,
-            aug_k=1,
-        )
+    check_run("head", raw, cfg, cache, "student", d, guide)  # on CUDA: does it fit the card?
     if cfg.dry_run:
         return
     seed_everything(cfg.seed + d.rank)

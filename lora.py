@@ -51,7 +51,7 @@ from data import LatentCache
 from models.flux import PRESETS, Flux
 from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text
-from plan import check_fits
+from plan import check_run
 from training import (
     check_latent,
     draw,
@@ -227,22 +227,9 @@ def main(cfg: Config | None = None) -> Path | None:
         log_file=log,
     )
     # on CUDA: the planner's peak against the card, before hours are spent
-    if isinstance(raw, Flux) and cfg.rank > 0:
-        _, h, w = cache.shape(cfg.latent)
-        check_fits(
-            "lora",
-            raw,
-            micro_batch=cfg.batch_size // d.world_size,
-            device=d.device,
-            latent_hw=(h, w),
-            txt_len=cache.shape("txt")[0],
-            dtype=cfg.dtype,
-            grad_checkpointing=cfg.grad_checkpointing,
-            fsdp_world=d.world_size if cfg.fsdp else 1,
-            lora_rank=cfg.rank,
-            guide=guide,
-            aug_k=cfg.num_prefixes if cfg.prefixes else 1,
-        )
+    if cfg.rank > 0:  # on CUDA: the planner's peak against the card, before hours are spent
+        aug_k = cfg.num_prefixes if cfg.prefixes else 1
+        check_run("lora", raw, cfg, cache, cfg.latent, d, guide, aug_k)
     if cfg.dry_run:
         return cleanup_dist()
     # per-rank streams from here on (the loss draws from the step's generator)

@@ -444,6 +444,18 @@ def forward_flops(
     return flops
 
 
+def trace_at_depth(step: str, params: FluxParams, args: tuple, embed: bool) -> dict:
+    """trace() at the model's depth: directly up to 7 blocks, else from the per-block terms of traces
+    at 1+1, 2+1 and 1+2 blocks, scaled to the real depth (memory and FLOPs are affine in depth)."""
+    if embed or params.depth + params.depth_single <= 7:
+        return trace(step, params, *args)
+    base = trace(step, dataclasses.replace(params, depth=1, depth_single=1), *args)
+    d = trace(step, dataclasses.replace(params, depth=2, depth_single=1), *args)
+    s = trace(step, dataclasses.replace(params, depth=1, depth_single=2), *args)
+    n_d, n_s = params.depth - 1, params.depth_single - 1
+    return {k: base[k] + n_d * (d[k] - base[k]) + n_s * (s[k] - base[k]) for k in base}
+
+
 def predict(
     stage: str,
     params: FluxParams,
@@ -479,26 +491,14 @@ def predict(
     fwd = forward_flops(params, img_tokens, txt_len, rank if stage == "lora" else 0)
     if stage == "merge":
         est = merge_estimate(params, rank, torch.bfloat16 if dtype == "bf16" else torch.float32)
-        return {
-            **est,
-            "grads": 0.0,
-            "peak": est["weights"] + est["optimizer"] + est["activations"],
-            "host": True,
-        }
+        peak = est["weights"] + est["optimizer"] + est["activations"]
+        return {**est, "grads": 0.0, "peak": peak, "host": True}
     # align.py's embed stage replicates its two embedders
     shards = fsdp_world if stage in ("head", "lora") else 1
     guide = (params.guidance_embed if guide is None else guide) and stage in ("head", "lora")
     step = stage if train else "sample"
-    args = (
-        micro_batch,
-        tuple(latent_hw),
-        txt_len,
-        dtype,
-        grad_checkpointing and train,
-        shards,
-        rank,
-        guide,
-    )
+    args = (micro_batch, tuple(latent_hw), txt_len, dtype, grad_checkpointing and train)
+    args += (shards, rank, guide)
     teacher = teacher or dataclasses.replace(params, in_channels=16, patch_size=2)
     ae_factor = ae_factor or (32 if params.in_channels <= 32 else 64)
     # the teacher's f8 VAE token grid / the student's
@@ -508,15 +508,7 @@ def predict(
         (teacher.in_channels * teacher.patch_size**2, teacher_grid),
         device,
     )
-    # no deeper than the three traces below
-    if stage == "embed" or params.depth + params.depth_single <= 7:
-        est = trace(step, params, *args)
-    else:  # per-block terms from 1+1, 2+1 and 1+2 blocks, scaled to the real depth
-        base = trace(step, dataclasses.replace(params, depth=1, depth_single=1), *args)
-        d = trace(step, dataclasses.replace(params, depth=2, depth_single=1), *args)
-        s = trace(step, dataclasses.replace(params, depth=1, depth_single=2), *args)
-        n_d, n_s = params.depth - 1, params.depth_single - 1
-        est = {k: base[k] + n_d * (d[k] - base[k]) + n_s * (s[k] - base[k]) for k in base}
+    est = trace_at_depth(step, params, args, embed=stage == "embed")
     out = {
         "weights": est["weights"] / shards,
         "grads": est["grads"] / shards,
@@ -596,6 +588,31 @@ def check_fits(
         f"{stage}: predicted peak {peak / 1e9:.1f} GB per GPU > {budget / 1e9:.1f} GB usable of the GPU's "
         f"{total / 1e9:.1f} GB at micro-batch {micro_batch}; largest micro-batch that fits: {best}; predicted with "
         f"{'; '.join(tried) or 'no single flag: use more GPUs with --fsdp'} (python plan.py for every stage)"
+    )
+
+
+def check_run(
+    stage: str, model: nn.Module, cfg, cache, latent: str, d, guide: bool, aug_k: int = 1
+):
+    """check_fits for a training script: the shapes from its latent cache, the micro-batch, dtype,
+    checkpointing, FSDP and LoRA rank from its Config (`rank`, 0 when it has none). FLUX-shaped models
+    only: the planner does not model SANA."""
+    if not isinstance(model, Flux):
+        return
+    _, h, w = cache.shape(latent)
+    check_fits(
+        stage,
+        model,
+        micro_batch=cfg.batch_size // d.world_size,
+        device=d.device,
+        latent_hw=(h, w),
+        txt_len=cache.shape("txt")[0],
+        dtype=cfg.dtype,
+        grad_checkpointing=cfg.grad_checkpointing,
+        fsdp_world=d.world_size if cfg.fsdp else 1,
+        lora_rank=getattr(cfg, "rank", 0),
+        guide=guide,
+        aug_k=aug_k,
     )
 
 

@@ -346,6 +346,62 @@ def log_line(step: int, c, loss: float, grad_norm: float, lr: float, dt: float, 
     return line + f" | dt {dt * 1e3:.0f}ms | samples/s {c.batch_size / dt:.1f} | mem {mem:.1f}GB"
 
 
+def update(loss, params, opt, ema: dict, raw, step: int, c, d: Dist, last_good) -> tuple:
+    """Backward, clipping, one AdamW step at the step's learning rate, the EMA. Returns the loss averaged
+    over the ranks, the gradient norm (before clipping) and the learning rate."""
+    lr = lr_at(step, c.lr, c.warmup, steps=c.steps, decay=c.decay)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, c.clip_grad if c.clip_grad > 0 else math.inf)
+    loss_value = loss.detach().clone()
+    if d.world_size > 1:
+        dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
+    if not math.isfinite(loss_value.item()):
+        raise RuntimeError(
+            f"loss is {loss_value.item()} at step {step + 1}; last good checkpoint: {last_good}"
+        )
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if ema:
+        update_ema(ema, raw, c.ema)
+    return loss_value.item(), grad_norm.item(), lr
+
+
+def monitor(raw, step: int, c, d: Dist, cache: LatentCache, latent: str, amp, log: Path) -> bool:
+    """At their intervals, a preview grid of fixed captions and noise (master; not under FSDP) and the
+    validation loss. Returns whether either ran (its time is not training time)."""
+    ran = False
+    if c.sample_every and step % c.sample_every == 0 and d.master and not c.fsdp:
+        # the AE only decodes previews; training reads cached latents
+        ae = load_autoencoder(cache.meta[f"{latent}_ae"], device=d.device).eval()
+        n = min(c.sample_count, len(cache))
+        text = {
+            k: v.to(d.device) for k, v in cache.get(torch.arange(n), sorted(cache.null)).items()
+        }
+        null = {k: v.to(d.device) for k, v in cache.null.items()}
+        shape = cache.shape(latent)
+        r = shift_for(c.shift, shape, raw.params.patch_size, c.shift_value)
+        raw.eval()
+        # under --dtype bf16 the frozen weights are bf16 and the trainable ones fp32, as in training
+        with amp():
+            preview(
+                raw, ae, text, null, shape, r, c, Path(c.out_dir) / "samples" / f"{step:07d}.png"
+            )
+        raw.train()
+        ran = True
+    validating = (c.val_every and step % c.val_every == 0) or step == c.steps
+    if c.val_cache and validating and (d.master or c.fsdp):
+        raw.eval()
+        with amp():
+            val = LatentCache(c.val_cache)
+            loss = validate(raw, val, latent, c.batch_size, c.shift, c.shift_value, d.device)
+        print0(f"step {step:07d}/{c.steps:07d} | val_loss {loss:.5f}", log_file=log)
+        raw.train()
+        ran = True
+    return ran
+
+
 def train(
     cfg, d: Dist, raw: nn.Module, cache: LatentCache, latent: str, loss_fn: LossFn, log: Path
 ) -> Path:
@@ -354,16 +410,13 @@ def train(
     shift's factor for x0). Returns the last checkpoint. `raw` is the prepared model; it is wrapped
     (DDP or FSDP2) here."""
     c = types.SimpleNamespace(**{**OPTIONAL, **dataclasses.asdict(cfg)})
-    out = Path(c.out_dir)
     dtype = torch.bfloat16 if c.dtype == "bf16" else torch.float32
-    # rows per step
+    # this rank's rows of every step
     sampler = StepSampler(len(cache), c.batch_size // d.world_size, d.rank, d.world_size, c.seed)
     lora_file = lora_file_base(raw, c.init)
-    latent_shape = cache.shape(latent)
-    if c.prefixes and not any(n < latent_shape[0] for n in c.prefixes):
-        raise SystemExit(
-            f"--prefixes {c.prefixes}: none is shorter than the latent's {latent_shape[0]} channels"
-        )
+    C = cache.shape(latent)[0]
+    if c.prefixes and not any(n < C for n in c.prefixes):
+        raise SystemExit(f"--prefixes {c.prefixes}: none is shorter than the latent's {C} channels")
     raw.adaptive_channels = bool(c.prefixes)  # the model takes channel prefixes x[:, :c']
     raw.grad_checkpointing = c.grad_checkpointing
     raw.to(d.device)
@@ -373,96 +426,35 @@ def train(
     # --- optimizer, EMA, resume ---
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=c.lr, betas=(c.beta1, c.beta2), weight_decay=c.weight_decay)
-    ema = {
-        n: p.detach().float().clone()
-        for n, p in raw.named_parameters()
-        if p.requires_grad and c.ema
-    }
-    last_good = max(out.glob("ckpt_*.pt"), default=None) if c.resume else None
+    ema = {}
+    if c.ema:
+        ema = {n: p.detach().float().clone() for n, p in raw.named_parameters() if p.requires_grad}
+    last_good = max(Path(c.out_dir).glob("ckpt_*.pt"), default=None) if c.resume else None
     step = resume(model, raw, opt, ema, last_good, d.device) if last_good else 0
     if last_good:
         print0(f"resumed from {last_good} at step {step}", log_file=log)
-
-    # --- data, previews, validation ---
-    text_keys = sorted(cache.null)
-    null = {k: v.to(d.device) for k, v in cache.null.items()}
-    n_prev = min(c.sample_count, len(cache))
-    preview_cond = {
-        k: v.to(d.device) for k, v in cache.get(torch.arange(n_prev), text_keys).items()
-    }
-    ae = None
-    if c.sample_every and d.master:  # the AE only decodes previews; training reads cached latents
-        ae = load_autoencoder(cache.meta[f"{latent}_ae"], device=d.device).eval()
-    val = LatentCache(c.val_cache) if c.val_cache else None
     amp = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bf16")
-    p = raw.params.patch_size
+    keys = [latent, *sorted(cache.null)]
 
     # --- training loop ---
     t0 = time.perf_counter()
     while step < c.steps:
         g = step_generator(c.seed, step)
-        batch = {
-            k: v.to(d.device)
-            for k, v in cache.get(sampler.batch_of(step), [latent, *text_keys]).items()
-        }
+        batch = {k: v.to(d.device) for k, v in cache.get(sampler.batch_of(step), keys).items()}
         x0 = batch.pop(latent).float()  # (b, C, h, w)
         with amp():
-            loss = prefix_loss(loss_fn, model, x0, batch, g, c, p)
-        lr = lr_at(step, c.lr, c.warmup, steps=c.steps, decay=c.decay)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            params, c.clip_grad if c.clip_grad > 0 else math.inf
-        )
-        loss_value = loss.detach().clone()
-        if d.world_size > 1:
-            dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
-        if not math.isfinite(loss_value.item()):
-            raise RuntimeError(
-                f"loss is {loss_value.item()} at step {step + 1}; last good checkpoint: {last_good}"
-            )
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if ema:
-            update_ema(ema, raw, c.ema)
+            loss = prefix_loss(loss_fn, model, x0, batch, g, c, raw.params.patch_size)
+        loss_value, grad_norm, lr = update(loss, params, opt, ema, raw, step, c, d, last_good)
         step += 1
 
         if step % c.log_every == 0 or step == c.steps:
             dt = (time.perf_counter() - t0) / c.log_every
-            print0(
-                log_line(step, c, loss_value.item(), grad_norm.item(), lr, dt, d.device),
-                log_file=log,
-            )
+            print0(log_line(step, c, loss_value, grad_norm, lr, dt, d.device), log_file=log)
             t0 = time.perf_counter()
-        if c.sample_every and step % c.sample_every == 0 and d.master and not c.fsdp:
-            raw.eval()
-            # under --dtype bf16 the frozen weights are bf16 and the trainable ones fp32, as in
-            # training
-            with amp():
-                r = shift_for(c.shift, latent_shape, p, c.shift_value)
-                preview(
-                    raw,
-                    ae,
-                    preview_cond,
-                    null,
-                    latent_shape,
-                    r,
-                    c,
-                    out / "samples" / f"{step:07d}.png",
-                )
-            raw.train()
-            t0 = time.perf_counter()  # stop the clock: previews are not training time
-        validating = (c.val_every and step % c.val_every == 0) or step == c.steps
-        if val is not None and validating and (d.master or c.fsdp):
-            raw.eval()
-            with amp():
-                val_loss = validate(
-                    raw, val, latent, c.batch_size, c.shift, c.shift_value, d.device
-                )
-            print0(f"step {step:07d}/{c.steps:07d} | val_loss {val_loss:.5f}", log_file=log)
-            raw.train()
-            t0 = time.perf_counter()
+        if monitor(raw, step, c, d, cache, latent, amp, log):
+            t0 = (
+                time.perf_counter()
+            )  # stop the clock: previews and validation are not training time
         if step % c.save_every == 0 or step == c.steps:
             last_good = save(model, raw, opt, ema, cfg, step, d, lora_file, dtype, last_good)
             t0 = time.perf_counter()

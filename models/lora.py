@@ -153,6 +153,23 @@ def load_lora_state_dict(model: nn.Module, sd: dict[str, Tensor]) -> None:
 LORA_FILE = "pytorch_lora_weights.safetensors"
 
 
+def full_rank_lora(
+    m: nn.Module, name: str, trained: dict, base: dict
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A plain nn.Linear's change from `base` as an exact LoRA at scale 1: with dW = W - W_base (out, in)
+    and r = min(in, out), A = I_r, B = dW if in <= out, else A = dW, B = I_r; and the bias change."""
+    assert type(m) is nn.Linear, (
+        f"full module {name} must be a plain nn.Linear, got {type(m).__name__}"
+    )
+    dW = trained[f"{name}.weight"].detach().float() - base[f"{name}.weight"].float()  # (out, in)
+    db = torch.zeros(m.out_features)  # a layer without bias still gets lora_B.bias in peft
+    if m.bias is not None:
+        db = trained[f"{name}.bias"].detach().float() - base[f"{name}.bias"].float()  # (out,)
+    r = min(dW.shape)
+    A, B = (torch.eye(r), dW) if dW.shape[1] == r else (dW, torch.eye(r))  # B·A = dW exactly
+    return A, B, db
+
+
 def diffusers_lora(
     model: nn.Module,
     prefix: str = "transformer",
@@ -218,22 +235,13 @@ def diffusers_lora(
             tensors[f"{prefix}.{name}.lora_B.bias"] = torch.zeros(m.out_features)
         config["rank_pattern"], config["alpha_pattern"] = {}, {}
     for name in full:
-        m = model.get_submodule(name)
-        assert type(m) is nn.Linear, (
-            f"full module {name} must be a plain nn.Linear, got {type(m).__name__}"
-        )
-        # (out, in)
-        dW = trained[f"{name}.weight"].detach().float() - base[f"{name}.weight"].float()
-        db = torch.zeros(m.out_features)  # a layer without bias still gets lora_B.bias in peft
-        if m.bias is not None:
-            db = trained[f"{name}.bias"].detach().float() - base[f"{name}.bias"].float()  # (out,)
-        r = min(dW.shape)
-        A, B = (torch.eye(r), dW) if dW.shape[1] == r else (dW, torch.eye(r))  # B·A = dW exactly
-        tensors.update({f"{prefix}.{name}.lora_A.weight": A, f"{prefix}.{name}.lora_B.weight": B})
+        A, B, db = full_rank_lora(model.get_submodule(name), name, trained, base)
+        tensors[f"{prefix}.{name}.lora_A.weight"] = A
+        tensors[f"{prefix}.{name}.lora_B.weight"] = B
         tensors[f"{prefix}.{name}.lora_B.bias"] = db
         pattern = f"^{re.escape(name)}"  # "^": this module only, not every `*.proj_out`
-        config["rank_pattern"][pattern] = r
-        config["alpha_pattern"][pattern] = r  # scale alpha / r = 1
+        config["rank_pattern"][pattern] = min(A.shape[0], B.shape[1])
+        config["alpha_pattern"][pattern] = min(A.shape[0], B.shape[1])  # scale alpha / r = 1
     metadata = {f"{prefix}.{k}": v for k, v in config.items()}
     return tensors, {"format": "pt", "lora_adapter_metadata": json.dumps(metadata, sort_keys=True)}
 

@@ -350,13 +350,31 @@ def speedups(rows: list[dict]) -> list[dict]:
 # 2. one LoRA training step
 
 
+def lora_model(cfg: Config, params, lcfg, device, dtype):
+    """lora.py's dtype policy (bf16 frozen base; fp32 LoRA A, B and latent layers), built on the meta
+    device and materialised on the GPU in its dtype: no fp32 copy of 12B (48 GB) on the way. Returns
+    the model, its trainable tensors, AdamW over them and the fp32 EMA (empty without --ema)."""
+    with torch.device("meta"):
+        model = Flux(params)
+    model = bench.random_init(model, device, dtype).train()
+    model = training.prepare(model, lcfg.rank, lcfg.alpha, model.lora_targets, model.latent_layers)
+    model.grad_checkpointing = True
+    trainable = [t for t in model.parameters() if t.requires_grad]
+    betas = (lcfg.beta1, lcfg.beta2)
+    opt = torch.optim.AdamW(trainable, lr=lcfg.lr, betas=betas, weight_decay=lcfg.weight_decay)
+    ema = {}
+    if cfg.ema:
+        ema = {
+            n: t.detach().float().clone() for n, t in model.named_parameters() if t.requires_grad
+        }
+    return model, trainable, opt, ema
+
+
 def lora_step(cfg: Config, clock: Clock, device, dtype) -> dict:
     """lora.py's model, loss and update on random latents: the step's seconds and peak memory, and
     plan.predict's."""
     params = flux_params(cfg.train_preset)
-    assert params.guidance_embed, (
-        f"{cfg.train_preset}: the guide loss needs a guidance-distilled preset"
-    )
+    assert params.guidance_embed, f"{cfg.train_preset}: the guide loss needs a distilled preset"
     C, hw, b, p = params.in_channels, cfg.train_latent_hw, cfg.micro_batch, params.patch_size
     pred = plan.predict(
         "lora",
@@ -376,9 +394,6 @@ def lora_step(cfg: Config, clock: Clock, device, dtype) -> dict:
     skip = clock.fits("the LoRA step", (cfg.train_warmup + cfg.train_steps) * pred_s + 5.0)
     if skip:
         return {**row, **skip}
-
-    # --- models: lora.py's dtype policy (bf16 frozen base; fp32 LoRA A, B and latent layers), built on the meta
-    # device and materialised on the GPU in its dtype: no fp32 copy of 12B (48 GB) on the way ---
     lcfg = lora.Config(
         preset=cfg.train_preset,
         rank=cfg.rank,
@@ -387,20 +402,7 @@ def lora_step(cfg: Config, clock: Clock, device, dtype) -> dict:
         shift="flux",
         grad_checkpointing=True,
     )
-    with torch.device("meta"):
-        model = Flux(params)
-    model = bench.random_init(model, device, dtype).train()
-    model = training.prepare(model, lcfg.rank, lcfg.alpha, model.lora_targets, model.latent_layers)
-    model.grad_checkpointing = True
-    trainable = [t for t in model.parameters() if t.requires_grad]
-    opt = torch.optim.AdamW(
-        trainable, lr=lcfg.lr, betas=(lcfg.beta1, lcfg.beta2), weight_decay=lcfg.weight_decay
-    )
-    ema = (
-        {n: t.detach().float().clone() for n, t in model.named_parameters() if t.requires_grad}
-        if cfg.ema
-        else {}
-    )
+    model, trainable, opt, ema = lora_model(cfg, params, lcfg, device, dtype)
 
     # --- data: random latents and T5 / CLIP states of the real shapes ---
     x0 = torch.randn(b, C, hw, hw, device=device)  # (b, C, h, w), fp32 as lora.py reads the cache
@@ -436,24 +438,18 @@ def lora_step(cfg: Config, clock: Clock, device, dtype) -> dict:
     row["step_s"] = statistics.median(times)
     row["peak_gib"] = peak_gib(device)
     row["step_ratio"] = row["step_s"] / pred_s  # measured / predicted
-    row["peak_ratio"] = (
-        row["peak_gib"] / row["plan_peak_gib"] if row["peak_gib"] is not None else None
-    )
+    peak = row["peak_gib"]
+    row["peak_ratio"] = peak / row["plan_peak_gib"] if peak is not None else None
     row["trainable_m"] = sum(t.numel() for t in trainable) / 1e6
     # plan's FLOPs over the measured time
     row["tflops_achieved"] = pred["flops"] / row["step_s"] / 1e12
     row["loss"] = losses[-1]
-    mem = (
-        f", peak {row['peak_gib']:.1f} GiB (plan {row['plan_peak_gib']:.1f})"
-        if row["peak_gib"] is not None
-        else ""
-    )
+    mem = f", peak {peak:.1f} GiB (plan {row['plan_peak_gib']:.1f})" if peak is not None else ""
     clock.log(
         f"LoRA step {cfg.train_preset} b={b} @ {hw}x{hw} latent: {row['step_s']:.3f} s "
         f"(plan {pred_s:.3f} s){mem}, loss {row['loss']:.4f}"
     )
-    # the model, optimizer and EMA go with this frame (main then returns their memory to the device)
-    return row
+    return row  # the model, optimizer and EMA go with this frame (main frees their device memory)
 
 
 # ----------------------------------------------------------------------------------------------------------------

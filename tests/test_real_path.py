@@ -17,6 +17,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransfo
 
 import align
 import lora
+import plan
 from data import LatentCache
 from models.autoencoder import load_autoencoder
 from models.flux import Flux
@@ -318,8 +319,7 @@ def test_a_training_run_checks_its_plan_before_the_first_step(world, tmp_path, m
             f"{stage}: predicted peak 99.0 GB per GPU > 76.0 GB usable; --grad_checkpointing 50.0 GB"
         )
 
-    monkeypatch.setattr(lora, "check_fits", refuse)
-    monkeypatch.setattr(align, "check_fits", refuse)
+    monkeypatch.setattr(plan, "check_fits", refuse)
     embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"))
     with pytest.raises(SystemExit, match="head: predicted peak"):
         stage(world, tmp_path / "head", "--stage", "head", "--init", str(embed / "model"))
