@@ -50,6 +50,7 @@ from common import (
 )
 from data import ImageFolder, StepSampler
 from models import vae
+from models.ae_losses import LPIPS, Reconstruct, patch_discriminator, psnr, ssim
 from models.autoencoder import PRESETS as AE_PRESETS
 from models.autoencoder import autoencoder_params, build_autoencoder, load_autoencoder
 from toy.score import score
@@ -105,191 +106,6 @@ class Config:
 # helpers
 
 
-class Reconstruct(nn.Module):
-    """The training forward that DDP wraps: encode once, decode every channel prefix (DC-AE 1.5's
-    channel masking)."""
-
-    def __init__(self, ae: nn.Module):
-        super().__init__()
-        self.ae = ae
-
-    def forward(
-        self, x: torch.Tensor, prefixes: list[int]
-    ) -> tuple[list[torch.Tensor], torch.Tensor]:
-        if isinstance(self.ae, vae.VAE):  # KL VAE: reparameterised posterior sample, KL to N(0, I)
-            mean, logvar = self.ae.posterior(x)  # (B, C, h, w) each, raw units
-            p = self.ae.params
-            z = (
-                mean + torch.randn_like(mean) * (0.5 * logvar).exp() - p.shift_factor
-            ) * p.scaling_factor
-            kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-        else:
-            z = self.ae.encode(x)  # (B, C, h, w)
-            kl = x.new_zeros(())
-        # zeroing channels >= c == slicing them off
-        return [self.ae.decode(z[:, :c]) for c in prefixes], kl
-
-
-def candidate_prefixes(C: int, given: tuple[int, ...]) -> list[int]:
-    """The c' candidates: `given`, or every multiple of 4 from 16 (owl-wms#65's; C >= 64) or of C/8
-    (toy latents)."""
-    assert all(1 <= c <= C for c in given), f"--prefixes {given} must lie in 1..{C}"
-    step = 4 if C >= 64 else max(1, C // 8)
-    default = range(16 if C >= 64 else step, C + 1, step)
-    return sorted(set(given or default) | {C})  # always including C
-
-
-def lr_at(step: int, cfg: Config) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))  # cosine from lr to lr/10
-
-
-class LPIPS(nn.Module):
-    """LPIPS v0.1 with the VGG16 trunk (Zhang et al. 2018): unit-normalised features at 5 depths,
-    squared differences weighted by 1x1 convs, averaged over space, summed. Weights come from local
-    files only."""
-
-    VGG = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512]
-    # torchvision vgg16.features indices of relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
-    TAPS = (3, 8, 15, 22, 29)
-
-    def __init__(self):
-        super().__init__()
-        layers, c = [], 3
-        for v in self.VGG:
-            layers += [nn.MaxPool2d(2)] if v == "M" else [nn.Conv2d(c, v, 3, padding=1), nn.ReLU()]
-            c = c if v == "M" else v
-        self.features = nn.Sequential(*layers)  # torchvision's key names: features.{i}.weight
-        self.lins = nn.ModuleList(nn.Conv2d(c, 1, 1, bias=False) for c in (64, 128, 256, 512, 512))
-        self.register_buffer("shift", torch.tensor([-0.030, -0.088, -0.188])[:, None, None])
-        self.register_buffer("scale", torch.tensor([0.458, 0.448, 0.450])[:, None, None])
-
-    @classmethod
-    def load(cls, folder: str) -> LPIPS:
-        vgg, lin = Path(folder) / "vgg16-397923af.pth", Path(folder) / "vgg.pth"
-        if not (vgg.is_file() and lin.is_file()):
-            raise FileNotFoundError(
-                f"--lpips_path {folder} must hold {vgg.name} (torchvision) and {lin.name} (lpips)"
-            )
-        sd = {k: v for k, v in load_ckpt(vgg).items() if k.startswith("features.")}
-        # lin{k}.model.1.weight
-        sd.update({f"lins.{k[3]}.weight": v for k, v in load_ckpt(lin).items()})
-        model = cls()
-        model.load_state_dict({**sd, "shift": model.shift, "scale": model.scale}, strict=True)
-        return model.eval().requires_grad_(False)
-
-    # images in [-1, 1] -> (B,)
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = (torch.cat([x, y]) - self.shift) / self.scale
-        total = 0.0
-        for i, layer in enumerate(self.features[: self.TAPS[-1] + 1]):
-            h = layer(h)
-            if i in self.TAPS:
-                fx, fy = (h / (h.norm(dim=1, keepdim=True) + 1e-10)).chunk(2)
-                total = total + self.lins[self.TAPS.index(i)]((fx - fy).pow(2)).mean((1, 2, 3))
-        return total
-
-
-def patch_discriminator(width: int = 64) -> nn.Module:
-    """PatchGAN (pix2pix): one real/fake logit per ~70 px patch. Trained from scratch, so no weights
-    are needed."""
-    block = lambda a, b: [nn.Conv2d(a, b, 4, 2, 1), nn.GroupNorm(8, b), nn.LeakyReLU(0.2)]
-    layers = [
-        nn.Conv2d(3, width, 4, 2, 1),
-        nn.LeakyReLU(0.2),
-        *block(width, 2 * width),
-        *block(2 * width, 4 * width),
-    ]
-    return nn.Sequential(*layers, nn.Conv2d(4 * width, 1, 4, 1, 1))
-
-
-def quantize(x: torch.Tensor) -> torch.Tensor:
-    """[-1, 1] -> 8-bit levels in [0, 1], as a saved PNG would hold them."""
-    return ((x.float().clamp(-1, 1) + 1) * 127.5).round() / 255
-
-
-def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # (B,) in dB, on 8-bit [0, 1] images
-    return 10 * torch.log10(1 / (quantize(x) - quantize(y)).pow(2).mean((1, 2, 3)).clamp_min(1e-10))
-
-
-# (B,): Gaussian window 11, sigma 1.5 (Wang et al. 2004)
-def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    x, y = quantize(x), quantize(y)
-    g = torch.exp(-((torch.arange(11, dtype=torch.float32) - 5) ** 2) / (2 * 1.5**2))
-    w = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11).to(x.device)
-    blur = lambda t: F.conv2d(t, w, groups=3)  # valid window, per channel
-    mx, my = blur(x), blur(y)
-    vx, vy, cxy = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
-    c1, c2 = 0.01**2, 0.03**2
-    s = ((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return s.mean((1, 2, 3))
-
-
-def make_dataset(cfg: Config, train: bool):
-    # training scenes from the train captions; eval on held-out captions and seeds
-    if cfg.data == "shapes":
-        if not train:
-            return ShapesDataset(cfg.size_px, seed=cfg.seed + 10_000, split="test")
-        return ShapesDataset(cfg.size_px, seed=cfg.seed, split="train", zoom=cfg.zoom)
-    return ImageFolder(cfg.data, cfg.size_px, captions=False)
-
-
-def eval_batch(cfg: Config, n: int) -> torch.Tensor:
-    """The first n evaluation images, (n, 3, H, W)."""
-    ds = make_dataset(cfg, train=False)
-    return torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
-
-
-@torch.no_grad()
-def evaluate(ae: nn.Module, cfg: Config, prefixes: list[int], device: torch.device) -> dict:
-    """Mean PSNR / SSIM of the reconstruction of cfg.eval_n held-out images for each channel prefix
-    c'; on the shapes set also the scorer's accuracy on the reconstructions (can a downstream
-    model's output still be read?)."""
-    ae.eval()
-    x_all = eval_batch(cfg, cfg.eval_n)
-    stats = {c: {"psnr": 0.0, "ssim": 0.0, "acc": 0.0} for c in prefixes}
-    specs = (
-        [make_dataset(cfg, train=False).scene(i).spec for i in range(len(x_all))]
-        if cfg.data == "shapes"
-        else []
-    )
-    for i, x in enumerate(x_all.split(cfg.batch_size)):
-        z = ae.encode(x.to(device))  # (B, C, h, w); z[:, :c] is exactly encode(x, channels=c)
-        for c in prefixes:
-            rec = ae.decode(z[:, :c]).float().cpu()
-            stats[c]["psnr"] += psnr(rec, x).sum().item() / len(x_all)
-            stats[c]["ssim"] += ssim(rec, x).sum().item() / len(x_all)
-            batch_specs = specs[i * cfg.batch_size : i * cfg.batch_size + len(x)]
-            stats[c]["acc"] += sum(score(r, s)["correct"] for r, s in zip(rec, batch_specs)) / len(
-                x_all
-            )
-    return {c: s if specs else {k: v for k, v in s.items() if k != "acc"} for c, s in stats.items()}
-
-
-@torch.no_grad()
-def recon_grid(ae: nn.Module, x: torch.Tensor, prefixes: list[int]) -> torch.Tensor:
-    """Rows: the inputs, then their reconstructions from each prefix. (n·(1 + P), 3, H, W)."""
-    z = ae.encode(x)
-    return torch.cat([x.cpu()] + [ae.decode(z[:, :c]).float().cpu() for c in prefixes])
-
-
-@torch.no_grad()
-def measure_latent_scale(ae: nn.Module, x: torch.Tensor) -> None:
-    """Set the latent normalisation from data: DC-AE s = 1/RMS (diffusers' definition); VAE shift =
-    mean, s = 1/std."""
-    p = ae.params
-    # undo the current normalisation
-    raw = ae.encode(x) / p.scaling_factor + getattr(p, "shift_factor", 0.0)
-    if isinstance(ae, vae.VAE):
-        ae.params = dataclasses.replace(
-            p, shift_factor=raw.mean().item(), scaling_factor=1 / raw.std().item()
-        )
-    else:
-        ae.params = dataclasses.replace(p, scaling_factor=1 / raw.pow(2).mean().sqrt().item())
-
-
 def check_flags(cfg: Config) -> None:
     if cfg.dtype not in ("fp32", "bf16"):
         raise ValueError(f"--dtype must be fp32 or bf16, got {cfg.dtype!r}")
@@ -304,9 +120,15 @@ def check_flags(cfg: Config) -> None:
         )
 
 
+def latest_checkpoint(out: Path) -> Path:
+    ckpts = sorted(out.glob("ckpt_*.pt"))
+    if not ckpts:
+        raise FileNotFoundError(f"--resume: no ckpt_*.pt in {out}")
+    return ckpts[-1]
+
+
 def load_ae(cfg: Config, ckpt: dict | None) -> nn.Module:
-    """The AE: the --resume checkpoint's (its own config), the --init folder's, or a fresh --model
-    preset."""
+    """The AE: the --resume checkpoint's (own config), the --init folder's, or a --model preset."""
     if ckpt is not None:
         ae = build_autoencoder(autoencoder_params(ckpt["ae_config"]), tile_px=None)
         ae.load_state_dict(ckpt["model"])
@@ -325,6 +147,15 @@ def load_ae(cfg: Config, ckpt: dict | None) -> nn.Module:
     return ae
 
 
+def candidate_prefixes(C: int, given: tuple[int, ...]) -> list[int]:
+    """The c' candidates: `given`, or every multiple of 4 from 16 (owl-wms#65's; C >= 64) or of C/8
+    (toy latents)."""
+    assert all(1 <= c <= C for c in given), f"--prefixes {given} must lie in 1..{C}"
+    step = 4 if C >= 64 else max(1, C // 8)
+    default = range(16 if C >= 64 else step, C + 1, step)
+    return sorted(set(given or default) | {C})  # always including C
+
+
 def describe(ae: nn.Module, prefixes: list[int]) -> str:
     """One line: the AE's type, factor, channels, parameter counts and trained prefixes."""
     n_enc, n_dec = (sum(p.numel() for p in m.parameters()) for m in (ae.encoder, ae.decoder))
@@ -334,34 +165,43 @@ def describe(ae: nn.Module, prefixes: list[int]) -> str:
     )
 
 
-def run_eval(ae: nn.Module, cfg: Config, show: list[int], dist, out: Path) -> None:
-    """--eval: PSNR / SSIM per prefix on stdout, eval.json and a reconstruction grid eval.png in
-    out."""
-    res = evaluate(ae, cfg, show, dist.device)
-    for c, r in res.items():
-        print0(f"channels {c:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()))
-    if dist.master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(
-            json.dumps({"init": cfg.init or cfg.model, "n": cfg.eval_n, **res}, indent=2)
-        )
-        save_image_grid(
-            recon_grid(ae, eval_batch(cfg, 4).to(dist.device), show), out / "eval.png", nrow=4
-        )
-
-
-def loss_networks(cfg: Config, dist):
-    """LPIPS (frozen, from --lpips_path) and the PatchGAN with its DDP wrapper, each None when its
-    weight is 0."""
+def training_modules(cfg: Config, ae: nn.Module, dist):
+    """The training forward Reconstruct(ae), DDP-wrapped over several ranks; LPIPS (frozen, from
+    --lpips_path) and the PatchGAN with its DDP wrapper, each None when its weight is 0."""
+    model = Reconstruct(ae)
+    if dist.world_size > 1:
+        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
     lpips = LPIPS.load(cfg.lpips_path).to(dist.device) if cfg.lpips_weight > 0 else None
     disc = patch_discriminator().to(dist.device) if cfg.gan_weight > 0 else None
     disc_ddp = DDP(disc) if disc is not None and dist.world_size > 1 else disc
-    return lpips, disc, disc_ddp
+    return model, lpips, disc, disc_ddp
+
+
+def make_dataset(cfg: Config, train: bool):
+    # training scenes from the train captions; eval on held-out captions and seeds
+    if cfg.data == "shapes":
+        if not train:
+            return ShapesDataset(cfg.size_px, seed=cfg.seed + 10_000, split="test")
+        return ShapesDataset(cfg.size_px, seed=cfg.seed, split="train", zoom=cfg.zoom)
+    return ImageFolder(cfg.data, cfg.size_px, captions=False)
+
+
+def eval_batch(cfg: Config, n: int) -> torch.Tensor:
+    """The first n evaluation images, (n, 3, H, W)."""
+    ds = make_dataset(cfg, train=False)
+    return torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
+
+
+def train_batches(cfg: Config, ds, dist, start: int):
+    """Each rank's slice of every global batch, indexed by step from `start` (exact resume)."""
+    sampler = StepSampler(
+        len(ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed, start, cfg.data != "shapes"
+    )
+    return iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers))
 
 
 def make_optimizers(cfg: Config, ae: nn.Module, disc: nn.Module | None, ckpt: dict | None):
-    """AdamW for the AE (and the discriminator), restored with the discriminator from the --resume
-    checkpoint."""
+    """AdamW for the AE (and the discriminator), restored with the discriminator from --resume."""
     opt = torch.optim.AdamW(
         ae.parameters(), lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay
     )
@@ -378,15 +218,29 @@ def make_optimizers(cfg: Config, ae: nn.Module, disc: nn.Module | None, ckpt: di
     return opt, disc_opt
 
 
+def lr_at(step: int, cfg: Config) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))  # cosine from lr to lr/10
+
+
+def step_prefixes(cfg: Config, step: int, cands: list[int], C: int) -> list[int]:
+    """The channel prefixes c' decoded at `step`: K drawn from `cands`, or [C] with --mask none."""
+    # DC-AE 1.5 channel masking: K channel prefixes c' this step (common.draw_prefixes), each
+    # decoded from one encoding. NOTE(deviation): every rank draws the same c' from the step's
+    # generator (the official trainer seeds one per rank, so 8 GPUs decode up to 8·K different
+    # prefixes a step): N ranks train as one; a resume replays.
+    g = step_generator(cfg.seed, step)
+    return (
+        draw_prefixes(g, cands, cfg.num_prefixes, cfg.always_max, C)
+        if cfg.mask == "prefix"
+        else [C]
+    )
+
+
 def train_step(
-    model: nn.Module,
-    ae: nn.Module,
-    opt,
-    x: torch.Tensor,
-    prefixes: list[int],
-    cfg: Config,
-    lpips,
-    disc,
+    model: nn.Module, ae: nn.Module, opt, x, prefixes: list[int], cfg: Config, lpips, disc
 ):
     """One AE update on the batch x (with the GAN's generator term when `disc` is given). Returns
     the logged values (losses, gradient norm) and the fp32 reconstructions, which the
@@ -417,6 +271,14 @@ def train_step(
     return {"loss": loss, "l1": l1, "l2": l2, "kl": kl, "gnorm": gnorm}, recs
 
 
+def check_finite(loss: float, step: int, out: Path) -> None:
+    """Stop at a NaN or infinite loss, before it is saved over the last good checkpoint."""
+    if not math.isfinite(loss):
+        raise RuntimeError(
+            f"loss is {loss} at step {step}; the last good checkpoint is kept in {out}"
+        )
+
+
 def disc_step(
     disc: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, recs: list[torch.Tensor]
 ) -> None:
@@ -434,16 +296,8 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
 
 
-def latest_checkpoint(out: Path) -> Path:
-    ckpts = sorted(out.glob("ckpt_*.pt"))
-    if not ckpts:
-        raise FileNotFoundError(f"--resume: no ckpt_*.pt in {out}")
-    return ckpts[-1]
-
-
 def log_line(cfg: Config, done: int, losses: dict, prefixes: list[int], dt: float, dist) -> str:
-    """The `step | loss | ...` line of step `done`; dt is the mean training time of a step since the
-    last line."""
+    """The `step | loss | ...` line of step `done`; dt: mean time of a step since the last line."""
     v = {k: t.item() for k, t in losses.items()}
     return (
         f"step {done:07d}/{cfg.steps:07d} | loss {v['loss']:.4f} | l1 {v['l1']:.4f} | l2 {v['l2']:.4f}"
@@ -453,9 +307,15 @@ def log_line(cfg: Config, done: int, losses: dict, prefixes: list[int], dt: floa
     )
 
 
+def save_samples(ae: nn.Module, fixed: torch.Tensor, show: list[int], out: Path, done: int) -> None:
+    """samples/{done:07d}.png: the fixed images, then their reconstructions from each prefix."""
+    grid = recon_grid(ae.eval(), fixed, show)
+    save_image_grid(grid, out / "samples" / f"{done:07d}.png", nrow=4, text={"prefixes": show})
+    ae.train()
+
+
 def save_checkpoint(out: Path, done: int, cfg: Config, ae: nn.Module, opt, disc, disc_opt) -> None:
-    """ckpt_{done:07d}.pt with the AE, its optimizer (and the discriminator's); keeps the newest
-    two."""
+    """ckpt_{done:07d}.pt: the AE, its optimizer (and the discriminator's); keeps the newest two."""
     state = {
         "model": ae.state_dict(),
         "optimizer": opt.state_dict(),
@@ -470,11 +330,71 @@ def save_checkpoint(out: Path, done: int, cfg: Config, ae: nn.Module, opt, disc,
         old.unlink()
 
 
+@torch.no_grad()
+def evaluate(ae: nn.Module, cfg: Config, prefixes: list[int], device: torch.device) -> dict:
+    """Mean PSNR / SSIM of the reconstruction of cfg.eval_n held-out images for each channel prefix
+    c'; on the shapes set also the scorer's accuracy on the reconstructions (can a downstream
+    model's output still be read?)."""
+    ae.eval()
+    x_all = eval_batch(cfg, cfg.eval_n)
+    stats = {c: {"psnr": 0.0, "ssim": 0.0, "acc": 0.0} for c in prefixes}
+    specs = (
+        [make_dataset(cfg, train=False).scene(i).spec for i in range(len(x_all))]
+        if cfg.data == "shapes"
+        else []
+    )
+    for i, x in enumerate(x_all.split(cfg.batch_size)):
+        z = ae.encode(x.to(device))  # (B, C, h, w); z[:, :c] is exactly encode(x, channels=c)
+        for c in prefixes:
+            rec = ae.decode(z[:, :c]).float().cpu()
+            stats[c]["psnr"] += psnr(rec, x).sum().item() / len(x_all)
+            stats[c]["ssim"] += ssim(rec, x).sum().item() / len(x_all)
+            batch_specs = specs[i * cfg.batch_size : i * cfg.batch_size + len(x)]
+            correct = sum(score(r, s)["correct"] for r, s in zip(rec, batch_specs))
+            stats[c]["acc"] += correct / len(x_all)
+    return {c: s if specs else {k: v for k, v in s.items() if k != "acc"} for c, s in stats.items()}
+
+
+@torch.no_grad()
+def recon_grid(ae: nn.Module, x: torch.Tensor, prefixes: list[int]) -> torch.Tensor:
+    """Rows: the inputs, then their reconstructions from each prefix. (n·(1 + P), 3, H, W)."""
+    z = ae.encode(x)
+    return torch.cat([x.cpu()] + [ae.decode(z[:, :c]).float().cpu() for c in prefixes])
+
+
+def run_eval(ae: nn.Module, cfg: Config, show: list[int], dist, out: Path) -> None:
+    """--eval: PSNR / SSIM per prefix on stdout, eval.json, a reconstruction grid eval.png."""
+    res = evaluate(ae, cfg, show, dist.device)
+    for c, r in res.items():
+        print0(f"channels {c:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()))
+    if dist.master:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(
+            json.dumps({"init": cfg.init or cfg.model, "n": cfg.eval_n, **res}, indent=2)
+        )
+        save_image_grid(
+            recon_grid(ae, eval_batch(cfg, 4).to(dist.device), show), out / "eval.png", nrow=4
+        )
+
+
+@torch.no_grad()
+def measure_latent_scale(ae: nn.Module, x: torch.Tensor) -> None:
+    """Latent normalisation from data: DC-AE s = 1/RMS (diffusers'); VAE shift = mean, s = 1/std."""
+    p = ae.params
+    # undo the current normalisation
+    raw = ae.encode(x) / p.scaling_factor + getattr(p, "shift_factor", 0.0)
+    if isinstance(ae, vae.VAE):
+        ae.params = dataclasses.replace(
+            p, shift_factor=raw.mean().item(), scaling_factor=1 / raw.std().item()
+        )
+    else:
+        ae.params = dataclasses.replace(p, scaling_factor=1 / raw.pow(2).mean().sqrt().item())
+
+
 def export(
     ae: nn.Module, ds, cfg: Config, show: list[int], device: torch.device, out: Path, log: Path
 ) -> None:
-    """Measure the latent scale, write the diffusers-format folder out/ae, report held-out
-    reconstruction quality."""
+    """Measure the latent scale, write the diffusers-format out/ae, report held-out quality."""
     ae.eval()
     measure_latent_scale(
         ae, torch.stack([ds[i]["image"] for i in range(min(64, len(ds)))]).to(device)
@@ -524,20 +444,12 @@ def main():
         return cleanup_dist()
 
     ae.train()
-    model = Reconstruct(ae)
-    if dist.world_size > 1:
-        model = DDP(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)
-    lpips, disc, disc_ddp = loss_networks(cfg, dist)
+    model, lpips, disc, disc_ddp = training_modules(cfg, ae, dist)
 
     # --- data: each rank takes its own slice of every global batch, indexed by step (exact resume)
     start = ckpt["step"] if ckpt is not None else 0
     ds = make_dataset(cfg, train=True)
-    sampler = StepSampler(
-        len(ds), cfg.batch_size, dist.rank, dist.world_size, cfg.seed, start, cfg.data != "shapes"
-    )
-    batches = iter(
-        torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=cfg.num_workers)
-    )
+    batches = train_batches(cfg, ds, dist, start)
     fixed = eval_batch(cfg, 4).to(dist.device)  # the images of every sample grid
 
     # --- optimizer and schedule
@@ -553,26 +465,14 @@ def main():
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         x = next(batches)["image"].to(dist.device)  # (B, 3, H, W) in [-1, 1]
-        # DC-AE 1.5 channel masking: K channel prefixes c' this step (common.draw_prefixes), each
-        # decoded from one encoding. NOTE(deviation): every rank draws the same c' from the step's
-        # generator (the official trainer seeds one per rank, so 8 GPUs decode up to 8·K different
-        # prefixes a step): N ranks train as one; a resume replays.
-        g = step_generator(cfg.seed, step)
-        prefixes = (
-            draw_prefixes(g, cands, cfg.num_prefixes, cfg.always_max, C)
-            if cfg.mask == "prefix"
-            else [C]
-        )
+        # DC-AE 1.5 channel masking: K channel prefixes c', all decoded from one encoding
+        prefixes = step_prefixes(cfg, step, cands, C)
         gan_on = disc is not None and step >= cfg.gan_start
         losses, recs = train_step(model, ae, opt, x, prefixes, cfg, lpips, disc if gan_on else None)
         if gan_on:  # discriminator side: hinge loss on real images vs detached reconstructions
             disc_step(disc_ddp, disc_opt, x, recs)
         # .item() also waits for the device, so the timing below is honest
-        loss = losses["loss"].item()
-        if not math.isfinite(loss):
-            raise RuntimeError(
-                f"loss is {loss} at step {step}; the last good checkpoint is kept in {out}"
-            )
+        check_finite(losses["loss"].item(), step, out)
         timed += time.perf_counter() - t0
         n_timed += 1
 
@@ -581,11 +481,7 @@ def main():
             print0(log_line(cfg, done, losses, prefixes, timed / n_timed, dist), log_file=log)
             timed, n_timed = 0.0, 0
         if dist.master and (done % cfg.sample_every == 0 or done == cfg.steps):
-            grid = recon_grid(ae.eval(), fixed, show)
-            save_image_grid(
-                grid, out / "samples" / f"{done:07d}.png", nrow=4, text={"prefixes": show}
-            )
-            ae.train()
+            save_samples(ae, fixed, show, out, done)
         if dist.master and (done % cfg.save_every == 0 or done == cfg.steps):
             save_checkpoint(out, done, cfg, ae, opt, disc, disc_opt)
 
