@@ -7,6 +7,8 @@ SVDQuant (Li et al., ICLR 2025, arXiv 2411.05007 §4), per linear layer y = x·W
   2. low rank     Ŵ = L_up·L_down + R, rank r = 32 in 16 bits, refined L <- SVD_r(Ŵ - Q(Ŵ - L)) (calib/lowrank.py)
   3. 4-bit        y ≈ Q(x̂)·Q(R)ᵀ + x̂·L_downᵀ·L_upᵀ + b: NVFP4 (E2M1, FP8 scale per 16) or INT4 (group 64)
 AdaLN linears become W4A16; embedders, norm_out and proj_out stay 16-bit (Nunchaku's layout; models/svdquant.py).
+Steps 1-3 for one smoothing group are models/svdquant.py's svdquant_group; this script calibrates, runs it group
+by group, saves the emulated model and writes Nunchaku's file (models/nunchaku.py).
 
 Run:      python quantize.py --model zoo/dcgen-4k --calib_size 4096 --name toy-dcgen-4k --out_dir out/quant-toy
           python quantize.py --model DC-Gen-FLUX.1-Krea-Dev-v1.0-Res4K --calib_prompts prompts.txt --calib_size 4096
@@ -24,8 +26,6 @@ Output:   out_dir/transformer/ (the emulated model: models.svdquant.load_quantiz
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import math
 import time
@@ -53,19 +53,20 @@ from common import (
     shift_for,
 )
 from models.flux import PRESETS, Flux, position_ids
-from models.nunchaku import nunchaku_metadata, nunchaku_state_dict
+from models.nunchaku import check_rank, nunchaku_metadata, nunchaku_problem, nunchaku_state_dict
 from models.pipeline import load_pipeline, write_pipeline
 from models.svdquant import (
-    SVDQuantLinear,
+    Layer,
     W4A16Linear,
     act_shift,
     encode,
     flux_layers,
+    install,
     load_quantized,
-    quantize_act,
     quantize_weight,
     set_module,
     split_proj_out,
+    svdquant_group,
 )
 from toy.shapes import ShapesDataset
 
@@ -231,41 +232,12 @@ def sampler_run(pipe, cfg: Config, device) -> Callable[[], None]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# helpers: SVDQuant of one smoothing group (DeepCompressor's algorithm)
-#
-# NOTE(deviation): the objective is the squared output error of the group's own layers on the sampled rows.
-# DeepCompressor scores q/k/v candidates on the attention output and the single block's q/k/v + fc1 on the block
-# output (app/diffusion/quant/smooth.py eval_module); that needs the block re-run per candidate.
-# NOTE(deviation): the activations are fake-quantised as Nunchaku's kernel does at inference (ties to even, float
-# scale to quantise, FP8 copy to dequantise); DeepCompressor's calibration uses its own quantiser (FP8 scale first,
-# codebook ties up). The model is scored as it will run.
-
-
-@dataclass
-# one Nunchaku W4A4 layer: our linears fused along the output (q/k/v), sharing input and low rank
-class Layer:
-    names: list[str]
-    splits: list[int]  # output sizes of the fused linears (each has its own NVFP4 tensor scale)
-    w: Tensor  # (Σout, in) float32
-    b: Tensor  # (Σout,)
-    x: Tensor  # (N, in) calibration rows
-    y: Tensor  # (N, Σout) = x·Wᵀ, the reference output
-    xmax: Tensor  # (in,) max |x + shift| over all calibration rows
-    shift: float  # INT4 post-GELU shift, else 0
-
-
-@dataclass
-class Result:
-    err: float  # Σ (y_quant - y)² over the calibration rows
-    q: Tensor  # (Σout, in) R on the 4-bit grid (E2M1 values or INT4 integers)
-    wscales: Tensor  # (Σout, in/g) float32
-    wcscales: Tensor  # (Σout,) per-row tensor scale
-    down: Tensor  # (r, in) L_down, acting on x̂ = x/λ
-    up: Tensor  # (Σout, r) L_up
-    iters: int
+# helpers: quantisation, smoothing group by smoothing group (the search itself: models/svdquant.py)
 
 
 def make_layer(model: Flux, names: list[str], st: InputStats, fp4: bool, device) -> Layer:
+    """The search's view of one fused layer: its float weight and bias, the calibration rows and
+    their reference output, and the input range (shifted for INT4 post-GELU inputs)."""
     lins = [model.get_submodule(n) for n in names]
     w = torch.cat([m.weight.detach().float() for m in lins]).to(device)
     b = torch.cat(
@@ -280,134 +252,6 @@ def make_layer(model: Flux, names: list[str], st: InputStats, fp4: bool, device)
     return Layer(
         names, [m.out_features for m in lins], w, b.float().to(device), x, x @ w.T, xmax, s
     )
-
-
-def smooth_candidates(num_grids: int) -> list[tuple[float, float]]:
-    """(α, β) pairs of DeepCompressor's alpha 0.5, beta -2 (calib/config/smooth.py:
-    get_alpha_beta_pairs): no smoothing, activation-only (α, 0), and SmoothQuant's (α, 1 - α), α =
-    i/num_grids."""
-    grid = [i / num_grids for i in range(1, num_grids)]
-    return [(0.0, 0.0)] + [(a, 0.0) for a in grid] + [(a, 1 - a) for a in grid]
-
-
-def smooth_scale(xmax: Tensor, wmax: Tensor, alpha: float, beta: float) -> Tensor:
-    """λ = xmax^α / wmax^β (calib/smooth.py: get_smooth_scale), zeros -> 1, all ones if any inf/nan.
-
-    NOTE(deviation): rounded to bf16 first, so the weights are smoothed with exactly the λ that
-        Nunchaku's kernel divides the input by; DeepCompressor smooths with the float32 λ and stores it
-        as bf16."""
-    if alpha == 0 and beta == 0:
-        return torch.ones_like(xmax)
-    lam = xmax.pow(alpha) / (wmax.pow(beta) if beta > 0 else 1)
-    lam = torch.where(lam == 0, torch.ones_like(lam), lam)
-    if not lam.isfinite().all():
-        lam = torch.ones_like(lam)
-    return lam.to(torch.bfloat16).float()
-
-
-def lowrank(w: Tensor, rank: int, niter: int) -> tuple[Tensor, Tensor]:
-    """Rank-r truncation of w (out, in): L_down = V_rᵀ (r, in), L_up = U_r·S_r (out, r)
-    (nn/patch/lowrank.py), both rounded to 16 bits (bf16), the branch's storage format."""
-    rank = min(rank, *w.shape)
-    if rank == 0:
-        return w.new_zeros(0, w.shape[1]), w.new_zeros(w.shape[0], 0)
-    # NOTE(deviation): DeepCompressor takes a full float64 SVD (tens of seconds per 3072 x 12288
-    # matrix on CPU, x39 candidates x 570 layers); the randomised range finder (Halko et al. 2011)
-    # with power iterations gives the same top singular vectors up to a tiny error at ~1% of the
-    # cost.
-    # same input, same branch: reproducible
-    with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
-        torch.manual_seed(0)
-        U, S, V = torch.svd_lowrank(w, q=min(rank + 16, *w.shape), niter=niter)
-    return V[:, :rank].T.to(torch.bfloat16).float(), (U[:, :rank] * S[:rank]).to(
-        torch.bfloat16
-    ).float()
-
-
-def quantize_split(
-    w: Tensor, splits: list[int], fp4: bool
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """quantize_weight per fused part (each its own tensor scale) -> (grid values, group scales,
-    per-row tensor scale, dequantised weight), all (Σout, ...) float32."""
-    parts = [quantize_weight(part, fp4) for part in w.split(splits)]
-    q, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
-    c = torch.cat([t.expand(n) for (_, _, t), n in zip(parts, splits)])
-    return q, s, c, q * s.repeat_interleave(w.shape[1] // s.shape[1], dim=1) * c[:, None]
-
-
-def refine(layer: Layer, lam: Tensor, rank: int, iters: int, cfg: Config, fp4: bool) -> Result:
-    """Low-rank branch and 4-bit residual for a given λ: L <- SVD_r(Ŵ - Q(Ŵ - L)) from Q = 0,
-    keeping the best output error and stopping at the first increase (calib/lowrank.py, early_stop).
-    iters = 1 is the one-shot split DeepCompressor's smoothing search evaluates (allow_low_rank:
-    true)."""
-    ws = layer.w * lam  # Ŵ = W·diag(λ)
-    xs = layer.x / lam  # x̂, input of the low-rank branch
-    # Q(x̂) as the kernel makes it
-    xq = quantize_act((layer.x + layer.shift) / lam, fp4, unsigned=layer.shift > 0)
-    qw, best = torch.zeros_like(ws), None
-    for it in range(iters):
-        down, up = lowrank(ws - qw, rank, cfg.svd_niter)
-        q, s, c, qw = quantize_split(ws - up @ down, layer.splits, fp4)
-        y = xq @ qw.T + (xs @ down.T) @ up.T  # (N, out)
-        if layer.shift:  # the shift's contribution, removed through the bias (see install)
-            y = y - (layer.shift / lam) @ (ws - up @ down).T
-        err = (y - layer.y).square().sum().item()
-        if best is not None and err > best.err:
-            break
-        best = Result(err, q, s, c, down, up, it + 1)
-    return best
-
-
-def svdquant_group(
-    layers: list[Layer], cfg: Config, fp4: bool
-) -> tuple[Tensor, tuple[float, float], list[Result]]:
-    """One λ for the group (max over its inputs and weights), searched over the (α, β) grid by the
-    summed output error of its layers, then each layer's low-rank branch refined. method rtn: λ = 1,
-    no branch."""
-    if cfg.method == "rtn":
-        lam = torch.ones_like(layers[0].xmax)
-        return lam, (0.0, 0.0), [refine(layer, lam, 0, 1, cfg, fp4) for layer in layers]
-    xmax = torch.stack([layer.xmax for layer in layers]).amax(0)
-    wmax = torch.cat([layer.w for layer in layers]).abs().amax(0)
-    best = None
-    for alpha, beta in smooth_candidates(cfg.num_grids):
-        lam = smooth_scale(xmax, wmax, alpha, beta)
-        err = sum(refine(layer, lam, cfg.rank, 1, cfg, fp4).err for layer in layers)
-        if best is None or err < best[0]:
-            best = (err, lam, (alpha, beta))
-    _, lam, ab = best
-    return lam, ab, [refine(layer, lam, cfg.rank, cfg.lowrank_iters, cfg, fp4) for layer in layers]
-
-
-def install(model: Flux, layer: Layer, lam: Tensor, res: Result, fp4: bool) -> None:
-    """Replace the layer's linears by SVDQuantLinear modules holding the result in Nunchaku's
-    conventions."""
-    lam64, rank, start = lam.double(), res.down.shape[0], 0
-    # lora_down / smooth: the branch reads the raw x
-    down = (res.down.double() / lam64).to(torch.bfloat16)
-    bias = layer.b.double()
-    # ShiftedLinear's b - W·s plus the converter's + L_up·(L_down/λ)·s: b - (Ŵ - L)·(s/λ)
-    if layer.shift:
-        bias = bias - (layer.w.double() * lam64 - res.up.double() @ res.down.double()) @ (
-            layer.shift / lam64
-        )
-    codes = encode(res.q, fp4)
-    for name, n in zip(layer.names, layer.splits):
-        rows = slice(start, start + n)
-        m = SVDQuantLinear(layer.w.shape[1], n, rank, fp4, layer.shift, device=layer.w.device)
-        m.load_state_dict(
-            dict(
-                qweight=codes[rows],
-                wscales=res.wscales[rows].to(m.wscales.dtype),
-                wcscales=res.wcscales[rows],
-                smooth=lam,
-                proj_down=down,
-                proj_up=res.up[rows],
-                bias=bias[rows],
-            )
-        )
-        set_module(model, name, m)
-        start += n
 
 
 @torch.no_grad()
@@ -448,44 +292,6 @@ def quantize_adaln(model: Flux) -> None:
 
 # ----------------------------------------------------------------------------------------------------------------
 # helpers: the real Nunchaku (--check)
-
-
-def nunchaku_problem(fp4: bool) -> str | None:
-    """Why Nunchaku's FLUX loader cannot run here, or None. Imports nothing (the real package loads
-    CUDA code)."""
-    spec = importlib.util.find_spec("nunchaku")
-    if spec is None:
-        return (
-            "Nunchaku is not installed. It ships CUDA wheels on its GitHub releases (github.com/nunchaku-tech/"
-            "nunchaku/releases), not on PyPI, whose `nunchaku` is an unrelated package."
-        )
-    try:
-        dist = importlib.metadata.distribution("nunchaku")
-        found = f"{dist.metadata['Name']} {dist.version} ({dist.metadata.get('Summary', 'no summary')!r})"
-    except importlib.metadata.PackageNotFoundError:
-        dist, found = None, f"a package without metadata at {spec.origin}"
-    loader = [
-        Path(p) / "models/transformers/transformer_flux_v2.py"
-        for p in spec.submodule_search_locations or []
-    ]
-    summary = (dist.metadata.get("Summary") or "") if dist else ""
-    if "piece-wise linear" in summary.lower() or not any(p.is_file() for p in loader):
-        return (
-            f"the installed `nunchaku` is the wrong package: {found}. PyPI's `nunchaku` is an unrelated library "
-            "(piece-wise linear segmentation) without nunchaku.models.transformers.transformer_flux_v2; run "
-            "`pip uninstall nunchaku` and install Nunchaku's wheel from its GitHub releases."
-        )
-    if not torch.cuda.is_available():
-        return "Nunchaku needs a CUDA GPU and none is visible."
-    sm = "".join(map(str, torch.cuda.get_device_capability()))
-    # nunchaku/utils.py: check_hardware_compatibility
-    ok = ("120", "121") if fp4 else ("75", "80", "86", "89")
-    if sm not in ok:
-        return (
-            f"this GPU is sm_{sm}; Nunchaku runs {'NVFP4' if fp4 else 'INT4'} only on sm_{'/'.join(ok)} "
-            "(no 4-bit tensor-core kernels for it; Hopper sm_90 is not supported at all)."
-        )
-    return None
 
 
 @torch.no_grad()
@@ -533,20 +339,20 @@ def nunchaku_check(export: Path, folder: Path, cfg: Config, device, log: Path) -
 # helpers: main's steps
 
 
-def check_rank(model: Flux, groups: list[list[list[str]]], rank: int) -> None:
-    """One rank for every layer (Nunchaku builds each from the file's single `rank`): the smallest
-    layer bounds it."""
-    layer_of = model.get_submodule
-    # each a list of linears fused along the output (q/k/v)
-    fused = [layer for g in groups for layer in g]
-    small = min(
-        min(sum(layer_of(n).out_features for n in layer), layer_of(layer[0]).in_features)
-        for layer in fused
-    )
-    if rank > small:
+def check_flags(cfg: Config) -> None:
+    """Bad flags, and a --check that cannot run, fail here: before hours of work, not after."""
+    if cfg.precision not in ("nvfp4", "int4"):
+        raise ValueError(f"unknown precision {cfg.precision!r}; choose from 'nvfp4', 'int4'")
+    if cfg.method not in ("svdquant", "rtn"):
+        raise ValueError(f"unknown method {cfg.method!r}; choose from 'svdquant', 'rtn'")
+    if cfg.check and (problem := nunchaku_problem(cfg.precision == "nvfp4")):
+        raise SystemExit(f"--check cannot run: {problem}")
+    # a transformer folder, no sampler
+    bare = cfg.model and not (Path(cfg.model) / "transformer").is_dir()
+    if bare and not cfg.calib_file:
         raise ValueError(
-            f"--rank {rank} exceeds this model's smallest W4A4 layer ({small} features in or "
-            f"out), which cannot hold it; give --rank {small} or less"
+            f"--model {cfg.model} is a transformer folder: calibrate it on inputs recorded from the "
+            "sampler (--calib_file), or pass the whole model folder so the sampler runs"
         )
 
 
@@ -597,20 +403,7 @@ def save_outputs(model: Flux, cfg: Config, pipe, out: Path) -> tuple[Path, Path]
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv)
-    if cfg.precision not in ("nvfp4", "int4"):
-        raise ValueError(f"unknown precision {cfg.precision!r}; choose from 'nvfp4', 'int4'")
-    if cfg.method not in ("svdquant", "rtn"):
-        raise ValueError(f"unknown method {cfg.method!r}; choose from 'svdquant', 'rtn'")
-    # fail before hours of work, not after
-    if cfg.check and (problem := nunchaku_problem(cfg.precision == "nvfp4")):
-        raise SystemExit(f"--check cannot run: {problem}")
-    # a transformer folder, no sampler
-    bare = cfg.model and not (Path(cfg.model) / "transformer").is_dir()
-    if bare and not cfg.calib_file:
-        raise ValueError(
-            f"--model {cfg.model} is a transformer folder: calibrate it on inputs recorded from the "
-            "sampler (--calib_file), or pass the whole model folder so the sampler runs"
-        )
+    check_flags(cfg)
     out = Path(cfg.out_dir)
     save_config(cfg, out)
     log = out / "log.txt"

@@ -171,6 +171,51 @@ class Clock:
         return out
 
 
+def describe_model(folder: Path, pipe, seconds: float, device: torch.device, dtype) -> str:
+    """One line on what was loaded: the model, its size, its AE and patch, the load time."""
+    model, ae, p = pipe.transformer, pipe.ae, pipe.patch_size()
+    f, C = ae.spatial_factor, model.params.in_channels
+    n_params = sum(t.numel() for t in model.parameters()) / 1e6
+    # a DC-AE 1.5 channel-prefix model
+    prefix = f", its first {C} channels" if C < ae.latent_channels else ""
+    return (
+        f"model {folder} ({type(model).__name__}, {n_params:.1f} M parameters; AE f{f}c{ae.latent_channels}{prefix}, "
+        f"patch {p}) loaded in {seconds:.1f}s on {device}, {dtype}"
+    )
+
+
+def sample_batch(
+    pipe,
+    prompts: list[str],
+    noise: torch.Tensor,
+    sigmas,
+    cfg: Config,
+    scale: float,
+    timed: Clock,
+    dtype,
+) -> torch.Tensor:
+    """One batch: text encoding, the Euler steps from `noise` (B, C, h, w), AE decoding -> images
+    (B, 3, H, W) in [-1, 1], on the CPU."""
+    distilled = bool(getattr(pipe.transformer.params, "guidance_embed", False))
+    cond = timed("text", pipe.text, prompts)
+    null = timed("text", pipe.text.null, len(prompts)) if scale != 1 else None
+    v = guided_velocity(pipe.transformer, cond, null, cfg.guidance if distilled else None, scale)
+    v = progress(lambda x, sigma, v=v: v(x.to(dtype), sigma), cfg.steps, timed.sync)
+    x = timed("denoise", denoise, v, noise, sigmas)  # (B, C, h, w)
+    return timed("decode", pipe.ae.decode, x.to(dtype)).float().cpu()
+
+
+def save_one_file(grid: list[torch.Tensor], prompts: list[str], out: Path, meta: dict) -> Path:
+    """All images as one PNG (a grid of up to 4 per row), the prompts joined in its metadata."""
+    images = torch.cat(grid) if len(grid) > 1 else grid[0]
+    # one copy of the pixels, not two, while the PNG is written (4096 px: 200 MB each)
+    grid.clear()
+    save_image_grid(
+        images, out, nrow=min(4, len(prompts)), text={"prompt": " | ".join(prompts), **meta}
+    )
+    return out
+
+
 def save_batch(
     images: torch.Tensor, prompts: list[str], start: int, out: Path, meta: dict
 ) -> list[Path]:
@@ -228,13 +273,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     # f64 AEs are DC-Gen's 4K (Res4K, zoo/dcgen-4k)
     H, W = image_size(cfg, f * p, native=4096 if f == 64 else 1024)
     h, w = H // f, W // f  # latent grid
-    n_params = sum(t.numel() for t in model.parameters()) / 1e6
-    # a DC-AE 1.5 channel-prefix model
-    prefix = f", its first {C} channels" if C < ae.latent_channels else ""
-    print(
-        f"model {folder} ({type(model).__name__}, {n_params:.1f} M parameters; AE f{f}c{ae.latent_channels}{prefix}, "
-        f"patch {p}) loaded in {time.perf_counter() - t0:.1f}s on {device}, {dtype}"
-    )
+    print(describe_model(folder, pipe, time.perf_counter() - t0, device, dtype))
 
     # --- noise and schedule ---
     noise = initial_noise(cfg, (len(prompts), C, h, w))
@@ -252,8 +291,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     )
 
     # --- generate, batch by batch; the clock runs around synchronised work only ---
-    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    timed = Clock(sync)
+    timed = Clock(torch.cuda.synchronize if device.type == "cuda" else lambda: None)
     out = Path(cfg.out)
     paths = []
     meta = {
@@ -271,26 +309,14 @@ def main(argv: list[str] | None = None) -> list[Path]:
     with torch.no_grad():
         for start in range(0, len(prompts), cfg.batch):
             batch = prompts[start : start + cfg.batch]
-            cond = timed("text", pipe.text, batch)
-            null = timed("text", pipe.text.null, len(batch)) if scale != 1 else None
-            v = guided_velocity(model, cond, null, cfg.guidance if distilled else None, scale)
-            v = progress(lambda x, sigma, v=v: v(x.to(dtype), sigma), cfg.steps, sync)
-            # (B, C, h, w)
-            x = timed("denoise", denoise, v, noise[start : start + len(batch)].to(device), sigmas)
-            # (B, 3, H, W) in [-1, 1]
-            images = timed("decode", ae.decode, x.to(dtype)).float().cpu()
+            batch_noise = noise[start : start + len(batch)].to(device)  # (B, C, h, w)
+            images = sample_batch(pipe, batch, batch_noise, sigmas, cfg, scale, timed, dtype)
             if one_file:
                 grid.append(images)
             else:  # PNGs with their recipe in the metadata
                 paths += save_batch(images, batch, start, out, meta)
     if one_file:
-        images = torch.cat(grid) if len(grid) > 1 else grid[0]
-        # one copy of the pixels, not two, while the PNG is written (4096 px: 200 MB each)
-        grid.clear()
-        save_image_grid(
-            images, out, nrow=min(4, len(prompts)), text={"prompt": " | ".join(prompts), **meta}
-        )
-        paths.append(out)
+        paths.append(save_one_file(grid, prompts, out, meta))
     report(timed.times, cfg.steps * -(-len(prompts) // cfg.batch), device, paths)
     return paths
 

@@ -1,4 +1,5 @@
-"""Nunchaku's on-disk SVDQuant FLUX checkpoint, written from our quantised model (pure tensor code, no file I/O).
+"""Nunchaku's on-disk SVDQuant FLUX checkpoint, written from our quantised model (pure tensor code, no file I/O),
+and whether the real Nunchaku can load it here (`nunchaku_problem`, for quantize.py --check).
 
 One `.safetensors` file (`nunchaku/merge_safetensors.py`): metadata `config` (diffusers transformer config.json),
 `comfy_config`, `model_class`, `quantization_config`; tensors with Nunchaku's v1 block names (`qkv_proj`, `mlp_fc1`,
@@ -24,7 +25,10 @@ wzeros bf16 (in/64 rounded up by ceil_num_groups, out).
 
 from __future__ import annotations
 
+import importlib.metadata
+import importlib.util
 import json
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -244,6 +248,23 @@ def nunchaku_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return sd
 
 
+def check_rank(model: nn.Module, groups: list[list[list[str]]], rank: int) -> None:
+    """One rank for every layer (Nunchaku builds each from the file's single `rank`): the smallest
+    layer bounds it."""
+    layer_of = model.get_submodule
+    # each a list of linears fused along the output (q/k/v)
+    fused = [layer for g in groups for layer in g]
+    small = min(
+        min(sum(layer_of(n).out_features for n in layer), layer_of(layer[0]).in_features)
+        for layer in fused
+    )
+    if rank > small:
+        raise ValueError(
+            f"--rank {rank} exceeds this model's smallest W4A4 layer ({small} features in or "
+            f"out), which cannot hold it; give --rank {small} or less"
+        )
+
+
 def nunchaku_metadata(model: nn.Module, fp4: bool, rank: int) -> dict[str, str]:
     """The file's metadata, as nunchaku/merge_safetensors.py writes it. `rank` is the packed rank
     (lora_down's second dim: a multiple of 16), which NunchakuFluxTransformer2DModelV2 builds its
@@ -285,3 +306,41 @@ def nunchaku_metadata(model: nn.Module, fp4: bool, rank: int) -> dict[str, str]:
         "model_class": "NunchakuFluxTransformer2dModel",
         "quantization_config": json.dumps(quantization_config),
     }
+
+
+def nunchaku_problem(fp4: bool) -> str | None:
+    """Why Nunchaku's FLUX loader cannot run here, or None. Imports nothing (the real package loads
+    CUDA code)."""
+    spec = importlib.util.find_spec("nunchaku")
+    if spec is None:
+        return (
+            "Nunchaku is not installed. It ships CUDA wheels on its GitHub releases (github.com/nunchaku-tech/"
+            "nunchaku/releases), not on PyPI, whose `nunchaku` is an unrelated package."
+        )
+    try:
+        dist = importlib.metadata.distribution("nunchaku")
+        found = f"{dist.metadata['Name']} {dist.version} ({dist.metadata.get('Summary', 'no summary')!r})"
+    except importlib.metadata.PackageNotFoundError:
+        dist, found = None, f"a package without metadata at {spec.origin}"
+    loader = [
+        Path(p) / "models/transformers/transformer_flux_v2.py"
+        for p in spec.submodule_search_locations or []
+    ]
+    summary = (dist.metadata.get("Summary") or "") if dist else ""
+    if "piece-wise linear" in summary.lower() or not any(p.is_file() for p in loader):
+        return (
+            f"the installed `nunchaku` is the wrong package: {found}. PyPI's `nunchaku` is an unrelated library "
+            "(piece-wise linear segmentation) without nunchaku.models.transformers.transformer_flux_v2; run "
+            "`pip uninstall nunchaku` and install Nunchaku's wheel from its GitHub releases."
+        )
+    if not torch.cuda.is_available():
+        return "Nunchaku needs a CUDA GPU and none is visible."
+    sm = "".join(map(str, torch.cuda.get_device_capability()))
+    # nunchaku/utils.py: check_hardware_compatibility
+    ok = ("120", "121") if fp4 else ("75", "80", "86", "89")
+    if sm not in ok:
+        return (
+            f"this GPU is sm_{sm}; Nunchaku runs {'NVFP4' if fp4 else 'INT4'} only on sm_{'/'.join(ok)} "
+            "(no 4-bit tensor-core kernels for it; Hopper sm_90 is not supported at all)."
+        )
+    return None

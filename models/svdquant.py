@@ -15,12 +15,15 @@ where Q is 4-bit quantisation of both operands (NVFP4 or INT4), s a shift that m
 Weights are quantised offline as DeepCompressor does (its codes are what Nunchaku loads); activations on the fly as
 Nunchaku's CUDA kernel does (`src/kernels/zgemm/gemm_w4a4.cuh`). The modules store unpacked 4-bit codes and scales, so
 they run on any device (numerically the method, not a speed path) and export losslessly to Nunchaku's packed format
-(models/nunchaku.py). The calibration and search that produce them live in quantize.py.
+(models/nunchaku.py). Last, the search that produces them for one smoothing group (DeepCompressor's algorithm:
+the (α, β) smoothing grid, the low-rank refinement); quantize.py calibrates and runs it group by group.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -405,3 +408,178 @@ def load_quantized(folder: str | Path, device: str | torch.device = "cpu") -> Fl
     return load_weights(
         model, read_state_dict(folder, device=device), f"quantized FLUX {folder}"
     ).eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the search: SVDQuant of one smoothing group (DeepCompressor's algorithm), on calibration rows from quantize.py
+#
+# NOTE(deviation): the objective is the squared output error of the group's own layers on the sampled rows.
+# DeepCompressor scores q/k/v candidates on the attention output and the single block's q/k/v + fc1 on the block
+# output (app/diffusion/quant/smooth.py eval_module); that needs the block re-run per candidate.
+# NOTE(deviation): the activations are fake-quantised as Nunchaku's kernel does at inference (ties to even, float
+# scale to quantise, FP8 copy to dequantise); DeepCompressor's calibration uses its own quantiser (FP8 scale first,
+# codebook ties up). The model is scored as it will run.
+
+
+@dataclass
+# one Nunchaku W4A4 layer: our linears fused along the output (q/k/v), sharing input and low rank
+class Layer:
+    names: list[str]
+    splits: list[int]  # output sizes of the fused linears (each has its own NVFP4 tensor scale)
+    w: Tensor  # (Σout, in) float32
+    b: Tensor  # (Σout,)
+    x: Tensor  # (N, in) calibration rows
+    y: Tensor  # (N, Σout) = x·Wᵀ, the reference output
+    xmax: Tensor  # (in,) max |x + shift| over all calibration rows
+    shift: float  # INT4 post-GELU shift, else 0
+
+
+@dataclass
+class Result:
+    err: float  # Σ (y_quant - y)² over the calibration rows
+    q: Tensor  # (Σout, in) R on the 4-bit grid (E2M1 values or INT4 integers)
+    wscales: Tensor  # (Σout, in/g) float32
+    wcscales: Tensor  # (Σout,) per-row tensor scale
+    down: Tensor  # (r, in) L_down, acting on x̂ = x/λ
+    up: Tensor  # (Σout, r) L_up
+    iters: int
+
+
+class SearchConfig(Protocol):
+    """The search's settings: the fields of the same names in quantize.Config (its --help)."""
+
+    method: str  # svdquant | rtn (λ = 1, no low-rank branch)
+    rank: int  # rank r of the 16-bit low-rank branch
+    num_grids: int  # α grid i/n, i = 1..n-1, of the smoothing search
+    lowrank_iters: int  # at most this many refinements L <- SVD_r(Ŵ - Q(Ŵ - L))
+    svd_niter: int  # power iterations of the randomised truncated SVD
+
+
+def smooth_candidates(num_grids: int) -> list[tuple[float, float]]:
+    """(α, β) pairs of DeepCompressor's alpha 0.5, beta -2 (calib/config/smooth.py:
+    get_alpha_beta_pairs): no smoothing, activation-only (α, 0), and SmoothQuant's (α, 1 - α), α =
+    i/num_grids."""
+    grid = [i / num_grids for i in range(1, num_grids)]
+    return [(0.0, 0.0)] + [(a, 0.0) for a in grid] + [(a, 1 - a) for a in grid]
+
+
+def smooth_scale(xmax: Tensor, wmax: Tensor, alpha: float, beta: float) -> Tensor:
+    """λ = xmax^α / wmax^β (calib/smooth.py: get_smooth_scale), zeros -> 1, all ones if any inf/nan.
+
+    NOTE(deviation): rounded to bf16 first, so the weights are smoothed with exactly the λ that
+        Nunchaku's kernel divides the input by; DeepCompressor smooths with the float32 λ and stores it
+        as bf16."""
+    if alpha == 0 and beta == 0:
+        return torch.ones_like(xmax)
+    lam = xmax.pow(alpha) / (wmax.pow(beta) if beta > 0 else 1)
+    lam = torch.where(lam == 0, torch.ones_like(lam), lam)
+    if not lam.isfinite().all():
+        lam = torch.ones_like(lam)
+    return lam.to(torch.bfloat16).float()
+
+
+def lowrank(w: Tensor, rank: int, niter: int) -> tuple[Tensor, Tensor]:
+    """Rank-r truncation of w (out, in): L_down = V_rᵀ (r, in), L_up = U_r·S_r (out, r)
+    (nn/patch/lowrank.py), both rounded to 16 bits (bf16), the branch's storage format."""
+    rank = min(rank, *w.shape)
+    if rank == 0:
+        return w.new_zeros(0, w.shape[1]), w.new_zeros(w.shape[0], 0)
+    # NOTE(deviation): DeepCompressor takes a full float64 SVD (tens of seconds per 3072 x 12288
+    # matrix on CPU, x39 candidates x 570 layers); the randomised range finder (Halko et al. 2011)
+    # with power iterations gives the same top singular vectors up to a tiny error at ~1% of the
+    # cost.
+    # same input, same branch: reproducible
+    with torch.random.fork_rng(devices=[w.device] if w.is_cuda else []):
+        torch.manual_seed(0)
+        U, S, V = torch.svd_lowrank(w, q=min(rank + 16, *w.shape), niter=niter)
+    return V[:, :rank].T.to(torch.bfloat16).float(), (U[:, :rank] * S[:rank]).to(
+        torch.bfloat16
+    ).float()
+
+
+def quantize_split(
+    w: Tensor, splits: list[int], fp4: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """quantize_weight per fused part (each its own tensor scale) -> (grid values, group scales,
+    per-row tensor scale, dequantised weight), all (Σout, ...) float32."""
+    parts = [quantize_weight(part, fp4) for part in w.split(splits)]
+    q, s = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    c = torch.cat([t.expand(n) for (_, _, t), n in zip(parts, splits)])
+    return q, s, c, q * s.repeat_interleave(w.shape[1] // s.shape[1], dim=1) * c[:, None]
+
+
+def refine(
+    layer: Layer, lam: Tensor, rank: int, iters: int, cfg: SearchConfig, fp4: bool
+) -> Result:
+    """Low-rank branch and 4-bit residual for a given λ: L <- SVD_r(Ŵ - Q(Ŵ - L)) from Q = 0,
+    keeping the best output error and stopping at the first increase (calib/lowrank.py, early_stop).
+    iters = 1 is the one-shot split DeepCompressor's smoothing search evaluates (allow_low_rank:
+    true)."""
+    ws = layer.w * lam  # Ŵ = W·diag(λ)
+    xs = layer.x / lam  # x̂, input of the low-rank branch
+    # Q(x̂) as the kernel makes it
+    xq = quantize_act((layer.x + layer.shift) / lam, fp4, unsigned=layer.shift > 0)
+    qw, best = torch.zeros_like(ws), None
+    for it in range(iters):
+        down, up = lowrank(ws - qw, rank, cfg.svd_niter)
+        q, s, c, qw = quantize_split(ws - up @ down, layer.splits, fp4)
+        y = xq @ qw.T + (xs @ down.T) @ up.T  # (N, out)
+        if layer.shift:  # the shift's contribution, removed through the bias (see install)
+            y = y - (layer.shift / lam) @ (ws - up @ down).T
+        err = (y - layer.y).square().sum().item()
+        if best is not None and err > best.err:
+            break
+        best = Result(err, q, s, c, down, up, it + 1)
+    return best
+
+
+def svdquant_group(
+    layers: list[Layer], cfg: SearchConfig, fp4: bool
+) -> tuple[Tensor, tuple[float, float], list[Result]]:
+    """One λ for the group (max over its inputs and weights), searched over the (α, β) grid by the
+    summed output error of its layers, then each layer's low-rank branch refined. method rtn: λ = 1,
+    no branch."""
+    if cfg.method == "rtn":
+        lam = torch.ones_like(layers[0].xmax)
+        return lam, (0.0, 0.0), [refine(layer, lam, 0, 1, cfg, fp4) for layer in layers]
+    xmax = torch.stack([layer.xmax for layer in layers]).amax(0)
+    wmax = torch.cat([layer.w for layer in layers]).abs().amax(0)
+    best = None
+    for alpha, beta in smooth_candidates(cfg.num_grids):
+        lam = smooth_scale(xmax, wmax, alpha, beta)
+        err = sum(refine(layer, lam, cfg.rank, 1, cfg, fp4).err for layer in layers)
+        if best is None or err < best[0]:
+            best = (err, lam, (alpha, beta))
+    _, lam, ab = best
+    return lam, ab, [refine(layer, lam, cfg.rank, cfg.lowrank_iters, cfg, fp4) for layer in layers]
+
+
+def install(model: Flux, layer: Layer, lam: Tensor, res: Result, fp4: bool) -> None:
+    """Replace the layer's linears by SVDQuantLinear modules holding the result in Nunchaku's
+    conventions."""
+    lam64, rank, start = lam.double(), res.down.shape[0], 0
+    # lora_down / smooth: the branch reads the raw x
+    down = (res.down.double() / lam64).to(torch.bfloat16)
+    bias = layer.b.double()
+    # ShiftedLinear's b - W·s plus the converter's + L_up·(L_down/λ)·s: b - (Ŵ - L)·(s/λ)
+    if layer.shift:
+        bias = bias - (layer.w.double() * lam64 - res.up.double() @ res.down.double()) @ (
+            layer.shift / lam64
+        )
+    codes = encode(res.q, fp4)
+    for name, n in zip(layer.names, layer.splits):
+        rows = slice(start, start + n)
+        m = SVDQuantLinear(layer.w.shape[1], n, rank, fp4, layer.shift, device=layer.w.device)
+        m.load_state_dict(
+            dict(
+                qweight=codes[rows],
+                wscales=res.wscales[rows].to(m.wscales.dtype),
+                wcscales=res.wcscales[rows],
+                smooth=lam,
+                proj_down=down,
+                proj_up=res.up[rows],
+                bias=bias[rows],
+            )
+        )
+        set_module(model, name, m)
+        start += n

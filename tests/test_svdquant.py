@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 import quantize
+from models import svdquant
 from models.flux import PRESETS, Flux
 from models.svdquant import (
     E2M1_GRID,
@@ -208,7 +209,7 @@ def test_svdquant_beats_rtn_and_refinement_never_hurts(fp4):
     cfg = quantize.Config(num_grids=4, lowrank_iters=6, rank=16)
     _, _, (rtn,) = quantize.svdquant_group([layer], quantize.Config(method="rtn"), fp4)
     lam, (alpha, _), (svdq,) = quantize.svdquant_group([layer], cfg, fp4)
-    one_shot = quantize.refine(layer, lam, cfg.rank, 1, cfg, fp4)
+    one_shot = svdquant.refine(layer, lam, cfg.rank, 1, cfg, fp4)
     assert svdq.err <= one_shot.err  # keeps the best iterate
     assert svdq.err < 0.5 * rtn.err  # smoothing + low rank absorb the outlier channels
     assert alpha > 0 and rtn.down.shape == (0, 256) and svdq.down.shape == (16, 256)
