@@ -56,15 +56,16 @@ def inject_outliers(model: Flux, k: int, scale: float, gen: torch.Generator) -> 
         b.weight[:, idx] /= scale
 
     for blk in model.transformer_blocks:
-        adaln(blk.norm1.linear, (1, 4)), adaln(blk.norm1_context.linear, (1, 4))
-        pair(blk.attn.to_v, blk.attn.to_out[0]), pair(blk.attn.add_v_proj, blk.attn.to_add_out)
-        (
-            pair(blk.ff.net[0].proj, blk.ff.net[2]),
-            pair(blk.ff_context.net[0].proj, blk.ff_context.net[2]),
-        )
+        adaln(blk.norm1.linear, (1, 4))
+        adaln(blk.norm1_context.linear, (1, 4))
+        pair(blk.attn.to_v, blk.attn.to_out[0])
+        pair(blk.attn.add_v_proj, blk.attn.to_add_out)
+        pair(blk.ff.net[0].proj, blk.ff.net[2])
+        pair(blk.ff_context.net[0].proj, blk.ff_context.net[2])
     for blk in model.single_transformer_blocks:
         adaln(blk.norm.linear, (1,))
-        pair(blk.attn.to_v, blk.proj_out.linears[0]), pair(blk.proj_mlp, blk.proj_out.linears[1])
+        pair(blk.attn.to_v, blk.proj_out.linears[0])
+        pair(blk.proj_mlp, blk.proj_out.linears[1])
 
 
 def ablation(cfg: Config, device, log: Path) -> None:

@@ -182,17 +182,23 @@ def v2_expected(config: dict, fp4: bool, rank: int) -> tuple[dict, set]:
                 "ff_context.net.2",
             ],
         )
-        awq(p + "norm1.linear", D, 6 * D), awq(p + "norm1_context.linear", D, 6 * D)
-        svdq(p + "attn.to_qkv", D, 3 * D), svdq(p + "attn.add_qkv_proj", D, 3 * D)
-        svdq(p + "attn.to_out.0", D, D), svdq(p + "attn.to_add_out", D, D)
+        awq(p + "norm1.linear", D, 6 * D)
+        awq(p + "norm1_context.linear", D, 6 * D)
+        svdq(p + "attn.to_qkv", D, 3 * D)
+        svdq(p + "attn.add_qkv_proj", D, 3 * D)
+        svdq(p + "attn.to_out.0", D, D)
+        svdq(p + "attn.to_add_out", D, D)
         for ff in ("ff", "ff_context"):
-            svdq(f"{p}{ff}.net.0.proj", D, 4 * D), svdq(f"{p}{ff}.net.2", 4 * D, D)
+            svdq(f"{p}{ff}.net.0.proj", D, 4 * D)
+            svdq(f"{p}{ff}.net.2", 4 * D, D)
     for b in range(len(model.single_transformer_blocks)):
         p = f"single_transformer_blocks.{b}."
         drop(p, ["norm.linear", "attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp", "proj_out"])
         awq(p + "norm.linear", D, 3 * D)
-        svdq(p + "attn.to_qkv", D, 3 * D), svdq(p + "attn.to_out", D, D)
-        svdq(p + "mlp_fc1", D, 4 * D), svdq(p + "mlp_fc2", 4 * D, D)
+        svdq(p + "attn.to_qkv", D, 3 * D)
+        svdq(p + "attn.to_out", D, D)
+        svdq(p + "mlp_fc1", D, 4 * D)
+        svdq(p + "mlp_fc2", 4 * D, D)
     return sd, svdq_modules
 
 

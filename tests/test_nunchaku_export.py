@@ -60,15 +60,15 @@ def random_quantized(params, fp4: bool, rank: int, seed: int = 0) -> Flux:
                 m.wcscales.fill_(torch.rand((), generator=g).item())  # one tensor scale per linear
             else:
                 m.wscales.copy_(torch.rand(n, G, generator=g).to(BF16))
-            m.smooth.copy_(lam), m.proj_down.copy_(down), m.proj_up.copy_(rnd16(*m.proj_up.shape))
+            m.smooth.copy_(lam)
+            m.proj_down.copy_(down)
+            m.proj_up.copy_(rnd16(*m.proj_up.shape))
             m.bias.copy_(rnd16(n))
     for name in w4a16:
         m: W4A16Linear = model.get_submodule(name)
         m.qweight.copy_(torch.randint(-7, 8, m.qweight.shape, generator=g))
-        (
-            m.wscales.copy_(torch.rand(m.wscales.shape, generator=g).to(BF16)),
-            m.bias.copy_(rnd16(m.out_features)),
-        )
+        m.wscales.copy_(torch.rand(m.wscales.shape, generator=g).to(BF16))
+        m.bias.copy_(rnd16(m.out_features))
     return model
 
 

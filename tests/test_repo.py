@@ -57,6 +57,13 @@ def test_lines_are_not_packed():
                     f"{p.name}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
                 )
     assert not over, f"functions over 80 lines: {over}"
+    packed = [
+        f"{p.name}:{node.lineno}"
+        for p, t in text.items()
+        for node in ast.walk(ast.parse(t))
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Tuple)
+    ]
+    assert not packed, f"tuple statements (`f(a), g(b)`): one statement per line: {packed}"
 
 
 def test_readme_test_command_is_what_ci_runs():
