@@ -756,17 +756,8 @@ def stage_row(cfg: Config, name, stage, size, px, batch, steps, aug_k, rate, bud
     )
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    cfg = parse_config(Config, argv)
-    if cfg.gpu not in GPUS:
-        raise ValueError(f"--gpu {cfg.gpu!r}: choose from {sorted(GPUS)}")
-    flops_peak, memory = GPUS[cfg.gpu]
-    # 5% for the CUDA context and allocator slack
-    rate, budget = cfg.mfu * flops_peak, 0.95 * memory
-    rows = [cache_row(*c, rate) for c in CACHES if not cfg.stages or c[0] in cfg.stages]
-    rows += [
-        stage_row(cfg, *p, rate, budget) for p in PIPELINE if not cfg.stages or p[0] in cfg.stages
-    ]
+def format_table(rows: list[dict], budget: float, markdown: bool) -> str:
+    """The planner's table, one row per stage: plain text, or markdown for the README."""
     head = [
         "stage",
         "micro-batch",
@@ -808,6 +799,46 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 hours,
             ]
         )
+    if markdown:
+        return "\n".join(
+            "| " + " | ".join(cells) + " |" for cells in [head, ["---"] * len(head), *table]
+        )
+    widths = [max(len(x) for x in col) for col in zip(head, *table)]
+    return "\n".join(
+        "  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in [head, *table]
+    )
+
+
+def advice(r: dict, cfg, budget: float) -> str:
+    """For a stage that does not fit: the flag to change, cheapest first (as check_fits says it)."""
+    if r["stage"] == "cache":
+        return "--tile_px 1024 (bounded AE memory) or a smaller --batch_size"
+    if not cfg.grad_checkpointing:
+        return "--grad_checkpointing"
+    if not cfg.fsdp and cfg.gpus > 1:
+        return "--fsdp"
+    if r.get("best"):
+        return f"--batch_size {r['best'] * cfg.gpus} (micro-batch {r['best']})"
+    return "more GPUs with --fsdp, or --dtype bf16"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = parse_config(Config, argv)
+    if cfg.gpu not in GPUS:
+        raise ValueError(f"--gpu {cfg.gpu!r}: choose from {sorted(GPUS)}")
+    flops_peak, memory = GPUS[cfg.gpu]
+    # 5% for the CUDA context and allocator slack
+    rate, budget = cfg.mfu * flops_peak, 0.95 * memory
+    rows = [cache_row(*c, rate) for c in CACHES if not cfg.stages or c[0] in cfg.stages]
+    rows += [
+        stage_row(cfg, *p, rate, budget) for p in PIPELINE if not cfg.stages or p[0] in cfg.stages
+    ]
+    print(format_table(rows, budget, cfg.markdown))
+    misfits = [r for r in rows if not r.get("host") and r["peak"] > budget]
+    notes = [
+        f"{r['name']} does not fit ({r['peak'] / 1e9:.0f} GB): {advice(r, cfg, budget)}"
+        for r in misfits
+    ]
     train_hours = sum(r["gpu_hours"] for r in rows if r["stage"] in ("embed", "head", "lora"))
     summary = (
         f"{cfg.gpus} x {cfg.gpu} ({memory / 1e9:.0f} GB, {flops_peak / 1e12:.0f} TFLOP/s dense bf16 at "
@@ -815,20 +846,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         f"(embed + head + LoRA) {train_hours / 24:.1f} GPU-days; the paper: {PAPER_GPU_DAYS[0]} H100 GPU-days "
         f"({PAPER_GPU_DAYS[1]} in the official README)"
     )
-    if cfg.markdown:
-        print(
-            "\n".join(
-                "| " + " | ".join(cells) + " |" for cells in [head, ["---"] * len(head), *table]
-            )
-        )
-    else:
-        widths = [max(len(x) for x in col) for col in zip(head, *table)]
-        print(
-            "\n".join(
-                "  ".join(c.rjust(w) for c, w in zip(cells, widths)) for cells in [head, *table]
-            )
-        )
-    print(f"\n{summary}")
+    print("\n".join(["", *notes, summary]))
     if cfg.out:
         os.makedirs(os.path.dirname(cfg.out) or ".", exist_ok=True)
         with open(cfg.out, "w") as f:

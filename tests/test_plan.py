@@ -320,3 +320,15 @@ if __name__ == "__main__":  # the measuring child: python tests/test_plan.py '["
     torch.manual_seed(0)
     torch.set_num_threads(1)
     print(json.dumps(measure(*json.loads(sys.argv[1]))))
+
+
+def test_a_stage_that_does_not_fit_gets_the_flag_to_change():
+    """The CLI's note under its table, cheapest change first: checkpointing, then FSDP, then the batch."""
+    cfg = plan.Config(gpus=8, grad_checkpointing=False, fsdp=False)
+    row = {"stage": "lora", "best": 3}
+    assert plan.advice(row, cfg, 1e9) == "--grad_checkpointing"
+    cfg = plan.Config(gpus=8, grad_checkpointing=True, fsdp=False)
+    assert plan.advice(row, cfg, 1e9) == "--fsdp"
+    cfg = plan.Config(gpus=8, grad_checkpointing=True, fsdp=True)
+    assert plan.advice(row, cfg, 1e9) == "--batch_size 24 (micro-batch 3)"
+    assert plan.advice({"stage": "cache"}, cfg, 1e9).startswith("--tile_px")
