@@ -394,3 +394,17 @@ def test_quantize_calibrates_a_bf16_folder_in_bf16(world, tmp_path, monkeypatch)
     assert torch.bfloat16 in tensor_dtypes(tmp_path / "q") and torch.float32 not in tensor_dtypes(
         tmp_path / "q"
     )
+
+
+def test_a_lora_merges_without_its_cache(world, tmp_path):
+    """Merging needs only the checkpoint and its --init folder (AE and text encoders come from there): a LoRA
+    can be merged after its latent cache is deleted."""
+    shutil.copytree(world / "cache", tmp_path / "cache")
+    embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"))
+    cfg = lora.Config(init=str(embed / "model"), cache=str(tmp_path / "cache"), out_dir=str(tmp_path / "lora"),
+                      rank=4, steps=1, batch_size=4, warmup=1, sample_every=0)  # fmt: skip
+    last = lora.main(cfg)
+    shutil.rmtree(tmp_path / "cache")
+    merged = lora.merge(lora.Config(merge=str(last), out_dir=str(tmp_path / "merged")))
+    assert read_shift(merged) == read_shift(embed / "model")
+    assert (merged / "vae").resolve() == (embed / "model" / "vae").resolve()
