@@ -44,7 +44,7 @@ from common import (
 from data import LatentCache
 from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text
-from training import check_latent, draw, merged_state_dict, prepare, train
+from training import check_latent, draw, merged_state_dict, prepare, run_config, train
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
@@ -158,7 +158,7 @@ def merge(cfg: Config) -> Path:
     """Write the model folder of a checkpoint of this script: the student with its (EMA) weights, in
     the run's dtype, with the teacher folder's AE and text encoders."""
     ckpt = load_ckpt(cfg.merge)
-    run = Config(**{**ckpt["config"], "merge": "", "resume": False})
+    run = run_config(Config, ckpt["config"], merge="", resume=False)
     dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32
     student = build_student(run, dtype, load_teacher(run, dtype))
     use_ema = cfg.merge_ema and bool(ckpt["ema"])

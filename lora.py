@@ -59,6 +59,7 @@ from training import (
     guide_loss,
     merged_state_dict,
     prepare,
+    run_config,
     train,
 )
 
@@ -161,7 +162,7 @@ def merge(cfg: Config) -> Path:
     cache is not needed. A model trained from a --preset has no folder: its cache's AE and text
     encoders are taken."""
     ckpt = load_ckpt(cfg.merge)
-    run = Config(**{**ckpt["config"], "merge": "", "resume": False})
+    run = run_config(Config, ckpt["config"], merge="", resume=False)
     dtype = torch.bfloat16 if run.dtype == "bf16" else torch.float32
     model = build_model(run, dtype)  # frozen weights in dtype, trainable ones fp32
     use_ema = cfg.merge_ema and bool(ckpt["ema"])

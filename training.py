@@ -113,6 +113,17 @@ def check_loaded(result, model: nn.Module, source) -> None:
         )
 
 
+RENAMED = {"aug_channels": "prefixes", "aug_k": "num_prefixes", "aug_full": "always_max"}
+
+
+def run_config(cls, saved: dict, **overrides):
+    """A stage's Config from a checkpoint's saved one: flags renamed since (RENAMED) take their new
+    names, flags the stage no longer has are dropped, and `overrides` applied (e.g. merge="")."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    fields = {RENAMED.get(k, k): v for k, v in saved.items()}
+    return cls(**{k: v for k, v in fields.items() if k in names} | overrides)
+
+
 def merged_state_dict(
     model: nn.Module, weights: dict, dtype: torch.dtype, source
 ) -> dict[str, torch.Tensor]:

@@ -408,3 +408,20 @@ def test_a_lora_merges_without_its_cache(world, tmp_path):
     merged = lora.merge(lora.Config(merge=str(last), out_dir=str(tmp_path / "merged")))
     assert read_shift(merged) == read_shift(embed / "model")
     assert (merged / "vae").resolve() == (embed / "model" / "vae").resolve()
+
+
+def test_a_checkpoint_from_before_the_flag_renames_still_merges(world, tmp_path):
+    """A checkpoint whose saved config says --aug_channels / --aug_k / --aug_full (and distill's former --loss)
+    merges: renamed flags take their new names, flags a stage no longer has are dropped."""
+    embed = stage(world, tmp_path / "embed", "--stage", "embed", "--base", str(world / "base"))
+    cfg = lora.Config(init=str(embed / "model"), cache=str(world / "cache"), out_dir=str(tmp_path / "lora"),
+                      rank=4, steps=1, batch_size=4, warmup=1, sample_every=0)  # fmt: skip
+    ckpt = lora.load_ckpt(lora.main(cfg))
+    ckpt["config"] = {
+        k: v for k, v in ckpt["config"].items() if k not in ("prefixes", "num_prefixes")
+    }
+    ckpt["config"] |= {"aug_channels": [], "aug_k": 3, "aug_full": True, "gone": 1}
+    torch.save(ckpt, tmp_path / "old.pt")
+    assert lora.merge(
+        lora.Config(merge=str(tmp_path / "old.pt"), out_dir=str(tmp_path / "m"))
+    ).is_dir()
