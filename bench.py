@@ -36,10 +36,10 @@ from models.autoencoder import PRESETS as AE_PRESETS
 from models.autoencoder import build_autoencoder, load_autoencoder
 from models.dcae import PRESETS as DCAE_PRESETS
 from models.flux import PRESETS as FLUX_PRESETS
-from models.flux import Flux
+from models.flux import Flux, flux_flops
 from models.pipeline import load_pipeline
 from models.sana import PRESETS as SANA_PRESETS
-from models.sana import Sana
+from models.sana import Sana, sana_flops
 from models.vae import PRESETS as VAE_PRESETS
 
 ZOO = Path(__file__).resolve().parent / "zoo"
@@ -78,44 +78,6 @@ class Config:
     out: str = "out/bench.json"  # results
     _probe: str = ""  # (internal) "role:step" or "role:decode": measure one thing in this fresh process, print GB
     # fmt: on
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FLOPs: one readable function per backbone, from the module shapes (2 FLOPs per multiply-add)
-
-
-def flux_flops(p, img_tokens: int, txt_tokens: int) -> dict[str, float]:
-    """One FLUX forward: linear layers (per token: 12·D² in every block, double-stream blocks for
-    txt and img separately), joint softmax attention (QKᵀ and AV: 2·L²·D multiply-adds per block),
-    embedders and head."""
-    D, L = p.hidden_size, img_tokens + txt_tokens
-    mlp = int(D * p.mlp_ratio)
-    # q, k, v, out + MLP in, out (same for the txt and img streams)
-    per_token_double = 4 * D * D + 2 * D * mlp
-    per_token_single = 3 * D * D + D * mlp + (D + mlp) * D  # q, k, v + MLP in + fused proj_out
-    linear = p.depth * L * per_token_double + p.depth_single * L * per_token_single
-    # embed, head
-    linear += (
-        img_tokens * 2 * p.in_channels * p.patch_size**2 * D + txt_tokens * p.context_in_dim * D
-    )
-    attention = (p.depth + p.depth_single) * 2 * L * L * D
-    return {"linear": 2.0 * linear, "attention": 2.0 * attention}
-
-
-def sana_flops(p, img_tokens: int, txt_tokens: int) -> dict[str, float]:
-    """One SANA forward: linear self-attention costs O(N·D·d) (kernel sums), cross-attention
-    O(N·L_txt·D), and the Mix-FFN's 1×1 convs are linear layers (its 3×3 depthwise conv: 9 MACs per
-    channel per token)."""
-    D, N, d = p.hidden_size, img_tokens, p.hidden_size // p.num_heads
-    hidden = int(D * p.mlp_ratio)
-    cross = p.cross_heads * p.cross_head_dim
-    # self qkvo, cross q/o, FFN
-    per_token = 4 * D * D + 2 * D * cross + 2 * D * hidden + 2 * hidden * 9 + hidden * D
-    linear = p.depth * (N * per_token + txt_tokens * 2 * D * cross)  # + cross k, v on the text
-    linear += N * 2 * p.in_channels * p.patch_size**2 * D + txt_tokens * p.caption_channels * D
-    # (v kᵀ) q, and softmax cross-attention
-    attention = p.depth * (N * 2 * D * (d + 1) + N * txt_tokens * 2 * cross)
-    return {"linear": 2.0 * linear, "attention": 2.0 * attention}
 
 
 # ----------------------------------------------------------------------------------------------------------------

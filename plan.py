@@ -42,7 +42,7 @@ from torch.utils.flop_counter import flop_registry, sdpa_backward_flop_count, sd
 from common import parse_config, update_ema
 from models.dcae import DCAE, DCAEParams
 from models.dcae import PRESETS as DCAE_PRESETS
-from models.flux import PRESETS, Flux, FluxParams
+from models.flux import PRESETS, Flux, FluxParams, flux_flops
 from models.text import drop_text
 from models.vae import PRESETS as VAE_PRESETS
 from models.vae import VAE
@@ -426,12 +426,9 @@ def merge_estimate(params: FluxParams, rank: int, dtype: torch.dtype) -> dict:
 def forward_flops(
     params: FluxParams, img_tokens: int, txt_tokens: int, lora_rank: int
 ) -> dict[str, float]:
-    """One forward: bench.flux_flops (token linears and attention) plus the LoRA branches, 2·r·(in +
+    """One forward: flux_flops (token linears and attention) plus the LoRA branches, 2·r·(in +
     out) FLOPs per token per adapted linear (with rank 0 or in the head stage there are none)."""
-    # here, not at the top: bench imports the whole pipeline (transformers), this needs one formula
-    import bench
-
-    flops = bench.flux_flops(params, img_tokens, txt_tokens)
+    flops = flux_flops(params, img_tokens, txt_tokens)
     D, mlp, L = (
         params.hidden_size,
         int(params.hidden_size * params.mlp_ratio),

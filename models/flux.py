@@ -522,3 +522,25 @@ class Flux(nn.Module):
             model = cls(params)
         sd = read_state_dict(folder, dtype=dtype, device=device)
         return load_weights(model, sd, f"FLUX transformer {folder}").eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cost: one forward's FLOPs from the module shapes (2 FLOPs per multiply-add; bench.py, plan.py)
+
+
+def flux_flops(p, img_tokens: int, txt_tokens: int) -> dict[str, float]:
+    """One FLUX forward: linear layers (per token: 12·D² in every block, double-stream blocks for
+    txt and img separately), joint softmax attention (QKᵀ and AV: 2·L²·D multiply-adds per block),
+    embedders and head."""
+    D, L = p.hidden_size, img_tokens + txt_tokens
+    mlp = int(D * p.mlp_ratio)
+    # q, k, v, out + MLP in, out (same for the txt and img streams)
+    per_token_double = 4 * D * D + 2 * D * mlp
+    per_token_single = 3 * D * D + D * mlp + (D + mlp) * D  # q, k, v + MLP in + fused proj_out
+    linear = p.depth * L * per_token_double + p.depth_single * L * per_token_single
+    # embed, head
+    linear += (
+        img_tokens * 2 * p.in_channels * p.patch_size**2 * D + txt_tokens * p.context_in_dim * D
+    )
+    attention = (p.depth + p.depth_single) * 2 * L * L * D
+    return {"linear": 2.0 * linear, "attention": 2.0 * attention}

@@ -523,3 +523,23 @@ class Sana(nn.Module):
             model = cls(params)
         sd = read_state_dict(folder, dtype=dtype, device=device)
         return load_weights(model, sd, f"SANA transformer {folder}").eval()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# cost: one forward's FLOPs from the module shapes (2 FLOPs per multiply-add; bench.py, plan.py)
+
+
+def sana_flops(p, img_tokens: int, txt_tokens: int) -> dict[str, float]:
+    """One SANA forward: linear self-attention costs O(N·D·d) (kernel sums), cross-attention
+    O(N·L_txt·D), and the Mix-FFN's 1×1 convs are linear layers (its 3×3 depthwise conv: 9 MACs per
+    channel per token)."""
+    D, N, d = p.hidden_size, img_tokens, p.hidden_size // p.num_heads
+    hidden = int(D * p.mlp_ratio)
+    cross = p.cross_heads * p.cross_head_dim
+    # self qkvo, cross q/o, FFN
+    per_token = 4 * D * D + 2 * D * cross + 2 * D * hidden + 2 * hidden * 9 + hidden * D
+    linear = p.depth * (N * per_token + txt_tokens * 2 * D * cross)  # + cross k, v on the text
+    linear += N * 2 * p.in_channels * p.patch_size**2 * D + txt_tokens * p.caption_channels * D
+    # (v kᵀ) q, and softmax cross-attention
+    attention = p.depth * (N * 2 * D * (d + 1) + N * txt_tokens * 2 * cross)
+    return {"linear": 2.0 * linear, "attention": 2.0 * attention}
