@@ -92,6 +92,8 @@ class Config:
     sample_steps: int = 20  # Euler steps of a preview
     sample_guidance: float = 3.5  # previews: the embedded guidance scale
     save_every: int = 1000  # steps between checkpoints
+    val_cache: str = ""  # held-out latent cache: log the student's flow-matching loss at w = 1 on it
+    val_every: int = 0  # steps between validations (0: at the end only, when val_cache is given)
     resume: bool = False  # continue from the newest checkpoint in out_dir
     dry_run: bool = False  # print the config and parameter counts, then exit
     merge: str = ""  # a checkpoint of this script: write its model folder (EMA weights) to out_dir
