@@ -536,7 +536,7 @@ PRESETS = {
     "dc-ae-1.5-f64c128": _dcae15(
         (128, 256, 512, 512, 1024, 1024, 1024), (0, 5, 10, 4, 4, 4, 4), 128, 0.5935
     ),
-    # Toy zoo: DC-Gen's f32 and f64 roles, trainable on a 2-core CPU in minutes (README "toy AEs").
+    # Toy zoo: DC-Gen's f32 and f64 roles, trainable on a 2-core CPU in minutes (docs/toy-zoo.md).
     "toy-f32c16": _dcae15((8, 16, 32, 32, 64, 64), (0, 1, 1, 1, 1, 1), 16),
     "toy-f64c32": _dcae15((8, 16, 32, 32, 64, 64, 64), (0, 1, 1, 1, 1, 1, 1), 32),
     # tests: a 1.0-type f8 AE with ResBlock and EfficientViT stages, multi-scale attention,

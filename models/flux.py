@@ -74,7 +74,7 @@ PRESETS = {
     "dcgen-flux-4k": FluxParams(in_channels=128, patch_size=1),
     "toy": _TOY,
     # The same toy trained from scratch on the toy DC-AE 1.5 f32c16 latent, 1×1 patches: 8×8 tokens
-    # at 256 px, 4x fewer than "toy" (README "The toy zoo": the deep-compression latent as a base's
+    # at 256 px, 4x fewer than "toy" (docs/toy-zoo.md: the deep-compression latent as a base's
     # own space).
     "toy-f32c16": replace(_TOY, in_channels=16, patch_size=1),
     # For tests: every structural feature (both block kinds, 3-axis RoPE, guidance), 0.33 M

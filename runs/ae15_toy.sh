@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The toy zoo's autoencoders (README "The toy zoo"), trained from scratch on procedural shapes, each under 30 min
+# The toy zoo's autoencoders (docs/toy-zoo.md), trained from scratch on procedural shapes, each under 30 min
 # on a 2-core CPU:
 #   toy-f32c16    DC-AE 1.5, f32, C = 16: DC-Gen's 1K role (patch 1: 8x8 tokens of dim 16 at 256 px)
 #   toy-f64c32    DC-AE 1.5, f64, C = 32: DC-Gen's 4K role (patch 1: 8x8 tokens of dim 32 at 512 px, 64x64 at 4096)

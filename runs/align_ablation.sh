@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Why align (README "Toy ablation: alignment"): from the toy guidance-distilled base (runs/toy.sh's krea),
+# Why align (docs/results.md, the alignment ablation): from the toy guidance-distilled base (runs/toy.sh's krea),
 # move to the f32c16 latent at 256 px with the same total number of steps (3350), two ways:
 #   (b) DC-Gen: align embed (200) -> align head (150) -> LoRA (3000)    = runs/toy.sh's dcgen-1k
 #   (a) no alignment: a fresh embedder and head (align.py --stage embed --steps 0), then LoRA (3350), same recipe

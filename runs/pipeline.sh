@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DC-Gen on FLUX.1-Krea-dev, the reference sequence (README "Pipeline"): FLUX's f8c16 latent -> DC-AE f32c32 at 1K,
+# DC-Gen on FLUX.1-Krea-dev, the reference sequence (README "The pipeline"): FLUX's f8c16 latent -> DC-AE f32c32 at 1K,
 # then DC-AE 1.5 f64c128 for 4K. Hyper-parameters are the official recipe's (DC-Gen projects/DC-Gen/flux_t2i.md);
 # the paper's own (Appendix E) are not public. Needs 8 GPUs per node; set the paths below. Each step resumes with
 # --resume.

@@ -1,4 +1,4 @@
-"""SVDQuant on the toy DC-Gen model (README "Quantisation"): NVFP4 and INT4, round-to-nearest and SVDQuant r = 32.
+"""SVDQuant on the toy DC-Gen model (docs/quantization.md): NVFP4 and INT4, round-to-nearest and SVDQuant r = 32.
 For each variant: quantize.py (calibrated with the sampler), the relative error of the model's velocity vs fp32 on
 held-out latents at random noise levels, and prompt adherence on held-out prompts (runs/toy_eval.py), next to fp32.
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The toy zoo (README "The toy zoo"): DC-Gen in miniature, from nothing, with the project's own scripts, on a 2-core CPU
-# in about 6 h. Deterministic for a given SEED on one machine (another CPU rounds floats differently, and the
-# weights drift: README "Prompt adherence"); every step is skipped when its output exists and a training step resumes
+# The toy zoo (docs/toy-zoo.md): DC-Gen in miniature, from nothing, with the project's own scripts, on a 2-core CPU
+# in about 7 h. Deterministic for a given SEED on one machine (another CPU rounds floats differently, and the
+# weights drift: docs/toy-zoo.md); every step is skipped when its output exists and a training step resumes
 # from its newest checkpoint (exactly: the same draws), so a crashed run continues where it stopped (delete a step's
 # folder to redo it). At the end, runs/export_zoo.py writes $ZOO (zoo/).
 #

@@ -152,7 +152,7 @@ def side_probe(enc, captions, fit):
 
 def test_toy_pretraining_makes_the_side_readable(tmp_path):
     """Pretrained with roles (pretrain_toy_t5), the toy T5 says in every colour word's state, linearly, which side of
-    the picture that object goes: what the toy DiT needs to follow the word order (README "The toy zoo")."""
+    the picture that object goes: what the toy DiT needs to follow the word order (docs/toy-zoo.md)."""
     specs = all_specs("train")
     captions = [specs[i].caption for i in random.Random(0).sample(range(len(specs)), 600)]
     roles = [caption_roles(c) for c in captions]

@@ -98,8 +98,8 @@ def build_toy_text_encoder(
     what each state says about its sentence. Real T5 learned to say it from language; a random one
     says little: with the transformers init each state is nearly context-free (a relative-position
     bias of std 3, kept as the init, makes heads attend to fixed neighbours), and toy DiTs trained
-    on it drew the two colours wherever the noise put them, whichever was named first (README "The
-    toy zoo": a DiT trained on the pretrained T5 follows the words).
+    on it drew the two colours wherever the noise put them, whichever was named first
+    (docs/toy-zoo.md: a DiT trained on the pretrained T5 follows the words).
     """
     folder = Path(folder)
     words = sorted({w for caption in corpus for w in caption_words(caption)})
