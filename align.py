@@ -70,6 +70,7 @@ from training import (
     merged_state_dict,
     prepare,
     train,
+    with_shift,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -477,10 +478,8 @@ def main(argv: list[str] | None = None):
         assert cfg.shift in ("", *SHIFTS), (
             f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the base\'s own)'
         )
-    # train at the noise levels the model folder samples at
-    if cfg.stage == "head" and not cfg.shift:
-        shift, value = read_shift(cfg.init)
-        cfg = dataclasses.replace(cfg, shift=shift, shift_value=value)
+    if cfg.stage == "head":  # train at the noise levels the model folder samples at
+        cfg = with_shift(cfg)
     d = init_dist(cfg.device)
     if d.master:
         save_config(cfg, cfg.out_dir)

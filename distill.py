@@ -42,9 +42,9 @@ from common import (
     seed_everything,
 )
 from data import LatentCache
-from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
+from models.pipeline import load_pipeline, write_pipeline
 from models.text import drop_text
-from training import check_latent, draw, merged_state_dict, prepare, run_config, train
+from training import check_latent, draw, merged_state_dict, prepare, run_config, train, with_shift
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
@@ -143,17 +143,6 @@ def build_student(cfg: Config, dtype: torch.dtype, teacher: torch.nn.Module) -> 
             guidance = name
     targets = student.lora_targets if cfg.lora_targets is None else cfg.lora_targets
     return prepare(student, cfg.rank, cfg.alpha, targets, (*cfg.trainable, guidance))
-
-
-def with_shift(cfg: Config) -> Config:
-    """--shift resolved before config.json is written: given, or the --init folder's own."""
-    if cfg.shift:
-        assert cfg.shift in SHIFTS, (
-            f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the model folder\'s own)'
-        )
-        return cfg
-    shift, value = read_shift(cfg.init)
-    return dataclasses.replace(cfg, shift=shift, shift_value=value)
 
 
 def merge(cfg: Config) -> Path:

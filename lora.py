@@ -31,7 +31,6 @@ Input:  a model folder (align.py --stage head, a released base, or a merged stag
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,7 +48,7 @@ from common import (
 )
 from data import LatentCache
 from models.flux import PRESETS, Flux
-from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
+from models.pipeline import load_pipeline, write_pipeline
 from models.text import drop_text
 from plan import check_run
 from training import (
@@ -61,6 +60,7 @@ from training import (
     prepare,
     run_config,
     train,
+    with_shift,
 )
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,19 +141,6 @@ def build_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
     trainable = model.latent_layers if cfg.trainable is None else cfg.trainable
     targets = model.lora_targets if cfg.lora_targets is None else cfg.lora_targets
     return prepare(model, cfg.rank, cfg.alpha, targets, trainable)
-
-
-def with_shift(cfg: Config) -> Config:
-    """cfg with --shift resolved: given, or the --init folder's own, so that a run trains at the
-    noise levels its model samples at (SANA a constant 3.0, FLUX mu(L)) unless told otherwise.
-    Resolved before config.json is written."""
-    if cfg.shift:
-        assert cfg.shift in SHIFTS, (
-            f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the model folder\'s own)'
-        )
-        return cfg
-    shift, value = read_shift(cfg.init) if cfg.init else ("flux", cfg.shift_value)
-    return dataclasses.replace(cfg, shift=shift, shift_value=value)
 
 
 def merge(cfg: Config) -> Path:

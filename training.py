@@ -54,6 +54,7 @@ from common import (
 from data import LatentCache, StepSampler
 from models.autoencoder import load_autoencoder
 from models.lora import inject_lora, lora_layers, save_diffusers_lora, unload_lora
+from models.pipeline import SHIFTS, read_shift
 
 # ----------------------------------------------------------------------------------------------------------------
 # the model to fine-tune
@@ -111,6 +112,18 @@ def check_loaded(result, model: nn.Module, source) -> None:
             f"{source} does not fit the model its config builds: unknown tensors {unknown[:4]}, missing "
             f"trainable tensors {missing[:4]}; was it written by another run or version?"
         )
+
+
+def with_shift(cfg):
+    """cfg with --shift resolved before config.json is written: given, or the --init folder's own
+    (what sample.py uses for it), so a run trains at the noise levels its model samples at (SANA a
+    constant 3.0, FLUX mu(L)); a model trained from a preset takes FLUX's."""
+    if cfg.shift:
+        choices = f'choose one of {SHIFTS} (or "": the model folder\'s own)'
+        assert cfg.shift in SHIFTS, f"--shift {cfg.shift!r}: {choices}"
+        return cfg
+    shift, value = read_shift(cfg.init) if cfg.init else ("flux", cfg.shift_value)
+    return dataclasses.replace(cfg, shift=shift, shift_value=value)
 
 
 RENAMED = {"aug_channels": "prefixes", "aug_k": "num_prefixes", "aug_full": "always_max"}

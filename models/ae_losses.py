@@ -81,12 +81,10 @@ class LPIPS(nn.Module):
             raise FileNotFoundError(
                 f"--lpips_path {folder} must hold {vgg.name} (torchvision) and {lin.name} (lpips)"
             )
-        load = lambda path: torch.load(
-            path, map_location="cpu", weights_only=True
-        )  # no pickled code
-        sd = {k: v for k, v in load(vgg).items() if k.startswith("features.")}
-        # lin{k}.model.1.weight
-        sd.update({f"lins.{k[3]}.weight": v for k, v in load(lin).items()})
+        vgg_sd = torch.load(vgg, map_location="cpu", weights_only=True)  # no pickled code
+        lin_sd = torch.load(lin, map_location="cpu", weights_only=True)
+        sd = {k: v for k, v in vgg_sd.items() if k.startswith("features.")}
+        sd.update({f"lins.{k[3]}.weight": v for k, v in lin_sd.items()})  # lin{k}.model.1.weight
         model = cls()
         model.load_state_dict({**sd, "shift": model.shift, "scale": model.scale}, strict=True)
         return model.eval().requires_grad_(False)

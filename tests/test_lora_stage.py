@@ -75,7 +75,13 @@ def args(cache, out, *extra):
 def run(argv, torchrun=0, check=True):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     launcher = (
-        ["torchrun", "--standalone", f"--nproc_per_node={torchrun}"]
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={torchrun}",
+        ]
         if torchrun
         else [sys.executable]
     )
