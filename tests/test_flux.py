@@ -102,15 +102,15 @@ def test_rope_rotates_pairs_by_position():
     pe = rope(position_ids(0, 4, 4).float(), (4, 6, 6), 10_000)
     assert pe.shape == (16, 8) and torch.allclose(pe[0], torch.ones(8, dtype=torch.complex64))
     q, k = (
-        torch.randn(1, 1, 1, 16).expand(1, 1, 16, 16),
-        torch.randn(1, 1, 1, 16).expand(1, 1, 16, 16),
+        torch.randn(1, 1, 1, 16).expand(1, 16, 1, 16),  # (B, L, H, d): one vector at 16 positions
+        torch.randn(1, 1, 1, 16).expand(1, 16, 1, 16),
     )
     qr, kr = apply_rope(q, pe), apply_rope(k, pe)
-    dots = (qr[0, 0, :, None] * kr[0, 0, None, :]).sum(-1)  # (16, 16)
+    dots = (qr[0, :, 0, None] * kr[0, None, :, 0]).sum(-1)  # (16, 16)
     # (0,0)->(0,1) vs (1,0)->(1,1): same offset
     assert torch.allclose(dots[0, 1], dots[4, 5], atol=1e-5)
     assert not torch.allclose(dots[0, 1], dots[0, 2], atol=1e-3)
-    x = torch.randn(2, 3, 16, 16)  # a rotation keeps each pair's norm
+    x = torch.randn(2, 16, 3, 16)  # a rotation keeps each pair's norm
     assert torch.allclose(
         apply_rope(x, pe).unflatten(-1, (-1, 2)).norm(dim=-1), x.unflatten(-1, (-1, 2)).norm(dim=-1)
     )
