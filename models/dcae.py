@@ -265,6 +265,17 @@ class DownBlock(nn.Module):
         return h
 
 
+def pixel_shuffle(x: torch.Tensor) -> torch.Tensor:
+    """F.pixel_shuffle(x, 2), the same values in the memory format of x: a channels-last map stays
+    channels-last (F.pixel_shuffle returns a contiguous one, which the next conv converts back)."""
+    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
+        return F.pixel_shuffle(x, 2)
+    B, C4, H, W = x.shape
+    h = x.permute(0, 2, 3, 1).unflatten(-1, (C4 // 4, 2, 2))  # (B, H, W, C, 2, 2), a view
+    h = h.permute(0, 1, 4, 2, 5, 3).reshape(B, 2 * H, 2 * W, C4 // 4)  # (B, 2H, 2W, C), one copy
+    return h.permute(0, 3, 1, 2)  # (B, C, 2H, 2W), channels-last in memory
+
+
 class UpBlock(nn.Module):
     """Double H and W: conv + pixel-shuffle (or nearest + conv), plus the channel-duplicating
     shortcut."""
@@ -276,14 +287,18 @@ class UpBlock(nn.Module):
         self.conv = nn.Conv2d(c_in, 4 * c_out if pixel_shuffle else c_out, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pixel_shuffle:
-            h = F.pixel_shuffle(self.conv(x), 2)  # (B, C_out, 2H, 2W)
-        else:
-            h = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if not self.pixel_shuffle:
+            h = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # (B, C_out, 2H, 2W)
+            if self.shortcut:
+                h = h + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+            return h
+        h = self.conv(x)  # (B, 4·C_out, H, W)
         if self.shortcut:
-            # (B, C_out, 2H, 2W)
-            h = h + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
-        return h
+            # The shortcut is added before the shuffle, at a quarter of the resolution: the shuffle
+            # is a permutation, so shuffle(a) + shuffle(b) = shuffle(a + b), bit for bit, with one
+            # shuffle instead of two.
+            h = h + x.repeat_interleave(self.repeats, dim=1)  # (B, 4·C_out, H, W)
+        return pixel_shuffle(h)  # (B, C_out, 2H, 2W)
 
 
 def make_block(
@@ -435,14 +450,14 @@ class DCAE(nn.Module):
             z = self.encoder(x, c)
         return z * self.params.scaling_factor
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, progress=None) -> torch.Tensor:
         """Model-ready latents (B, c, h, w), any c <= C for adaptive AEs -> images (B, 3, h·f, w·f)
-        in about [-1, 1]."""
+        in about [-1, 1]. `progress(done, total)` is called after each tile of a tiled decode."""
         f = self.spatial_factor
         self._check_channels(z.shape[1])
         z = z.to(self.decoder.conv_in.weight.dtype) / self.params.scaling_factor
         if self.tile_px and max(z.shape[-2:]) * f > self.tile_px:
-            return tiled(self.decoder, z, self.tile_px // f, self.overlap_px // f, f)
+            return tiled(self.decoder, z, self.tile_px // f, self.overlap_px // f, f, progress)
         return self.decoder(z)
 
     @property

@@ -16,19 +16,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5EncoderModel,
-)
 
 from toy.shapes import parse_caption
+
+if TYPE_CHECKING:  # transformers is imported where an encoder is built: sample.py never needs it
+    from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 # the key build_toy_text_encoder writes into its tokenizers' tokenizer_config.json
 TOY_CAPTIONS = "toy_captions"
@@ -47,6 +44,7 @@ def word_tokenizer(
     to <unk>. `toy_captions` is saved in its tokenizer_config.json (see knows_only_toy_captions)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "<s>", *words])}
     tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
@@ -101,6 +99,14 @@ def build_toy_text_encoder(
     on it drew the two colours wherever the noise put them, whichever was named first
     (docs/toy-zoo.md: a DiT trained on the pretrained T5 follows the words).
     """
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        PreTrainedTokenizerFast,
+        T5Config,
+        T5EncoderModel,
+    )
+
     folder = Path(folder)
     words = sorted({w for caption in corpus for w in caption_words(caption)})
     toy = all(caption_problem(caption) is None for caption in corpus)
