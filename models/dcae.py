@@ -265,17 +265,6 @@ class DownBlock(nn.Module):
         return h
 
 
-def pixel_shuffle(x: torch.Tensor) -> torch.Tensor:
-    """F.pixel_shuffle(x, 2), the same values in the memory format of x: a channels-last map stays
-    channels-last (F.pixel_shuffle returns a contiguous one, which the next conv converts back)."""
-    if not x.is_contiguous(memory_format=torch.channels_last) or x.is_contiguous():
-        return F.pixel_shuffle(x, 2)
-    B, C4, H, W = x.shape
-    h = x.permute(0, 2, 3, 1).unflatten(-1, (C4 // 4, 2, 2))  # (B, H, W, C, 2, 2), a view
-    h = h.permute(0, 1, 4, 2, 5, 3).reshape(B, 2 * H, 2 * W, C4 // 4)  # (B, 2H, 2W, C), one copy
-    return h.permute(0, 3, 1, 2)  # (B, C, 2H, 2W), channels-last in memory
-
-
 class UpBlock(nn.Module):
     """Double H and W: conv + pixel-shuffle (or nearest + conv), plus the channel-duplicating
     shortcut."""
@@ -298,7 +287,7 @@ class UpBlock(nn.Module):
             # is a permutation, so shuffle(a) + shuffle(b) = shuffle(a + b), bit for bit, with one
             # shuffle instead of two.
             h = h + x.repeat_interleave(self.repeats, dim=1)  # (B, 4·C_out, H, W)
-        return pixel_shuffle(h)  # (B, C_out, 2H, 2W)
+        return F.pixel_shuffle(h, 2)  # (B, C_out, 2H, 2W)
 
 
 def make_block(
