@@ -44,7 +44,9 @@ def write_png(path: Path, pixels: np.ndarray, text: dict, level: int) -> None:
         try:
             chunks.append(png_chunk(b"tEXt", f"{key}\0{value}".encode("latin-1")))
         except UnicodeEncodeError:
-            chunks.append(png_chunk(b"iTXt", f"{key}\0\0\0\0\0".encode() + str(value).encode()))
+            chunks.append(
+                png_chunk(b"iTXt", key.encode("latin-1") + b"\0\0\0\0\0" + str(value).encode())
+            )
     chunks += [png_chunk(b"IDAT", zlib.compress(rows, level)), png_chunk(b"IEND", b"")]
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

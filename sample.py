@@ -136,12 +136,12 @@ def read_prompts(cfg: Config) -> list[str]:
 def check_out(out: Path) -> None:
     """The PNG can be written, checked before minutes of sampling: a .png name, in a directory that
     exists (or is made now) and takes a file."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name, e.g. {out / 'sample.png'}")
     if out.suffix.lower() != ".png":
         raise ValueError(
             f"--out {out}: sample.py writes PNG; give a name ending in .png, e.g. {out.with_suffix('.png')}"
         )
-    if out.is_dir():
-        raise ValueError(f"--out {out} is a directory; give a file name, e.g. {out / 'sample.png'}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f".{out.name}.{os.getpid()}.probe", "wb") as f:
@@ -242,11 +242,11 @@ def initial_noise(cfg: Config, shape: tuple[int, ...]) -> torch.Tensor:
         noise = load_ckpt(cfg.noise)
     except FileNotFoundError:
         raise
-    except (
-        Exception
-    ) as e:  # safetensors, pickle and zip errors alike: the file is not a tensor file
+    # safetensors, pickle and zip errors alike: the file is not a tensor file
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]  # torch.load's messages run to pages
         raise ValueError(
-            f"--noise {cfg.noise}: not a safetensors or torch file ({type(e).__name__}: {e})"
+            f"--noise {cfg.noise}: not a safetensors or torch file ({type(e).__name__}: {first})"
         ) from None
     if "noise" not in noise or tuple(noise["noise"].shape) != shape:
         got = tuple(noise["noise"].shape) if "noise" in noise else f"keys {sorted(noise)}"

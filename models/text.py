@@ -242,6 +242,9 @@ def load_text_encoder(
         return load_toy_flux_text(folder, device, dtype, max_length)
     # imported here: transformers takes seconds to import, and the toy zoo's encoders do not need it
     from transformers import AutoTokenizer, CLIPTextModel, Gemma2Model, T5EncoderModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bars on every run
 
     # strict: transformers would fill a missing weight with random numbers and go on
     def load(cls, sub: str):
