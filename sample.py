@@ -64,7 +64,7 @@ class Config:
     # fmt: off
     prompt: tuple[str, ...] = ()  # one prompt per flag, quoted: --prompt "a red circle" --prompt "a blue square"
     prompts: str = ""  # a text file with one prompt per line
-    model: str = str(ZOO / "dcgen-4k")  # model folder (the default is the toy zoo's DC-Gen 4K model)
+    model: str = str(ZOO / "dcgen-4k")  # model folder; the default is the toy zoo's DC-Gen 4K model
     out: str = "out/sample.png"  # PNG; several images are written as out_0.png, out_1.png, ... unless --grid
     grid: bool = False  # write all images as one grid PNG
     size: str = ""  # image size in px: 4096 (square) or WxH, e.g. 4608x3328 (empty: --width/--height, else the model's)
@@ -142,13 +142,15 @@ def check_out(out: Path) -> None:
         raise ValueError(
             f"--out {out}: sample.py writes PNG; give a name ending in .png, e.g. {out.with_suffix('.png')}"
         )
-    try:
+    try:  # a file where a directory must be, a read-only or full disk, no permission
         out.parent.mkdir(parents=True, exist_ok=True)
         with open(out.parent / f".{out.name}.{os.getpid()}.probe", "wb") as f:
             Path(f.name).unlink()
     except OSError as e:
+        blocked = isinstance(e, FileExistsError | NotADirectoryError)
+        why = "a file is in the way" if blocked else e.strerror
         raise ValueError(
-            f"--out {out}: cannot write in {out.parent} ({e.strerror}); choose another --out"
+            f"--out {out}: cannot write in {out.parent} ({why}); choose another --out"
         ) from None
 
 
@@ -224,9 +226,8 @@ def warn_far_size(folder: Path, H: int, W: int, trained: int, cell: int) -> None
     tokens, native = (H // cell) * (W // cell), (trained // cell) ** 2
     if native / 4 <= tokens <= native * 4:
         return
-    near = f"{trained} px" + (
-        ", 4608x3328, 5376x3072, 4608x3584 or their transposes" if trained == 4096 else ""
-    )
+    released_4k = ", 4608x3328, 5376x3072, 4608x3584 or their transposes"  # DC-Gen's 4K sizes
+    near = f"{trained} px" + (released_4k if trained == 4096 else "")
     print(
         f"warning: {folder} was trained at {trained}x{trained} px ({native} tokens); {W}x{H} px is {tokens} tokens, "
         f"far outside: expect a poor or blank image. Its sizes: {near}",

@@ -99,13 +99,7 @@ def build_toy_text_encoder(
     on it drew the two colours wherever the noise put them, whichever was named first
     (docs/toy-zoo.md: a DiT trained on the pretrained T5 follows the words).
     """
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        PreTrainedTokenizerFast,
-        T5Config,
-        T5EncoderModel,
-    )
+    import transformers  # here, not at the top: sample.py imports this file and never builds
 
     folder = Path(folder)
     words = sorted({w for caption in corpus for w in caption_words(caption)})
@@ -113,7 +107,7 @@ def build_toy_text_encoder(
     word_tokenizer(words, "<s> $A </s>", 77, toy).save_pretrained(folder / "tokenizer")
     word_tokenizer(words, "$A </s>", max_length, toy).save_pretrained(folder / "tokenizer_2")
     V = len(words) + 4
-    clip_cfg = CLIPTextConfig(
+    clip_cfg = transformers.CLIPTextConfig(
         vocab_size=V,
         hidden_size=dim,
         intermediate_size=2 * dim,
@@ -125,7 +119,7 @@ def build_toy_text_encoder(
         eos_token_id=1,
         bos_token_id=3,
     )
-    t5_cfg = T5Config(
+    t5_cfg = transformers.T5Config(
         vocab_size=V,
         d_model=dim,
         d_kv=dim // 4,
@@ -141,13 +135,13 @@ def build_toy_text_encoder(
     )
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left untouched
         torch.manual_seed(seed)
-        clip, t5 = CLIPTextModel(clip_cfg), T5EncoderModel(t5_cfg)
+        clip, t5 = transformers.CLIPTextModel(clip_cfg), transformers.T5EncoderModel(t5_cfg)
         # NOTE(deviation): toy-only init and pretraining (see the docstring); real encoders are
         # loaded as stored.
         bias = t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
         nn.init.normal_(bias.weight, std=3.0)
         if roles is not None:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2")
+            tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2")
             tok = dict(padding="max_length", max_length=max_length, truncation=True)
             ids = tokenizer(corpus, return_tensors="pt", **tok).input_ids  # (N, max_length)
             labels = torch.full_like(ids, -100)  # T5's tokens are the words, then </s> and pads
