@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -373,8 +374,47 @@ def decode_bench(cfg: Config, device, dtype) -> dict:
 # main
 
 
+def cpu_busy(seconds: float = 0.5) -> dict:
+    """What other processes do to the CPUs while this one sleeps: the busy and stolen fractions of all
+    cores over `seconds` (/proc/stat), and the 1-minute load average per core. Spinning OpenMP
+    threads (libgomp's default wait policy) slow down 25-60x beside a busy process, so a timing taken
+    then says little about the code."""
+    stat = Path("/proc/stat")
+    if not stat.is_file():
+        return {}
+
+    def ticks() -> list[int]:  # user nice system idle iowait irq softirq steal
+        return [int(v) for v in stat.read_text().split("\n", 1)[0].split()[1:9]]
+
+    a = ticks()
+    time.sleep(seconds)
+    d = [y - x for x, y in zip(a, ticks())]
+    total = sum(d) or 1
+    cores = os.cpu_count() or 1
+    return {
+        "busy": 1 - (d[3] + d[4]) / total,
+        "steal": d[7] / total,
+        "load_per_core": os.getloadavg()[0] / cores,
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "(libgomp default: spin)"),
+    }
+
+
+def contention_note(m: dict) -> str:
+    """A warning line when the machine was not quiet (empty when it was, or unknown)."""
+    if m and (m["busy"] > 0.1 or m["steal"] > 0.05 or m["load_per_core"] > 0.5):
+        return (
+            f"WARNING: timings taken under contention: {m['busy']:.0%} of the CPUs busy before the run "
+            f"({m['steal']:.0%} stolen), load average {m['load_per_core']:.2f} per core, OMP_WAIT_POLICY "
+            f"{m['omp_wait_policy']}; rerun on a quiet machine before quoting them"
+        )
+    return ""
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse_config(Config, argv)
+    machine = cpu_busy()
+    if note := contention_note(machine):
+        print(note)
     assert cfg.pair in ("toy", "flux", "sana"), f"--pair {cfg.pair!r}: choose toy, flux or sana"
     device = torch.device(
         cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
@@ -438,10 +478,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for key in ("step_s", "end_to_end_s", "flops"):
             dc[f"{key}_ratio"] = base[key] / dc[key] if dc.get(key) else None
         print_rows(rows[-2:])
+    if note := contention_note(cpu_busy()):  # again at the end: load that came during the run
+        print(note)
     if cfg.out:
         Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
         Path(cfg.out).write_text(
-            json.dumps({"config": dataclasses.asdict(cfg), "rows": rows}, indent=2) + "\n"
+            json.dumps(
+                {"config": dataclasses.asdict(cfg), "machine": machine, "rows": rows}, indent=2
+            )
+            + "\n"
         )
     return rows
 

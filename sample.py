@@ -1,44 +1,56 @@
-"""Text to image with any model of this project: prompts and a model folder in, PNGs and latencies out. Speed is
-DC-Gen's claim (arXiv 2509.25180: 53x lower 4K latency than FLUX.1-Krea on an H100), so each part is timed.
+"""Text to image with any model of this project: prompts and a model folder in, PNGs and latencies out.
+Speed is DC-Gen's claim (arXiv 2509.25180: 53x lower 4K latency than FLUX.1-Krea on an H100), so each part is timed.
 
     text encoding -> noise -> Euler flow-matching steps (common.denoise) with the model's shift -> tiled AE decode
 
 The shift is the one the model was trained with, read from its folder (models/pipeline.py): DC-Gen-FLUX 1K uses
 r = sqrt(C·p²·L/4096), FLUX.1 and DC-Gen-FLUX 4K the dynamic mu, SANA a constant flow_shift; --shift overrides it.
 Guidance-distilled models (FLUX.1-Krea, DC-Gen-FLUX) take --guidance as an input (one pass per step); CFG models
-(SANA) use true classifier-free guidance --cfg (two passes). Positions are on the model's own token grid.
+(SANA) use true classifier-free guidance --cfg (two passes).
 
 Run:    python sample.py --prompt "a red circle above a blue square on a black background" --size 4096  # toy zoo
         python sample.py --model DC-Gen-FLUX.1-Krea-Dev-v1.0-Res4K --prompt "a cozy cabin" --size 4096 --device cuda
         python sample.py --model FLUX.1-Krea-dev --prompts prompts.txt --size 1024 --batch 4 --grid --out grid.png
 Input:  a model folder: released FLUX.1-Krea-dev, DC-Gen-FLUX, SANA (diffusers layout), or one our stages wrote;
         by default the embedded toy zoo (zoo/). Optionally --noise: a safetensors file with `noise` (B, C, h, w).
-Output: PNG(s) whose text metadata holds prompt, seed, steps, guidance, model and size; timings on stdout.
+Output: PNG(s) whose text metadata holds the whole recipe (prompt, seed, steps, guidance, shift, model, size, dtype,
+        tile, code version), each written to a temporary file and renamed into place; timings on stdout.
 """
 
 from __future__ import annotations
 
+import itertools
+import json
+import os
+import re
 import resource
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+# libgomp's idle threads spin-wait for the next parallel region: beside any other busy process the
+# 20 steps slow down 25-60x; PASSIVE threads sleep instead (docs/performance.md). Read when torch
+# loads libgomp, hence before the imports below; an OMP_WAIT_POLICY already set wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from common import (
+import torch  # noqa: E402
+
+from common import (  # noqa: E402
     denoise,
     get_noise,
     get_schedule,
     guided_velocity,
     load_ckpt,
     parse_config,
-    save_image_grid,
+    run_info,
     shift_for,
 )
-from models.pipeline import SHIFTS, load_pipeline
-from models.tiling import nearest_multiples
-from toy.text import knows_only_toy_captions, toy_prompts
+from models.loading import read_config  # noqa: E402
+from models.pipeline import SHIFTS, load_pipeline  # noqa: E402
+from models.tiling import nearest_multiples  # noqa: E402
+from pngfile import Writer, tile_grid, to_pixels  # noqa: E402
+from toy.text import knows_only_toy_captions, toy_prompts  # noqa: E402
 
 ZOO = Path(__file__).resolve().parent / "zoo"
 
@@ -50,31 +62,64 @@ ZOO = Path(__file__).resolve().parent / "zoo"
 class Config:
     # a table of flags: one field, its default and its --help text per line
     # fmt: off
-    prompt: tuple[str, ...] = ()  # a prompt; repeat the flag for several
+    prompt: tuple[str, ...] = ()  # one prompt per flag, quoted: --prompt "a red circle" --prompt "a blue square"
     prompts: str = ""  # a text file with one prompt per line
-    model: str = ""  # model folder (default: the toy zoo's DC-Gen model, zoo/dcgen-4k)
+    model: str = str(ZOO / "dcgen-4k")  # model folder; the default is the toy zoo's DC-Gen 4K model
     out: str = "out/sample.png"  # PNG; several images are written as out_0.png, out_1.png, ... unless --grid
     grid: bool = False  # write all images as one grid PNG
-    size: int = 0  # square image size in px (0: --width/--height, else 1024; 4096 for a model on an f64 AE)
-    width: int = 0  # image width in px
-    height: int = 0  # image height in px
+    size: str = ""  # image size in px: 4096 (square) or WxH, e.g. 4608x3328 (empty: --width/--height, else the model's)
+    width: int = 0  # image width in px (0: the model's training size)
+    height: int = 0  # image height in px (0: the model's training size)
     steps: int = 20  # Euler steps
     guidance: float = 3.5  # embedded guidance scale (guidance-distilled models)
     cfg: float = 0.0  # true classifier-free guidance scale (0: 1 for guidance-distilled models, 4.5 for CFG models)
     seed: int = 0  # noise seed (image i of a run uses the i-th draw of one seeded generator)
-    batch: int = 1  # images per forward pass
+    batch: int = 1  # images per forward pass (lowered, said aloud, when the memory would not hold it)
     noise: str = ""  # start from this noise: a safetensors file with `noise` (B, C, h, w) in the AE's latent layout
-    shift: str = ""  # override the model's noise-level shift: flux, dcgen or constant
+    shift: str = ""  # override the model's noise-level shift: flux, dcgen or constant (empty: the model's own)
     shift_value: float = 3.0  # r of --shift constant
     device: str = "auto"  # auto (cuda if present), cuda or cpu
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
+    dtype: str = "auto"  # auto, fp32, bf16 or fp16 (auto: bf16 on GPU, and on AMX CPUs for real-width models)
     tile_px: int = 1024  # AE decode tile size in px for large images (0: never tile)
     max_length: int = 0  # text tokens: T5's for FLUX (0: 512, the most), Gemma's for SANA (0: 300)
+    png_level: int = 1  # PNG zlib level 0-9: 1 writes a 4096 px image in a fifth of the time of 9, about 1.5x larger
     # fmt: on
 
 
+# fixed choices of the string flags: anything else is refused with this list
+CHOICES = {
+    "device": ("auto", "cpu", "cuda"),
+    "dtype": ("auto", "fp32", "bf16", "fp16"),
+    "shift": ("", *SHIFTS),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 # ----------------------------------------------------------------------------------------------------------------
-# helpers
+# helpers: input checks, each bad input answered with one line before any work is done
+
+
+def check_argv(argv: list[str]) -> None:
+    """One value per --prompt: unquoted, `--prompt a red circle` would be three prompts (images)."""
+    for i in (i for i, arg in enumerate(argv) if arg == "--prompt"):
+        words = list(itertools.takewhile(lambda a: not a.startswith("--"), argv[i + 1 :]))
+        if len(words) > 1:
+            raise ValueError(
+                f'--prompt takes one prompt, got {len(words)} words: quote it, --prompt "{" ".join(words)}" '
+                "(repeat --prompt for several prompts)"
+            )
+
+
+def check_flags(cfg: Config) -> None:
+    for flag, value in (("steps", cfg.steps), ("batch", cfg.batch)):
+        if value < 1:
+            raise ValueError(f"--{flag} {value}: give a positive number")
+    for flag, allowed in CHOICES.items():
+        if getattr(cfg, flag) not in allowed:
+            named = ", ".join(a for a in allowed if a)
+            raise ValueError(f"--{flag} {getattr(cfg, flag)!r}: choose one of {named}")
+    if not 0 <= cfg.png_level <= 9:
+        raise ValueError(f"--png_level {cfg.png_level}: give 0 (fastest, largest) to 9 (smallest)")
 
 
 def read_prompts(cfg: Config) -> list[str]:
@@ -88,9 +133,39 @@ def read_prompts(cfg: Config) -> list[str]:
     return prompts
 
 
+def check_out(out: Path) -> None:
+    """The PNG can be written, checked before minutes of sampling: a .png name, in a directory that
+    exists (or is made now) and takes a file."""
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; give a file name, e.g. {out / 'sample.png'}")
+    if out.suffix.lower() != ".png":
+        raise ValueError(
+            f"--out {out}: sample.py writes PNG; give a name ending in .png, e.g. {out.with_suffix('.png')}"
+        )
+    try:  # a file where a directory must be, a read-only or full disk, no permission
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.parent / f".{out.name}.{os.getpid()}.probe", "wb") as f:
+            Path(f.name).unlink()
+    except OSError as e:
+        blocked = isinstance(e, FileExistsError | NotADirectoryError)
+        why = "a file is in the way" if blocked else e.strerror
+        raise ValueError(
+            f"--out {out}: cannot write in {out.parent} ({why}); choose another --out"
+        ) from None
+
+
 def image_size(cfg: Config, factor: int, native: int) -> tuple[int, int]:
-    """(height, width) in px, checked against the model's pixel factor (AE factor × patch size)."""
-    H, W = (cfg.size, cfg.size) if cfg.size else (cfg.height or native, cfg.width or native)
+    """(height, width) in px from --size (N or WxH) or --width/--height, checked against the model's
+    pixel factor (AE factor × patch)."""
+    if cfg.size:
+        m = re.fullmatch(r"(-?\d+)(?:x(-?\d+))?", cfg.size.strip().lower())
+        if not m:
+            raise ValueError(
+                f"--size {cfg.size!r}: give one number of px (4096) or WxH (4608x3328)"
+            )
+        W, H = int(m[1]), int(m[2] or m[1])
+    else:
+        H, W = cfg.height or native, cfg.width or native
     bad = [(n, v) for n, v in (("height", H), ("width", W)) if v <= 0 or v % factor]
     if bad:
         near = ", ".join(f"{n} {v}: {nearest_multiples(v, factor)}" for n, v in bad)
@@ -98,39 +173,6 @@ def image_size(cfg: Config, factor: int, native: int) -> tuple[int, int]:
             f"image sizes must be multiples of {factor} px for this model (AE factor × patch); nearest valid {near}"
         )
     return H, W
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
-
-
-def progress(velocity, steps: int, sync):
-    """Wrap a velocity function so that each call (one Euler step) updates a `step i/n, s/step`
-    line."""
-    state = {"i": 0, "t0": time.perf_counter()}
-
-    def wrapped(x, sigma):
-        out = velocity(x, sigma)
-        sync()
-        state["i"] += 1
-        per_step = (time.perf_counter() - state["t0"]) / state["i"]
-        print(
-            f"\r  step {state['i']}/{steps} ({per_step:.2f}s/step)",
-            end="\n" if state["i"] == steps else "",
-        )
-        return out
-
-    return wrapped
-
-
-def check_flags(cfg: Config) -> None:
-    for flag, value in (("steps", cfg.steps), ("batch", cfg.batch)):
-        if value < 1:
-            raise ValueError(f"--{flag} {value}: give a positive number")
-    if cfg.shift and cfg.shift not in SHIFTS:
-        raise ValueError(f"--shift {cfg.shift!r}: choose one of {SHIFTS}")
 
 
 def check_tile_px(tile_px: int, f: int) -> None:
@@ -141,17 +183,156 @@ def check_tile_px(tile_px: int, f: int) -> None:
         )
 
 
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        why = (
+            "this torch is built without CUDA"
+            if torch.version.cuda is None
+            else "no GPU is visible"
+        )
+        raise ValueError(f"--device cuda: {why} (torch {torch.__version__}); use --device cpu")
+    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def pick_dtype(name: str, device: torch.device, folder: Path) -> tuple[torch.dtype, str]:
+    """The compute dtype and why. auto: bf16 on a GPU; on a CPU bf16 only where its matrix units
+    multiply bf16 natively (AMX: the FLUX-width forward 2.07x faster than fp32) and the model is of
+    real width, so the toy zoo (width 128) stays fp32 and its demo image unchanged."""
+    if name != "auto":
+        return DTYPES[name], f"--dtype {name}"
+    if device.type == "cuda":
+        return torch.bfloat16, "auto: GPU"
+    tr = folder / "transformer" / "config.json"
+    cfg = read_config(tr.parent, "transformer") if tr.is_file() else {}
+    width = cfg.get("num_attention_heads", 0) * cfg.get("attention_head_dim", 0)
+    cpuinfo = Path("/proc/cpuinfo")
+    amx = cpuinfo.is_file() and "amx_bf16" in cpuinfo.read_text()
+    if amx and width >= 1024:
+        return torch.bfloat16, f"auto: CPU with AMX bf16, model width {width}"
+    return torch.float32, f"auto: CPU{' without AMX bf16' if not amx else ''}, model width {width}"
+
+
+def trained_px(folder: Path, f: int) -> int:
+    """The square image size the model was trained at: our "_trained_px" key in model_index.json
+    (diffusers ignores "_" keys), else DC-Gen's convention: 4096 px on an f64 AE (Res4K), else 1024."""
+    index = folder / "model_index.json"
+    px = json.loads(index.read_text()).get("_trained_px") if index.is_file() else None
+    return int(px) if px else 4096 if f == 64 else 1024
+
+
+def warn_far_size(folder: Path, H: int, W: int, trained: int, cell: int) -> None:
+    """A model draws on the token grid it was trained on; 4x fewer or more tokens than that (2x the
+    side) is far outside it, where the toy 4K model at 1024 px draws blank images."""
+    tokens, native = (H // cell) * (W // cell), (trained // cell) ** 2
+    if native / 4 <= tokens <= native * 4:
+        return
+    released_4k = ", 4608x3328, 5376x3072, 4608x3584 or their transposes"  # DC-Gen's 4K sizes
+    near = f"{trained} px" + (released_4k if trained == 4096 else "")
+    print(
+        f"warning: {folder} was trained at {trained}x{trained} px ({native} tokens); {W}x{H} px is {tokens} tokens, "
+        f"far outside: expect a poor or blank image. Its sizes: {near}",
+        file=sys.stderr,
+    )
+
+
 def initial_noise(cfg: Config, shape: tuple[int, ...]) -> torch.Tensor:
     """x at sigma = 1: the --noise file's tensor, else seeded Gaussian noise (common.get_noise)."""
     if not cfg.noise:
         return get_noise(shape, cfg.seed)
-    noise = load_ckpt(cfg.noise)
+    try:
+        noise = load_ckpt(cfg.noise)
+    except FileNotFoundError:
+        raise
+    # safetensors, pickle and zip errors alike: the file is not a tensor file
+    except Exception as e:
+        first = (str(e).strip().splitlines() or [""])[0][:160]  # torch.load's messages run to pages
+        raise ValueError(
+            f"--noise {cfg.noise}: not a safetensors or torch file ({type(e).__name__}: {first})"
+        ) from None
     if "noise" not in noise or tuple(noise["noise"].shape) != shape:
         got = tuple(noise["noise"].shape) if "noise" in noise else f"keys {sorted(noise)}"
         raise ValueError(
             f"--noise {cfg.noise}: expected a tensor `noise` of shape {shape} (prompts, C, h, w), got {got}"
         )
     return noise["noise"].float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers: memory, estimated before any work so that a large run fails or shrinks at once, not after minutes
+
+
+def available_bytes(device: torch.device) -> int:
+    """Free GPU memory, or the kernel's MemAvailable (0: unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    meminfo = Path("/proc/meminfo")
+    lines = meminfo.read_text().splitlines() if meminfo.is_file() else []
+    return next((int(ln.split()[1]) * 1024 for ln in lines if ln.startswith("MemAvailable:")), 0)
+
+
+def decode_bytes(ae, H: int, W: int, elt: int) -> int:
+    """About the peak of decoding one H x W image: the fp32 canvas its tiles blend into (output,
+    weights, a weighted tile, then the uint8 pixels and PNG rows: 34 bytes a pixel) plus the
+    decoder's largest activations on one window (about 6 maps of a stage's width)."""
+    widths = getattr(ae.params, "decoder_block_out_channels", None) or ae.params.block_out_channels
+    tile = ae.tile_px if ae.tile_px and max(H, W) > ae.tile_px else 0
+    h, w = (min(H, tile), min(W, tile)) if tile else (H, W)
+    acts = max(6 * c * (h >> i) * (w >> i) for i, c in enumerate(widths)) * elt
+    return 34 * H * W + acts
+
+
+def fit_batch(cfg: Config, model, ae, tokens: int, size: tuple, n: int, elt: int, device) -> int:
+    """--batch, lowered (said aloud) when its denoising activations would not fit; an error naming
+    the numbers when one image's decode does not fit."""
+    avail, (H, W) = available_bytes(device), size
+    if not avail:
+        return cfg.batch
+    grid = 6 * H * W * n if cfg.grid and n > 1 else 0  # every image's pixels, then the grid's
+    need = decode_bytes(ae, H, W, elt) + grid
+    if need > avail:
+        raise ValueError(
+            f"decoding {W}x{H} px needs about {need / 2**30:.1f} GB and {avail / 2**30:.1f} GB is available: "
+            f"lower --tile_px (now {cfg.tile_px}){', drop --grid' if grid else ''} or the size"
+        )
+    # per image: about 16 activations of (tokens + text tokens) x width in flight
+    per_image = 16 * (tokens + 512) * model.params.hidden_size * elt
+    fits = max(1, int((avail - grid) // per_image))
+    if fits < min(cfg.batch, n):
+        print(
+            f"note: --batch {cfg.batch} needs about {cfg.batch * per_image / 2**30:.1f} GB for denoising and "
+            f"{avail / 2**30:.1f} GB is available: running batches of {fits}"
+        )
+        return fits
+    return cfg.batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# helpers: progress and timing
+
+
+def progress(label: str, unit: str):
+    """A `label i/n (s/unit)` line rewritten in place; call it with (i, n)."""
+    t0 = time.perf_counter()
+
+    def show(i: int, n: int) -> None:
+        per = (time.perf_counter() - t0) / i
+        print(f"\r  {label} {i}/{n} ({per:.2f}s/{unit})", end="\n" if i == n else "", flush=True)
+
+    return show
+
+
+def with_progress(velocity, steps: int, sync):
+    """Wrap a velocity function so that each call (one Euler step) updates a step line."""
+    show, state = progress("step", "step"), {"i": 0}
+
+    def wrapped(x, sigma):
+        out = velocity(x, sigma)
+        sync()
+        state["i"] += 1
+        show(state["i"], steps)
+        return out
+
+    return wrapped
 
 
 class Clock:
@@ -162,17 +343,19 @@ class Clock:
         self.sync = sync
         self.times = {"text": 0.0, "denoise": 0.0, "decode": 0.0}
 
-    def __call__(self, part: str, fn, *args):
+    def __call__(self, part: str, fn, *args, **kw):
         self.sync()
         t0 = time.perf_counter()
-        out = fn(*args)
+        out = fn(*args, **kw)
         self.sync()
         self.times[part] += time.perf_counter() - t0
         return out
 
 
-def describe_model(folder: Path, pipe, seconds: float, device: torch.device, dtype) -> str:
-    """One line on what was loaded: the model, its size, its AE and patch, the load time."""
+def describe_model(
+    folder: Path, pipe, seconds: float, device: torch.device, dtype, why: str
+) -> str:
+    """One line on what was loaded: the model, its size, its AE and patch, the load time, the dtype."""
     model, ae, p = pipe.transformer, pipe.ae, pipe.patch_size()
     f, C = ae.spatial_factor, model.params.in_channels
     n_params = sum(t.numel() for t in model.parameters()) / 1e6
@@ -180,63 +363,22 @@ def describe_model(folder: Path, pipe, seconds: float, device: torch.device, dty
     prefix = f", its first {C} channels" if C < ae.latent_channels else ""
     return (
         f"model {folder} ({type(model).__name__}, {n_params:.1f} M parameters; AE f{f}c{ae.latent_channels}{prefix}, "
-        f"patch {p}) loaded in {seconds:.1f}s on {device}, {dtype}"
+        f"patch {p}) loaded in {seconds:.1f}s on {device}, {str(dtype).removeprefix('torch.')} ({why})"
     )
-
-
-def sample_batch(
-    pipe,
-    prompts: list[str],
-    noise: torch.Tensor,
-    sigmas,
-    cfg: Config,
-    scale: float,
-    timed: Clock,
-    dtype,
-) -> torch.Tensor:
-    """One batch: text encoding, the Euler steps from `noise` (B, C, h, w), AE decoding -> images
-    (B, 3, H, W) in [-1, 1], on the CPU."""
-    distilled = bool(getattr(pipe.transformer.params, "guidance_embed", False))
-    cond = timed("text", pipe.text, prompts)
-    null = timed("text", pipe.text.null, len(prompts)) if scale != 1 else None
-    v = guided_velocity(pipe.transformer, cond, null, cfg.guidance if distilled else None, scale)
-    v = progress(lambda x, sigma, v=v: v(x.to(dtype), sigma), cfg.steps, timed.sync)
-    x = timed("denoise", denoise, v, noise, sigmas)  # (B, C, h, w)
-    return timed("decode", pipe.ae.decode, x.to(dtype)).float().cpu()
-
-
-def save_one_file(grid: list[torch.Tensor], prompts: list[str], out: Path, meta: dict) -> Path:
-    """All images as one PNG (a grid of up to 4 per row), the prompts joined in its metadata."""
-    images = torch.cat(grid) if len(grid) > 1 else grid[0]
-    # one copy of the pixels, not two, while the PNG is written (4096 px: 200 MB each)
-    grid.clear()
-    save_image_grid(
-        images, out, nrow=min(4, len(prompts)), text={"prompt": " | ".join(prompts), **meta}
-    )
-    return out
-
-
-def save_batch(
-    images: torch.Tensor, prompts: list[str], start: int, out: Path, meta: dict
-) -> list[Path]:
-    """One PNG per image, out_{i}.png for prompt i, with its recipe in the metadata."""
-    paths = []
-    for i, (img, prompt) in enumerate(zip(images, prompts), start):
-        paths.append(out.with_name(f"{out.stem}_{i}{out.suffix}"))
-        save_image_grid(img[None], paths[-1], text={"prompt": prompt, "index": i, **meta})
-    return paths
 
 
 def report(
-    times: dict[str, float], batch_steps: int, device: torch.device, paths: list[Path]
+    times: dict[str, float], batch_steps: int, device, paths: list[Path], waited: float
 ) -> None:
-    """The latency of each part (the paper's claim is speed), the peak memory, and the files
-    written."""
+    """The latency of each part (the paper's claim is speed), the peak memory, the files written."""
     per_step = times["denoise"] / batch_steps  # per step of one batch
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux reports KiB
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
     print(
         f"text encoding {times['text']:.2f}s | denoising {times['denoise']:.2f}s ({per_step:.3f}s/step) | "
-        f"decoding {times['decode']:.2f}s | total {sum(times.values()):.2f}s | "
-        f"peak memory {peak_memory_gb(device):.2f} GB"
+        f"decoding {times['decode']:.2f}s | total {sum(times.values()):.2f}s | PNG wait {waited:.2f}s | "
+        f"peak memory {peak:.2f} GB"
     )
     print(f"Done in {sum(times.values()):.1f}s: {', '.join(map(str, paths))}")
 
@@ -246,54 +388,51 @@ def report(
 
 
 def main(argv: list[str] | None = None) -> list[Path]:
+    argv = sys.argv[1:] if argv is None else argv
+    check_argv(argv)
     cfg = parse_config(Config, argv)
-    prompts = read_prompts(cfg)
     check_flags(cfg)
-    device = torch.device(
-        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    )
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}.get(cfg.dtype)
-    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    prompts = read_prompts(cfg)
+    out = Path(cfg.out)
+    check_out(out)
+    device = pick_device(cfg.device)
+    folder = Path(cfg.model)
+    dtype, why = pick_dtype(cfg.dtype, device, folder)
 
     # --- models ---
     t0 = time.perf_counter()
-    folder = Path(cfg.model) if cfg.model else ZOO / "dcgen-4k"
     max_length = cfg.max_length or None
     pipe = load_pipeline(
         folder, dtype=dtype, device=device, max_length=max_length, tile_px=cfg.tile_px or None
     )
-    model = pipe.transformer.eval()
-    ae = pipe.ae.eval()
+    model, ae = pipe.transformer.eval(), pipe.ae.eval()
     if knows_only_toy_captions(folder):  # a toy text encoder says so in its tokenizer's config
         prompts = toy_prompts(prompts)  # complete a missing background; note prompts it cannot read
-    p = pipe.patch_size()
-    f = ae.spatial_factor
-    C = model.params.in_channels
+    p, f, C = pipe.patch_size(), ae.spatial_factor, model.params.in_channels
     check_tile_px(cfg.tile_px, f)
-    # f64 AEs are DC-Gen's 4K (Res4K, zoo/dcgen-4k)
-    H, W = image_size(cfg, f * p, native=4096 if f == 64 else 1024)
+    trained = trained_px(folder, f)
+    H, W = image_size(cfg, f * p, native=trained)
     h, w = H // f, W // f  # latent grid
-    print(describe_model(folder, pipe, time.perf_counter() - t0, device, dtype))
+    print(describe_model(folder, pipe, time.perf_counter() - t0, device, dtype, why))
+    warn_far_size(folder, H, W, trained, f * p)
 
-    # --- noise and schedule ---
+    # --- noise, schedule and guidance ---
     noise = initial_noise(cfg, (len(prompts), C, h, w))
     kind = cfg.shift or pipe.shift
     r = shift_for(kind, (C, h, w), p, cfg.shift_value if cfg.shift else pipe.shift_value)
     sigmas = get_schedule(cfg.steps, r)
     distilled = bool(getattr(model.params, "guidance_embed", False))
     scale = cfg.cfg or (1.0 if distilled else 4.5)
+    tokens = (h // p) * (w // p)
+    rows = tokens * (1 if scale == 1 else 2)  # a CFG step runs [cond, null]
+    batch = fit_batch(cfg, model, ae, rows, (H, W), len(prompts), dtype.itemsize, device)
     guidance = f"guidance {cfg.guidance}" if distilled else ""
     cfg_part = f"{', ' if distilled else ''}CFG {scale}" if scale != 1 else ""
-    tokens = (h // p) * (w // p)
     print(
         f"{len(prompts)} image(s) {W}x{H}: latent {C}x{h}x{w}, {tokens} tokens, {cfg.steps} steps, "
         f"shift {kind} (r = {r:.2f}), {guidance}{cfg_part}"
     )
-
-    # --- generate, batch by batch; the clock runs around synchronised work only ---
-    timed = Clock(torch.cuda.synchronize if device.type == "cuda" else lambda: None)
-    out = Path(cfg.out)
-    paths = []
+    info = run_info()  # the code's version, so that the image can be remade from its metadata
     meta = {
         "model": str(folder),
         "size": f"{W}x{H}",
@@ -302,28 +441,59 @@ def main(argv: list[str] | None = None) -> list[Path]:
         "shift": f"{kind} r={r:.3f}",
         "guidance": cfg.guidance if distilled else "none",
         "seed": cfg.noise or cfg.seed,
+        "dtype": str(dtype).removeprefix("torch."),
+        "tile_px": cfg.tile_px,
+        "max_length": cfg.max_length,
+        "code": info["git_commit"] + ("+dirty" if info["git_dirty"] else ""),  # or "unknown"
     }
-    one_file = cfg.grid or len(prompts) == 1
-    # the images of the one file; else each batch is written as it is decoded (memory: one batch)
-    grid = []
-    with torch.no_grad():
-        for start in range(0, len(prompts), cfg.batch):
-            batch = prompts[start : start + cfg.batch]
-            batch_noise = noise[start : start + len(batch)].to(device)  # (B, C, h, w)
-            images = sample_batch(pipe, batch, batch_noise, sigmas, cfg, scale, timed, dtype)
-            if one_file:
-                grid.append(images)
-            else:  # PNGs with their recipe in the metadata
-                paths += save_batch(images, batch, start, out, meta)
-    if one_file:
-        paths.append(save_one_file(grid, prompts, out, meta))
-    report(timed.times, cfg.steps * -(-len(prompts) // cfg.batch), device, paths)
+
+    # --- generate batch by batch, decode and write image by image ---
+    paths, times, waited = generate(cfg, pipe, prompts, noise, sigmas, scale, batch, dtype, meta)
+    report(times, cfg.steps * -(-len(prompts) // batch), device, paths, waited)
     return paths
+
+
+def generate(cfg, pipe, prompts, noise, sigmas, scale, batch, dtype, meta) -> tuple:
+    """Denoise `batch` prompts at a time, then decode each image and hand it to the PNG writer, so
+    memory holds one decoded image (and the one being written), whatever the batch. Returns the paths
+    written, the seconds per part (the clock runs around synchronised work only), the PNG wait."""
+    device, out = next(pipe.transformer.parameters()).device, Path(cfg.out)
+    timed = Clock(torch.cuda.synchronize if device.type == "cuda" else lambda: None)
+    writer, paths, grid = Writer(cfg.png_level), [], []
+    guidance = cfg.guidance if meta["guidance"] != "none" else None
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch):
+            texts = prompts[start : start + batch]
+            cond = timed("text", pipe.text, texts)
+            null = timed("text", pipe.text.null, len(texts)) if scale != 1 else None
+            v = guided_velocity(pipe.transformer, cond, null, guidance, scale)
+            v = with_progress(lambda x, sigma, v=v: v(x.to(dtype), sigma), cfg.steps, timed.sync)
+            x = timed("denoise", denoise, v, noise[start : start + len(texts)].to(device), sigmas)
+            for i, prompt in enumerate(texts, start):  # x: (B, C, h, w)
+                show = progress(f"decode {i + 1}/{len(prompts)}: tile", "tile")
+                z = x[i - start : i - start + 1].to(dtype)
+                pixels = to_pixels(timed("decode", pipe.ae.decode, z, progress=show)[0].cpu())
+                if cfg.grid or len(prompts) == 1:
+                    grid.append(pixels)  # (H, W, 3) uint8
+                else:  # out_{i}.png with its recipe in the metadata
+                    paths.append(out.with_name(f"{out.stem}_{i}{out.suffix}"))
+                    writer.put(paths[-1], pixels, {"prompt": prompt, "index": i, **meta})
+    if grid:  # one file: a grid of up to 4 images per row, the prompts joined in its metadata
+        paths.append(out)
+        writer.put(out, tile_grid(grid, min(4, len(grid))), {"prompt": " | ".join(prompts), **meta})
+    writer.wait()
+    return paths, timed.times, writer.waited
 
 
 if __name__ == "__main__":
     try:
         main()
     # bad input: one clear line, no traceback from deep inside
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:
         sys.exit(f"error: {e}")
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        sys.exit(
+            f"error: out of memory ({str(e)[:120] or type(e).__name__}): lower --batch, --tile_px or the size"
+        )
+    except KeyboardInterrupt:
+        sys.exit("interrupted: every PNG written so far is complete; none is half-written")

@@ -276,14 +276,18 @@ class UpBlock(nn.Module):
         self.conv = nn.Conv2d(c_in, 4 * c_out if pixel_shuffle else c_out, 3, 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.pixel_shuffle:
-            h = F.pixel_shuffle(self.conv(x), 2)  # (B, C_out, 2H, 2W)
-        else:
-            h = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))
+        if not self.pixel_shuffle:
+            h = self.conv(F.interpolate(x, scale_factor=2, mode="nearest"))  # (B, C_out, 2H, 2W)
+            if self.shortcut:
+                h = h + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
+            return h
+        h = self.conv(x)  # (B, 4·C_out, H, W)
         if self.shortcut:
-            # (B, C_out, 2H, 2W)
-            h = h + F.pixel_shuffle(x.repeat_interleave(self.repeats, dim=1), 2)
-        return h
+            # The shortcut is added before the shuffle, at a quarter of the resolution: the shuffle
+            # is a permutation, so shuffle(a) + shuffle(b) = shuffle(a + b), bit for bit, with one
+            # shuffle instead of two.
+            h = h + x.repeat_interleave(self.repeats, dim=1)  # (B, 4·C_out, H, W)
+        return F.pixel_shuffle(h, 2)  # (B, C_out, 2H, 2W)
 
 
 def make_block(
@@ -435,14 +439,14 @@ class DCAE(nn.Module):
             z = self.encoder(x, c)
         return z * self.params.scaling_factor
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, progress=None) -> torch.Tensor:
         """Model-ready latents (B, c, h, w), any c <= C for adaptive AEs -> images (B, 3, h·f, w·f)
-        in about [-1, 1]."""
+        in about [-1, 1]. `progress(done, total)` is called after each tile of a tiled decode."""
         f = self.spatial_factor
         self._check_channels(z.shape[1])
         z = z.to(self.decoder.conv_in.weight.dtype) / self.params.scaling_factor
         if self.tile_px and max(z.shape[-2:]) * f > self.tile_px:
-            return tiled(self.decoder, z, self.tile_px // f, self.overlap_px // f, f)
+            return tiled(self.decoder, z, self.tile_px // f, self.overlap_px // f, f, progress)
         return self.decoder(z)
 
     @property

@@ -24,16 +24,15 @@ so the toy runs exactly this code path.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import (
-    AutoTokenizer,
-    CLIPTextModel,
-    Gemma2Model,
-    T5EncoderModel,
-)
+
+from models.loading import load_weights, read_config, read_state_dict
 
 # SanaPipeline's default complex human instruction (diffusers 0.42 `SanaPipeline.__call__`; SANA's
 # chi_prompt). Gemma-2 is a decoder-only LLM: prefixing an instruction to "enhance" the prompt makes
@@ -239,6 +238,14 @@ def load_text_encoder(
             f"{folder}: {family} text layout is missing {', '.join(missing)}; it needs {want}"
         )
 
+    if family == "FLUX" and toy_tokenizers(folder):
+        return load_toy_flux_text(folder, device, dtype, max_length)
+    # imported here: transformers takes seconds to import, and the toy zoo's encoders do not need it
+    from transformers import AutoTokenizer, CLIPTextModel, Gemma2Model, T5EncoderModel
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its "Loading weights" bars on every run
+
     # strict: transformers would fill a missing weight with random numbers and go on
     def load(cls, sub: str):
         model, info = cls.from_pretrained(
@@ -256,3 +263,218 @@ def load_text_encoder(
         t5_tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer_2", local_files_only=True)
         return FluxTextEncoder(clip, tokenizer, t5, t5_tokenizer, max_length)
     return SanaTextEncoder(load(Gemma2Model, "text_encoder"), tokenizer, max_length or 300)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the toy zoo's CLIP and T5 in plain PyTorch: the same functions as transformers' CLIPTextModel and T5EncoderModel
+# (tests/test_text.py checks to 1e-6), loaded without importing transformers, which costs 2-3 s of every demo run.
+# Word-level tokenizers are read with the `tokenizers` library that transformers itself calls.
+
+
+class WordTokenizer:
+    """A saved `tokenizers` tokenizer (tokenizer.json) with transformers' call: padded to
+    max_length, truncated, ids as a LongTensor."""
+
+    def __init__(self, folder: Path):
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(folder / "tokenizer.json"))
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        self.model_max_length = config["model_max_length"]
+        self.pad_id = self.tokenizer.token_to_id(config["pad_token"])
+
+    def __call__(self, prompts: list[str], max_length: int, **_) -> SimpleNamespace:
+        self.tokenizer.enable_truncation(max_length)
+        self.tokenizer.enable_padding(length=max_length, pad_id=self.pad_id)
+        ids = [e.ids for e in self.tokenizer.encode_batch(list(prompts))]
+        return SimpleNamespace(input_ids=torch.tensor(ids, dtype=torch.long))  # (B, max_length)
+
+
+class ClipLayer(nn.Module):
+    """Pre-LN transformer layer: causal multi-head attention, then an MLP with quick-GELU."""
+
+    def __init__(self, d: int, heads: int, d_ff: int, eps: float):
+        super().__init__()
+        self.heads = heads
+        self.layer_norm1, self.layer_norm2 = nn.LayerNorm(d, eps), nn.LayerNorm(d, eps)
+        self.self_attn = nn.Module()
+        for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self.self_attn, name, nn.Linear(d, d))
+        self.mlp = nn.Module()
+        self.mlp.fc1, self.mlp.fc2 = nn.Linear(d, d_ff), nn.Linear(d_ff, d)
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, h = self.self_attn, self.layer_norm1(x)  # (B, L, d)
+        q, k, v = (
+            p(h).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+            for p in (a.q_proj, a.k_proj, a.v_proj)
+        )
+        h = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, heads, L, d_head)
+        x = x + a.out_proj(h.transpose(1, 2).flatten(2))
+        h = self.mlp.fc1(self.layer_norm2(x))
+        return x + self.mlp.fc2(h * torch.sigmoid(1.702 * h))  # quick-GELU
+
+
+class ClipText(nn.Module):
+    """CLIPTextModel: token + position embeddings, causal layers, final LayerNorm; pooled at the
+    first end-of-text token."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        d, eps = config["hidden_size"], config["layer_norm_eps"]
+        self.config = SimpleNamespace(**config)
+        self.embeddings = nn.Module()
+        self.embeddings.token_embedding = nn.Embedding(config["vocab_size"], d)
+        self.embeddings.position_embedding = nn.Embedding(config["max_position_embeddings"], d)
+        heads, d_ff = config["num_attention_heads"], config["intermediate_size"]
+        self.encoder = nn.Module()
+        self.encoder.layers = nn.ModuleList(
+            ClipLayer(d, heads, d_ff, eps) for _ in range(config["num_hidden_layers"])
+        )
+        self.final_layer_norm = nn.LayerNorm(d, eps)
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_layer_norm.weight.device
+
+    def forward(self, ids: Tensor) -> SimpleNamespace:
+        e = self.embeddings
+        x = e.token_embedding(ids) + e.position_embedding.weight[: ids.shape[1]]  # (B, L, d)
+        for layer in self.encoder.layers:
+            x = layer(x)
+        x = self.final_layer_norm(x)
+        eos = (ids == self.config.eos_token_id).int().argmax(-1)  # (B,) first end-of-text token
+        return SimpleNamespace(last_hidden_state=x, pooler_output=x[torch.arange(len(x)), eos])
+
+
+def t5_buckets(length: int, buckets: int, max_distance: int) -> Tensor:
+    """T5's bidirectional relative-position buckets (L, L): half per direction, exact up to
+    buckets/4, then logarithmic up to max_distance (T5 §2.1; transformers `_relative_position_bucket`)."""
+    rel = torch.arange(length)[None, :] - torch.arange(length)[:, None]  # key - query
+    half = buckets // 2
+    exact = half // 2
+    far = exact + (
+        torch.log(rel.abs().float() / exact) / math.log(max_distance / exact) * (half - exact)
+    ).to(torch.long)
+    return (rel > 0).long() * half + torch.where(
+        rel.abs() < exact, rel.abs(), far.clamp(max=half - 1)
+    )
+
+
+class T5Norm(nn.Module):
+    """T5's layer norm: scale only, no mean subtraction, statistics in fp32 (T5LayerNorm)."""
+
+    def __init__(self, d: int, eps: float):
+        super().__init__()
+        self.weight, self.eps = nn.Parameter(torch.ones(d)), eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        return self.weight * (x * torch.rsqrt(variance + self.eps)).to(self.weight.dtype)
+
+
+class T5Layer(nn.Module):
+    """T5 encoder block: RMS-norm -> attention (unscaled, plus the shared position bias) ->
+    RMS-norm -> gated-GELU MLP."""
+
+    def __init__(
+        self, d: int, heads: int, d_kv: int, d_ff: int, eps: float, has_bias: bool, buckets: int
+    ):
+        super().__init__()
+        self.heads = heads
+        att, ff = nn.Module(), nn.Module()
+        for name, (n_in, n_out) in {
+            "q": (d, heads * d_kv),
+            "k": (d, heads * d_kv),
+            "v": (d, heads * d_kv),
+            "o": (heads * d_kv, d),
+        }.items():
+            setattr(att, name, nn.Linear(n_in, n_out, bias=False))
+        if has_bias:
+            att.relative_attention_bias = nn.Embedding(buckets, heads)
+        ff.wi_0, ff.wi_1, ff.wo = (
+            nn.Linear(d, d_ff, bias=False),
+            nn.Linear(d, d_ff, bias=False),
+            nn.Linear(d_ff, d, bias=False),
+        )
+        self.layer = nn.ModuleList([nn.Module(), nn.Module()])
+        self.layer[0].SelfAttention, self.layer[1].DenseReluDense = att, ff
+        self.layer[0].layer_norm, self.layer[1].layer_norm = T5Norm(d, eps), T5Norm(d, eps)
+
+    def forward(self, x: Tensor, bias: Tensor) -> Tensor:
+        a, ff = self.layer[0].SelfAttention, self.layer[1].DenseReluDense
+        h = self.layer[0].layer_norm(x)  # (B, L, d)
+        q, k, v = (p(h).unflatten(-1, (self.heads, -1)).transpose(1, 2) for p in (a.q, a.k, a.v))
+        # no 1/sqrt(d_kv) scaling in T5; the position bias is added to the scores
+        h = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias, scale=1.0
+        )  # (B, heads, L, d_kv)
+        x = x + a.o(h.transpose(1, 2).flatten(2))  # (B, L, d)
+        h = self.layer[1].layer_norm(x)
+        g = ff.wi_0(h)
+        g = (
+            0.5 * g * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (g + 0.044715 * g.pow(3))))
+        )  # gelu_new
+        return x + ff.wo(g * ff.wi_1(h))
+
+
+class T5Encoder(nn.Module):
+    """T5EncoderModel (no attention mask, as FLUX encodes): embedding, blocks sharing block 0's
+    position bias, final RMS-norm."""
+
+    def __init__(self, config: dict):
+        super().__init__()
+        self.config = SimpleNamespace(**config)
+        c = self.config
+        self.shared = nn.Embedding(c.vocab_size, c.d_model)
+        self.encoder = nn.Module()
+        self.encoder.block = nn.ModuleList(
+            T5Layer(
+                c.d_model,
+                c.num_heads,
+                c.d_kv,
+                c.d_ff,
+                c.layer_norm_epsilon,
+                i == 0,
+                c.relative_attention_num_buckets,
+            )
+            for i in range(c.num_layers)
+        )
+        self.encoder.final_layer_norm = T5Norm(c.d_model, c.layer_norm_epsilon)
+
+    @property
+    def device(self) -> torch.device:
+        return self.shared.weight.device
+
+    def forward(self, ids: Tensor) -> SimpleNamespace:
+        c, blocks = self.config, self.encoder.block
+        buckets = t5_buckets(
+            ids.shape[1], c.relative_attention_num_buckets, c.relative_attention_max_distance
+        )
+        bias = blocks[0].layer[0].SelfAttention.relative_attention_bias(buckets.to(ids.device))
+        bias = bias.permute(2, 0, 1)[None]  # (1, heads, L, L)
+        x = self.shared(ids)  # (B, L, d)
+        for block in blocks:
+            x = block(x, bias)
+        return SimpleNamespace(last_hidden_state=self.encoder.final_layer_norm(x))
+
+
+def toy_tokenizers(folder: Path) -> bool:
+    """Whether both tokenizers are the toy zoo's word-level ones (tokenizer.json, "toy_captions")."""
+    configs = [folder / sub / "tokenizer_config.json" for sub in ("tokenizer", "tokenizer_2")]
+    return all(
+        c.is_file() and json.loads(c.read_text()).get("toy_captions") is True for c in configs
+    )
+
+
+def load_toy_flux_text(folder: Path, device, dtype, max_length: int | None) -> FluxTextEncoder:
+    """The toy zoo's FLUX text layout with the plain-PyTorch CLIP and T5 above."""
+    models = []
+    for cls, sub in ((ClipText, "text_encoder"), (T5Encoder, "text_encoder_2")):
+        with torch.device("meta"):
+            model = cls(read_config(folder / sub, f"toy {cls.__name__}"))
+        sd = read_state_dict(folder / sub, name="model", dtype=dtype, device=device)
+        load_weights(model, sd, str(folder / sub))
+        models.append(model.eval())
+    clip_tok, t5_tok = WordTokenizer(folder / "tokenizer"), WordTokenizer(folder / "tokenizer_2")
+    return FluxTextEncoder(models[0], clip_tok, models[1], t5_tok, max_length)

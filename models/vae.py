@@ -294,8 +294,9 @@ class VAE(nn.Module):
         z = self.post_quant_conv(z) if self.post_quant_conv is not None else z
         return self.decoder(z)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Model-ready latents (B, C, h, w) -> images (B, 3, h·f, w·f) in about [-1, 1]."""
+    def decode(self, z: torch.Tensor, progress=None) -> torch.Tensor:
+        """Model-ready latents (B, C, h, w) -> images (B, 3, h·f, w·f) in about [-1, 1].
+        `progress(done, total)` is called after each tile of a tiled decode."""
         f, p = self.spatial_factor, self.params
         if z.shape[1] != self.latent_channels:
             raise ValueError(
@@ -303,7 +304,7 @@ class VAE(nn.Module):
             )
         z = z.to(self.decoder.conv_in.weight.dtype) / p.scaling_factor + p.shift_factor
         if self.tile_px and max(z.shape[-2:]) * f > self.tile_px:
-            return tiled(self._decode, z, self.tile_px // f, self.overlap_px // f, f)
+            return tiled(self._decode, z, self.tile_px // f, self.overlap_px // f, f, progress)
         return self._decode(z)
 
     @property

@@ -105,3 +105,13 @@ def test_profile_splits_a_step_into_matmul_attention_and_the_rest():
         # both families were found by name
         assert prof["matmul_share"] > 0 and prof["attention_share"] > 0
         assert prof["matmul_gflops"] > 0 and prof["attention_gflops"] > 0
+
+
+def test_timings_under_contention_are_flagged():
+    """bench.py says when other processes kept the CPUs busy; a quiet machine gets no warning."""
+    busy = {"busy": 0.6, "steal": 0.0, "load_per_core": 2.0, "omp_wait_policy": "PASSIVE"}
+    assert bench.contention_note(busy).startswith("WARNING: timings taken under contention: 60% of")
+    quiet = dict(busy, busy=0.02, load_per_core=0.1)
+    assert bench.contention_note(quiet) == "" and bench.contention_note({}) == ""
+    m = bench.cpu_busy(0.05)
+    assert 0 <= m["busy"] <= 1 and 0 <= m["steal"] <= 1 and m["load_per_core"] >= 0

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -240,22 +241,93 @@ def test_true_cfg_on_a_guidance_model_batches_like_one_image_at_a_time(world, tm
         (["--prompts", "/nonexistent.txt"], "no such file"),
         ([], "no prompts"),
         (["--noise", "NOISE"], r"expected a tensor `noise` of shape \(1, 4, 8, 8\)"),
+        (["--noise", "GARBAGE"], r"--noise .*garbage.bin: not a safetensors or torch file"),
+        (
+            ["--prompt", "a", "red", "circle"],
+            '--prompt takes one prompt, got 3 words: quote it, --prompt "a red circle"',
+        ),
+        (["--dtype", "fp8"], "--dtype 'fp8': choose one of auto, fp32, bf16, fp16$"),
+        (["--device", "tpu"], "--device 'tpu': choose one of auto, cpu, cuda$"),
+        (["--shift", "linear"], "--shift 'linear': choose one of flux, dcgen, constant$"),
+        (
+            ["--device", "cuda"],
+            "--device cuda: this torch is built without CUDA .*; use --device cpu$",
+        ),
+        (
+            ["--size", "16y"],
+            "--size '16y': give one number of px \\(4096\\) or WxH \\(4608x3328\\)$",
+        ),
+        (["--png_level", "10"], "--png_level 10: give 0 .* to 9"),
+        (["--out", "OUT/x.jpg"], "sample.py writes PNG; give a name ending in .png, e.g. .*x.png$"),
+        (["--out", "OUT/x"], "sample.py writes PNG; give a name ending in .png"),
+        (["--out", "OUT"], "is a directory; give a file name, e.g. .*sample.png$"),
+        (["--out", "GARBAGE/x.png"], "cannot write in .*garbage.bin .*; choose another --out$"),
     ],
 )
 def test_bad_input_is_one_clear_line(world, tmp_path, argv, message):
+    """Each bad input: exit status 1, one line `error: ...` naming the fix, before any sampling."""
+    if "cuda" in argv and torch.version.cuda is not None:
+        pytest.skip("this torch has CUDA: the message differs")
     save_ckpt({"noise": torch.zeros(1, 4, 4, 4)}, tmp_path / "noise.safetensors")
-    argv = [str(tmp_path / "noise.safetensors") if a == "NOISE" else a for a in argv]
+    (tmp_path / "garbage.bin").write_bytes(b"\x00not a tensor file" * 10)
+    names = {"NOISE": "noise.safetensors", "GARBAGE": "garbage.bin", "OUT": ""}
+    for key, name in names.items():
+        argv = [a.replace(key, str(tmp_path / name).rstrip("/")) for a in argv]
     prompt = [] if not argv or argv[0] == "--prompts" else ["--prompt", "x"]
-    full = ["--model", str(world / "base"), *prompt, "--size", "16", "--steps", "1", *argv]
+    full = ["--model", str(world / "base"), *prompt, "--size", "16", "--steps", "1"]
     r = subprocess.run(
-        [sys.executable, "sample.py", *full, "--out", str(tmp_path / "x.png")],
+        [sys.executable, "sample.py", *full, "--out", str(tmp_path / "x.png"), *argv],
         cwd=ROOT,
         capture_output=True,
         text=True,
     )
-    last = r.stderr.strip().splitlines()[-1]  # (above it: the loaders' progress bars)
-    assert r.returncode != 0 and "Traceback" not in r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "step 1/1" not in r.stdout
     assert last.startswith("error: ") and re.search(message, last), r.stderr
+    assert "Loading weights" not in r.stderr  # no transformers progress bars
+
+
+def test_fp16_size_wxh_and_recipe_in_metadata(world, tmp_path):
+    """--dtype fp16 runs in fp16 (said in the metadata), --size WxH draws W wide and H high, and the
+    metadata holds what remakes the image: dtype, tile and the code's git commit."""
+    (path,) = sample.main(
+        ["--model", str(world / "base"), "--prompt", "a red circle", "--size", "24x16"]
+        + ["--steps", "1", "--dtype", "fp16", "--out", str(tmp_path / "h.png")]
+    )
+    im = Image.open(path)
+    assert im.size == (24, 16) and im.text["size"] == "24x16" and im.text["dtype"] == "float16"
+    assert im.text["tile_px"] == "1024" and re.fullmatch(
+        r"[0-9a-f]{40}(\+dirty)?|unknown", im.text["code"]
+    )
+    assert np.asarray(im).std() > 0  # not NaN-black
+
+
+def test_far_from_the_trained_size_warns_with_the_models_sizes(capsys):
+    sample.warn_far_size(Path("m"), 1024, 1024, trained=4096, cell=256)
+    err = capsys.readouterr().err
+    assert "trained at 4096x4096 px (256 tokens); 1024x1024 px is 16 tokens, far outside" in err
+    assert "4608x3328, 5376x3072, 4608x3584" in err
+    for H, W in ((4096, 4096), (3328, 4608), (5376, 3072), (2048, 2048)):  # the released 4K sizes
+        sample.warn_far_size(Path("m"), H, W, trained=4096, cell=256)
+    assert capsys.readouterr().err == ""
+    assert sample.trained_px(ROOT / "zoo" / "dcgen-4k", 64) == 4096
+    assert sample.trained_px(ROOT / "zoo" / "krea", 8) == 256
+
+
+def test_batch_is_fitted_to_the_memory(monkeypatch, capsys):
+    """A batch whose denoising would not fit is lowered, said with the numbers; a decode that does
+    not fit is refused before any work, naming --tile_px."""
+    ae = SimpleNamespace(params=SimpleNamespace(decoder_block_out_channels=(8, 16)), tile_px=64)
+    model = SimpleNamespace(params=SimpleNamespace(hidden_size=64))
+    cfg = sample.Config(batch=8)
+    decode = sample.decode_bytes(ae, 128, 128, 4)
+    per_image = 16 * (16 + 512) * 64 * 4
+    monkeypatch.setattr(sample, "available_bytes", lambda device: decode + 3 * per_image)
+    assert sample.fit_batch(cfg, model, ae, 16, (128, 128), 8, 4, torch.device("cpu")) == 3
+    assert "--batch 8 needs about" in capsys.readouterr().out
+    monkeypatch.setattr(sample, "available_bytes", lambda device: decode // 2)
+    with pytest.raises(ValueError, match=r"decoding 128x128 px needs about .* lower --tile_px"):
+        sample.fit_batch(cfg, model, ae, 16, (128, 128), 8, 4, torch.device("cpu"))
 
 
 def test_missing_model_folder(tmp_path):

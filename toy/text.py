@@ -16,19 +16,16 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    PreTrainedTokenizerFast,
-    T5Config,
-    T5EncoderModel,
-)
 
 from toy.shapes import parse_caption
+
+if TYPE_CHECKING:  # transformers is imported where an encoder is built: sample.py never needs it
+    from transformers import PreTrainedTokenizerFast, T5EncoderModel
 
 # the key build_toy_text_encoder writes into its tokenizers' tokenizer_config.json
 TOY_CAPTIONS = "toy_captions"
@@ -47,6 +44,7 @@ def word_tokenizer(
     to <unk>. `toy_captions` is saved in its tokenizer_config.json (see knows_only_toy_captions)."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
     from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", "<s>", *words])}
     tk = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
@@ -101,13 +99,15 @@ def build_toy_text_encoder(
     on it drew the two colours wherever the noise put them, whichever was named first
     (docs/toy-zoo.md: a DiT trained on the pretrained T5 follows the words).
     """
+    import transformers  # here, not at the top: sample.py imports this file and never builds
+
     folder = Path(folder)
     words = sorted({w for caption in corpus for w in caption_words(caption)})
     toy = all(caption_problem(caption) is None for caption in corpus)
     word_tokenizer(words, "<s> $A </s>", 77, toy).save_pretrained(folder / "tokenizer")
     word_tokenizer(words, "$A </s>", max_length, toy).save_pretrained(folder / "tokenizer_2")
     V = len(words) + 4
-    clip_cfg = CLIPTextConfig(
+    clip_cfg = transformers.CLIPTextConfig(
         vocab_size=V,
         hidden_size=dim,
         intermediate_size=2 * dim,
@@ -119,7 +119,7 @@ def build_toy_text_encoder(
         eos_token_id=1,
         bos_token_id=3,
     )
-    t5_cfg = T5Config(
+    t5_cfg = transformers.T5Config(
         vocab_size=V,
         d_model=dim,
         d_kv=dim // 4,
@@ -135,13 +135,13 @@ def build_toy_text_encoder(
     )
     with torch.random.fork_rng(devices=[]):  # the caller's random stream is left untouched
         torch.manual_seed(seed)
-        clip, t5 = CLIPTextModel(clip_cfg), T5EncoderModel(t5_cfg)
+        clip, t5 = transformers.CLIPTextModel(clip_cfg), transformers.T5EncoderModel(t5_cfg)
         # NOTE(deviation): toy-only init and pretraining (see the docstring); real encoders are
         # loaded as stored.
         bias = t5.encoder.block[0].layer[0].SelfAttention.relative_attention_bias
         nn.init.normal_(bias.weight, std=3.0)
         if roles is not None:
-            tokenizer = PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2")
+            tokenizer = transformers.PreTrainedTokenizerFast.from_pretrained(folder / "tokenizer_2")
             tok = dict(padding="max_length", max_length=max_length, truncation=True)
             ids = tokenizer(corpus, return_tensors="pt", **tok).input_ids  # (N, max_length)
             labels = torch.full_like(ids, -100)  # T5's tokens are the words, then </s> and pads
