@@ -26,7 +26,7 @@ from torch import nn
 
 from models.autoencoder import load_autoencoder
 from models.flux import Flux
-from models.loading import atomic_write, read_config, save_pretrained
+from models.loading import atomic_write, check_links, read_config, save_pretrained
 from models.sana import Sana
 from models.svdquant import is_quantized, load_quantized
 from models.text import load_text_encoder
@@ -137,6 +137,7 @@ def load_pipeline(
     """Load the `parts` of a model folder; a missing part is named in the error with what the folder
     holds."""
     folder = Path(folder)
+    check_links(folder)  # a linked AE or text encoder that was moved: named with its target
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     need = {
