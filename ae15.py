@@ -58,6 +58,7 @@ from models import vae
 from models.ae_losses import LPIPS, Reconstruct, patch_discriminator, psnr, ssim
 from models.autoencoder import PRESETS as AE_PRESETS
 from models.autoencoder import autoencoder_params, build_autoencoder, load_autoencoder
+from models.loading import staged_folder
 from toy.score import score
 from toy.shapes import ShapesDataset
 from training import latest_checkpoint
@@ -396,9 +397,8 @@ def export(
     measure_latent_scale(
         ae, torch.stack([ds[i]["image"] for i in range(min(64, len(ds)))]).to(device)
     )
-    save_pretrained(
-        out / "ae", {k: v.detach().cpu() for k, v in ae.state_dict().items()}, ae.config()
-    )
+    with staged_folder(out / "ae") as tmp:  # renamed into place once complete
+        save_pretrained(tmp, {k: v.detach().cpu() for k, v in ae.state_dict().items()}, ae.config())
     for c, r in evaluate(ae, cfg, show, device).items():
         print0(
             f"eval channels {c} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()), log_file=log

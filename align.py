@@ -63,6 +63,7 @@ from common import (
 )
 from data import ImageFolder, LatentCache, StepSampler
 from models.autoencoder import load_autoencoder
+from models.loading import staged_folder
 from models.pipeline import load_pipeline, read_shift, write_pipeline
 from models.text import drop_text, load_text_encoder
 from plan import check_run
@@ -345,7 +346,8 @@ def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: Embed
     new.load_state_dict(sd, strict=True, assign=True)
     shift, value = (cfg.shift, cfg.shift_value) if cfg.shift else read_shift(cfg.base)
     out = Path(cfg.out_dir) / "model"
-    write_pipeline(out, new, cache.meta["student_ae"], cache.meta["text"], shift, value)
+    with staged_folder(out) as tmp:  # renamed into place once complete
+        write_pipeline(tmp, new, cache.meta["student_ae"], cache.meta["text"], shift, value)
     print0(
         f"student model (new embedder, fresh head) -> {out}", log_file=Path(cfg.out_dir) / "log.txt"
     )
@@ -462,9 +464,10 @@ def head_stage(cfg: HeadConfig, d) -> None:
         model = build()
         sd = merged_state_dict(model, load_ckpt(last)["model"], dtype, last)
         init = Path(cfg.init)
-        write_pipeline(
-            out / "model", model, init / "vae", init, cfg.shift, cfg.shift_value, state_dict=sd
-        )
+        with staged_folder(out / "model") as tmp:  # renamed into place once complete
+            write_pipeline(
+                tmp, model, init / "vae", init, cfg.shift, cfg.shift_value, state_dict=sd
+            )
         print0(f"student model (aligned embedder and head) -> {out / 'model'}", log_file=log)
 
 

@@ -51,6 +51,9 @@ def parse_config(cls: type, argv: list[str] | None = None):
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    parser.print_usage = lambda file=None: (
+        None
+    )  # a bad flag: argparse's one error line (--help has the rest)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -94,9 +97,8 @@ class UsageError(SystemExit):
 
 
 def run_main(main: typing.Callable):
-    """Run a stage's `main`: bad input (UsageError, or a ValueError, OSError or assert whose message names the file or
-    flag) or too little memory ends in one line `error: ...` on stderr, exit status 2. Other errors are bugs and keep
-    their traceback, as all do with DCGEN_TRACEBACK=1."""
+    """Run a stage's `main`: bad input (UsageError; a ValueError, OSError or assert naming the file or flag) or too
+    little memory ends in one line `error: ...` on stderr, status 2; bugs keep the traceback (all: DCGEN_TRACEBACK=1)"""
     try:
         return main()
     except (UsageError, Exception) as e:
@@ -107,7 +109,8 @@ def run_main(main: typing.Callable):
         line = " ".join(str(e.code if isinstance(e, SystemExit) else e).split())
         if oom:
             batch = next((c.batch_size for c in reversed(PARSED) if hasattr(c, "batch_size")), "?")
-            line = f"out of memory at --batch_size {batch} ({line[:160]}): lower --batch_size, add "
+            line = next((s for s in line.split(". ") if "allocate" in s), line)  # what it tried
+            line = f"out of memory at --batch_size {batch} ({line[:120]}): lower --batch_size, add "
             line += "--grad_checkpointing (DiT stages), or size the run first with `python plan.py`"
         print(f"error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -271,10 +274,9 @@ def save_ckpt(obj, path: str | Path, metadata: dict[str, str] | None = None) -> 
 
 def load_ckpt(path: str | Path, device: str | torch.device = "cpu"):
     """Load a checkpoint written by save_ckpt: safetensors, or torch.load with weights_only=True (no pickled code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    return read_file(path, device)  # a truncated or corrupt file: a ValueError that names it
+    return read_file(
+        path, device
+    )  # missing: FileNotFoundError; truncated or corrupt: a ValueError naming it
 
 
 def save_image_grid(

@@ -46,6 +46,7 @@ from common import (
     save_config,
     seed_everything,
 )
+from models.loading import staged_folder
 from models.pipeline import load_pipeline, write_pipeline
 from models.text import drop_text
 from training import (
@@ -168,9 +169,8 @@ def merge(cfg: Config) -> Path:
     use_ema = cfg.merge_ema and bool(ckpt["ema"])
     sd = merged_state_dict(student, ckpt["ema"] if use_ema else ckpt["model"], dtype, cfg.merge)
     init = Path(run.init)
-    write_pipeline(
-        cfg.out_dir, student, init / "vae", init, run.shift, run.shift_value, state_dict=sd
-    )
+    with staged_folder(cfg.out_dir) as tmp:  # renamed into place once complete
+        write_pipeline(tmp, student, init / "vae", init, run.shift, run.shift_value, state_dict=sd)
     print(
         f"distilled model (step {ckpt['step']}, {'EMA' if use_ema else 'raw'} weights) -> {cfg.out_dir}"
     )

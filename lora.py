@@ -53,6 +53,7 @@ from common import (
 )
 from data import LatentCache
 from models.flux import PRESETS, Flux
+from models.loading import staged_folder
 from models.pipeline import load_pipeline, write_pipeline
 from models.text import drop_text
 from plan import check_run
@@ -165,7 +166,8 @@ def merge(cfg: Config) -> Path:
     else:
         meta = LatentCache(run.cache).meta
         ae, text = meta[f"{run.latent}_ae"], meta["text"]
-    write_pipeline(cfg.out_dir, model, ae, text, run.shift, run.shift_value, state_dict=sd)
+    with staged_folder(cfg.out_dir) as tmp:  # renamed into place once complete
+        write_pipeline(tmp, model, ae, text, run.shift, run.shift_value, state_dict=sd)
     which = "EMA" if use_ema else "raw"
     print(
         f"merged {which} weights of {cfg.merge} (step {ckpt['step']}) into {run.init or run.preset}; model folder "

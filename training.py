@@ -118,33 +118,36 @@ def latest_checkpoint(out_dir, log=None, keys=("model", "optimizer", "step")) ->
     for path in sorted(Path(out_dir).glob("ckpt_*.pt"), reverse=True):
         try:
             ckpt = load_ckpt(path)
-            problem = f"no {[k for k in keys if k not in ckpt]}" if set(keys) - set(ckpt) else ""
-        except ValueError as e:  # load_ckpt's "truncated or corrupt"
+            missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+            problem = f"{path} holds no {missing}: not a training checkpoint" if missing else ""
+        except ValueError as e:  # load_ckpt's "<path> is truncated or corrupt (...)"
             problem = str(e)
         if not problem:
             return path, ckpt
-        print0(
-            f"warning: skipping {path}: {problem}; trying the checkpoint before it", log_file=log
-        )
+        print0(f"warning: {problem}; skipped, trying the checkpoint before it", log_file=log)
     return None, None
 
 
 def cache_rows(cache: LatentCache, rows, keys: list[str]) -> str:
-    """Where a non-finite loss came from: the batch's cache rows (shard file and row) whose cached values are not
-    finite, or, when all are finite, the batch's rows (the model diverged)."""
+    """Where a non-finite loss came from: the batch's cache rows (by shard file) whose cached values are not finite,
+    or, when all are finite, the batch's rows (the model diverged)."""
     rows = torch.as_tensor(rows).tolist()
     values = cache.get(rows, keys)
     bad = [r for i, r in enumerate(rows) if not all(v[i].isfinite().all() for v in values.values())]
     shards = cache.meta["shards"]
     starts = [0, *itertools.accumulate(s["rows"] for s in shards)]
-
-    def where(r: int) -> str:
+    by_shard = {}  # shard file -> its rows
+    for r in sorted(bad or rows):
         s = bisect.bisect_right(starts, r) - 1
-        return f"{shards[s]['file']} row {r - starts[s]}"
-
-    if bad:
-        return f"non-finite cached values in {', '.join(map(where, bad[:4]))} of {cache.folder}"
-    return f"batch {', '.join(map(where, rows[:4]))}... of {cache.folder} is finite: the model diverged"
+        by_shard.setdefault(shards[s]["file"], []).append(str(r - starts[s]))
+    where = (
+        ", ".join(f"{f} rows {' '.join(r)}" for f, r in by_shard.items()) + f" of {cache.folder}"
+    )
+    return (
+        f"non-finite cached values in {where}"
+        if bad
+        else f"batch {where} is finite: the model diverged"
+    )
 
 
 def full_layers(model: nn.Module) -> tuple[str, ...]:

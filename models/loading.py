@@ -6,11 +6,13 @@ Writing (`save_pretrained`) lives here too, so one file knows the format both wa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import safetensors.torch
@@ -29,11 +31,16 @@ def read_json(path: str | Path) -> dict:
         ) from e
 
 
-def check_links(folder: str | Path) -> None:
+def check_links(folder: str | Path, names: list[str] | None = None) -> None:
     """A model folder links its AE and text encoders to where they live (models/pipeline.py): a link whose target was
-    moved or deleted is named with its target, not reported as a missing part."""
+    moved or deleted (the folder itself, or its entries `names`, default all) is named with its target, not
+    reported as a missing part."""
     folder = Path(folder)
-    for p in sorted(folder.iterdir()) if folder.is_dir() else [folder]:
+    if not folder.is_dir():
+        paths = [folder]
+    else:
+        paths = sorted(folder.iterdir()) if names is None else [folder / n for n in names]
+    for p in paths:
         if p.is_symlink() and not p.exists():
             raise FileNotFoundError(
                 f"{p} is a symbolic link to {os.readlink(p)}, which does not exist (moved or deleted?)"
@@ -43,6 +50,8 @@ def check_links(folder: str | Path) -> None:
 def read_file(path: str | Path, device: str | torch.device = "cpu"):
     """A safetensors file's tensors, or a torch.save file read with weights_only=True (no pickled code). A truncated
     or corrupt file is a ValueError naming it, not the reader's "incomplete metadata" or "central directory"."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
     try:
         if Path(path).suffix == ".safetensors":
             return safetensors.torch.load_file(path, device=str(device))
@@ -50,12 +59,19 @@ def read_file(path: str | Path, device: str | torch.device = "cpu"):
     except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
         if isinstance(e, torch.OutOfMemoryError) or "allocate memory" in str(e):
             raise
-        raise ValueError(f"{path} is truncated or corrupt ({short(e)})") from e
+        what = (
+            "corrupt or not a weights-only torch checkpoint"
+            if isinstance(e, pickle.UnpicklingError)
+            else ""
+        )
+        raise ValueError(f"{path} is {what or 'truncated or corrupt'} ({short(e)})") from e
 
 
 def short(e: BaseException) -> str:
-    """The first line of an exception's message, at most 100 characters."""
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:100]
+    """The gist of a reader's error in one short line: weights-only loading's own reason (after its paragraph on
+    torch 2.6's default), else the first sentence."""
+    text = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+    return " ".join(text.split()).split(". ")[0][:100] or type(e).__name__
 
 
 def read_config(folder: str | Path, what: str) -> dict:
@@ -162,6 +178,38 @@ def atomic_write(path: str | Path, write: Callable) -> None:
         os.replace(tmp, path)  # atomic on POSIX
     except BaseException:
         os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def staged_folder(folder: str | Path) -> Iterator[Path]:
+    """A whole folder written under a temporary name beside `folder`, then renamed into place: a crash leaves the
+    old folder or the new one, never half of one. What is replaced must be a model folder (model_index.json, or
+    config.json with weights, and no checkpoints); a run's folder or anything else there is refused."""
+    folder = Path(folder)
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    weights = any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names)
+    model = "model_index.json" in names or ("config.json" in names and weights)
+    if (names and not model) or any(n.startswith("ckpt_") for n in names) or folder.is_file():
+        raise FileExistsError(
+            f"{folder} exists and is not a model folder: write the model to a new folder"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(
+        tmp, 0o777 & ~umask
+    )  # mkdtemp's folder is private (0700): give it a normal folder's mode
+    try:
+        yield tmp
+        old = folder.with_name(f"{tmp.name}.old")
+        if names:  # the old folder out of the way, the new one in: two renames on one file system
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 

@@ -137,7 +137,7 @@ def load_pipeline(
     """Load the `parts` of a model folder; a missing part is named in the error with what the folder
     holds."""
     folder = Path(folder)
-    check_links(folder)  # a linked AE or text encoder that was moved: named with its target
+    check_links(folder, [])  # the folder itself a link to a moved one: named with its target
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     need = {
@@ -145,6 +145,7 @@ def load_pipeline(
         "vae": "vae/config.json",
         "text": "text_encoder/config.json",
     }
+    check_links(folder, [need[p].split("/")[0] for p in parts])  # a moved AE or text encoder
     missing = [need[p] for p in parts if not (folder / need[p]).is_file()]
     if missing:
         found = sorted(p.name for p in folder.iterdir())

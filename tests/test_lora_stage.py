@@ -216,13 +216,17 @@ def test_guide_loss_recovers_the_conditional_velocity():
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
     cache = make_cache(tmp_path / "cache", nan=True)
-    nan = r"loss is nan at step 1 \(non-finite cached values in shard_0000\d\.safetensors row \d, .*\); last good checkpoint: None"
+    nan = r"loss is nan at step 1 \(non-finite cached values in shard_0000\d\.safetensors rows \d"
+    nan += r".*\); last good checkpoint: None"
     with pytest.raises(UsageError, match=nan):
         lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "3")))
     assert not list((tmp_path / "out").glob("ckpt_*.pt"))
     cache = make_cache(tmp_path / "cache2")
     out = tmp_path / "diverge"
-    diverged = r"at step \d+ \(batch shard_\d+\.safetensors row \d.* is finite: the model diverged\); last good checkpoint: .*ckpt_\d{7}\.pt"
+    diverged = (
+        r"at step \d+ \(batch shard_\d+\.safetensors rows \d.* is finite: the model diverged\); "
+    )
+    diverged += r"last good checkpoint: .*ckpt_\d{7}\.pt"
     with pytest.raises(UsageError, match=diverged):
         lora.main(
             lora.parse_config(

@@ -17,7 +17,8 @@ from test_lora_stage import args, losses, make_cache
 
 import lora
 from common import Dtype, load_ckpt, parse_config, run_main, save_ckpt
-from models.loading import read_state_dict, save_pretrained
+from models.loading import read_state_dict, save_pretrained, staged_folder
+from models.pipeline import load_pipeline
 
 from tiny_world import build_world
 
@@ -55,7 +56,7 @@ def test_resume_skips_a_truncated_checkpoint_and_repeats_the_run(tmp_path, capsy
     lora.main(parse_config(lora.Config, [*run, "--resume"]))
     log = (out / "log.txt").read_text()
     print(log)
-    assert f"warning: skipping {newest}: {newest} is truncated or corrupt" in log
+    assert f"warning: {newest} is truncated or corrupt (" in log
     assert f"resumed from {out / 'ckpt_0000001.pt'} at step 1" in log
     assert sorted(losses(out)) == [2] and losses(out)[2] == full[2]
     again = load_ckpt(newest)
@@ -162,11 +163,20 @@ def test_corrupt_model_files_are_named(world, tmp_path, capsys):
 
     linked = tmp_path / "linked"
     shutil.copytree(world / "base", linked, symlinks=True)  # relative links, now pointing nowhere
+    line = one_line(capsys, lambda: load_pipeline(linked))  # what sample.py loads: all parts
+    assert (
+        line
+        == f"error: {linked / 'vae'} is a symbolic link to ../teacher_ae, which does not exist (moved or deleted?)"
+    )
+    assert (
+        load_pipeline(linked, parts=("transformer",)).transformer is not None
+    )  # training needs no AE
+    shutil.rmtree(linked / "transformer")
+    (linked / "transformer").symlink_to(tmp_path / "moved")
     cfg = lora.Config(init=str(linked), cache=str(cache), out_dir=str(tmp_path / "o"), steps=1)
     line = one_line(capsys, lambda: lora.main(cfg))
-    assert (
-        f"{linked / 'text_encoder'} is a symbolic link to ../text/text_encoder, which does not exist"
-        in line
+    assert line.startswith(
+        f"error: {linked / 'transformer'} is a symbolic link to {tmp_path / 'moved'}, which"
     )
 
 
@@ -174,8 +184,18 @@ def test_corrupt_checkpoint_and_noise_files_are_named(tmp_path, capsys):
     bad = tmp_path / "ckpt_0000010.pt"
     bad.write_bytes(b"not a checkpoint" * 10)
     cfg = lora.Config(merge=str(bad), out_dir=str(tmp_path / "m"))
-    assert one_line(capsys, lambda: lora.main(cfg)).startswith(
-        f"error: {bad} is truncated or corrupt ("
+    line = one_line(capsys, lambda: lora.main(cfg))
+    assert (
+        line
+        == f"error: {bad} is corrupt or not a weights-only torch checkpoint (Unsupported operand 110)"
+    )
+    truncated = tmp_path / "ckpt_0000011.pt"
+    save_ckpt({"model": {"w": torch.zeros(1000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    cfg = lora.Config(merge=str(truncated), out_dir=str(tmp_path / "m"))
+    line = one_line(capsys, lambda: lora.main(cfg))
+    assert line.startswith(
+        f"error: {truncated} is truncated or corrupt (PytorchStreamReader failed"
     )
     noise = tmp_path / "noise.safetensors"  # what sample.py --noise reads with common.load_ckpt
     noise.write_bytes(b"\x00" * 3)
@@ -199,3 +219,32 @@ def test_the_script_prints_one_line_and_the_traceback_on_request(tmp_path):
         argv, cwd=ROOT, env={**env, "DCGEN_TRACEBACK": "1"}, capture_output=True, text=True
     )
     assert r.returncode == 1 and "Traceback (most recent call last)" in r.stderr
+
+
+def test_a_model_folder_appears_whole_or_not_at_all(tmp_path):
+    """staged_folder: the new folder replaces a model folder only once complete; a crash while writing leaves the
+    old one and no temporary folder; a run's folder (checkpoints) is never replaced."""
+    folder = tmp_path / "model"
+    with staged_folder(folder) as tmp:
+        save_pretrained(tmp, {"w": torch.zeros(3)}, {"v": 1})
+    with pytest.raises(KeyboardInterrupt), staged_folder(folder) as tmp:
+        save_pretrained(tmp, {"w": torch.ones(3)}, {"v": 2})
+        raise KeyboardInterrupt  # Ctrl-C before the folder is complete
+    assert torch.equal(read_state_dict(folder)["w"], torch.zeros(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+    with staged_folder(folder) as tmp:
+        save_pretrained(tmp, {"w": torch.ones(3)}, {"v": 2}, name="other")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "other.safetensors"]
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "ckpt_0000001.pt").write_bytes(b"")
+    with pytest.raises(FileExistsError, match="is not a model folder"), staged_folder(run):
+        pass
+    assert (run / "ckpt_0000001.pt").exists()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
