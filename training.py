@@ -141,7 +141,7 @@ def cache_rows(cache: LatentCache, rows, keys: list[str]) -> str:
         s = bisect.bisect_right(starts, r) - 1
         by_shard.setdefault(shards[s]["file"], []).append(str(r - starts[s]))
     where = (
-        ", ".join(f"{f} rows {' '.join(r)}" for f, r in by_shard.items()) + f" of {cache.folder}"
+        "; ".join(f"{f} rows {', '.join(r)}" for f, r in by_shard.items()) + f" of {cache.folder}"
     )
     return (
         f"non-finite cached values in {where}"

@@ -141,6 +141,16 @@ def test_out_of_memory_names_the_batch_size_and_the_fixes(tmp_path, capsys):
     assert line.startswith("error: out of memory at --batch_size 64 (")
     assert "lower --batch_size, add --grad_checkpointing" in line and "python plan.py" in line
 
+    def cuda_oom():  # CUDA's message, as torch 2.x words it
+        raise torch.OutOfMemoryError(
+            "CUDA out of memory. Tried to allocate 2.00 GiB. GPU 0 has a total capacity"
+        )
+
+    line = one_line(capsys, cuda_oom)
+    assert line.startswith(
+        "error: out of memory at --batch_size 64 (Tried to allocate 2.00 GiB): lower"
+    )
+
 
 def test_corrupt_model_files_are_named(world, tmp_path, capsys):
     """Truncated weights, invalid JSON, a link to a moved AE: each named, in one line."""
