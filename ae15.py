@@ -272,10 +272,12 @@ def train_step(
 
 
 def check_finite(loss: float, step: int, out: Path) -> None:
-    """Stop at a NaN or infinite loss, before it is saved over the last good checkpoint."""
+    """Stop at a NaN or infinite loss of step index `step` (logged as step + 1), before it is saved over the last
+    good checkpoint. Images are finite, so the model diverged."""
     if not math.isfinite(loss):
-        raise RuntimeError(
-            f"loss is {loss} at step {step}; the last good checkpoint is kept in {out}"
+        raise UsageError(
+            f"loss is {loss} at step {step + 1} (the images are finite: the model diverged; lower --lr or raise "
+            f"--warmup); the last good checkpoint is kept in {out}"
         )
 
 

@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_reliability.py
 """
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -133,6 +134,32 @@ def test_nan_loss_names_the_step_shard_and_rows(tmp_path, capsys):
     line = one_line(capsys, lambda: lora.main(cfg))
     assert line.startswith("error: loss is nan at step 1 (non-finite cached values in shard_0000")
     assert line.endswith("; last good checkpoint: None")
+
+
+def test_ae15_nan_loss_is_one_line(tmp_path, monkeypatch, capsys):
+    import ae15
+
+    tiny = (
+        "--model tiny-1.5 --size_px 32 --batch_size 2 --device cpu --sample_every 100 --log_every 1"
+    )
+    argv = [
+        *tiny.split(),
+        "--steps",
+        "3",
+        "--lr",
+        "1e30",
+        "--warmup",
+        "1",
+        "--out_dir",
+        str(tmp_path),
+    ]
+    monkeypatch.setattr(sys, "argv", ["ae15.py", *argv])
+    line = one_line(capsys, ae15.main)
+    assert re.match(
+        r"error: loss is (nan|inf) at step 2 \(the images are finite: the model diverged", line
+    )
+    assert "step 0000001/" in (tmp_path / "log.txt").read_text()  # the step before it was finite
+    assert not list(tmp_path.glob("ckpt_*.pt"))
 
 
 def test_out_of_memory_names_the_batch_size_and_the_fixes(tmp_path, capsys):
