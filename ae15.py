@@ -27,6 +27,7 @@ import math
 import resource
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,13 +35,17 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
+    Device,
+    Dtype,
+    UsageError,
+    atomic_write,
     cleanup_dist,
     draw_prefixes,
     init_dist,
-    load_ckpt,
     parse_config,
     print0,
     run_info,
+    run_main,
     save_ckpt,
     save_config,
     save_image_grid,
@@ -53,8 +58,10 @@ from models import vae
 from models.ae_losses import LPIPS, Reconstruct, patch_discriminator, psnr, ssim
 from models.autoencoder import PRESETS as AE_PRESETS
 from models.autoencoder import autoencoder_params, build_autoencoder, load_autoencoder
+from models.loading import staged_folder
 from toy.score import score
 from toy.shapes import ShapesDataset
+from training import latest_checkpoint
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
@@ -69,7 +76,7 @@ class Config:
     data: str = "shapes"  # "shapes" (procedural captioned shapes, data.py) or an image folder
     size_px: int = 128  # training / eval image size (square)
     zoom: tuple[float, float] = (1.0, 1.0)  # shapes only: train on size_px crops of scenes rendered up to x zoom
-    mask: str = "prefix"  # "prefix": DC-AE 1.5 channel masking; "none": DC-AE 1.0-style, full latent only
+    mask: Literal["prefix", "none"] = "prefix"  # prefix: DC-AE 1.5 channel masking; none: DC-AE 1.0, full latent
     prefixes: tuple[int, ...] = ()  # candidate c' set; empty: 16, 20, ..., C when C >= 64, else C/8, 2C/8, ..., C
     num_prefixes: int = 2  # K: channel prefixes decoded per step (one encoder pass)
     always_max: bool = True  # for K >= 2, one of the K prefixes is always c' = C (official always_sample_max_channel)
@@ -95,8 +102,8 @@ class Config:
     out_dir: str = "out/ae15"  # where everything goes
     resume: bool = False  # continue from the newest out_dir/ckpt_*.pt
     seed: int = 0  # base seed (rank r uses seed + r; prefixes and data are shared-seeded per step)
-    device: str = "auto"  # "auto", "cpu" or "cuda"
-    dtype: str = "fp32"  # fp32, or bf16: autocast over fp32 weights (faster on GPUs and on CPUs with AVX512-BF16)
+    device: Device = "auto"  # "auto", "cpu" or "cuda"
+    dtype: Dtype = "fp32"  # fp32, or bf16: autocast over fp32 weights (faster on GPUs and on CPUs with AVX512-BF16)
     num_workers: int = 0  # DataLoader workers per rank
     dry_run: bool = False  # print the config and parameter counts, then exit
     # fmt: on
@@ -118,13 +125,6 @@ def check_flags(cfg: Config) -> None:
             "--lpips_weight needs --lpips_path: LPIPS/VGG weights cannot be downloaded here and are not bundled; "
             "put torchvision's vgg16-397923af.pth and lpips' v0.1 vgg.pth in a folder and pass it"
         )
-
-
-def latest_checkpoint(out: Path) -> Path:
-    ckpts = sorted(out.glob("ckpt_*.pt"))
-    if not ckpts:
-        raise FileNotFoundError(f"--resume: no ckpt_*.pt in {out}")
-    return ckpts[-1]
 
 
 def load_ae(cfg: Config, ckpt: dict | None) -> nn.Module:
@@ -272,10 +272,12 @@ def train_step(
 
 
 def check_finite(loss: float, step: int, out: Path) -> None:
-    """Stop at a NaN or infinite loss, before it is saved over the last good checkpoint."""
+    """Stop at a NaN or infinite loss of step index `step` (logged as step + 1), before it is saved over the last
+    good checkpoint. Images are finite, so the model diverged."""
     if not math.isfinite(loss):
-        raise RuntimeError(
-            f"loss is {loss} at step {step}; the last good checkpoint is kept in {out}"
+        raise UsageError(
+            f"loss is {loss} at step {step + 1} (the images are finite: the model diverged; lower --lr or raise "
+            f"--warmup); the last good checkpoint is kept in {out}"
         )
 
 
@@ -368,10 +370,8 @@ def run_eval(ae: nn.Module, cfg: Config, show: list[int], dist, out: Path) -> No
     for c, r in res.items():
         print0(f"channels {c:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()))
     if dist.master:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(
-            json.dumps({"init": cfg.init or cfg.model, "n": cfg.eval_n, **res}, indent=2)
-        )
+        report = json.dumps({"init": cfg.init or cfg.model, "n": cfg.eval_n, **res}, indent=2)
+        atomic_write(out / "eval.json", lambda f: f.write(report.encode()))
         save_image_grid(
             recon_grid(ae, eval_batch(cfg, 4).to(dist.device), show), out / "eval.png", nrow=4
         )
@@ -399,9 +399,8 @@ def export(
     measure_latent_scale(
         ae, torch.stack([ds[i]["image"] for i in range(min(64, len(ds)))]).to(device)
     )
-    save_pretrained(
-        out / "ae", {k: v.detach().cpu() for k, v in ae.state_dict().items()}, ae.config()
-    )
+    with staged_folder(out / "ae") as tmp:  # renamed into place once complete
+        save_pretrained(tmp, {k: v.detach().cpu() for k, v in ae.state_dict().items()}, ae.config())
     for c, r in evaluate(ae, cfg, show, device).items():
         print0(
             f"eval channels {c} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()), log_file=log
@@ -422,13 +421,15 @@ def main():
     dist = init_dist(cfg.device)
     seed_everything(cfg.seed + dist.rank)
     log = out / "log.txt"
-    resume_from = latest_checkpoint(out) if cfg.resume else None
+    # the newest readable checkpoint (a truncated newer one is named and skipped)
+    resume_from, ckpt = latest_checkpoint(out, log) if cfg.resume else (None, None)
+    if cfg.resume and ckpt is None:
+        raise UsageError(f"--resume: no readable ckpt_*.pt in {out}")
     if not cfg.eval and not cfg.dry_run:
         save_config(cfg, out)
         print0(" ".join(f"{k} {v}" for k, v in run_info(dist.world_size).items()), log_file=log)
 
     # --- models: the AE (fresh preset, --init folder, or the --resume checkpoint's config), then the loss networks
-    ckpt = load_ckpt(resume_from) if cfg.resume else None
     ae = load_ae(cfg, ckpt).to(dist.device)
     C = ae.latent_channels
     cands = candidate_prefixes(C, cfg.prefixes)
@@ -492,4 +493,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

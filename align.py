@@ -37,6 +37,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.distributed as dist
@@ -45,12 +46,16 @@ from einops import rearrange
 from torch import nn
 
 from common import (
+    Device,
+    Dtype,
+    Shift,
     cleanup_dist,
     init_dist,
     load_ckpt,
     parse_config,
     print0,
     run_info,
+    run_main,
     save_ckpt,
     save_config,
     seed_everything,
@@ -58,7 +63,8 @@ from common import (
 )
 from data import ImageFolder, LatentCache, StepSampler
 from models.autoencoder import load_autoencoder
-from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
+from models.loading import staged_folder
+from models.pipeline import load_pipeline, read_shift, write_pipeline
 from models.text import drop_text, load_text_encoder
 from plan import check_run
 from toy.shapes import ShapesDataset
@@ -67,7 +73,9 @@ from training import (
     draw,
     flow_matching_loss,
     guide_loss,
+    latest_checkpoint,
     merged_state_dict,
+    open_cache,
     prepare,
     train,
     with_shift,
@@ -120,9 +128,9 @@ class EmbedConfig:
     out_dir: str = "out/embed"  # checkpoints, log.txt, config.json, model/ (the assembled student)
     base: str = ""  # the base model folder (its transformer and its patch embedder)
     cache: str = "out/cache"  # the latent cache, with both latents
-    align: str = "upsample"  # loss: upsample (official default) or downsample (DC-Gen Eq. (1))
+    align: Literal["upsample", "downsample"] = "upsample"  # loss: upsample (official default) or downsample (Eq. (1))
     patch_size: int = 1  # patch size of the student model (DC-Gen: 1)
-    shift: str = ""  # noise-level shift written to the model folder: "" the base folder's own (what sample.py uses
+    shift: Shift = ""  # noise-level shift written to the model folder: "" the base folder's own (what sample.py uses
     # for it), flux, dcgen or constant (common.shift_factor)
     shift_value: float = 3.0  # r of --shift constant
     steps: int = 20_000  # optimizer steps
@@ -130,8 +138,8 @@ class EmbedConfig:
     lr: float = 1e-4  # learning rate (constant)
     beta2: float = 0.95  # AdamW beta2 (beta1 0.9)
     clip_grad: float = 0.0  # max gradient norm (0: none)
-    device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32 or bf16 (the frozen base in bf16)
+    device: Device = "auto"  # auto, cuda or cpu
+    dtype: Dtype = "fp32"  # fp32 or bf16 (the frozen base in bf16)
     seed: int = 0  # the fresh embedder's init and the data order
     log_every: int = 10  # steps between log lines
     save_every: int = 1000  # steps between checkpoints
@@ -148,8 +156,8 @@ class HeadConfig:
     out_dir: str = "out/head"  # checkpoints, log.txt, config.json, model/ (the complete student)
     init: str = ""  # the embed stage's model folder
     cache: str = "out/cache"  # the latent cache, with student latents and text states
-    loss: str = "auto"  # auto (guide loss if the model embeds guidance, else flow matching), fm or guide
-    shift: str = ""  # training noise-level shift: "" the --init folder's own, flux, dcgen or constant
+    loss: Literal["auto", "fm", "guide"] = "auto"  # fm: flow matching; auto: guide if the model embeds guidance
+    shift: Shift = ""  # training noise-level shift: "" the --init folder's own, flux, dcgen or constant
     shift_value: float = 3.0  # r of --shift constant
     steps: int = 5000  # optimizer steps
     batch_size: int = 64  # global batch, split over the ranks
@@ -157,8 +165,8 @@ class HeadConfig:
     warmup: int = 1000  # linear warm-up steps, then constant
     beta2: float = 0.999  # AdamW beta2 (beta1 0.9)
     clip_grad: float = 0.1  # max global gradient norm (0: none)
-    device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32 or bf16 (frozen weights in bf16, autocast; the two trained layers fp32)
+    device: Device = "auto"  # auto, cuda or cpu
+    dtype: Dtype = "fp32"  # fp32 or bf16 (frozen weights in bf16, autocast; the two trained layers fp32)
     fsdp: bool = False  # shard the model (FSDP2, per block) instead of DDP
     grad_checkpointing: bool = False  # recompute block activations in backward
     seed: int = 0  # data order and draws
@@ -338,7 +346,8 @@ def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: Embed
     new.load_state_dict(sd, strict=True, assign=True)
     shift, value = (cfg.shift, cfg.shift_value) if cfg.shift else read_shift(cfg.base)
     out = Path(cfg.out_dir) / "model"
-    write_pipeline(out, new, cache.meta["student_ae"], cache.meta["text"], shift, value)
+    with staged_folder(out) as tmp:  # renamed into place once complete
+        write_pipeline(tmp, new, cache.meta["student_ae"], cache.meta["text"], shift, value)
     print0(
         f"student model (new embedder, fresh head) -> {out}", log_file=Path(cfg.out_dir) / "log.txt"
     )
@@ -366,9 +375,10 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
     seed_everything(cfg.seed + d.rank)
     model = wrap_model(student, d)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, cfg.beta2), weight_decay=0.0)
-    step, ckpt = 0, max(out.glob("ckpt_*.pt"), default=None) if cfg.resume else None
+    step = 0
+    # the newest readable checkpoint (a truncated newer one is named and skipped)
+    ckpt, state = latest_checkpoint(out, log) if cfg.resume else (None, None)
     if ckpt is not None:
-        state = load_ckpt(ckpt, d.device)
         student.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         step = state["step"]
@@ -454,9 +464,10 @@ def head_stage(cfg: HeadConfig, d) -> None:
         model = build()
         sd = merged_state_dict(model, load_ckpt(last)["model"], dtype, last)
         init = Path(cfg.init)
-        write_pipeline(
-            out / "model", model, init / "vae", init, cfg.shift, cfg.shift_value, state_dict=sd
-        )
+        with staged_folder(out / "model") as tmp:  # renamed into place once complete
+            write_pipeline(
+                tmp, model, init / "vae", init, cfg.shift, cfg.shift_value, state_dict=sd
+            )
         print0(f"student model (aligned embedder and head) -> {out / 'model'}", log_file=log)
 
 
@@ -470,16 +481,11 @@ def main(argv: list[str] | None = None):
     # this stage's flags only
     cfg = parse_config(STAGES[stage.parse_known_args(argv)[0].stage], argv)
     assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
-    if cfg.stage == "embed":
-        assert cfg.align in ("upsample", "downsample"), (
-            f"--align {cfg.align!r}: choose upsample or downsample"
-        )
-    if cfg.stage != "cache":
-        assert cfg.shift in ("", *SHIFTS), (
-            f'--shift {cfg.shift!r}: choose one of {SHIFTS} (or "": the base\'s own)'
-        )
     if cfg.stage == "head":  # train at the noise levels the model folder samples at
         cfg = with_shift(cfg)
+    # checked before out_dir is written: a missing or empty cache leaves no run folder behind
+    if cfg.stage != "cache":
+        open_cache(cfg.cache, "student", *(["teacher"] if cfg.stage == "embed" else []))
     d = init_dist(cfg.device)
     if d.master:
         save_config(cfg, cfg.out_dir)
@@ -489,4 +495,4 @@ def main(argv: list[str] | None = None):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

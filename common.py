@@ -1,5 +1,5 @@
-"""Helpers shared by every stage script: dataclass config -> CLI flags, torchrun/DDP setup, print0, seeding, atomic
-checkpoints, diffusers-format folder writing, image grids, and the flow-matching schedule of training and sampling."""
+"""Helpers shared by every stage script: dataclass config -> CLI flags, one-line errors, torchrun/DDP setup, print0,
+seeding, atomic checkpoints, diffusers-format folder writing, image grids, and the flow-matching schedule."""
 
 from __future__ import annotations
 
@@ -23,19 +23,24 @@ import numpy as np
 import safetensors.torch
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
-from models.loading import atomic_write, save_pretrained  # noqa: F401  (save_pretrained: re-exported for the stages)
+from models.loading import atomic_write, read_file, save_pretrained  # noqa: F401  (save_pretrained: re-exported)
 
 # ----------------------------------------------------------------------------------------------------------------
-# config: one @dataclass per script, every field a `--field value` flag
+# config: one @dataclass per script, every field a `--field value` flag; a Literal field takes only its values
+
+Device = typing.Literal["auto", "cuda", "cpu"]
+Dtype = typing.Literal["fp32", "bf16"]
+Shift = typing.Literal["", "flux", "dcgen", "constant"]  # "": the model folder's own
+PARSED: list = []  # the configs parse_config built in this process (run_main's out-of-memory line reads them)
 
 
 def parse_config(cls: type, argv: list[str] | None = None):
-    """Build `cls` from the command line: one flag per field, named exactly like it; bools are
-    `--x/--no-x`.
+    """Build `cls` from the command line: one flag per field, named exactly like it; bools are `--x/--no-x`.
 
-    The inline comment after each field (`lr: float = 1e-4  # peak learning rate`) becomes its `--help` text.
-    """
+    The inline comment after each field (`lr: float = 1e-4  # peak learning rate`) becomes its `--help` text. A field
+    typed `typing.Literal[...]` (e.g. `Dtype`) accepts only the values it lists."""
     hints = typing.get_type_hints(cls)
     src = "".join(
         inspect.getsource(c) for c in reversed(cls.__mro__) if dataclasses.is_dataclass(c)
@@ -46,6 +51,9 @@ def parse_config(cls: type, argv: list[str] | None = None):
     parser = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    parser.print_usage = lambda file=None: (
+        None
+    )  # a bad flag: argparse's one error line (--help has the rest)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -53,14 +61,17 @@ def parse_config(cls: type, argv: list[str] | None = None):
             tp = next(a for a in typing.get_args(tp) if a is not type(None))
         # help is %-formatted
         kw = dict(default=default, type=tp, help=comments.get(f.name, " ").replace("%", "%%"))
-        if tp is bool:
+        if typing.get_origin(tp) is typing.Literal:  # the only values allowed
+            kw.update(choices=typing.get_args(tp), type=type(typing.get_args(tp)[0]))
+        elif tp is bool:
             kw.update(action=argparse.BooleanOptionalAction, type=None)
         # `--x a b --x c` -> (a, b, c); given, it replaces the default
         elif typing.get_origin(tp) in (list, tuple):
             kw.update(nargs="*", type=typing.get_args(tp)[0], action=Extend)
         parser.add_argument(f"--{f.name}", **kw)
     ns = vars(parser.parse_args(argv))
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
+    PARSED.append(cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()}))
+    return PARSED[-1]
 
 
 class Extend(argparse.Action):
@@ -73,10 +84,36 @@ def save_config(cfg, out_dir: str | Path) -> None:
     """Print the resolved config and save it as out_dir/config.json, on the master only."""
     if int(os.environ.get("RANK", 0)) == 0:
         print(json.dumps(dataclasses.asdict(cfg), indent=2), flush=True)
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        (Path(out_dir) / "config.json").write_text(
-            json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
-        )
+        text = json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"
+        atomic_write(Path(out_dir) / "config.json", lambda f: f.write(text.encode()))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# errors: a bad input or too little memory is said in one line, not a traceback
+
+
+class UsageError(SystemExit):
+    """A bad input or a limit the user can fix: `run_main` prints it as `error: <message>` (exit status 2)."""
+
+
+def run_main(main: typing.Callable):
+    """Run a stage's `main`: bad input (UsageError; a ValueError, OSError or assert naming the file or flag) or too
+    little memory ends in one line `error: ...` on stderr, status 2; bugs keep the traceback (all: DCGEN_TRACEBACK=1)"""
+    try:
+        return main()
+    except (UsageError, Exception) as e:
+        oom = isinstance(e, MemoryError | torch.OutOfMemoryError) or "allocate memory" in str(e)
+        user = isinstance(e, UsageError | OSError | ValueError | AssertionError | SafetensorError)
+        if os.environ.get("DCGEN_TRACEBACK") == "1" or not (oom or (user and e.args)):
+            raise  # a bare `assert` (no message) is a bug too
+        line = " ".join(str(e.code if isinstance(e, SystemExit) else e).split())
+        if oom:
+            batch = next((c.batch_size for c in reversed(PARSED) if hasattr(c, "batch_size")), "?")
+            line = next((s for s in line.split(". ") if "allocate" in s), line)  # what it tried
+            line = f"out of memory at --batch_size {batch} ({line[:120]}): lower --batch_size, add "
+            line += "--grad_checkpointing (DiT stages), or size the run first with `python plan.py`"
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -93,10 +130,13 @@ class Dist:
 
 
 def init_dist(device: str = "auto") -> Dist:
-    """Join the torchrun process group (nccl on GPU, gloo on CPU), or run as world size 1 under
-    plain `python`."""
+    """Join the torchrun process group (nccl on GPU, gloo on CPU), or run as world size 1 under plain `python`."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            f"--device cuda: torch {torch.__version__} sees no CUDA device; use --device cpu"
+        )
     torchrun = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     rank, local_rank, world = (
         (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
@@ -136,8 +176,7 @@ def seed_everything(seed: int) -> None:
 
 
 def run_info(world_size: int = 1) -> dict:
-    """What a run record needs to be reproducible: the git commit (and whether the tree was dirty),
-    versions, GPU."""
+    """What a run record needs to be reproducible: the git commit (and whether the tree was dirty), versions, GPU."""
 
     def git(*a):  # "" when git is missing or this is not a checkout
         if not shutil.which("git"):
@@ -161,9 +200,8 @@ def run_info(world_size: int = 1) -> dict:
 
 
 def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.Module:
-    """DDP over the ranks (gradients all-reduced in backward), or FSDP2: each transformer block
-    sharded over the ranks, then the root (PyTorch's fully_shard recipe), for bases too large to
-    replicate (the 12B FLUX)."""
+    """DDP over the ranks (gradients all-reduced in backward), or FSDP2: each transformer block sharded over the
+    ranks, then the root (PyTorch's fully_shard recipe), for bases too large to replicate (the 12B FLUX)."""
     if d.world_size == 1:
         return model
     if fsdp:
@@ -181,8 +219,7 @@ def wrap_model(model: torch.nn.Module, d: Dist, fsdp: bool = False) -> torch.nn.
 def lr_at(
     step: int, lr: float, warmup: int, warmup_lr: float = 0.0, steps: int = 0, decay: int = 0
 ) -> float:
-    """Linear warm-up over `warmup` steps (step 0 already moves), constant, then linear to 0 over
-    the last `decay`."""
+    """Linear warm-up over `warmup` steps (step 0 already moves), constant, then linear to 0 over the last `decay`."""
     warm = warmup_lr + (lr - warmup_lr) * (step + 1) / warmup if step < warmup else lr
     # before its decay, the constant-lr run
     return warm * min(1.0, (steps - step) / decay) if decay else warm
@@ -197,21 +234,19 @@ def update_ema(ema: dict[str, torch.Tensor], model: torch.nn.Module, decay: floa
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
-    """The generator of every random draw of one training step (noise, sigmas, text dropout,
-    guidance scales). Draws are made for the global batch and each rank takes its slice, so a
-    resumed run repeats the uninterrupted one exactly, and N ranks draw what one process with the
-    same global batch draws."""
+    """The generator of every random draw of one training step (noise, sigmas, text dropout, guidance scales). Draws
+    are made for the global batch and each rank takes its slice, so a resumed run repeats the uninterrupted one
+    exactly, and N ranks draw what one process with the same global batch draws."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
 def draw_prefixes(
     g: torch.Generator, candidates: Sequence[int], k: int, always_max: bool, C: int
 ) -> list[int]:
-    """The K channel counts c' of one DC-AE 1.5 training step (channel masking, augmented diffusion
-    training), drawn uniformly with `g` from the candidates and C; with always_max and K >= 2, C
-    first and K - 1 drawn. K = 1 draws one either way, as dc-ai-projects/DC-Gen@cae2205
-    dc_gen/aecore/trainer.py `prepare_batch` (L373-420) does. NOTE(deviation):
-    dc_gen/c2icore/trainer.py L461-484 gives [C] alone for K = 1 with always_sample_max_channel."""
+    """The K channel counts c' of one DC-AE 1.5 training step (channel masking, augmented diffusion training), drawn
+    uniformly with `g` from the candidates and C; with always_max and K >= 2, C first and K - 1 drawn. K = 1 draws
+    one either way, as dc-ai-projects/DC-Gen@cae2205 dc_gen/aecore/trainer.py `prepare_batch` (L373-420) does.
+    NOTE(deviation): dc_gen/c2icore/trainer.py L461-484 gives [C] alone for K = 1 with always_sample_max_channel."""
     pool = sorted({*candidates, C})
     if pool[0] < 1 or pool[-1] > C or k < 1:
         raise ValueError(
@@ -238,14 +273,10 @@ def save_ckpt(obj, path: str | Path, metadata: dict[str, str] | None = None) -> 
 
 
 def load_ckpt(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a checkpoint written by save_ckpt: safetensors, or torch.load with weights_only=True (no
-    pickled code)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    if path.suffix == ".safetensors":
-        return safetensors.torch.load_file(path, device=str(device))
-    return torch.load(path, map_location=device, weights_only=True)
+    """Load a checkpoint written by save_ckpt: safetensors, or torch.load with weights_only=True (no pickled code)."""
+    return read_file(
+        path, device
+    )  # missing: FileNotFoundError; truncated or corrupt: a ValueError naming it
 
 
 def save_image_grid(

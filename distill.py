@@ -27,24 +27,38 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from common import (
+    Device,
+    Dtype,
+    Shift,
     cleanup_dist,
     init_dist,
     load_ckpt,
     parse_config,
     print0,
     run_info,
+    run_main,
     save_config,
     seed_everything,
 )
-from data import LatentCache
+from models.loading import staged_folder
 from models.pipeline import load_pipeline, write_pipeline
 from models.text import drop_text
-from training import check_latent, draw, merged_state_dict, prepare, run_config, train, with_shift
+from training import (
+    check_latent,
+    draw,
+    merged_state_dict,
+    open_cache,
+    prepare,
+    run_config,
+    train,
+    with_shift,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # config
@@ -57,7 +71,7 @@ class Config:
     # what to train
     init: str = ""  # the CFG model to distill: a model folder without a guidance embedding
     cache: str = "out/cache"  # latent cache written by align.py --stage cache
-    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher (base AE)
+    latent: Literal["student", "teacher"] = "student"  # cached latent: of the deep-compression AE, or of the base AE
     out_dir: str = "out/distill"  # checkpoints, log.txt, samples/, model/ (the distilled model folder)
     rank: int = 0  # 0: train all weights of the student; > 0: LoRA of that rank (plus the guidance embedder)
     alpha: float = 256.0  # LoRA alpha: the update is (alpha / rank)·B·A
@@ -67,7 +81,7 @@ class Config:
     drop_text: float = 0.1  # probability of training a sample on the empty prompt (its target: v_u at every w)
     w_min: float = 1.0  # smallest guidance scale distilled (w = 1: the conditional velocity)
     w_max: float = 14.0  # largest guidance scale distilled (the range DC-Gen's guide loss samples)
-    shift: str = ""  # noise-level shift: "" the --init folder's own, flux, dcgen or constant
+    shift: Shift = ""  # noise-level shift: "" the --init folder's own, flux, dcgen or constant
     shift_value: float = 3.0  # r of --shift constant (with --shift "", the folder's own value)
     # optimisation
     steps: int = 10_000  # optimizer steps
@@ -81,8 +95,8 @@ class Config:
     clip_grad: float = 0.1  # max global gradient norm (0: none; the norm is still logged)
     ema: float = 0.999  # EMA decay of the student's trainable weights (0: no EMA)
     # runtime
-    device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights fp32)
+    device: Device = "auto"  # auto, cuda or cpu
+    dtype: Dtype = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights fp32)
     fsdp: bool = False  # shard the student over the ranks (FSDP2, per block) instead of replicating it (DDP)
     grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in depth)
     seed: int = 0  # seeds the data order and every draw of the loss
@@ -155,9 +169,8 @@ def merge(cfg: Config) -> Path:
     use_ema = cfg.merge_ema and bool(ckpt["ema"])
     sd = merged_state_dict(student, ckpt["ema"] if use_ema else ckpt["model"], dtype, cfg.merge)
     init = Path(run.init)
-    write_pipeline(
-        cfg.out_dir, student, init / "vae", init, run.shift, run.shift_value, state_dict=sd
-    )
+    with staged_folder(cfg.out_dir) as tmp:  # renamed into place once complete
+        write_pipeline(tmp, student, init / "vae", init, run.shift, run.shift_value, state_dict=sd)
     print(
         f"distilled model (step {ckpt['step']}, {'EMA' if use_ema else 'raw'} weights) -> {cfg.out_dir}"
     )
@@ -173,7 +186,8 @@ def main(argv: list[str] | None = None) -> Path | None:
     if cfg.merge:  # write the model folder of any checkpoint of a distillation run
         return merge(cfg)
     cfg = with_shift(cfg)
-    assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
+    # checked before out_dir is written: a missing or empty cache leaves no run folder behind
+    cache = open_cache(cfg.cache, cfg.latent)
 
     # --- distributed init ---
     d = init_dist(cfg.device)
@@ -188,7 +202,6 @@ def main(argv: list[str] | None = None) -> Path | None:
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
     # --- models: the frozen CFG teacher, then the student ---
-    cache = LatentCache(cfg.cache)
     teacher = load_teacher(cfg, dtype).to(d.device)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     raw = build_student(cfg, dtype, teacher)
@@ -228,4 +241,4 @@ def main(argv: list[str] | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -33,21 +33,27 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
 from common import (
+    Device,
+    Dtype,
+    Shift,
     cleanup_dist,
     init_dist,
     load_ckpt,
     parse_config,
     print0,
     run_info,
+    run_main,
     save_config,
     seed_everything,
 )
 from data import LatentCache
 from models.flux import PRESETS, Flux
+from models.loading import staged_folder
 from models.pipeline import load_pipeline, write_pipeline
 from models.text import drop_text
 from plan import check_run
@@ -57,6 +63,7 @@ from training import (
     flow_matching_loss,
     guide_loss,
     merged_state_dict,
+    open_cache,
     prepare,
     run_config,
     train,
@@ -75,19 +82,19 @@ class Config:
     init: str = ""  # model folder to start from; "" trains --preset from scratch (with --rank 0)
     preset: str = ""  # FLUX preset (models/flux.py) of a model trained from scratch
     cache: str = "out/cache"  # latent cache written by align.py --stage cache
-    latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher (base AE)
+    latent: Literal["student", "teacher"] = "student"  # cached latent: of the deep-compression AE, or of the base AE
     out_dir: str = "out/lora"  # checkpoints, log.txt, samples/
     rank: int = 256  # LoRA rank; 0 trains all weights
     alpha: float = 256.0  # LoRA alpha: the update is (alpha / rank)·B·A
     lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the model's); empty: no LoRA
     trainable: tuple[str, ...] | None = None  # modules trained in full beside LoRA (default: the model's latent layers)
     # loss
-    loss: str = "auto"  # auto (guide if the model embeds guidance, else fm), fm (flow matching), guide
+    loss: Literal["auto", "fm", "guide"] = "auto"  # fm: flow matching; auto: guide if the model embeds guidance
     drop_text: float = 0.1  # probability of training a sample on the empty prompt
     w_min: float = 1.0  # guide loss: smallest guidance scale w
     w_max: float = 14.0  # guide loss: largest guidance scale w
-    guide_uncond: str = "one"  # guide loss: v_u at guidance 1 (official code) or at the sampled w ("w", the paper)
-    shift: str = ""  # noise-level shift: "" the --init folder's own (sample.py's; flux for --preset), flux (mu linear
+    guide_uncond: Literal["one", "w"] = "one"  # guide loss: v_u at guidance 1 (official code) or at w (paper)
+    shift: Shift = ""  # noise-level shift: "" the --init folder's own (sample.py's; flux for --preset), flux (mu linear
     # in tokens), dcgen (sqrt(C·p²·L/4096)) or constant
     shift_value: float = 3.0  # r of --shift constant (with --shift "", the folder's own value)
     prefixes: tuple[int, ...] = ()  # DC-AE 1.5 augmented diffusion training: candidate channel prefixes c' (empty: off)
@@ -105,8 +112,8 @@ class Config:
     clip_grad: float = 0.1  # max global gradient norm (0: none; the norm is still logged)
     ema: float = 0.999  # EMA decay of the trainable weights (0: no EMA)
     # runtime
-    device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights fp32)
+    device: Device = "auto"  # auto, cuda or cpu
+    dtype: Dtype = "fp32"  # fp32, or bf16 (frozen weights stored in bf16, autocast; trainable weights fp32)
     fsdp: bool = False  # shard the model over the ranks (FSDP2, per block) instead of replicating it (DDP)
     grad_checkpointing: bool = False  # recompute block activations in backward (memory O(1) in depth)
     seed: int = 0  # seeds the data order and every draw of the loss
@@ -159,7 +166,8 @@ def merge(cfg: Config) -> Path:
     else:
         meta = LatentCache(run.cache).meta
         ae, text = meta[f"{run.latent}_ae"], meta["text"]
-    write_pipeline(cfg.out_dir, model, ae, text, run.shift, run.shift_value, state_dict=sd)
+    with staged_folder(cfg.out_dir) as tmp:  # renamed into place once complete
+        write_pipeline(tmp, model, ae, text, run.shift, run.shift_value, state_dict=sd)
     which = "EMA" if use_ema else "raw"
     print(
         f"merged {which} weights of {cfg.merge} (step {ckpt['step']}) into {run.init or run.preset}; model folder "
@@ -177,11 +185,8 @@ def main(cfg: Config | None = None) -> Path | None:
     if cfg.merge:
         return merge(cfg)
     cfg = with_shift(cfg)
-    assert cfg.loss in ("auto", "fm", "guide"), f"--loss {cfg.loss!r}: choose auto, fm or guide"
-    assert cfg.guide_uncond in ("one", "w"), (
-        f"--guide_uncond {cfg.guide_uncond!r}: choose one (code) or w (paper)"
-    )
-    assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
+    # checked before out_dir is written: a missing or empty cache leaves no run folder behind
+    cache = open_cache(cfg.cache, cfg.latent)
 
     # --- distributed init ---
     d = init_dist(cfg.device)
@@ -196,7 +201,6 @@ def main(cfg: Config | None = None) -> Path | None:
     dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
 
     # --- models: the frozen base with LoRA and the trainable latent layers ---
-    cache = LatentCache(cfg.cache)
     # the same initial weights on every rank (FSDP shards them; it does not broadcast)
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, dtype)
@@ -244,4 +248,4 @@ def main(cfg: Config | None = None) -> Path | None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -32,20 +32,24 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from einops import rearrange
 from torch import Tensor
 
 from common import (
+    Device,
     denoise,
     get_noise,
     get_schedule,
     guided_velocity,
+    init_dist,
     load_ckpt,
     parse_config,
     print0,
     run_info,
+    run_main,
     save_ckpt,
     save_config,
     save_pretrained,
@@ -83,8 +87,8 @@ class Config:
     patch_size: int = 0  # latent patch size of `model` (0: its config's `_patch_size`, else 1)
     out_dir: str = "out/quantize"  # transformer/ (emulation), svdq-*.safetensors (Nunchaku), config.json, log.txt
     name: str = "model"  # model name in the export file name svdq-{fp4|int4}_r{rank}-{name}.safetensors
-    precision: str = "nvfp4"  # nvfp4 (Blackwell RTX 50) | int4 (Turing/Ampere/Ada)
-    method: str = "svdquant"  # svdquant | rtn (round-to-nearest W4A4, no smoothing, no low-rank branch: the ablation)
+    precision: Literal["nvfp4", "int4"] = "nvfp4"  # nvfp4 (Blackwell RTX 50) | int4 (Turing/Ampere/Ada)
+    method: Literal["svdquant", "rtn"] = "svdquant"  # rtn: round-to-nearest W4A4, no smoothing or low rank (ablation)
     rank: int = 32  # rank r of the 16-bit low-rank branch
     num_grids: int = 20  # α grid i/n, i = 1..n-1, of the smoothing search (DeepCompressor 20; its fast.yaml 10)
     lowrank_iters: int = 100  # at most this many refinements L <- SVD_r(Ŵ - Q(Ŵ - L)); stops when the error rises
@@ -101,7 +105,7 @@ class Config:
     guidance: float = 3.5  # embedded guidance scale of the random calibration inputs (guidance-distilled models)
     reservoir_rows: int = 512  # input rows kept per layer (uniform sample) for the output-error objective
     check: bool = False  # load the export with the real Nunchaku (Blackwell/Ada GPU) and compare one forward
-    device: str = "auto"  # cuda | cpu | auto
+    device: Device = "auto"  # cuda | cpu | auto
     seed: int = 0
     dry_run: bool = False  # print the config and the layer counts, then exit
     # fmt: on
@@ -404,14 +408,11 @@ def save_outputs(model: Flux, cfg: Config, pipe, out: Path) -> tuple[Path, Path]
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(Config, argv)
     check_flags(cfg)
+    # --- device (one process: no process group); --device cuda without a GPU fails before out_dir is written
+    device = init_dist(cfg.device).device
     out = Path(cfg.out_dir)
     save_config(cfg, out)
     log = out / "log.txt"
-
-    # --- device (one process: no distributed init)
-    device = torch.device(
-        cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
-    )
     seed_everything(cfg.seed)
     print0(json.dumps(run_info()), log_file=log)
 
@@ -470,4 +471,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

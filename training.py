@@ -12,7 +12,9 @@ The anchor is EDM's split of `training/loss.py` from `training_loop.py`: the loo
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
+import itertools
 import math
 import time
 import types
@@ -35,6 +37,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 from common import (
     Dist,
+    UsageError,
     denoise,
     draw_prefixes,
     get_noise,
@@ -89,6 +92,62 @@ def check_latent(model: nn.Module, shape: tuple[int, int, int], what: str) -> No
             f"the model takes latents of {C_model} channels in {p}x{p} patches, but {what} holds latents of shape "
             f"{(C, h, w)}: wrong --init, --cache or --latent"
         )
+
+
+def open_cache(folder: str, *latents: str) -> LatentCache:
+    """The latent cache a stage trains on, checked before the stage writes anything (config.json, log.txt): it
+    exists, holds rows, and holds `latents`."""
+    cache = LatentCache(
+        folder
+    )  # a folder without meta.json: FileNotFoundError naming it and the command to run
+    if len(cache) == 0:
+        raise UsageError(
+            f"the latent cache {folder} holds no rows; write it with align.py --stage cache"
+        )
+    missing = [k for k in latents if k not in cache.meta["shapes"]]
+    if missing:
+        have = sorted(cache.meta["shapes"])
+        raise UsageError(f"the latent cache {folder} has no {missing} latents (it holds {have})")
+    return cache
+
+
+def latest_checkpoint(out_dir, log=None, keys=("model", "optimizer", "step")) -> tuple:
+    """(path, contents) of the newest out_dir/ckpt_*.pt that loads and holds `keys`, or (None, None). A newer one
+    that does not (truncated by a full disk or a partial copy: every save is atomic, so not by a crash) is named in
+    one line and skipped, and --resume continues from the one before."""
+    for path in sorted(Path(out_dir).glob("ckpt_*.pt"), reverse=True):
+        try:
+            ckpt = load_ckpt(path)
+            missing = [k for k in keys if not isinstance(ckpt, dict) or k not in ckpt]
+            problem = f"{path} holds no {missing}: not a training checkpoint" if missing else ""
+        except ValueError as e:  # load_ckpt's "<path> is truncated or corrupt (...)"
+            problem = str(e)
+        if not problem:
+            return path, ckpt
+        print0(f"warning: {problem}; skipped, trying the checkpoint before it", log_file=log)
+    return None, None
+
+
+def cache_rows(cache: LatentCache, rows, keys: list[str]) -> str:
+    """Where a non-finite loss came from: the batch's cache rows (by shard file) whose cached values are not finite,
+    or, when all are finite, the batch's rows (the model diverged)."""
+    rows = torch.as_tensor(rows).tolist()
+    values = cache.get(rows, keys)
+    bad = [r for i, r in enumerate(rows) if not all(v[i].isfinite().all() for v in values.values())]
+    shards = cache.meta["shards"]
+    starts = [0, *itertools.accumulate(s["rows"] for s in shards)]
+    by_shard = {}  # shard file -> its rows
+    for r in sorted(bad or rows):
+        s = bisect.bisect_right(starts, r) - 1
+        by_shard.setdefault(shards[s]["file"], []).append(str(r - starts[s]))
+    where = (
+        "; ".join(f"{f} rows {', '.join(r)}" for f, r in by_shard.items()) + f" of {cache.folder}"
+    )
+    return (
+        f"non-finite cached values in {where}"
+        if bad
+        else f"batch {where} is finite: the model diverged"
+    )
 
 
 def full_layers(model: nn.Module) -> tuple[str, ...]:
@@ -296,11 +355,10 @@ def lora_file_base(raw: nn.Module, init: str) -> tuple[tuple[str, ...], dict] | 
     return full, base
 
 
-def resume(model: nn.Module, raw: nn.Module, opt, ema: dict, path: Path, device) -> int:
+def resume(model: nn.Module, raw: nn.Module, opt, ema: dict, ckpt: dict, path: Path, device) -> int:
     """Load a checkpoint's trainable tensors, optimizer state and EMA into a (possibly FSDP-sharded)
     model; every rank reads the file and FSDP re-shards what it loads. Returns the step to continue
     from."""
-    ckpt = load_ckpt(path)
     opts = StateDictOptions(full_state_dict=True, strict=False)  # the trainable tensors only
     check_loaded(set_model_state_dict(model, ckpt["model"], options=opts), raw, path)
     set_optimizer_state_dict(
@@ -325,9 +383,7 @@ def save(model, raw, opt, ema: dict, cfg, step: int, d: Dist, lora_file, dtype, 
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
     # an update diverged after the loss was computed: never let it replace a good checkpoint
     if not finite:
-        raise RuntimeError(
-            f"non-finite weights after step {step}; last good checkpoint: {last_good}"
-        )
+        raise UsageError(f"non-finite weights after step {step}; last good checkpoint: {last_good}")
     sd_opts = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     state = {
         "model": get_model_state_dict(model, options=sd_opts),
@@ -370,9 +426,10 @@ def log_line(step: int, c, loss: float, grad_norm: float, lr: float, dt: float, 
     return line + f" | dt {dt * 1e3:.0f}ms | samples/s {c.batch_size / dt:.1f} | mem {mem:.1f}GB"
 
 
-def update(loss, params, opt, ema: dict, raw, step: int, c, d: Dist, last_good) -> tuple:
+def update(loss, params, opt, ema: dict, raw, step: int, c, d: Dist, last_good, where) -> tuple:
     """Backward, clipping, one AdamW step at the step's learning rate, the EMA. Returns the loss averaged
-    over the ranks, the gradient norm (before clipping) and the learning rate."""
+    over the ranks, the gradient norm (before clipping) and the learning rate. A non-finite loss stops
+    the run before the update, naming the step and the batch's cache rows (`where(step)`)."""
     lr = lr_at(step, c.lr, c.warmup, steps=c.steps, decay=c.decay)
     for group in opt.param_groups:
         group["lr"] = lr
@@ -382,8 +439,9 @@ def update(loss, params, opt, ema: dict, raw, step: int, c, d: Dist, last_good) 
     if d.world_size > 1:
         dist.all_reduce(loss_value, op=dist.ReduceOp.AVG)
     if not math.isfinite(loss_value.item()):
-        raise RuntimeError(
-            f"loss is {loss_value.item()} at step {step + 1}; last good checkpoint: {last_good}"
+        raise UsageError(
+            f"loss is {loss_value.item()} at step {step + 1} ({where(step)}); last good checkpoint: "
+            f"{last_good}"
         )
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -453,12 +511,13 @@ def train(
     ema = {}
     if c.ema:
         ema = {n: p.detach().float().clone() for n, p in raw.named_parameters() if p.requires_grad}
-    last_good = max(Path(c.out_dir).glob("ckpt_*.pt"), default=None) if c.resume else None
-    step = resume(model, raw, opt, ema, last_good, d.device) if last_good else 0
+    last_good, ckpt = latest_checkpoint(c.out_dir, log) if c.resume else (None, None)
+    step = resume(model, raw, opt, ema, ckpt, last_good, d.device) if last_good else 0
     if last_good:
         print0(f"resumed from {last_good} at step {step}", log_file=log)
     amp = partial(torch.autocast, d.device.type, dtype=torch.bfloat16, enabled=c.dtype == "bf16")
     keys = [latent, *sorted(cache.null)]
+    where = lambda step: cache_rows(cache, sampler.batch_of(step), keys)  # a NaN loss's rows
 
     # --- training loop ---
     t0 = time.perf_counter()
@@ -468,7 +527,9 @@ def train(
         x0 = batch.pop(latent).float()  # (b, C, h, w)
         with amp():
             loss = prefix_loss(loss_fn, model, x0, batch, g, c, raw.params.patch_size)
-        loss_value, grad_norm, lr = update(loss, params, opt, ema, raw, step, c, d, last_good)
+        loss_value, grad_norm, lr = update(
+            loss, params, opt, ema, raw, step, c, d, last_good, where
+        )
         step += 1
 
         if step % c.log_every == 0 or step == c.steps:

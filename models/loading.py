@@ -6,22 +6,79 @@ Writing (`save_pretrained`) lives here too, so one file knows the format both wa
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import pickle
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import safetensors.torch
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
+
+
+def read_json(path: str | Path) -> dict:
+    """A JSON file; invalid JSON is a ValueError naming the file, line and column (json's own names neither file)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        ) from e
+
+
+def check_links(folder: str | Path, names: list[str] | None = None) -> None:
+    """A model folder links its AE and text encoders to where they live (models/pipeline.py): a link whose target was
+    moved or deleted (the folder itself, or its entries `names`, default all) is named with its target, not
+    reported as a missing part."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        paths = [folder]
+    else:
+        paths = sorted(folder.iterdir()) if names is None else [folder / n for n in names]
+    for p in paths:
+        if p.is_symlink() and not p.exists():
+            raise FileNotFoundError(
+                f"{p} is a symbolic link to {os.readlink(p)}, which does not exist (moved or deleted?)"
+            )
+
+
+def read_file(path: str | Path, device: str | torch.device = "cpu"):
+    """A safetensors file's tensors, or a torch.save file read with weights_only=True (no pickled code). A truncated
+    or corrupt file is a ValueError naming it, not the reader's "incomplete metadata" or "central directory"."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    try:
+        if Path(path).suffix == ".safetensors":
+            return safetensors.torch.load_file(path, device=str(device))
+        return torch.load(path, map_location=device, weights_only=True)
+    except (SafetensorError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        if isinstance(e, torch.OutOfMemoryError) or "allocate memory" in str(e):
+            raise
+        what = (
+            "corrupt or not a weights-only torch checkpoint"
+            if isinstance(e, pickle.UnpicklingError)
+            else ""
+        )
+        raise ValueError(f"{path} is {what or 'truncated or corrupt'} ({short(e)})") from e
+
+
+def short(e: BaseException) -> str:
+    """The gist of a reader's error in one short line: weights-only loading's own reason (after its paragraph on
+    torch 2.6's default), else the first sentence."""
+    text = str(e).split("WeightsUnpickler error:")[-1].split("Check the documentation")[0]
+    return " ".join(text.split()).split(". ")[0][:100] or type(e).__name__
 
 
 def read_config(folder: str | Path, what: str) -> dict:
     """The folder's config.json; `what` names the expected model in the error, e.g. "FLUX
     transformer"."""
     folder = Path(folder)
+    check_links(folder)
     if not (folder / "config.json").is_file():
         found = (
             sorted(p.name for p in folder.iterdir())
@@ -32,7 +89,7 @@ def read_config(folder: str | Path, what: str) -> dict:
             f"{folder} is not a {what} folder: expected config.json and *.safetensors weights "
             f"(diffusers layout), found {found}"
         )
-    return json.loads((folder / "config.json").read_text())
+    return read_json(folder / "config.json")
 
 
 def weight_files(folder: str | Path, name: str) -> list[Path]:
@@ -40,7 +97,7 @@ def weight_files(folder: str | Path, name: str) -> list[Path]:
     folder = Path(folder)
     index = folder / f"{name}.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        shards = sorted(set(read_json(index)["weight_map"].values()))
         missing = [s for s in shards if not (folder / s).is_file()]
         if missing:
             raise FileNotFoundError(f"{index} lists shards that are not in {folder}: {missing}")
@@ -63,10 +120,13 @@ def read_state_dict(
     stored)."""
     sd = {}
     for file in weight_files(folder, name):
-        with safe_open(file, framework="pt", device=str(device)) as f:
-            for k in f.keys():
-                t = f.get_tensor(k)
-                sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        try:
+            with safe_open(file, framework="pt", device=str(device)) as f:
+                for k in f.keys():
+                    t = f.get_tensor(k)
+                    sd[k] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        except SafetensorError as e:
+            raise ValueError(f"{file} is truncated or corrupt ({short(e)})") from e
     return sd
 
 
@@ -121,6 +181,38 @@ def atomic_write(path: str | Path, write: Callable) -> None:
         raise
 
 
+@contextlib.contextmanager
+def staged_folder(folder: str | Path) -> Iterator[Path]:
+    """A whole folder written under a temporary name beside `folder`, then renamed into place: a crash leaves the
+    old folder or the new one, never half of one. What is replaced must be a model folder (model_index.json, or
+    config.json with weights, and no checkpoints); a run's folder or anything else there is refused."""
+    folder = Path(folder)
+    names = {p.name for p in folder.iterdir()} if folder.is_dir() else set()
+    weights = any(n.endswith((".safetensors", ".safetensors.index.json")) for n in names)
+    model = "model_index.json" in names or ("config.json" in names and weights)
+    if (names and not model) or any(n.startswith("ckpt_") for n in names) or folder.is_file():
+        raise FileExistsError(
+            f"{folder} exists and is not a model folder: write the model to a new folder"
+        )
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(
+        tmp, 0o777 & ~umask
+    )  # mkdtemp's folder is private (0700): give it a normal folder's mode
+    try:
+        yield tmp
+        old = folder.with_name(f"{tmp.name}.old")
+        if names:  # the old folder out of the way, the new one in: two renames on one file system
+            os.rename(folder, old)
+        os.rename(tmp, folder)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_pretrained(
     folder: str | Path,
     state_dict: dict[str, torch.Tensor],
@@ -139,9 +231,6 @@ def save_pretrained(
             shards, size = shards + [{}], 0
         shards[-1][k] = v.detach().contiguous()
         size += nbytes
-    # stale shards of an earlier save would confuse loaders
-    for old in folder.glob(f"{name}*.safetensors*"):
-        old.unlink()
     files = [f"{name}.safetensors"] if len(shards) == 1 else []
     files = files or [
         f"{name}-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
@@ -160,3 +249,11 @@ def save_pretrained(
     atomic_write(
         folder / "config.json", lambda f: f.write((json.dumps(config, indent=2) + "\n").encode())
     )
+    # Stale files of an earlier save go last, so a crash leaves a loadable folder (old or new weights): the index
+    # first (weight_files prefers it), then the shards it listed.
+    keep = {*files, f"{name}.safetensors.index.json"} if len(shards) > 1 else set(files)
+    for old in sorted(
+        folder.glob(f"{name}*.safetensors*"), key=lambda p: not p.name.endswith(".json")
+    ):
+        if old.name not in keep:
+            old.unlink()

@@ -26,7 +26,7 @@ from torch import nn
 
 from models.autoencoder import load_autoencoder
 from models.flux import Flux
-from models.loading import atomic_write, read_config, save_pretrained
+from models.loading import atomic_write, check_links, read_config, read_json, save_pretrained
 from models.sana import Sana
 from models.svdquant import is_quantized, load_quantized
 from models.text import load_text_encoder
@@ -89,7 +89,7 @@ def sampling_shift(folder: Path, transformer_cfg: dict, ae_cfg: dict | None) -> 
     SANA a constant flow_shift; DC-Gen-FLUX 1K (DC-AE f32c32) the "flux2" shift r =
     sqrt(C·p²·L/4096); FLUX.1 and DC-Gen-FLUX 4K the dynamic shift mu(L)."""
     sched_file = folder / "scheduler" / "scheduler_config.json"
-    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+    sched = read_json(sched_file) if sched_file.is_file() else {}
     if "_shift" in sched:
         return sched["_shift"], float(sched.get("shift", 3.0))
     # DPM-Solver configs say flow_shift
@@ -137,6 +137,7 @@ def load_pipeline(
     """Load the `parts` of a model folder; a missing part is named in the error with what the folder
     holds."""
     folder = Path(folder)
+    check_links(folder, [])  # the folder itself a link to a moved one: named with its target
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     need = {
@@ -144,6 +145,7 @@ def load_pipeline(
         "vae": "vae/config.json",
         "text": "text_encoder/config.json",
     }
+    check_links(folder, [need[p].split("/")[0] for p in parts])  # a moved AE or text encoder
     missing = [need[p] for p in parts if not (folder / need[p]).is_file()]
     if missing:
         found = sorted(p.name for p in folder.iterdir())

@@ -75,7 +75,9 @@ def test_load_ckpt_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     # a pickle that would construct an arbitrary object
     path.write_bytes(pickle.dumps({"w": Cfg()}))
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(
+        ValueError, match="evil.pt is corrupt or not a weights-only torch checkpoint"
+    ):
         load_ckpt(path)
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         load_ckpt(tmp_path / "missing.pt")

@@ -19,7 +19,7 @@ from safetensors.torch import save_file
 
 import lora
 import training
-from common import load_ckpt
+from common import UsageError, load_ckpt
 from data import LatentCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -216,12 +216,18 @@ def test_guide_loss_recovers_the_conditional_velocity():
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
     cache = make_cache(tmp_path / "cache", nan=True)
-    with pytest.raises(RuntimeError, match=r"loss is nan at step 1; last good checkpoint: None"):
+    nan = r"loss is nan at step 1 \(non-finite cached values in shard_0000\d\.safetensors rows \d"
+    nan += r".*\); last good checkpoint: None"
+    with pytest.raises(UsageError, match=nan):
         lora.main(lora.parse_config(lora.Config, args(cache, tmp_path / "out", "--steps", "3")))
     assert not list((tmp_path / "out").glob("ckpt_*.pt"))
     cache = make_cache(tmp_path / "cache2")
     out = tmp_path / "diverge"
-    with pytest.raises(RuntimeError, match=r"at step \d+; last good checkpoint: .*ckpt_\d{7}\.pt"):
+    diverged = (
+        r"at step \d+ \(batch shard_\d+\.safetensors rows \d.* is finite: the model diverged\); "
+    )
+    diverged += r"last good checkpoint: .*ckpt_\d{7}\.pt"
+    with pytest.raises(UsageError, match=diverged):
         lora.main(
             lora.parse_config(
                 lora.Config, args(cache, out, "--steps", "50", "--save_every", "1", "--lr", "1e30")

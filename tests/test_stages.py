@@ -474,12 +474,8 @@ def test_a_dtype_other_than_fp32_or_bf16_fails(world, tmp_path):
                 str(tmp_path),
             ]
         )
-    with pytest.raises(AssertionError, match="--dtype 'fp16': choose fp32 or bf16"):
-        lora.main(
-            lora.Config(
-                init=str(world / "base"),
-                cache=str(world / "cache"),
-                out_dir=str(tmp_path),
-                dtype="fp16",
-            )
-        )
+    # the DiT stages' flags take only their values (common.Dtype): argparse refuses the rest
+    with pytest.raises(SystemExit):
+        lora.parse_config(lora.Config, ["--dtype", "fp16"])
+    with pytest.raises(SystemExit):
+        align.main(["--stage", "head", "--dtype", "fp16"])
