@@ -48,12 +48,8 @@ def parse_config(cls: type, argv: list[str] | None = None):
     # a subclass's comment wins
     comments = dict(re.findall(r"^\s*(\w+)\s*:[^#\n]*#\s*(.*)$", src, re.M))
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
-    parser = argparse.ArgumentParser(
-        description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
-    parser.print_usage = lambda file=None: (
-        None
-    )  # a bad flag: argparse's one error line (--help has the rest)
+    parser = argparse.ArgumentParser(description=doc, formatter_class=DefaultsHelp)
+    parser.print_usage = lambda file=None: None  # a bad flag: one error line (--help has the rest)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         default = f.default_factory() if f.default is dataclasses.MISSING else f.default
@@ -72,6 +68,14 @@ def parse_config(cls: type, argv: list[str] | None = None):
     ns = vars(parser.parse_args(argv))
     PARSED.append(cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()}))
     return PARSED[-1]
+
+
+class DefaultsHelp(argparse.ArgumentDefaultsHelpFormatter):
+    """--help names each flag's default, unless it is empty or the help text speaks of it."""
+
+    def _get_help_string(self, action):
+        empty = action.default in ("", (), None) or "default" in (action.help or "")
+        return action.help if empty else super()._get_help_string(action)
 
 
 class Extend(argparse.Action):
