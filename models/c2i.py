@@ -1,0 +1,196 @@
+"""Class-conditional sampling: DiT's Gaussian diffusion (DDIM as diffusers' DiTPipeline runs it, DDPM with the
+learned variance as DiT's own sample.py runs it) and flow / SiT Euler sampling for velocity models, each with
+classifier-free guidance against the null class; plus the class names of a folder's `id2label`.
+
+    DDPM/DDIM (DiT, arXiv 2212.09748 §3; Improved DDPM Eq. 15 for the learned Σ): ε-prediction on a linear β schedule
+        of 1000 steps; CFG on ε only (the first `cfg_channels` output channels: the latent's C in diffusers'
+        DiTPipeline; the original DiT's forward_with_cfg guides 3 of SD-VAE's 4, the official c2icore
+        `cfg_channels` makes it a setting); Σ is taken from the conditional half.
+    flow (models trained here): x_t = (1 - σ)·x0 + σ·noise, v = noise - x0, Euler from σ = 1 to 0 (common.denoise).
+    SiT (official USiT, `sit_sampler/transport.py` Linear/velocity): x_t = t·x1 + (1 - t)·x0, t from 0 (noise) to 1,
+        v = x1 - x0: the same path with t = 1 - σ and the opposite sign, so it is sampled by the same Euler loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from common import denoise, get_schedule
+
+# ----------------------------------------------------------------------------------------------------------------
+# the Gaussian-diffusion schedule of a scheduler_config.json (DDPMScheduler / DDIMScheduler keys)
+
+
+def alphas_cumprod(sched: dict) -> Tensor:
+    """ᾱ_t, float32 like diffusers' schedulers: linear β (DiT), scaled_linear (SD) or
+    squaredcos_cap_v2."""
+    T, kind = sched.get("num_train_timesteps", 1000), sched.get("beta_schedule", "linear")
+    b0, b1 = sched.get("beta_start", 1e-4), sched.get("beta_end", 0.02)
+    if kind == "linear":
+        betas = torch.linspace(b0, b1, T, dtype=torch.float32)
+    elif kind == "scaled_linear":
+        betas = torch.linspace(b0**0.5, b1**0.5, T, dtype=torch.float32) ** 2
+    elif kind == "squaredcos_cap_v2":
+        f = [math.cos((i / T + 0.008) / 1.008 * math.pi / 2) ** 2 for i in range(T + 1)]
+        betas = torch.tensor([min(1 - f[i + 1] / f[i], 0.999) for i in range(T)])
+    else:
+        raise ValueError(f"beta_schedule {kind!r}: linear, scaled_linear or squaredcos_cap_v2")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def timesteps(sched: dict, steps: int, spacing: str | None = None) -> list[int]:
+    """The steps visited, high to low: diffusers' "leading" (its default), "trailing", "linspace",
+    or DiT's own respacing "dit" (gaussian_diffusion space_timesteps: round(i·(T-1)/(n-1)))."""
+    T, off = sched.get("num_train_timesteps", 1000), sched.get("steps_offset", 0)
+    spacing = spacing or sched.get("timestep_spacing", "leading")
+    if spacing == "leading":
+        ts = [i * (T // steps) + off for i in range(steps)]
+    elif spacing == "trailing":
+        ts = [round(T - i * T / steps) - 1 for i in range(steps)][::-1]
+    elif spacing == "linspace":
+        ts = [int(round(float(x))) for x in torch.linspace(0, T - 1, steps, dtype=torch.float64)]
+    elif spacing == "dit":
+        ts = [round(i * (T - 1) / (steps - 1)) for i in range(steps)] if steps > 1 else [0]
+    else:
+        raise ValueError(f"timestep spacing {spacing!r}: leading, trailing, linspace or dit")
+    return ts[::-1]
+
+
+def guided_eps(model, x: Tensor, t: int, labels: Tensor, cfg: float, cfg_channels: int | None):
+    """The model's output at step t with CFG on its first cfg_channels channels (ε), batched as
+    [cond, null] like DiTPipeline; returns (B, C_out, H, W) with Σ from the conditional rows."""
+    B = x.shape[0]
+    if cfg == 1.0:
+        return model(x, torch.full((B,), t, device=x.device), label=labels)
+    null = torch.full_like(labels, model.null_label)
+    out = model(
+        torch.cat([x, x]), torch.full((2 * B,), t, device=x.device), label=torch.cat([labels, null])
+    )
+    k = cfg_channels or x.shape[1]
+    cond, uncond = out[:B], out[B:]
+    eps = uncond[:, :k] + cfg * (cond[:, :k] - uncond[:, :k])
+    return torch.cat([eps, cond[:, k:]], dim=1)
+
+
+@torch.no_grad()
+def ddim_sample(
+    model,
+    noise: Tensor,
+    labels: Tensor,
+    sched: dict,
+    steps: int,
+    cfg: float = 4.0,
+    cfg_channels: int | None = None,
+) -> Tensor:
+    """DDIM with η = 0 (diffusers' DDIMScheduler on the folder's config, as DiTPipeline calls it):
+    x0 = (x - √(1-ᾱ_t)·ε)/√ᾱ_t, x_prev = √ᾱ_prev·x0 + √(1-ᾱ_prev)·ε. A learned Σ is unused."""
+    ac = alphas_cumprod(sched)
+    final = torch.tensor(1.0) if sched.get("set_alpha_to_one", True) else ac[0]
+    ts = timesteps(sched, steps)
+    T, C, x = sched.get("num_train_timesteps", 1000), noise.shape[1], noise
+    for t in ts:
+        eps = guided_eps(model, x, t, labels, cfg, cfg_channels)[:, :C].float()
+        prev = t - T // steps
+        a_t, a_prev = ac[t], ac[prev] if prev >= 0 else final
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        if sched.get("clip_sample", False):
+            r = sched.get("clip_sample_range", 1.0)
+            x0 = x0.clamp(-r, r)
+        x = a_prev**0.5 * x0 + (1 - a_prev) ** 0.5 * eps
+    return x
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model,
+    noise: Tensor,
+    labels: Tensor,
+    sched: dict,
+    steps: int,
+    cfg: float = 4.0,
+    cfg_channels: int | None = None,
+    spacing: str = "dit",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Ancestral DDPM on the respaced chain (β'_t = 1 - ᾱ_t/ᾱ_prev) with DiT's learned variance:
+    log Σ = f·log β'_t + (1-f)·log β̃_t, f = (v + 1)/2 (Improved DDPM Eq. 15), posterior mean from
+    x0. DiT's sample.py runs 250 steps with spacing "dit"; "leading" visits diffusers'
+    DDPMScheduler steps (tests/test_dit.py compares the two step by step)."""
+    assert model.params.learn_sigma, "ddpm_sample needs a learned-sigma model (2C outputs)"
+    ac, C, x = alphas_cumprod(sched), noise.shape[1], noise
+    ts = timesteps(sched, steps, spacing)
+    for i, t in enumerate(ts):
+        out = guided_eps(model, x, t, labels, cfg, cfg_channels).float()
+        eps, v = out[:, :C], out[:, C : 2 * C]
+        a_t = ac[t]
+        a_prev = ac[ts[i + 1]] if i + 1 < len(ts) else torch.tensor(1.0)
+        beta = 1 - a_t / a_prev
+        x0 = (x - (1 - a_t) ** 0.5 * eps) / a_t**0.5
+        mean = (a_prev**0.5 * beta / (1 - a_t)) * x0 + (
+            (1 - beta) ** 0.5 * (1 - a_prev) / (1 - a_t)
+        ) * x
+        if i + 1 == len(ts):
+            return mean
+        post = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
+        frac = (v + 1) / 2
+        log_var = frac * torch.log(beta) + (1 - frac) * torch.log(post)
+        z = torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x.device)
+        x = mean + torch.exp(0.5 * log_var) * z
+    return x
+
+
+@torch.no_grad()
+def flow_sample(
+    model,
+    noise: Tensor,
+    labels: Tensor,
+    steps: int,
+    cfg: float = 1.0,
+    r: float = 1.0,
+    sit: bool = False,
+) -> Tensor:
+    """Euler from σ = 1 to 0 on the time-shifted schedule of `r` (common.get_schedule). A model
+    trained here takes σ and predicts noise - x0; an official SiT/USiT (`sit`) takes t = 1 - σ and
+    predicts x1 - x0, so its output is negated. CFG: v_u + cfg·(v_c - v_u)."""
+
+    def velocity(x: Tensor, sigma: float) -> Tensor:
+        B = x.shape[0]
+        t = torch.full((B,), 1.0 - sigma if sit else sigma, device=x.device)
+        if cfg == 1.0:
+            v = model(x, t, label=labels)
+        else:
+            null = torch.full_like(labels, model.null_label)
+            v_c, v_u = model(torch.cat([x, x]), t.repeat(2), label=torch.cat([labels, null])).chunk(
+                2
+            )
+            v = v_u + cfg * (v_c - v_u)
+        return -v if sit else v
+
+    return denoise(velocity, noise.float(), get_schedule(steps, r))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# class names
+
+
+def class_ids(classes: list[str], id2label: dict | None) -> list[int]:
+    """Class ids from ids or names: a name is any comma-separated synonym of id2label (as
+    DiTPipeline.get_label_ids reads it)."""
+    names = {}
+    for k, v in (id2label or {}).items():
+        for name in v.split(","):
+            names[name.strip()] = int(k)
+    out = []
+    for c in classes:
+        if c.strip().lstrip("-").isdigit():
+            out.append(int(c))
+        elif c.strip() in names:
+            out.append(names[c.strip()])
+        else:
+            raise ValueError(
+                f"class {c!r} is neither an id nor a name in id2label ({len(names)} names)"
+            )
+    return out
