@@ -61,6 +61,7 @@ from models.autoencoder import load_autoencoder
 from models.pipeline import SHIFTS, load_pipeline, read_shift, write_pipeline
 from models.text import drop_text, load_text_encoder
 from plan import check_run
+from toy.classes import ID2LABEL, ClassDataset, LabelEncoder
 from toy.shapes import ShapesDataset
 from training import (
     check_latent,
@@ -89,7 +90,8 @@ class CacheConfig:
     # fmt: off
     stage: str = "cache"  # cache, embed or head (each has its own flags: align.py --stage X --help)
     out_dir: str = "out/cache"  # shard_*.safetensors, null.safetensors, meta.json, config.json
-    data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), or "shapes" (procedural)
+    data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), "shapes" (procedural) or
+    # "classes" (one object, class = colour x shape: rows hold "label" for class-conditional models, no --text)
     count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
     split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation cache)
     resolution: int = 512  # image size in px (resized, center-cropped)
@@ -247,7 +249,8 @@ def write_meta(cfg: CacheConfig, out: Path, n: int, n_shards: int, text) -> None
         "shapes": {k: list(v.shape[1:]) for k, v in probe.items()},
         "teacher_ae": str(Path(cfg.teacher_ae).resolve()) if cfg.teacher_ae else "",
         "student_ae": str(Path(cfg.student_ae).resolve()) if cfg.student_ae else "",
-        "text": str(Path(cfg.text).resolve()),
+        "text": str(Path(cfg.text).resolve()) if cfg.text else "",
+        "id2label": ID2LABEL if cfg.data == "classes" else None,
         "resolution": cfg.resolution,
         "teacher_resolution": cfg.teacher_resolution or cfg.resolution,
         "student_channels": cfg.student_channels,
@@ -270,6 +273,8 @@ def cache_stage(cfg: CacheConfig, d) -> None:
     out = Path(cfg.out_dir)
     if cfg.data == "shapes":
         data = ShapesDataset(cfg.resolution, cfg.seed, cfg.split, cfg.count)
+    elif cfg.data == "classes":  # held-out rows: another seed
+        data = ClassDataset(cfg.resolution, cfg.seed + (cfg.split == "test"), cfg.count)
     else:
         data = ImageFolder(cfg.data, size_px=cfg.resolution)
     tile = cfg.tile_px or None  # None: one pass
@@ -277,7 +282,10 @@ def cache_stage(cfg: CacheConfig, d) -> None:
     aes = {k: load_autoencoder(p, device=d.device, tile_px=tile).eval() for k, p in sources if p}
     flux_text = (Path(cfg.text) / "text_encoder_2").is_dir()  # FLUX: CLIP + T5; SANA: Gemma-2
     max_length = (cfg.max_length or None) if flux_text else None  # SANA keeps its own 300
-    text = load_text_encoder(cfg.text, device=d.device, max_length=max_length)
+    if cfg.data == "classes":
+        text = LabelEncoder()  # class names -> {"label": ids}, null = the CFG null class
+    else:
+        text = load_text_encoder(cfg.text, device=d.device, max_length=max_length)
     n = len(data)
     n_shards = math.ceil(n / cfg.shard_size)
     t0, done = time.perf_counter(), 0
@@ -325,9 +333,12 @@ def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: Embed
     and a fresh head, built on the meta device and given the base's tensors (no second copy of 12B),
     written as a model folder with the student AE and the base's shift."""
     C_s = cache.shape("student")[0]
+    # DiT: its fixed 2-D positions are laid out for the student's own grid (the official DiT builds
+    # them for input_size / patch_size)
+    grid = {"sample_size": cache.shape("student")[1]} if hasattr(base.params, "sample_size") else {}
     with torch.device("meta"):
         new = type(base)(
-            dataclasses.replace(base.params, in_channels=C_s, patch_size=cfg.patch_size)
+            dataclasses.replace(base.params, in_channels=C_s, patch_size=cfg.patch_size, **grid)
         )
     layers = base.latent_layers
     sd = {k: v for k, v in base.state_dict().items() if not k.startswith(layers)}
@@ -338,7 +349,15 @@ def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: Embed
     new.load_state_dict(sd, strict=True, assign=True)
     shift, value = (cfg.shift, cfg.shift_value) if cfg.shift else read_shift(cfg.base)
     out = Path(cfg.out_dir) / "model"
-    write_pipeline(out, new, cache.meta["student_ae"], cache.meta["text"], shift, value)
+    write_pipeline(
+        out,
+        new,
+        cache.meta["student_ae"],
+        cache.meta["text"],
+        shift,
+        value,
+        id2label=cache.meta.get("id2label"),
+    )
     print0(
         f"student model (new embedder, fresh head) -> {out}", log_file=Path(cfg.out_dir) / "log.txt"
     )
@@ -426,7 +445,9 @@ def head_stage(cfg: HeadConfig, d) -> None:
 
     raw = build()
     check_latent(raw, cache.shape("student"), f"the cache {cfg.cache} (student)")
-    guide = cfg.loss == "guide" or (cfg.loss == "auto" and raw.params.guidance_embed)
+    guide = cfg.loss == "guide" or (
+        cfg.loss == "auto" and getattr(raw.params, "guidance_embed", False)
+    )
     assert not guide or raw.params.guidance_embed, "--loss guide needs a guidance embedding"
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     print0(

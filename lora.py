@@ -47,6 +47,7 @@ from common import (
     seed_everything,
 )
 from data import LatentCache
+from models.c2i import C2I_PRESETS, build_c2i
 from models.flux import PRESETS, Flux
 from models.pipeline import load_pipeline, write_pipeline
 from models.text import drop_text
@@ -73,7 +74,7 @@ class Config:
     # fmt: off
     # what to train
     init: str = ""  # model folder to start from; "" trains --preset from scratch (with --rank 0)
-    preset: str = ""  # FLUX preset (models/flux.py) of a model trained from scratch
+    preset: str = ""  # FLUX preset (models/flux.py), or dit-*/usit-* (models/c2i.py), of a model trained from scratch
     cache: str = "out/cache"  # latent cache written by align.py --stage cache
     latent: str = "student"  # cached latent to train on: student (deep-compression AE) or teacher (base AE)
     out_dir: str = "out/lora"  # checkpoints, log.txt, samples/
@@ -135,8 +136,14 @@ def build_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
     fp32 (training.prepare)."""
     if cfg.init:
         model = load_pipeline(cfg.init, dtype=dtype, parts=("transformer",)).transformer
+    elif cfg.preset in C2I_PRESETS:  # a class-conditional DiT or USiT (models/c2i.py)
+        # the preset's network on this cache's latent and classes (its null row is the null class)
+        cache = LatentCache(cfg.cache)
+        (C, h, _), n = cache.shape(cfg.latent), int(cache.null["label"][0])
+        model = build_c2i(cfg.preset, in_channels=C, sample_size=h, num_classes=n).to(dtype)
     else:
-        assert cfg.preset in PRESETS, f"without --init, give --preset: one of {sorted(PRESETS)}"
+        known = sorted(PRESETS) + sorted(C2I_PRESETS)
+        assert cfg.preset in PRESETS, f"without --init, give --preset: one of {known}"
         model = Flux(PRESETS[cfg.preset]).to(dtype)
     trainable = model.latent_layers if cfg.trainable is None else cfg.trainable
     targets = model.lora_targets if cfg.lora_targets is None else cfg.lora_targets
@@ -159,7 +166,10 @@ def merge(cfg: Config) -> Path:
     else:
         meta = LatentCache(run.cache).meta
         ae, text = meta[f"{run.latent}_ae"], meta["text"]
-    write_pipeline(cfg.out_dir, model, ae, text, run.shift, run.shift_value, state_dict=sd)
+    id2label = None if run.init else LatentCache(run.cache).meta.get("id2label")
+    write_pipeline(
+        cfg.out_dir, model, ae, text, run.shift, run.shift_value, state_dict=sd, id2label=id2label
+    )
     which = "EMA" if use_ema else "raw"
     print(
         f"merged {which} weights of {cfg.merge} (step {ckpt['step']}) into {run.init or run.preset}; model folder "
@@ -201,6 +211,8 @@ def main(cfg: Config | None = None) -> Path | None:
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, dtype)
     check_latent(raw, cache.shape(cfg.latent), f"the cache {cfg.cache} ({cfg.latent})")
+    if getattr(raw.params, "learn_sigma", False):  # an ε/Σ DiT is not a velocity model
+        raise SystemExit("a learned-sigma DiT trains with DiT's Gaussian diffusion loss, not here")
     guide = cfg.loss == "guide" or (
         cfg.loss == "auto" and getattr(raw.params, "guidance_embed", False)
     )

@@ -36,6 +36,7 @@ from common import (
     save_image_grid,
     shift_for,
 )
+from models.c2i import sample_classes
 from models.pipeline import SHIFTS, load_pipeline
 from models.tiling import nearest_multiples
 from toy.text import knows_only_toy_captions, toy_prompts
@@ -70,6 +71,7 @@ class Config:
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU), bf16 or fp32
     tile_px: int = 1024  # AE decode tile size in px for large images (0: never tile)
     max_length: int = 0  # text tokens: T5's for FLUX (0: 512, the most), Gemma's for SANA (0: 300)
+    classes: tuple[str, ...] = ()  # class-conditional models (DiT, USiT): class ids or id2label names, not prompts
     # fmt: on
 
 
@@ -247,6 +249,11 @@ def report(
 
 def main(argv: list[str] | None = None) -> list[Path]:
     cfg = parse_config(Config, argv)
+    if cfg.classes:  # a class-conditional folder: models/c2i.py samples it, one image per class
+        dev = cfg.device if cfg.device != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+        args = (cfg.model, cfg.classes, cfg.steps, cfg.cfg or 4.0, cfg.seed, cfg.size, dev)
+        images, names, meta = sample_classes(*args)
+        return [save_one_file([images], names, Path(cfg.out), meta)]
     prompts = read_prompts(cfg)
     check_flags(cfg)
     device = torch.device(

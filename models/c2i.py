@@ -13,12 +13,34 @@ classifier-free guidance against the null class; plus the class names of a folde
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from common import denoise, get_schedule
+from models.dit import PRESETS as DIT_PRESETS
+from models.dit import DiT
+from models.uvit import PRESETS as UVIT_PRESETS
+from models.uvit import UViT
+
+# every class-conditional preset, by prefixed name: `lora.py --preset dit-toy --rank 0` trains one
+C2I_PRESETS = {
+    (k if k.startswith(("dit", "dcgen")) else f"dit-{k}"): (DiT, p) for k, p in DIT_PRESETS.items()
+} | {
+    (k if k.startswith(("usit", "uvit")) else f"usit-{k}"): (UViT, p)
+    for k, p in UVIT_PRESETS.items()
+}
+
+
+def build_c2i(name: str, **overrides):
+    """A fresh class-conditional model of a C2I_PRESETS name (fields replaced by `overrides`)."""
+    cls, params = C2I_PRESETS[name]
+    return cls(dataclasses.replace(params, **overrides))
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # the Gaussian-diffusion schedule of a scheduler_config.json (DDPMScheduler / DDIMScheduler keys)
@@ -194,3 +216,49 @@ def class_ids(classes: list[str], id2label: dict | None) -> list[int]:
                 f"class {c!r} is neither an id nor a name in id2label ({len(names)} names)"
             )
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# a class-conditional model folder, end to end (sample.py --classes)
+
+
+@torch.no_grad()
+def sample_classes(
+    folder, classes: list[str], steps: int, cfg: float, seed: int, size: int = 0, device="cpu"
+) -> tuple[Tensor, list[str], dict]:
+    """Images (B, 3, H, W) in [-1, 1] of a class-conditional folder (DiT or USiT), one per class (ids
+    or id2label names), from seeded noise (common.get_noise): DDIM / DDPM when the folder's scheduler
+    is diffusers' DDIMScheduler / DDPMScheduler (released DiT), else flow Euler at the folder's shift.
+    size 0: the model's native size. Returns the images, the class names and the recipe."""
+    from common import get_noise, shift_for
+    from models.pipeline import load_pipeline
+
+    pipe = load_pipeline(folder, device=device)
+    model, ae = pipe.transformer.eval(), pipe.ae.eval()
+    ids = class_ids(list(classes), pipe.id2label)
+    f, C = ae.spatial_factor, model.params.in_channels
+    h = size // f if size else model.params.sample_size
+    noise = get_noise((len(ids), C, h, h), seed).to(device)
+    labels = torch.tensor(ids, device=device)
+    sched_file = Path(folder) / "scheduler" / "scheduler_config.json"
+    sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
+    kind = sched.get("_class_name", "")
+    if kind == "DDIMScheduler":
+        z = ddim_sample(model, noise, labels, sched, steps, cfg)
+    elif kind == "DDPMScheduler":
+        z = ddpm_sample(
+            model, noise, labels, sched, steps, cfg, generator=torch.Generator().manual_seed(seed)
+        )
+    else:
+        r = shift_for(pipe.shift, (C, h, h), model.params.patch_size, pipe.shift_value)
+        z = flow_sample(model, noise, labels, steps, cfg, r)
+    names = [(pipe.id2label or {}).get(str(i), str(i)) for i in ids]
+    meta = {
+        "model": str(folder),
+        "classes": ",".join(map(str, ids)),
+        "steps": steps,
+        "cfg": cfg,
+        "sampler": kind or "flow Euler",
+        "seed": seed,
+    }
+    return ae.decode(z.to(next(ae.parameters()).dtype)).float().cpu(), names, meta

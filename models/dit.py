@@ -78,6 +78,17 @@ PRESETS = {
     # toy velocity DiTs (runs/c2i_toy.sh): classes = colour × shape of toy/shapes.py
     "toy": _TOY,
     "toy-f32": replace(_TOY, in_channels=16, patch_size=1, sample_size=8),
+    # tests: a velocity twin of "tiny" for the flow-matching stages
+    "tiny-v": DiTParams(
+        in_channels=4,
+        patch_size=2,
+        hidden_size=32,
+        depth=2,
+        num_heads=2,
+        sample_size=8,
+        learn_sigma=False,
+        t_scale=1000.0,
+    ),
     "tiny": DiTParams(
         in_channels=4, patch_size=2, hidden_size=32, depth=2, num_heads=2, sample_size=8
     ),

@@ -20,14 +20,18 @@ predict noise - x0 (models/c2i.py samples both).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from models.loading import load_weights, read_config, read_state_dict
 
 
 @dataclass(frozen=True)
@@ -172,6 +176,13 @@ class UViT(nn.Module):
     def null_label(self) -> int:
         return self.params.num_classes
 
+    def diffusers_config(self) -> dict:  # what write_pipeline saves as transformer/config.json
+        return uvit_config(self)
+
+    @classmethod
+    def from_pretrained(cls, folder, dtype=None, device="cpu") -> UViT:
+        return load_uvit(folder, dtype, device)
+
     def forward(self, x: Tensor, t: Tensor, label: Tensor) -> Tensor:
         """x (B, C', H, W) with C' <= C, t (B,), label (B,) (num_classes: null) -> (B, C', H, W)."""
         p, P = self.params, self.params.patch_size
@@ -211,6 +222,20 @@ class UViT(nn.Module):
             return w, b
         rows = torch.arange(w.shape[0], device=w.device).view(-1, full)[:, :C].reshape(-1)
         return w[rows], b[rows]
+
+
+def uvit_config(model: UViT) -> dict:
+    """config.json of a UViT folder (ours: diffusers has no U-ViT; the official code's field names)."""
+    return {"_class_name": "UViT", **dataclasses.asdict(model.params)}
+
+
+def load_uvit(folder: str | Path, dtype: torch.dtype | None = None, device="cpu") -> UViT:
+    """A UViT folder (config.json + safetensors in the official state-dict names), strictly."""
+    cfg = {k: v for k, v in read_config(folder, "UViT").items() if not k.startswith("_")}
+    with torch.device("meta"):
+        model = UViT(UViTParams(**cfg))
+    sd = read_state_dict(folder, dtype=dtype, device=device)
+    return load_weights(model, sd, f"UViT {folder}").eval()
 
 
 def uvit_flops(p: UViTParams, tokens: int) -> dict[str, float]:
