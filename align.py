@@ -90,8 +90,7 @@ class CacheConfig:
     # fmt: off
     stage: str = "cache"  # cache, embed or head (each has its own flags: align.py --stage X --help)
     out_dir: str = "out/cache"  # shard_*.safetensors, null.safetensors, meta.json, config.json
-    data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), "shapes" (procedural) or
-    # "classes" (one object, class = colour x shape: rows hold "label" for class-conditional models, no --text)
+    data: str = "shapes"  # an image folder (captions: .txt or captions.jsonl), "shapes" or "classes" (labels, no --text)
     count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
     split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation cache)
     resolution: int = 512  # image size in px (resized, center-cropped)
@@ -271,10 +270,9 @@ def cache_stage(cfg: CacheConfig, d) -> None:
         "downsampled one"
     )
     out = Path(cfg.out_dir)
-    if cfg.data == "shapes":
-        data = ShapesDataset(cfg.resolution, cfg.seed, cfg.split, cfg.count)
-    elif cfg.data == "classes":  # held-out rows: another seed
-        data = ClassDataset(cfg.resolution, cfg.seed + (cfg.split == "test"), cfg.count)
+    if cfg.data in ("shapes", "classes"):  # procedural: captioned scenes, or one object per class
+        kind = ShapesDataset if cfg.data == "shapes" else ClassDataset
+        data = kind(cfg.resolution, cfg.seed, cfg.split, cfg.count)
     else:
         data = ImageFolder(cfg.data, size_px=cfg.resolution)
     tile = cfg.tile_px or None  # None: one pass
@@ -282,10 +280,8 @@ def cache_stage(cfg: CacheConfig, d) -> None:
     aes = {k: load_autoencoder(p, device=d.device, tile_px=tile).eval() for k, p in sources if p}
     flux_text = (Path(cfg.text) / "text_encoder_2").is_dir()  # FLUX: CLIP + T5; SANA: Gemma-2
     max_length = (cfg.max_length or None) if flux_text else None  # SANA keeps its own 300
-    if cfg.data == "classes":
-        text = LabelEncoder()  # class names -> {"label": ids}, null = the CFG null class
-    else:
-        text = load_text_encoder(cfg.text, device=d.device, max_length=max_length)
+    labels = LabelEncoder() if cfg.data == "classes" else None  # names -> {"label": class ids}
+    text = labels or load_text_encoder(cfg.text, device=d.device, max_length=max_length)
     n = len(data)
     n_shards = math.ceil(n / cfg.shard_size)
     t0, done = time.perf_counter(), 0
@@ -333,8 +329,7 @@ def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: Embed
     and a fresh head, built on the meta device and given the base's tensors (no second copy of 12B),
     written as a model folder with the student AE and the base's shift."""
     C_s = cache.shape("student")[0]
-    # DiT: its fixed 2-D positions are laid out for the student's own grid (the official DiT builds
-    # them for input_size / patch_size)
+    # DiT: its fixed 2-D positions on the student's own grid (official: input_size / patch_size)
     grid = {"sample_size": cache.shape("student")[1]} if hasattr(base.params, "sample_size") else {}
     with torch.device("meta"):
         new = type(base)(
@@ -349,15 +344,8 @@ def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: Embed
     new.load_state_dict(sd, strict=True, assign=True)
     shift, value = (cfg.shift, cfg.shift_value) if cfg.shift else read_shift(cfg.base)
     out = Path(cfg.out_dir) / "model"
-    write_pipeline(
-        out,
-        new,
-        cache.meta["student_ae"],
-        cache.meta["text"],
-        shift,
-        value,
-        id2label=cache.meta.get("id2label"),
-    )
+    ae, text, labels = cache.meta["student_ae"], cache.meta["text"], cache.meta.get("id2label")
+    write_pipeline(out, new, ae, text, shift, value, id2label=labels)
     print0(
         f"student model (new embedder, fresh head) -> {out}", log_file=Path(cfg.out_dir) / "log.txt"
     )
@@ -445,10 +433,9 @@ def head_stage(cfg: HeadConfig, d) -> None:
 
     raw = build()
     check_latent(raw, cache.shape("student"), f"the cache {cfg.cache} (student)")
-    guide = cfg.loss == "guide" or (
-        cfg.loss == "auto" and getattr(raw.params, "guidance_embed", False)
-    )
-    assert not guide or raw.params.guidance_embed, "--loss guide needs a guidance embedding"
+    distilled = getattr(raw.params, "guidance_embed", False)  # DiT, USiT: none
+    guide = cfg.loss == "guide" or (cfg.loss == "auto" and distilled)
+    assert not guide or distilled, "--loss guide needs a guidance embedding"
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     print0(
         f"head: {raw.latent_layers} trainable ({n_train / 1e6:.2f} M parameters), backbone frozen; loss "

@@ -32,8 +32,9 @@ def scene_of(label: int, rng: np.random.Generator) -> Scene:
 class ClassDataset(torch.utils.data.Dataset):
     """Item i is a deterministic function of (seed, i): a uniformly drawn class, a random layout."""
 
-    def __init__(self, size_px: int = 128, seed: int = 0, length: int = 2**31 - 1):
-        self.size_px, self.seed, self.length = size_px, seed, length
+    def __init__(self, size_px=128, seed=0, split: str = "train", length: int = 2**31 - 1):
+        # held-out rows ("test"): another seed (the classes are the same)
+        self.size_px, self.seed, self.length = size_px, seed + (split == "test"), length
 
     def __len__(self) -> int:
         return self.length
