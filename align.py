@@ -90,7 +90,7 @@ class CacheConfig:
     # fmt: off
     stage: str = "cache"  # cache, embed or head (each has its own flags: align.py --stage X --help)
     out_dir: str = "out/cache"  # shard_*.safetensors, null.safetensors, meta.json, config.json
-    data: str = "shapes"  # an image folder (captions: .txt or captions.jsonl), "shapes" or "classes" (labels, no --text)
+    data: str = "shapes"  # image folder (captions: .txt or captions.jsonl), "shapes" or "classes" (labels, no --text)
     count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
     split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation cache)
     resolution: int = 512  # image size in px (resized, center-cropped)

@@ -47,7 +47,7 @@ from common import (
     seed_everything,
 )
 from data import LatentCache
-from models.c2i import C2I_PRESETS, build_c2i
+from models.c2i import C2I_PRESETS, build_c2i, gaussian_loss
 from models.flux import PRESETS, Flux
 from models.pipeline import load_pipeline, write_pipeline
 from models.text import drop_text
@@ -83,7 +83,7 @@ class Config:
     lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the model's); empty: no LoRA
     trainable: tuple[str, ...] | None = None  # modules trained in full beside LoRA (default: the model's latent layers)
     # loss
-    loss: str = "auto"  # auto (guide if the model embeds guidance, else fm), fm (flow matching), guide
+    loss: str = "auto"  # auto (guide: guidance embedded; gaussian: learned-sigma DiT; else fm), fm, guide, gaussian
     drop_text: float = 0.1  # probability of training a sample on the empty prompt
     w_min: float = 1.0  # guide loss: smallest guidance scale w
     w_max: float = 14.0  # guide loss: largest guidance scale w
@@ -187,7 +187,7 @@ def main(cfg: Config | None = None) -> Path | None:
     if cfg.merge:
         return merge(cfg)
     cfg = with_shift(cfg)
-    assert cfg.loss in ("auto", "fm", "guide"), f"--loss {cfg.loss!r}: choose auto, fm or guide"
+    assert cfg.loss in ("auto", "fm", "guide", "gaussian"), f"--loss {cfg.loss!r}: see --help"
     assert cfg.guide_uncond in ("one", "w"), (
         f"--guide_uncond {cfg.guide_uncond!r}: choose one (code) or w (paper)"
     )
@@ -211,8 +211,10 @@ def main(cfg: Config | None = None) -> Path | None:
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, dtype)
     check_latent(raw, cache.shape(cfg.latent), f"the cache {cfg.cache} ({cfg.latent})")
-    if getattr(raw.params, "learn_sigma", False):  # an ε/Σ DiT is not a velocity model
-        raise SystemExit("a learned-sigma DiT trains with DiT's Gaussian diffusion loss, not here")
+    # an ε/Σ DiT (released DiT-XL/2) trains with DiT's own loss (models/c2i.py gaussian_loss)
+    gaussian = cfg.loss == "gaussian" or (
+        cfg.loss == "auto" and getattr(raw.params, "learn_sigma", False)
+    )
     guide = cfg.loss == "guide" or (
         cfg.loss == "auto" and getattr(raw.params, "guidance_embed", False)
     )
@@ -223,7 +225,7 @@ def main(cfg: Config | None = None) -> Path | None:
     n_all = sum(p.numel() for p in raw.parameters())
     print0(
         f"model {cfg.init or cfg.preset}: {n_all / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable; "
-        f"loss {'guide' if guide else 'flow matching'}",
+        f"loss {'guide' if guide else 'gaussian' if gaussian else 'flow matching'}",
         log_file=log,
     )
     # on CUDA: the planner's peak against the card, before hours are spent
@@ -243,6 +245,8 @@ def main(cfg: Config | None = None) -> Path | None:
         )
         # the empty prompt for 10%: the model keeps its unconditional velocity
         cond = drop_text(text, null, drop)
+        if gaussian:
+            return gaussian_loss(model, x0, cond, g)
         if guide:
             return guide_loss(model, raw, x_t, sigma, v, cond, null, w, cfg.guide_uncond)
         return flow_matching_loss(model, x_t, sigma, v, cond)

@@ -195,6 +195,65 @@ def flow_sample(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# DiT's training objective (official c2icore DiT: train_scheduler "GaussianDiffusion", DiT's gaussian_diffusion.py)
+
+
+def normal_kl(m1: Tensor, logv1: Tensor, m2: Tensor, logv2: Tensor) -> Tensor:
+    return 0.5 * (
+        -1.0 + logv2 - logv1 + torch.exp(logv1 - logv2) + (m1 - m2) ** 2 * torch.exp(-logv2)
+    )
+
+
+def discretized_nll(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """-log p(x) of a Gaussian discretized to 255 bins on [-1, 1] (the t = 0 term of the VLB)."""
+
+    def cdf(v):  # tanh approximation of the standard normal CDF, as DiT
+        return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (v + 0.044715 * v**3)))
+
+    centered, inv_std = x - mean, torch.exp(-log_scale)
+    cdf_plus, cdf_min = cdf(inv_std * (centered + 1 / 255)), cdf(inv_std * (centered - 1 / 255))
+    log_plus = torch.log(cdf_plus.clamp(min=1e-12))
+    log_one_minus_min = torch.log((1 - cdf_min).clamp(min=1e-12))
+    log_delta = torch.log((cdf_plus - cdf_min).clamp(min=1e-12))
+    inner = torch.where(x > 0.999, log_one_minus_min, log_delta)
+    return -torch.where(x < -0.999, log_plus, inner)
+
+
+def gaussian_loss(model, x0: Tensor, cond: dict, g: torch.Generator, sched: dict | None = None):
+    """DiT's loss for an ε- and Σ-predicting model: t ~ U{0..T-1}, x_t = √ᾱ·x0 + √(1-ᾱ)·ε,
+    mse(ε̂, ε) + L_vlb, where L_vlb (bits per dim) is KL(q(x_{t-1}|x_t, x0) || p(x_{t-1}|x_t)) with
+    the mean from a detached ε̂ (only Σ learns from it; Improved DDPM §3.1), the discretized
+    decoder NLL at t = 0. Without learned Σ: the ε MSE alone."""
+    sched = sched or {}
+    ac = alphas_cumprod(sched).to(x0.device)
+    B, C = x0.shape[:2]
+    t = torch.randint(0, len(ac), (B,), generator=g).to(x0.device)
+    noise = torch.randn(x0.shape, generator=g).to(x0)
+    a = ac[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    out = model(x_t, t.float(), **cond).float()
+    eps = out[:, :C]
+    mse = ((eps - noise) ** 2).mean(dim=(1, 2, 3))
+    if out.shape[1] == C:
+        return mse.mean()
+    a_prev = torch.cat([torch.ones(1, device=ac.device), ac[:-1]])[t].view(-1, 1, 1, 1)
+    beta = 1 - a / a_prev
+    post_var = beta * (1 - a_prev) / (1 - a)
+    post_var_1 = (
+        (1 - ac[1] / ac[0]) * (1 - ac[0]) / (1 - ac[1])
+    )  # DiT clips log var at t=0 to t=1's
+    log_post = torch.log(torch.where(t.view(-1, 1, 1, 1) == 0, post_var_1, post_var))
+    c1, c2 = a_prev.sqrt() * beta / (1 - a), (1 - beta).sqrt() * (1 - a_prev) / (1 - a)
+    x0_hat = (x_t - (1 - a).sqrt() * eps.detach()) / a.sqrt()
+    frac = (out[:, C:] + 1) / 2
+    log_var = frac * torch.log(beta) + (1 - frac) * log_post
+    mean_q, mean_p = c1 * x0 + c2 * x_t, c1 * x0_hat + c2 * x_t
+    kl = normal_kl(mean_q, log_post, mean_p, log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+    nll = discretized_nll(x0, mean_p, 0.5 * log_var).mean(dim=(1, 2, 3)) / math.log(2.0)
+    return (mse + torch.where(t == 0, nll, kl)).mean()
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # class names
 
 

@@ -134,6 +134,40 @@ def test_train_from_scratch_with_prefixes_and_sample(world, preset, tmp_path):
     assert out and all(p.is_file() for p in out)
 
 
+def test_learned_sigma_dit_trains_with_dits_loss_and_samples_ddpm(world, tmp_path):
+    folder = run_lora(
+        world,
+        "dit-eps",
+        "--preset",
+        "dit-tiny",
+        "--cache",
+        str(world / "cache"),
+        "--latent",
+        "teacher",
+        "--sample_every",
+        "0",
+    )
+    log = (world / "dit-eps" / "log.txt").read_text()
+    assert "loss gaussian" in log
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DDPMScheduler" and sched["variance_type"] == "learned_range"
+    out = sample.main(
+        [
+            "--model",
+            str(folder),
+            "--class",
+            "3",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "e.png"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert out[0].is_file()
+
+
 def test_dcgen_alignment_on_dit(world):
     base = run_lora(
         world,
