@@ -14,7 +14,8 @@
 #      1x1: 16 tokens): embed -> head alignment -> LoRA (rank 16 + the new layers), against the same LoRA after a
 #      fresh, unaligned embedder and head (align.py --stage embed --steps 0)
 #
-# Sized for a shared 2-core CPU: STEPS (DiT steps per arm), AE_STEPS, COUNT (cached images) scale it.
+# Sized for a shared 2-core CPU: STEPS (DiT steps per arm), AE_STEPS, COUNT (cached images) scale it; ARMS picks the
+# experiments (default abc; two invocations with ARMS=a and ARMS=bc may run side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/c2i_toy}
@@ -22,6 +23,7 @@ STEPS=${STEPS:-1000}
 AE_STEPS=${AE_STEPS:-400}
 COUNT=${COUNT:-2048}
 PX=128
+ARMS=${ARMS:-abc}
 mkdir -p "$OUT"
 step() {  # name, output that marks it done, command...
   local name=$1 done=$2; shift 2
@@ -34,7 +36,7 @@ LOG="--device cpu --seed 0 --log_every 100"
 SAVE=$((STEPS / 4))
 
 # --- (a) two unmasked AEs, few and many channels
-for c in 4 16; do
+for c in $([[ $ARMS == *a* ]] && echo 4 16); do
   step "ae f32c$c" "$OUT/ae-f32c$c/ae/config.json" python ae15.py --model toy-f32c$c --mask none --data shapes \
     --size_px $PX --zoom 1 4 --batch_size 8 --steps "$AE_STEPS" --lr 1e-3 --warmup 50 --l1_weight 0 --l2_weight 1 \
     --sample_every "$AE_STEPS" --save_every "$AE_STEPS" --eval_n 16 $LOG --out_dir "$OUT/ae-f32c$c"
@@ -46,9 +48,8 @@ cache() {  # name, teacher AE (or ""), student AE
     --count "$COUNT" --teacher_ae "$2" --student_ae "$3" --batch_size 32 --shard_size 1024 --seed 0 --device cpu \
     --out_dir "$OUT/cache/$1"
 }
-cache a4 "" "$OUT/ae-f32c4/ae"
-cache a16 "" "$OUT/ae-f32c16/ae"
-cache zoo zoo/ae/vae-f8c4 zoo/ae/f32c16
+if [[ $ARMS == *a* ]]; then cache a4 "" "$OUT/ae-f32c4/ae"; cache a16 "" "$OUT/ae-f32c16/ae"; fi
+if [[ $ARMS == *[bc]* ]]; then cache zoo zoo/ae/vae-f8c4 zoo/ae/f32c16; fi
 
 # --- the DiT arms: lora.py trains from scratch (--rank 0 --preset) or a LoRA on an --init folder
 dit() {  # name, then lora.py flags
@@ -57,10 +58,15 @@ dit() {  # name, then lora.py flags
     --lr 1e-3 --warmup 50 --clip_grad 1 --ema 0.99 --sample_every 0 --save_every "$SAVE" $LOG --out_dir "$OUT/$name"
 }
 scratch="--preset dit-toy --rank 0 --latent student"
-dit a-c4 $scratch --cache "$OUT/cache/a4"
-dit a-c16 $scratch --cache "$OUT/cache/a16"
-dit b-plain $scratch --cache "$OUT/cache/zoo"
-dit b-aug $scratch --cache "$OUT/cache/zoo" --prefixes 4 8 12 --num_prefixes 2
+if [[ $ARMS == *a* ]]; then
+  dit a-c4 $scratch --cache "$OUT/cache/a4"
+  dit a-c16 $scratch --cache "$OUT/cache/a16"
+fi
+if [[ $ARMS == *b* ]]; then
+  dit b-plain $scratch --cache "$OUT/cache/zoo"
+  dit b-aug $scratch --cache "$OUT/cache/zoo" --prefixes 4 8 12 --num_prefixes 2
+fi
+[[ $ARMS == *c* ]] || { python runs/c2i_report.py --out "$OUT" 2>&1 | tee -a "$OUT/log.txt"; exit 0; }
 
 # (c) the base on the f8 latent, merged to a folder; two students on f32c16
 dit c-base --preset dit-toy --rank 0 --latent teacher --cache "$OUT/cache/zoo"
