@@ -254,9 +254,8 @@ def write_pipeline(
         "max_shift": 1.15,
     }
     if getattr(transformer.params, "learn_sigma", False):  # an ε/Σ DiT: DiT's DDPM schedule
-        sched = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4}
-        sched |= {"beta_end": 0.02, "beta_schedule": "linear", "variance_type": "learned_range"}
-        sched |= {"clip_sample": False}
+        sched = {"_class_name": "DDPMScheduler", "beta_start": 1e-4, "beta_end": 0.02}
+        sched |= {"beta_schedule": "linear", "variance_type": "learned_range", "clip_sample": False}
         index["scheduler"] = ["diffusers", "DDPMScheduler"]
     atomic_write(
         folder / "model_index.json", lambda f: f.write(json.dumps(index, indent=2).encode())

@@ -14,7 +14,7 @@
 #      1x1: 16 tokens): embed -> head alignment -> LoRA (rank 16 + the new layers), against the same LoRA after a
 #      fresh, unaligned embedder and head (align.py --stage embed --steps 0)
 #
-# Sized for a shared 2-core CPU: STEPS (DiT steps per arm), AE_STEPS, COUNT (cached images) scale it; ARMS picks the
+# Sized for a shared 2-core CPU: STEPS (DiT steps per arm), BATCH, AE_STEPS, COUNT (cached images) scale it; ARMS picks the
 # experiments (default abc; two invocations with ARMS=a and ARMS=bc may run side by side).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -22,6 +22,7 @@ OUT=${OUT:-out/c2i_toy}
 STEPS=${STEPS:-1000}
 AE_STEPS=${AE_STEPS:-400}
 COUNT=${COUNT:-2048}
+BATCH=${BATCH:-32}
 PX=128
 ARMS=${ARMS:-abc}
 mkdir -p "$OUT"
@@ -54,7 +55,7 @@ if [[ $ARMS == *[bc]* ]]; then cache zoo zoo/ae/vae-f8c4 zoo/ae/f32c16; fi
 # --- the DiT arms: lora.py trains from scratch (--rank 0 --preset) or a LoRA on an --init folder
 dit() {  # name, then lora.py flags
   local name=$1; shift
-  step "$name" "$OUT/$name/ckpt_$(printf %07d "$STEPS").pt" python lora.py "$@" --steps "$STEPS" --batch_size 32 \
+  step "$name" "$OUT/$name/ckpt_$(printf %07d "$STEPS").pt" python lora.py "$@" --steps "$STEPS" --batch_size "$BATCH" \
     --lr 1e-3 --warmup 50 --clip_grad 1 --ema 0.99 --sample_every 0 --save_every "$SAVE" $LOG --out_dir "$OUT/$name"
 }
 scratch="--preset dit-toy --rank 0 --latent student"
