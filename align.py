@@ -67,6 +67,7 @@ from models.loading import staged_folder
 from models.pipeline import load_pipeline, read_shift, write_pipeline
 from models.text import drop_text, load_text_encoder
 from plan import check_run
+from toy.classes import ID2LABEL, ClassDataset, LabelEncoder
 from toy.shapes import ShapesDataset
 from training import (
     check_latent,
@@ -97,7 +98,7 @@ class CacheConfig:
     # fmt: off
     stage: str = "cache"  # cache, embed or head (each has its own flags: align.py --stage X --help)
     out_dir: str = "out/cache"  # shard_*.safetensors, null.safetensors, meta.json, config.json
-    data: str = "shapes"  # an image folder (captions in same-named .txt or captions.jsonl), or "shapes" (procedural)
+    data: str = "shapes"  # image folder (captions: .txt or captions.jsonl), "shapes" or "classes" (labels, no --text)
     count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
     split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation cache)
     resolution: int = 512  # image size in px (resized, center-cropped)
@@ -255,7 +256,8 @@ def write_meta(cfg: CacheConfig, out: Path, n: int, n_shards: int, text) -> None
         "shapes": {k: list(v.shape[1:]) for k, v in probe.items()},
         "teacher_ae": str(Path(cfg.teacher_ae).resolve()) if cfg.teacher_ae else "",
         "student_ae": str(Path(cfg.student_ae).resolve()) if cfg.student_ae else "",
-        "text": str(Path(cfg.text).resolve()),
+        "text": str(Path(cfg.text).resolve()) if cfg.text else "",
+        "id2label": ID2LABEL if cfg.data == "classes" else None,
         "resolution": cfg.resolution,
         "teacher_resolution": cfg.teacher_resolution or cfg.resolution,
         "student_channels": cfg.student_channels,
@@ -276,8 +278,9 @@ def cache_stage(cfg: CacheConfig, d) -> None:
         "downsampled one"
     )
     out = Path(cfg.out_dir)
-    if cfg.data == "shapes":
-        data = ShapesDataset(cfg.resolution, cfg.seed, cfg.split, cfg.count)
+    if cfg.data in ("shapes", "classes"):  # procedural: captioned scenes, or one object per class
+        kind = ShapesDataset if cfg.data == "shapes" else ClassDataset
+        data = kind(cfg.resolution, cfg.seed, cfg.split, cfg.count)
     else:
         data = ImageFolder(cfg.data, size_px=cfg.resolution)
     tile = cfg.tile_px or None  # None: one pass
@@ -285,7 +288,8 @@ def cache_stage(cfg: CacheConfig, d) -> None:
     aes = {k: load_autoencoder(p, device=d.device, tile_px=tile).eval() for k, p in sources if p}
     flux_text = (Path(cfg.text) / "text_encoder_2").is_dir()  # FLUX: CLIP + T5; SANA: Gemma-2
     max_length = (cfg.max_length or None) if flux_text else None  # SANA keeps its own 300
-    text = load_text_encoder(cfg.text, device=d.device, max_length=max_length)
+    labels = LabelEncoder() if cfg.data == "classes" else None  # names -> {"label": class ids}
+    text = labels or load_text_encoder(cfg.text, device=d.device, max_length=max_length)
     n = len(data)
     n_shards = math.ceil(n / cfg.shard_size)
     t0, done = time.perf_counter(), 0
@@ -333,9 +337,11 @@ def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: Embed
     and a fresh head, built on the meta device and given the base's tensors (no second copy of 12B),
     written as a model folder with the student AE and the base's shift."""
     C_s = cache.shape("student")[0]
+    # DiT: its fixed 2-D positions on the student's own grid (official: input_size / patch_size)
+    grid = {"sample_size": cache.shape("student")[1]} if hasattr(base.params, "sample_size") else {}
     with torch.device("meta"):
         new = type(base)(
-            dataclasses.replace(base.params, in_channels=C_s, patch_size=cfg.patch_size)
+            dataclasses.replace(base.params, in_channels=C_s, patch_size=cfg.patch_size, **grid)
         )
     layers = base.latent_layers
     sd = {k: v for k, v in base.state_dict().items() if not k.startswith(layers)}
@@ -346,8 +352,9 @@ def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: Embed
     new.load_state_dict(sd, strict=True, assign=True)
     shift, value = (cfg.shift, cfg.shift_value) if cfg.shift else read_shift(cfg.base)
     out = Path(cfg.out_dir) / "model"
+    ae, text, labels = cache.meta["student_ae"], cache.meta["text"], cache.meta.get("id2label")
     with staged_folder(out) as tmp:  # renamed into place once complete
-        write_pipeline(tmp, new, cache.meta["student_ae"], cache.meta["text"], shift, value)
+        write_pipeline(tmp, new, ae, text, shift, value, id2label=labels)
     print0(
         f"student model (new embedder, fresh head) -> {out}", log_file=Path(cfg.out_dir) / "log.txt"
     )
@@ -436,8 +443,9 @@ def head_stage(cfg: HeadConfig, d) -> None:
 
     raw = build()
     check_latent(raw, cache.shape("student"), f"the cache {cfg.cache} (student)")
-    guide = cfg.loss == "guide" or (cfg.loss == "auto" and raw.params.guidance_embed)
-    assert not guide or raw.params.guidance_embed, "--loss guide needs a guidance embedding"
+    distilled = getattr(raw.params, "guidance_embed", False)  # DiT, USiT: none
+    guide = cfg.loss == "guide" or (cfg.loss == "auto" and distilled)
+    assert not guide or distilled, "--loss guide needs a guidance embedding"
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
     print0(
         f"head: {raw.latent_layers} trainable ({n_train / 1e6:.2f} M parameters), backbone frozen; loss "

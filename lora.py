@@ -52,6 +52,7 @@ from common import (
     seed_everything,
 )
 from data import LatentCache
+from models.c2i import C2I_PRESETS, build_c2i, gaussian_loss
 from models.flux import PRESETS, Flux
 from models.loading import staged_folder
 from models.pipeline import load_pipeline, write_pipeline
@@ -74,13 +75,16 @@ from training import (
 # config
 
 
+Loss = Literal["auto", "fm", "guide", "gaussian"]  # fm: flow matching; gaussian: DiT's own
+
+
 @dataclass
 class Config:
     # a table of flags: one field, its default and its --help text per line
     # fmt: off
     # what to train
     init: str = ""  # model folder to start from; "" trains --preset from scratch (with --rank 0)
-    preset: str = ""  # FLUX preset (models/flux.py) of a model trained from scratch
+    preset: str = ""  # FLUX preset (models/flux.py), or dit-*/usit-* (models/c2i.py), of a model trained from scratch
     cache: str = "out/cache"  # latent cache written by align.py --stage cache
     latent: Literal["student", "teacher"] = "student"  # cached latent: of the deep-compression AE, or of the base AE
     out_dir: str = "out/lora"  # checkpoints, log.txt, samples/
@@ -89,7 +93,7 @@ class Config:
     lora_targets: tuple[str, ...] | None = None  # regexes of the LoRA layers (default: the model's); empty: no LoRA
     trainable: tuple[str, ...] | None = None  # modules trained in full beside LoRA (default: the model's latent layers)
     # loss
-    loss: Literal["auto", "fm", "guide"] = "auto"  # fm: flow matching; auto: guide if the model embeds guidance
+    loss: Loss = "auto"  # auto: guide (guidance embedded), gaussian (learned-sigma DiT), else fm
     drop_text: float = 0.1  # probability of training a sample on the empty prompt
     w_min: float = 1.0  # guide loss: smallest guidance scale w
     w_max: float = 14.0  # guide loss: largest guidance scale w
@@ -142,8 +146,14 @@ def build_model(cfg: Config, dtype: torch.dtype) -> torch.nn.Module:
     fp32 (training.prepare)."""
     if cfg.init:
         model = load_pipeline(cfg.init, dtype=dtype, parts=("transformer",)).transformer
+    elif cfg.preset in C2I_PRESETS:  # a class-conditional DiT or USiT (models/c2i.py)
+        # the preset's network on this cache's latent and classes (its null row is the null class)
+        cache = LatentCache(cfg.cache)
+        (C, h, _), n = cache.shape(cfg.latent), int(cache.null["label"][0])
+        model = build_c2i(cfg.preset, in_channels=C, sample_size=h, num_classes=n).to(dtype)
     else:
-        assert cfg.preset in PRESETS, f"without --init, give --preset: one of {sorted(PRESETS)}"
+        known = sorted(PRESETS) + sorted(C2I_PRESETS)
+        assert cfg.preset in PRESETS, f"without --init, give --preset: one of {known}"
         model = Flux(PRESETS[cfg.preset]).to(dtype)
     trainable = model.latent_layers if cfg.trainable is None else cfg.trainable
     targets = model.lora_targets if cfg.lora_targets is None else cfg.lora_targets
@@ -166,8 +176,11 @@ def merge(cfg: Config) -> Path:
     else:
         meta = LatentCache(run.cache).meta
         ae, text = meta[f"{run.latent}_ae"], meta["text"]
+    id2label = None if run.init else LatentCache(run.cache).meta.get("id2label")
     with staged_folder(cfg.out_dir) as tmp:  # renamed into place once complete
-        write_pipeline(tmp, model, ae, text, run.shift, run.shift_value, state_dict=sd)
+        write_pipeline(
+            tmp, model, ae, text, run.shift, run.shift_value, state_dict=sd, id2label=id2label
+        )
     which = "EMA" if use_ema else "raw"
     print(
         f"merged {which} weights of {cfg.merge} (step {ckpt['step']}) into {run.init or run.preset}; model folder "
@@ -205,6 +218,10 @@ def main(cfg: Config | None = None) -> Path | None:
     torch.manual_seed(cfg.seed)
     raw = build_model(cfg, dtype)
     check_latent(raw, cache.shape(cfg.latent), f"the cache {cfg.cache} ({cfg.latent})")
+    # an ε/Σ DiT (released DiT-XL/2) trains with DiT's own loss (models/c2i.py gaussian_loss)
+    gaussian = cfg.loss == "gaussian" or (
+        cfg.loss == "auto" and getattr(raw.params, "learn_sigma", False)
+    )
     guide = cfg.loss == "guide" or (
         cfg.loss == "auto" and getattr(raw.params, "guidance_embed", False)
     )
@@ -215,7 +232,7 @@ def main(cfg: Config | None = None) -> Path | None:
     n_all = sum(p.numel() for p in raw.parameters())
     print0(
         f"model {cfg.init or cfg.preset}: {n_all / 1e6:.2f} M parameters, {n_train / 1e6:.2f} M trainable; "
-        f"loss {'guide' if guide else 'flow matching'}",
+        f"loss {'guide' if guide else 'gaussian' if gaussian else 'flow matching'}",
         log_file=log,
     )
     # on CUDA: the planner's peak against the card, before hours are spent
@@ -235,6 +252,8 @@ def main(cfg: Config | None = None) -> Path | None:
         )
         # the empty prompt for 10%: the model keeps its unconditional velocity
         cond = drop_text(text, null, drop)
+        if gaussian:
+            return gaussian_loss(model, x0, cond, g)
         if guide:
             return guide_loss(model, raw, x_t, sigma, v, cond, null, w, cfg.guide_uncond)
         return flow_matching_loss(model, x_t, sigma, v, cond)

@@ -50,6 +50,7 @@ from common import (  # noqa: E402
     run_main,
     shift_for,
 )
+from models.c2i import sample_classes  # noqa: E402
 from models.loading import read_config  # noqa: E402
 from models.pipeline import load_pipeline  # noqa: E402
 from models.tiling import nearest_multiples  # noqa: E402
@@ -90,6 +91,7 @@ class Config:
     tile_px: int = 1024  # AE decode tile size in px for large images (0: never tile)
     max_length: int = 0  # text tokens: T5's for FLUX (0: 512, the most), Gemma's for SANA (0: 300)
     png_level: int = 1  # PNG zlib level 0-9: 1 writes a 4096 px image in a fifth of the time of 9, about 1.5x larger
+    classes: tuple[str, ...] = ()  # class-conditional models (DiT, USiT): class ids or id2label names, not prompts
     # fmt: on
 
 
@@ -389,10 +391,12 @@ def main(argv: list[str] | None = None) -> list[Path]:
     check_argv(argv)
     cfg = parse_config(Config, argv)
     check_flags(cfg)
-    prompts = read_prompts(cfg)
     out = Path(cfg.out)
     check_out(out)
     device = pick_device(cfg.device)
+    if cfg.classes:  # a class-conditional folder (DiT, USiT): one image per class, as one PNG
+        return sample_class_folder(cfg, out, device)
+    prompts = read_prompts(cfg)
     folder = Path(cfg.model)
     dtype, why = pick_dtype(cfg.dtype, device, folder)
 
@@ -448,6 +452,17 @@ def main(argv: list[str] | None = None) -> list[Path]:
     paths, times, waited = generate(cfg, pipe, prompts, noise, sigmas, scale, batch, dtype, meta)
     report(times, cfg.steps * -(-len(prompts) // batch), device, paths, waited)
     return paths
+
+
+def sample_class_folder(cfg: Config, out: Path, device: torch.device) -> list[Path]:
+    size = int(cfg.size) if cfg.size.isdigit() else 0  # square only; 0: the model's own
+    args = (cfg.model, cfg.classes, cfg.steps, cfg.cfg or 4.0, cfg.seed, size, device)
+    images, names, meta = sample_classes(*args)  # models/c2i.py: DDIM, DDPM or flow Euler
+    writer = Writer(cfg.png_level)
+    writer.put(out, tile_grid([to_pixels(x) for x in images], min(4, len(images))), meta)
+    writer.wait()
+    print(f"{', '.join(names)} -> {out}")
+    return [out]
 
 
 def generate(cfg, pipe, prompts, noise, sigmas, scale, batch, dtype, meta) -> tuple:

@@ -296,8 +296,9 @@ def validate(
 def preview(raw, ae, cond: dict, null: dict, latent_shape, r: float, c, path: Path) -> None:
     """Fixed captions, fixed noise, the current weights: a grid to watch training by (c: the run's
     config)."""
-    B = cond["txt"].shape[0]
-    x = get_noise((B, *latent_shape), seed=c.seed).to(null["txt"].device)
+    first = next(iter(cond.values()))  # text states, or class labels ("label")
+    B = first.shape[0]
+    x = get_noise((B, *latent_shape), seed=c.seed).to(first.device)
     # embedded guidance (whatever the training loss)
     if getattr(raw.params, "guidance_embed", False):
         v = guided_velocity(raw, cond, guidance=c.sample_guidance)

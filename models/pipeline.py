@@ -25,11 +25,13 @@ import torch
 from torch import nn
 
 from models.autoencoder import load_autoencoder
+from models.dit import DiT
 from models.flux import Flux
 from models.loading import atomic_write, check_links, read_config, read_json, save_pretrained
 from models.sana import Sana
 from models.svdquant import is_quantized, load_quantized
 from models.text import load_text_encoder
+from models.uvit import UViT
 
 TEXT_PARTS = ("text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
 SHIFTS = ("flux", "dcgen", "constant")
@@ -47,6 +49,7 @@ class Pipeline:
     shift: str
     shift_value: float  # r for shift "constant" (SANA's flow_shift)
     folder: Path
+    id2label: dict | None = None  # class-conditional folders: class id -> names (model_index.json)
 
     def patch_size(self) -> int:
         return self.transformer.params.patch_size
@@ -55,6 +58,7 @@ class Pipeline:
 def transformer_class(folder: str | Path) -> type[Flux] | type[Sana]:
     kind = read_config(Path(folder), "transformer").get("_class_name")
     classes = {"FluxTransformer2DModel": Flux, "SanaTransformer2DModel": Sana}
+    classes |= {"DiTTransformer2DModel": DiT, "UViT": UViT}  # class-conditional (models/c2i.py)
     if kind not in classes:
         raise ValueError(
             f"{folder}/config.json: transformer class {kind!r} is not one of {sorted(classes)}"
@@ -67,8 +71,8 @@ def load_transformer(folder: Path, ae_latent_channels: int | None, **kw) -> nn.M
     take our "_patch_size" key, else infer it from the AE's latent channels (64 = 16·2·2 for FLUX.1,
     32 = 32·1·1 for DC-Gen)."""
     cls = transformer_class(folder)
-    if cls is Sana:
-        return Sana.from_pretrained(folder, **kw)
+    if cls in (Sana, DiT, UViT):
+        return cls.from_pretrained(folder, **kw)
     # quantize.py's emulated SVDQuant model (W4A4 + low rank), called like any Flux
     if is_quantized(folder):
         return load_quantized(folder, device=kw.get("device", "cpu"))
@@ -140,6 +144,10 @@ def load_pipeline(
     check_links(folder, [])  # the folder itself a link to a moved one: named with its target
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
+    index = folder / "model_index.json"
+    id2label = json.loads(index.read_text()).get("id2label") if index.is_file() else None
+    if id2label is not None:  # class-conditional: no text encoders
+        parts = tuple(p for p in parts if p != "text")
     need = {
         "transformer": "transformer/config.json",
         "vae": "vae/config.json",
@@ -175,7 +183,7 @@ def load_pipeline(
         if "text" in parts
         else None
     )
-    return Pipeline(transformer, ae, text, shift, shift_value, folder)
+    return Pipeline(transformer, ae, text, shift, shift_value, folder, id2label)
 
 
 def write_pipeline(
@@ -188,6 +196,7 @@ def write_pipeline(
     copy: bool = False,
     state_dict: dict[str, torch.Tensor] | None = None,
     config: dict | None = None,
+    id2label: dict | None = None,
 ) -> None:
     """Write a model folder: the transformer's weights (`state_dict`, default its own) and config
     (default its diffusers config), the AE and text encoders linked (or copied, `copy=True`, e.g.
@@ -195,14 +204,20 @@ def write_pipeline(
     assert shift in SHIFTS, f"shift {shift!r} not in {SHIFTS}"
     folder = Path(folder)
     text = {p: Path(text_folder) / p for p in TEXT_PARTS if (Path(text_folder) / p).is_dir()}
+    c2i = hasattr(transformer, "null_label")  # class-conditional: labels, no text encoders
+    old_index = Path(text_folder) / "model_index.json"
+    if c2i and id2label is None and old_index.is_file():
+        id2label = json.loads(old_index.read_text()).get("id2label")
     # e.g. a cache's folders, since moved
-    if not (Path(ae_folder) / "config.json").is_file() or not text:
+    if not (Path(ae_folder) / "config.json").is_file() or not (text or c2i):
         raise FileNotFoundError(
             f"model folder {folder}: needs an AE folder (got {ae_folder}) and text encoders in "
             f"{text_folder}; is one of them gone or moved?"
         )
     sources = {"vae": Path(ae_folder)} | text
     sd = transformer.state_dict() if state_dict is None else state_dict
+    if isinstance(transformer, DiT):  # diffusers' keys: the embedder copied into every block
+        sd = transformer.diffusers_state_dict(sd)
     save_pretrained(folder / "transformer", sd, config or transformer.diffusers_config())
     for name, src in sources.items():
         dst = folder / name
@@ -219,6 +234,8 @@ def write_pipeline(
     # model_index.json and the scheduler config as diffusers writes them, so diffusers' pipelines
     # open our folders too
     index = {"_class_name": "FluxPipeline" if isinstance(transformer, Flux) else "SanaPipeline"}
+    if c2i:
+        index = {"_class_name": "DiTPipeline", "id2label": id2label or {}}
     index["scheduler"] = ["diffusers", "FlowMatchEulerDiscreteScheduler"]
     index["transformer"] = ["diffusers", transformer.diffusers_config()["_class_name"]]
     for name in sources:
@@ -238,6 +255,10 @@ def write_pipeline(
         "base_shift": 0.5,
         "max_shift": 1.15,
     }
+    if getattr(transformer.params, "learn_sigma", False):  # an ε/Σ DiT: DiT's DDPM schedule
+        sched = {"_class_name": "DDPMScheduler", "beta_start": 1e-4, "beta_end": 0.02}
+        sched |= {"beta_schedule": "linear", "variance_type": "learned_range", "clip_sample": False}
+        index["scheduler"] = ["diffusers", "DDPMScheduler"]
     atomic_write(
         folder / "model_index.json", lambda f: f.write(json.dumps(index, indent=2).encode())
     )

@@ -1,0 +1,232 @@
+"""The class-conditional path through the project's stages, 2 steps each on tiny random models: a cache of
+labels (align.py --stage cache --data classes), a DiT and a USiT trained from scratch with augmented diffusion
+training (lora.py --preset ... --rank 0 --prefixes), merged to model folders that sample.py reads with --class;
+DC-Gen's embed and head alignment moving a DiT from the f2 teacher latent to the f8 student latent.
+
+Run: python -m pytest -q tests/test_c2i_stages.py
+"""
+
+import json
+
+import pytest
+import torch
+
+import align
+import lora
+import sample
+from data import LatentCache
+from models.c2i import class_ids
+from models.pipeline import load_pipeline
+from tests.tiny_world import build_world
+
+SIZE = 16
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = build_world(tmp_path_factory.mktemp("c2i"))
+    align.main(
+        [
+            "--stage",
+            "cache",
+            "--data",
+            "classes",
+            "--resolution",
+            str(SIZE),
+            "--count",
+            "8",
+            "--teacher_ae",
+            str(root / "teacher_ae"),
+            "--student_ae",
+            str(root / "student_ae"),
+            "--batch_size",
+            "4",
+            "--shard_size",
+            "4",
+            "--device",
+            "cpu",
+            "--out_dir",
+            str(root / "cache"),
+        ]
+    )
+    return root
+
+
+def run_lora(root, name, *flags):
+    common = [
+        "--rank",
+        "0",
+        "--steps",
+        "2",
+        "--batch_size",
+        "4",
+        "--warmup",
+        "1",
+        "--device",
+        "cpu",
+        "--sample_every",
+        "2",
+        "--sample_count",
+        "2",
+        "--sample_steps",
+        "2",
+        "--save_every",
+        "2",
+    ]
+    lora.main(lora.parse_config(lora.Config, [*common, *flags, "--out_dir", str(root / name)]))
+    lora.main(
+        lora.parse_config(
+            lora.Config,
+            [
+                "--merge",
+                str(root / name / "ckpt_0000002.pt"),
+                "--out_dir",
+                str(root / name / "model"),
+            ],
+        )
+    )
+    return root / name / "model"
+
+
+def test_cache_holds_labels(world):
+    meta = json.loads((world / "cache" / "meta.json").read_text())
+    assert meta["shapes"]["label"] == [] and meta["text"] == "" and len(meta["id2label"]) == 24
+    cache = LatentCache(world / "cache")
+    assert cache.null["label"].tolist() == [24]
+    assert cache.get([0, 1], ["label"])["label"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("preset", ["dit-tiny-v", "usit-tiny"])
+def test_train_from_scratch_with_prefixes_and_sample(world, preset, tmp_path):
+    flags = [
+        "--preset",
+        preset,
+        "--cache",
+        str(world / "cache"),
+        "--latent",
+        "student",
+        "--prefixes",
+        "4",
+        "8",
+        "--num_prefixes",
+        "2",
+    ]
+    folder = run_lora(world, preset, *flags)
+    pipe = load_pipeline(folder)
+    assert pipe.text is None and pipe.id2label["0"] == "red circle"
+    assert class_ids(["red circle", "5"], pipe.id2label) == [0, 5]
+    assert (world / preset / "samples" / "0000002.png").is_file()
+    out = sample.main(
+        [
+            "--model",
+            str(folder),
+            "--class",
+            "red circle",
+            "3",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "c.png"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert out and all(p.is_file() for p in out)
+
+
+def test_learned_sigma_dit_trains_with_dits_loss_and_samples_ddpm(world, tmp_path):
+    folder = run_lora(
+        world,
+        "dit-eps",
+        "--preset",
+        "dit-tiny",
+        "--cache",
+        str(world / "cache"),
+        "--latent",
+        "teacher",
+        "--sample_every",
+        "0",
+    )
+    log = (world / "dit-eps" / "log.txt").read_text()
+    assert "loss gaussian" in log
+    sched = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["_class_name"] == "DDPMScheduler" and sched["variance_type"] == "learned_range"
+    out = sample.main(
+        [
+            "--model",
+            str(folder),
+            "--class",
+            "3",
+            "--steps",
+            "3",
+            "--out",
+            str(tmp_path / "e.png"),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert out[0].is_file()
+
+
+def test_dcgen_alignment_on_dit(world):
+    base = run_lora(
+        world,
+        "dit-base",
+        "--preset",
+        "dit-tiny-v",
+        "--cache",
+        str(world / "cache"),
+        "--latent",
+        "teacher",
+    )
+    align.main(
+        [
+            "--stage",
+            "embed",
+            "--base",
+            str(base),
+            "--cache",
+            str(world / "cache"),
+            "--patch_size",
+            "1",
+            "--steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--device",
+            "cpu",
+            "--out_dir",
+            str(world / "embed"),
+        ]
+    )
+    align.main(
+        [
+            "--stage",
+            "head",
+            "--init",
+            str(world / "embed" / "model"),
+            "--cache",
+            str(world / "cache"),
+            "--steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--warmup",
+            "1",
+            "--device",
+            "cpu",
+            "--sample_every",
+            "0",
+            "--out_dir",
+            str(world / "head"),
+        ]
+    )
+    student = load_pipeline(world / "head" / "model").transformer
+    teacher = load_pipeline(base).transformer
+    assert student.params.patch_size == 1 and student.params.in_channels == 8
+    # the backbone is the base's; the embedder and head are new
+    a, b = student.state_dict(), teacher.state_dict()
+    assert torch.equal(
+        a["transformer_blocks.0.attn1.to_q.weight"], b["transformer_blocks.0.attn1.to_q.weight"]
+    )
+    assert a["pos_embed.proj.weight"].shape != b["pos_embed.proj.weight"].shape
