@@ -278,9 +278,8 @@ def save_ckpt(obj, path: str | Path, metadata: dict[str, str] | None = None) -> 
 
 def load_ckpt(path: str | Path, device: str | torch.device = "cpu"):
     """Load a checkpoint written by save_ckpt: safetensors, or torch.load with weights_only=True (no pickled code)."""
-    return read_file(
-        path, device
-    )  # missing: FileNotFoundError; truncated or corrupt: a ValueError naming it
+    # missing: FileNotFoundError; truncated or corrupt: a ValueError naming it
+    return read_file(path, device)
 
 
 def save_image_grid(

@@ -238,16 +238,7 @@ def initial_noise(cfg: Config, shape: tuple[int, ...]) -> torch.Tensor:
     """x at sigma = 1: the --noise file's tensor, else seeded Gaussian noise (common.get_noise)."""
     if not cfg.noise:
         return get_noise(shape, cfg.seed)
-    try:
-        noise = load_ckpt(cfg.noise)
-    except FileNotFoundError:
-        raise
-    # safetensors, pickle and zip errors alike: the file is not a tensor file
-    except Exception as e:
-        first = (str(e).strip().splitlines() or [""])[0][:160]  # torch.load's messages run to pages
-        raise ValueError(
-            f"--noise {cfg.noise}: not a safetensors or torch file ({type(e).__name__}: {first})"
-        ) from None
+    noise = load_ckpt(cfg.noise)  # a corrupt file: a ValueError naming it (models/loading.py)
     if "noise" not in noise or tuple(noise["noise"].shape) != shape:
         got = tuple(noise["noise"].shape) if "noise" in noise else f"keys {sorted(noise)}"
         raise ValueError(
