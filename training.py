@@ -97,9 +97,8 @@ def check_latent(model: nn.Module, shape: tuple[int, int, int], what: str) -> No
 def open_cache(folder: str, *latents: str) -> LatentCache:
     """The latent cache a stage trains on, checked before the stage writes anything (config.json, log.txt): it
     exists, holds rows, and holds `latents`."""
-    cache = LatentCache(
-        folder
-    )  # a folder without meta.json: FileNotFoundError naming it and the command to run
+    # a folder without meta.json: FileNotFoundError naming it and the command to run
+    cache = LatentCache(folder)
     if len(cache) == 0:
         raise UsageError(
             f"the latent cache {folder} holds no rows; write it with align.py --stage cache"
@@ -538,9 +537,8 @@ def train(
             print0(log_line(step, c, loss_value, grad_norm, lr, dt, d.device), log_file=log)
             t0 = time.perf_counter()
         if monitor(raw, step, c, d, cache, latent, amp, log):
-            t0 = (
-                time.perf_counter()
-            )  # stop the clock: previews and validation are not training time
+            # stop the clock: previews and validation are not training time
+            t0 = time.perf_counter()
         if step % c.save_every == 0 or step == c.steps:
             last_good = save(model, raw, opt, ema, cfg, step, d, lora_file, dtype, last_good)
             t0 = time.perf_counter()

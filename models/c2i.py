@@ -239,9 +239,8 @@ def gaussian_loss(model, x0: Tensor, cond: dict, g: torch.Generator, sched: dict
     a_prev = torch.cat([torch.ones(1, device=ac.device), ac[:-1]])[t].view(-1, 1, 1, 1)
     beta = 1 - a / a_prev
     post_var = beta * (1 - a_prev) / (1 - a)
-    post_var_1 = (
-        (1 - ac[1] / ac[0]) * (1 - ac[0]) / (1 - ac[1])
-    )  # DiT clips log var at t=0 to t=1's
+    # DiT clips the log variance at t = 0 to t = 1's
+    post_var_1 = (1 - ac[1] / ac[0]) * (1 - ac[0]) / (1 - ac[1])
     log_post = torch.log(torch.where(t.view(-1, 1, 1, 1) == 0, post_var_1, post_var))
     c1, c2 = a_prev.sqrt() * beta / (1 - a), (1 - beta).sqrt() * (1 - a_prev) / (1 - a)
     x0_hat = (x_t - (1 - a).sqrt() * eps.detach()) / a.sqrt()

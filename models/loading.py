@@ -198,9 +198,8 @@ def staged_folder(folder: str | Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}.", suffix=".tmp"))
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(
-        tmp, 0o777 & ~umask
-    )  # mkdtemp's folder is private (0700): give it a normal folder's mode
+    # mkdtemp's folder is private (0700): give it a normal folder's mode
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
         old = folder.with_name(f"{tmp.name}.old")
