@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 import align
 import lora
@@ -237,10 +238,10 @@ def synthetic_cache(folder: Path, n_shards: int, rows: int = 2) -> None:
     for k in range(n_shards):
         b = k % 2
         name = f"shard_{k:05d}_{b}.safetensors"
-        save_ckpt(
-            {"student": torch.full((rows, 4, *sizes[b]), float(k)), "y": torch.zeros(rows, 8)},
-            folder / name,
-        )
+        tensors = {"student": torch.full((rows, 4, *sizes[b]), float(k)), "y": torch.zeros(rows, 8)}
+        save_file(
+            tensors, folder / name
+        )  # no fsync per file, unlike save_ckpt: 2000 files in seconds
         shards.append({"file": name, "rows": rows, "bucket": b})
     buckets = [
         {
