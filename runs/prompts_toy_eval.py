@@ -84,7 +84,9 @@ def main() -> None:
             r = evaluate(model, specs, (H, W), args.batch, out / f"{name}-{H}x{W}.png")
             report[f"{name} {H}x{W}"] = r | {"model": model, "seconds": time.perf_counter() - t0}
             checks = " ".join(f"{k} {v:.2f}" for k, v in r["checks"].items())
-            print(f"{name} {H}x{W}: accuracy {r['accuracy']:.3f} on {r['count']} prompts | {checks}")
+            print(
+                f"{name} {H}x{W}: accuracy {r['accuracy']:.3f} on {r['count']} prompts | {checks}"
+            )
     (out / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     print("| model | " + " | ".join(f"{H}x{W}" for H, W in sizes) + " |")
     print("|---|" + "---|" * len(sizes))
