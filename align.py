@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
-import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,13 +59,22 @@ from common import (
     seed_everything,
     wrap_model,
 )
-from data import ImageFolder, LatentCache, StepSampler
+from data import (
+    BucketSampler,
+    ImageFolder,
+    LatentCache,
+    PromptItems,
+    bucket_sizes,
+    encode_items,
+    finish_cache,
+    write_shards,
+)
 from models.autoencoder import load_autoencoder
 from models.loading import staged_folder
 from models.pipeline import load_pipeline, read_shift, write_pipeline
 from models.text import drop_text, load_text_encoder
 from plan import check_run
-from toy.classes import ID2LABEL, ClassDataset, LabelEncoder
+from toy.classes import ClassDataset, LabelEncoder
 from toy.shapes import ShapesDataset
 from training import (
     check_latent,
@@ -99,9 +106,21 @@ class CacheConfig:
     stage: str = "cache"  # cache, embed or head (each has its own flags: align.py --stage X --help)
     out_dir: str = "out/cache"  # shard_*.safetensors, null.safetensors, meta.json, config.json
     data: str = "shapes"  # image folder (captions: .txt or captions.jsonl), "shapes" or "classes" (labels, no --text)
+    prompts: str = ""  # a prompt file, one a line: --teacher generates each item instead of --data (DC-Gen's data)
+    teacher: str = ""  # with --prompts: the model folder that samples them (its AE is the teacher AE; its text
+    # encoders the text unless --text), with its own shift, --sample_steps and --guidance / --cfg
+    sample_steps: int = 20  # with --prompts: the teacher's Euler steps
+    guidance: float = 3.5  # with --prompts: embedded guidance of a guidance-distilled teacher
+    cfg: float = 0.0  # with --prompts: CFG scale (0: 1 for guidance-distilled teachers, 4.5 for CFG ones)
+    save_images: bool = False  # with --prompts: keep the teacher's images as out_dir/images (an image folder)
+    buckets: str = "square"  # aspect-ratio buckets at --resolution: square, f64ms, f32ms, ms (the official lists)
+    # or height/width ratios "0.6,1,1.67"; each image goes to the nearest (docs/data.md)
+    bucket_multiple: int = 64  # bucket sides are multiples of this (AE factor x patch of every model on the cache)
+    upscale: bool = False  # image folders: enlarge images smaller than their bucket (else skipped and counted)
+    max_shards: int = 0  # write at most this many shards per rank, then stop (0: all; run again to resume)
     count: int = 10_000  # images to cache from "shapes" (an image folder caches all of its images)
     split: str = "train"  # "shapes": train captions, or test (held-out captions: a validation cache)
-    resolution: int = 512  # image size in px (resized, center-cropped)
+    resolution: int = 512  # image size in px (resized, center-cropped), the base of the buckets
     teacher_resolution: int = 0  # px of the teacher's copy of each image (0: --resolution), area-downsampled; pairs
     # a student at a large size with the base at its own size on the same token grid (the toy 4K model: README)
     teacher_ae: str = ""  # the base model's AE folder (e.g. FLUX.1-Krea-dev/vae); "" skips the teacher latents
@@ -116,7 +135,7 @@ class CacheConfig:
     batch_size: int = 64  # images encoded at once
     device: str = "auto"  # auto, cuda or cpu
     dtype: str = "fp32"  # fp32 or bf16 (the AEs encode under bf16 autocast)
-    seed: int = 0  # "shapes": which scenes
+    seed: int = 0  # "shapes": which scenes; --prompts: each item's noise and bucket
     log_every: int = 10  # batches between progress lines
     # fmt: on
 
@@ -230,106 +249,83 @@ def align_loss(e_t: torch.Tensor, e_s: torch.Tensor, mode: str) -> torch.Tensor:
 # stages
 
 
-@torch.no_grad()
-def encode_rows(cfg: CacheConfig, items: list[dict], aes: dict, text, device) -> dict:
-    """One batch of the cache: each AE's latent of the images (the teacher's of its own, smaller copy:
-    the same scene on the same token grid) and the captions' text states."""
-    x = torch.stack([it["image"] for it in items]).to(device)  # (B, 3, H, W) in [-1, 1]
-    r_t = cfg.teacher_resolution or cfg.resolution
-    inputs = {"student": (x, cfg.student_channels or None)}  # (images, latent channels to keep)
-    if "teacher" in aes:
-        small = F.interpolate(x, size=(r_t, r_t), mode="area") if r_t != cfg.resolution else x
-        inputs["teacher"] = (small, None)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bf16"):
-        rows = {k: ae.encode(*inputs[k]).float().cpu() for k, ae in aes.items()}
-    return rows | {k: v.cpu() for k, v in text([it["caption"] for it in items]).items()}
-
-
-def write_meta(cfg: CacheConfig, out: Path, n: int, n_shards: int, text) -> None:
-    """The cache's null.safetensors (the empty prompt's states) and meta.json (shards, shapes, sources)."""
-    save_ckpt({k: v.cpu() for k, v in text.null(1).items()}, out / "null.safetensors")
-    probe = load_ckpt(out / "shard_00000.safetensors")
-    rows = [min(cfg.shard_size, n - i * cfg.shard_size) for i in range(n_shards)]
-    meta = {
-        "count": n,
-        "shards": [{"file": f"shard_{i:05d}.safetensors", "rows": r} for i, r in enumerate(rows)],
-        "shapes": {k: list(v.shape[1:]) for k, v in probe.items()},
-        "teacher_ae": str(Path(cfg.teacher_ae).resolve()) if cfg.teacher_ae else "",
-        "student_ae": str(Path(cfg.student_ae).resolve()) if cfg.student_ae else "",
-        "text": str(Path(cfg.text).resolve()) if cfg.text else "",
-        "id2label": ID2LABEL if cfg.data == "classes" else None,
-        "resolution": cfg.resolution,
-        "teacher_resolution": cfg.teacher_resolution or cfg.resolution,
-        "student_channels": cfg.student_channels,
-        "data": cfg.data,
-    }
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-    print0(f"cache of {n} rows: {meta['shapes']}")
+def cache_source(cfg: CacheConfig, sizes: list[tuple[int, int]]):
+    """The items to cache: load(i) -> {"image" or "seed", "caption", "bucket"} or a skip reason."""
+    if cfg.prompts:
+        prompts = [ln.strip() for ln in Path(cfg.prompts).read_text().splitlines() if ln.strip()]
+        return PromptItems(prompts, len(sizes), cfg.seed)
+    if cfg.data not in ("shapes", "classes"):
+        return ImageFolder(cfg.data, cfg.resolution, buckets=sizes, upscale=cfg.upscale)
+    assert sizes == [(cfg.resolution, cfg.resolution)], (
+        "procedural images are square: --buckets square"
+    )
+    kind = ShapesDataset if cfg.data == "shapes" else ClassDataset  # scenes, or one object a class
+    shapes = kind(cfg.resolution, cfg.seed, cfg.split, cfg.count)
+    shapes.load = lambda i: shapes[i] | {"bucket": 0}
+    return shapes
 
 
 def cache_stage(cfg: CacheConfig, d) -> None:
-    """Encode images with both AEs and captions with the text encoders into safetensors shards
-    (resumable: a finished shard is skipped). Each rank writes the shards i = rank (mod world); the
-    master writes meta.json."""
+    """Encode images (or the teacher's samples of prompts) with both AEs and captions with the text
+    encoders into safetensors shards per aspect-ratio bucket (data.py). Each rank writes the shards k =
+    rank (mod world); a finished shard is skipped; the master writes meta.json once all are done."""
     assert cfg.teacher_ae or cfg.student_ae, "give --teacher_ae and/or --student_ae"
+    assert not cfg.prompts or cfg.teacher, "--prompts needs --teacher (the model that samples them)"
     r_t = cfg.teacher_resolution or cfg.resolution
     assert r_t <= cfg.resolution, (
         f"--teacher_resolution {r_t} > --resolution {cfg.resolution}: the teacher's copy is a "
         "downsampled one"
     )
-    out = Path(cfg.out_dir)
-    if cfg.data in ("shapes", "classes"):  # procedural: captioned scenes, or one object per class
-        kind = ShapesDataset if cfg.data == "shapes" else ClassDataset
-        data = kind(cfg.resolution, cfg.seed, cfg.split, cfg.count)
-    else:
-        data = ImageFolder(cfg.data, size_px=cfg.resolution)
+    teacher = None
+    if cfg.prompts:  # its latents are sampled, not encoded: no --teacher_ae
+        dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
+        teacher = load_pipeline(cfg.teacher, dtype, d.device, parts=("transformer", "vae"))
+        cfg = dataclasses.replace(
+            cfg, teacher_ae=str(Path(cfg.teacher) / "vae"), text=cfg.text or cfg.teacher
+        )
+    sizes = bucket_sizes(cfg.buckets, cfg.resolution, cfg.bucket_multiple)
+    data = cache_source(cfg, sizes)
     tile = cfg.tile_px or None  # None: one pass
-    sources = (("teacher", cfg.teacher_ae), ("student", cfg.student_ae))
+    sources = (("teacher", "" if cfg.prompts else cfg.teacher_ae), ("student", cfg.student_ae))
     aes = {k: load_autoencoder(p, device=d.device, tile_px=tile).eval() for k, p in sources if p}
     flux_text = (Path(cfg.text) / "text_encoder_2").is_dir()  # FLUX: CLIP + T5; SANA: Gemma-2
     max_length = (cfg.max_length or None) if flux_text else None  # SANA keeps its own 300
     labels = LabelEncoder() if cfg.data == "classes" else None  # names -> {"label": class ids}
     text = labels or load_text_encoder(cfg.text, device=d.device, max_length=max_length)
-    n = len(data)
-    n_shards = math.ceil(n / cfg.shard_size)
-    t0, done = time.perf_counter(), 0
-    for i in range(d.rank, n_shards, d.world_size):
-        path = out / f"shard_{i:05d}.safetensors"
-        if path.is_file():
-            continue
-        rows, captions = {}, []
-        end = min(n, (i + 1) * cfg.shard_size)
-        for start in range(i * cfg.shard_size, end, cfg.batch_size):
-            items = [data[j] for j in range(start, min(end, start + cfg.batch_size))]
-            for k, v in encode_rows(cfg, items, aes, text, d.device).items():
-                rows.setdefault(k, []).append(v)
-            captions += [it["caption"] for it in items]
-            done += len(items)
-            if (start // cfg.batch_size + 1) % cfg.log_every == 0:  # large images take seconds each
-                print0(f"  {done} rows encoded, {(time.perf_counter() - t0) / done:.2f} s/row")
-        tensors = {k: torch.cat(v) for k, v in rows.items()}
-        save_ckpt(tensors, path, metadata={"captions": json.dumps(captions)})
-        print0(f"shard {i + 1}/{n_shards} ({len(captions)} rows) -> {path}")
+    encode = lambda items, b: encode_items(cfg, items, sizes[b], aes, text, teacher, d.device)  # noqa: E731
+    n_shards = write_shards(cfg, d, data, sizes, encode)
     if d.world_size > 1:
         dist.barrier()
     if d.master:
-        write_meta(cfg, out, n, n_shards, text)
+        finish_cache(cfg, n_shards, sizes, text)
 
 
 def check_grids(base, cache: LatentCache, p_s: int) -> str:
-    """The student's token grid must divide the teacher's by one integer s in both directions."""
-    (C_t, h_t, w_t), (C_s, h_s, w_s) = cache.shape("teacher"), cache.shape("student")
-    p_t = base.params.patch_size
-    grid_t, grid_s = (h_t // p_t, w_t // p_t), (h_s // p_s, w_s // p_s)
-    s = grid_t[0] // max(grid_s[0], 1)
-    if C_t != base.params.in_channels or grid_s[0] * s != grid_t[0] or grid_s[1] * s != grid_t[1]:
-        raise ValueError(
-            f"teacher latents {(C_t, h_t, w_t)} (base model: {base.params.in_channels} channels, "
-            f"patch {p_t} -> grid {grid_t}) and student latents {(C_s, h_s, w_s)} (patch {p_s} -> "
-            f"grid {grid_s}): the student grid must divide the teacher grid by the same integer in "
-            "both directions"
-        )
-    return f"teacher grid {grid_t} -> student grid {grid_s} (x{s})"
+    """In every bucket the student's token grid must divide the teacher's by one integer s in both
+    directions (the same s in all buckets)."""
+    p_t, found = base.params.patch_size, set()
+    for b in range(len(cache.buckets)):
+        (C_t, h_t, w_t), (C_s, h_s, w_s) = cache.shape("teacher", b), cache.shape("student", b)
+        grid_t, grid_s = (h_t // p_t, w_t // p_t), (h_s // p_s, w_s // p_s)
+        s = grid_t[0] // max(grid_s[0], 1)
+        found.add(s)
+        bad = h_t % p_t or w_t % p_t or h_s % p_s or w_s % p_s
+        if (
+            bad
+            or C_t != base.params.in_channels
+            or grid_s[0] * s != grid_t[0]
+            or grid_s[1] * s != grid_t[1]
+        ):
+            raise ValueError(
+                f"teacher latents {(C_t, h_t, w_t)} (base model: {base.params.in_channels} channels, "
+                f"patch {p_t} -> grid {grid_t}) and student latents {(C_s, h_s, w_s)} (patch {p_s} -> "
+                f"grid {grid_s}): the student grid must divide the teacher grid by the same integer in "
+                "both directions"
+            )
+    assert len(found) == 1, f"the buckets' teacher/student grid ratios differ: {sorted(found)}"
+    return (
+        f"teacher grid {grid_t} -> student grid {grid_s} (x{s}) in {len(cache.buckets)} bucket(s)"
+    )
 
 
 def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: EmbedConfig, dtype):
@@ -394,14 +390,15 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
         raise ValueError(
             f"--batch_size {cfg.batch_size} must be a multiple of the {d.world_size} ranks"
         )
-    # ranks get disjoint shares of a step
-    sampler = StepSampler(
-        len(cache), cfg.batch_size // d.world_size, d.rank, d.world_size, cfg.seed
+    # ranks get disjoint shares of a step, all from the step's bucket
+    sampler = BucketSampler(
+        cache.counts(), cfg.batch_size // d.world_size, d.rank, d.world_size, cfg.seed
     )
     other = "downsample" if cfg.align == "upsample" else "upsample"
     t0 = time.perf_counter()
     while step < cfg.steps:
-        batch = cache.get(sampler.batch_of(step), ["teacher", "student"])
+        bucket, rows = sampler.batch_of(step)
+        batch = cache.get(rows, ["teacher", "student"], bucket)
         batch = {k: v.to(d.device, dtype) for k, v in batch.items()}
         with torch.no_grad():  # what the backbone expects: (b, D, *teacher grid)
             e_t = embed_map(teacher, batch["teacher"], p_t).float()

@@ -679,6 +679,38 @@ CACHES = [
 TEXT_BYTES = 2 * (T5_XXL + CLIP_L)  # bf16 text encoders
 
 
+# align.py --stage cache --prompts: (row, teacher preset, image px, sampler steps, batch). The teacher
+# (FLUX.1-Krea-dev: flux-dev shapes, 12B) samples each image with embedded guidance (one pass per
+# step) from T5 states of 512 tokens; the FLUX VAE decodes it once and the student DC-AE encodes it.
+GENERATE = [("generate-1k", "flux-dev", 1024, 28, 4)]
+
+
+def generate_row(cfg: Config, name, preset, px, steps, b, rate) -> dict:
+    """GPU-hours per million teacher images: steps transformer forwards, one VAE decode, one DC-AE
+    encode and the text encoders, per image; memory of the largest of them beside all weights."""
+    params, kw = PRESETS[preset], dict(dtype=cfg.dtype, txt_len=cfg.sample_txt_len)
+    est = predict("sample", params, micro_batch=b, latent_hw=(px // 8, px // 8), **kw)  # f8 VAE
+    dec = ae_estimate("flux-vae", px, b, torch.bfloat16, None)
+    enc = ae_estimate("dc-ae-f32c32-in-1.0", px, b, torch.float32, None)
+    text = 2 * b * (T5_XXL * cfg.sample_txt_len + CLIP_L * 77)
+    flops = steps * est["flops"] + dec["decode_flops"] + enc["encode_flops"] + text
+    weights = est["weights"] + TEXT_BYTES + dec["weights"] + enc["weights"]
+    act = max(est["activations"], dec["decode_activations"], enc["encode_activations"])
+    hours = 1e6 / b * flops / rate / 3600
+    return dict(
+        name=name,
+        stage="cache",
+        micro_batch=b,
+        weights=weights,
+        activations=act,
+        peak=weights + act,
+        flops=flops,
+        seconds=est["flops"] / rate,  # one sampler step of the batch
+        steps=steps,
+        gpu_hours=hours,
+    )
+
+
 def cache_row(name, aes, px, b, rate) -> dict:
     est = [
         ae_estimate(ae, px, b, torch.bfloat16 if ae == "flux-vae" else torch.float32, None)
@@ -827,6 +859,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     # 5% for the CUDA context and allocator slack
     rate, budget = cfg.mfu * flops_peak, 0.95 * memory
     rows = [cache_row(*c, rate) for c in CACHES if not cfg.stages or c[0] in cfg.stages]
+    rows += [generate_row(cfg, *g, rate) for g in GENERATE if not cfg.stages or g[0] in cfg.stages]
     rows += [
         stage_row(cfg, *p, rate, budget) for p in PIPELINE if not cfg.stages or p[0] in cfg.stages
     ]

@@ -54,7 +54,7 @@ from common import (
     update_ema,
     wrap_model,
 )
-from data import LatentCache, StepSampler
+from data import BucketSampler, LatentCache
 from models.autoencoder import load_autoencoder
 from models.lora import inject_lora, lora_layers, save_diffusers_lora, unload_lora
 from models.pipeline import SHIFTS, read_shift
@@ -271,24 +271,27 @@ def validate(
     on every row of a held-out cache, with the same noise and noise levels at every call: comparable
     across steps and runs."""
     keys = [latent, *sorted(cache.null)]
-    total = 0.0
-    for start in range(0, len(cache), batch_size):
-        idx = torch.arange(start, min(len(cache), start + batch_size))
-        batch = {k: v.to(device) for k, v in cache.get(idx, keys).items()}
-        x0 = batch.pop(latent).float()
-        r = shift_for(shift, x0.shape[1:], raw.params.patch_size, shift_value)
-        x_t, sigma, v, _, _ = draw(
-            x0, torch.Generator().manual_seed(start), len(idx), 0, r, 0.0, 1.0, 1.0
-        )
-        w = (
-            {"guidance": torch.ones_like(sigma)}
-            if getattr(raw.params, "guidance_embed", False)
-            else {}
-        )
-        total += F.mse_loss(
-            raw(x_t, sigma, **batch, **w).float(), v.float(), reduction="sum"
-        ).item()
-    return total / (len(cache) * math.prod(cache.shape(latent)))
+    total, values = 0.0, 0
+    for bucket, n in enumerate(cache.counts()):  # every row of every bucket
+        for start in range(0, n, batch_size):
+            idx = torch.arange(start, min(n, start + batch_size))
+            batch = {k: v.to(device) for k, v in cache.get(idx, keys, bucket).items()}
+            x0 = batch.pop(latent).float()
+            r = shift_for(shift, x0.shape[1:], raw.params.patch_size, shift_value)
+            seed = start if bucket == 0 else (bucket << 32) + start
+            x_t, sigma, v, _, _ = draw(
+                x0, torch.Generator().manual_seed(seed), len(idx), 0, r, 0.0, 1.0, 1.0
+            )
+            w = (
+                {"guidance": torch.ones_like(sigma)}
+                if getattr(raw.params, "guidance_embed", False)
+                else {}
+            )
+            total += F.mse_loss(
+                raw(x_t, sigma, **batch, **w).float(), v.float(), reduction="sum"
+            ).item()
+            values += v.numel()
+    return total / values
 
 
 @torch.no_grad()
@@ -457,7 +460,7 @@ def monitor(raw, step: int, c, d: Dist, cache: LatentCache, latent: str, amp, lo
     if c.sample_every and step % c.sample_every == 0 and d.master and not c.fsdp:
         # the AE only decodes previews; training reads cached latents
         ae = load_autoencoder(cache.meta[f"{latent}_ae"], device=d.device).eval()
-        n = min(c.sample_count, len(cache))
+        n = min(c.sample_count, cache.counts()[0])  # bucket 0's first rows
         text = {
             k: v.to(d.device) for k, v in cache.get(torch.arange(n), sorted(cache.null)).items()
         }
@@ -494,7 +497,10 @@ def train(
     c = types.SimpleNamespace(**{**OPTIONAL, **dataclasses.asdict(cfg)})
     dtype = torch.bfloat16 if c.dtype == "bf16" else torch.float32
     # this rank's rows of every step
-    sampler = StepSampler(len(cache), c.batch_size // d.world_size, d.rank, d.world_size, c.seed)
+    # every step's global batch from one bucket, the same on every rank (data.BucketSampler)
+    sampler = BucketSampler(
+        cache.counts(), c.batch_size // d.world_size, d.rank, d.world_size, c.seed
+    )
     lora_file = lora_file_base(raw, c.init)
     C = cache.shape(latent)[0]
     if c.prefixes and not any(n < C for n in c.prefixes):
@@ -523,7 +529,8 @@ def train(
     t0 = time.perf_counter()
     while step < c.steps:
         g = step_generator(c.seed, step)
-        batch = {k: v.to(d.device) for k, v in cache.get(sampler.batch_of(step), keys).items()}
+        bucket, rows = sampler.batch_of(step)
+        batch = {k: v.to(d.device) for k, v in cache.get(rows, keys, bucket).items()}
         x0 = batch.pop(latent).float()  # (b, C, h, w)
         with amp():
             loss = prefix_loss(loss_fn, model, x0, batch, g, c, raw.params.patch_size)

@@ -50,6 +50,8 @@ class LabelEncoder:
     """The cache stage's "text encoder" for class-conditional models: captions (class names) to
     {"label": ids}; the null embedding is the CFG null class (index len(CLASSES))."""
 
+    id2label = ID2LABEL  # written into the cache's meta.json, then into the model folders
+
     def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
         ids = {v: int(k) for k, v in ID2LABEL.items()}
         return {"label": torch.tensor([ids[c] for c in captions])}
