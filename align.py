@@ -133,8 +133,8 @@ class CacheConfig:
     # the AE's memory but their seams differ from one pass (README: differences)
     shard_size: int = 256  # rows per shard file
     batch_size: int = 64  # images encoded at once
-    device: str = "auto"  # auto, cuda or cpu
-    dtype: str = "fp32"  # fp32 or bf16 (the AEs encode under bf16 autocast)
+    device: Device = "auto"  # auto, cuda or cpu
+    dtype: Dtype = "fp32"  # fp32 or bf16 (the AEs encode under bf16 autocast)
     seed: int = 0  # "shapes": which scenes; --prompts: each item's noise and bucket
     log_every: int = 10  # batches between progress lines
     # fmt: on
@@ -485,7 +485,6 @@ def main(argv: list[str] | None = None):
     stage.add_argument("--stage", default="embed", choices=sorted(STAGES))
     # this stage's flags only
     cfg = parse_config(STAGES[stage.parse_known_args(argv)[0].stage], argv)
-    assert cfg.dtype in ("fp32", "bf16"), f"--dtype {cfg.dtype!r}: choose fp32 or bf16"
     if cfg.stage == "head":  # train at the noise levels the model folder samples at
         cfg = with_shift(cfg)
     # checked before out_dir is written: a missing or empty cache leaves no run folder behind
