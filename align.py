@@ -2,8 +2,8 @@
 its autoencoder's latent (the teacher AE, e.g. FLUX's f8c16 VAE) to a deeply compressed one (the student AE, DC-AE
 f32c32 or DC-AE 1.5 f64c128) without collapsing it. Only the two layers that touch the latent change:
 
-  --stage cache  encode an image set once with both AEs and its captions with the base's text encoders: the latent
-                 cache every later stage trains on (no AE or text encoder runs per training step).
+  --stage cache  the latent cache every later stage trains on (no AE or text encoder runs per step): an image set
+                 encoded by both AEs, or (--prompts: DC-Gen's data) the teacher's images of prompts; in buckets.
   --stage embed  a fresh patch embedder for the student latent (xavier, bias 0) learns to reproduce the frozen base
                  embedder's output on the teacher latent of the same image, compared as 2-D maps:
                    --align upsample    student map bilinearly upsampled to the teacher grid (official code default)
@@ -22,7 +22,7 @@ Run:    python align.py --stage cache --data images/ --resolution 512 --teacher_
             --cache out/cache-512 --out_dir out/embed
         torchrun --standalone --nproc_per_node=8 align.py --stage head --init out/embed/model \
             --cache out/cache-512 --out_dir out/head --dtype bf16 --grad_checkpointing
-Smoke:  python align.py --stage embed --base out/smoke/model --cache out/cache-tiny --steps 2 --out_dir out/e
+        python align.py --stage cache --prompts prompts.txt --teacher FLUX.1-Krea-dev --buckets ms ...
 Input:  cache: images (+ captions) and the two AEs; embed: a base model folder and a cache with both latents;
         head: the embed stage's model folder and the cache. Output: out_dir/ckpt_{step:07d}.pt (only the new layers),
         config.json, log.txt; cache: shard_*.safetensors + meta.json; embed and head: out_dir/model (model folder).
@@ -310,12 +310,8 @@ def check_grids(base, cache: LatentCache, p_s: int) -> str:
         s = grid_t[0] // max(grid_s[0], 1)
         found.add(s)
         bad = h_t % p_t or w_t % p_t or h_s % p_s or w_s % p_s
-        if (
-            bad
-            or C_t != base.params.in_channels
-            or grid_s[0] * s != grid_t[0]
-            or grid_s[1] * s != grid_t[1]
-        ):
+        fits = grid_s[0] * s == grid_t[0] and grid_s[1] * s == grid_t[1]
+        if bad or C_t != base.params.in_channels or not fits:
             raise ValueError(
                 f"teacher latents {(C_t, h_t, w_t)} (base model: {base.params.in_channels} channels, "
                 f"patch {p_t} -> grid {grid_t}) and student latents {(C_s, h_s, w_s)} (patch {p_s} -> "
