@@ -93,12 +93,11 @@ def bucket_sizes(spec: str, base: int, multiple: int) -> list[tuple[int, int]]:
 
 
 def nearest_bucket(sizes: list[tuple[int, int]], height: int, width: int) -> int:
-    """The bucket whose aspect ratio is nearest to height/width, on a log scale (so 2:1 and 1:2 are
-    as far from 1:1)."""
-    # NOTE(deviation): the official get_closest_ratio compares |h/w - r| on a linear scale, which
-    # favours tall buckets for wide images; a log scale treats both orientations alike.
-    r = math.log(height / width)
-    return min(range(len(sizes)), key=lambda k: abs(math.log(sizes[k][0] / sizes[k][1]) - r))
+    """The bucket whose aspect ratio (height / width) is nearest to the image's, as the official
+    `get_closest_ratio` compares them: |r - h/w| on a linear scale, which sends an image halfway
+    between two ratios to the taller bucket."""
+    r = height / width
+    return min(range(len(sizes)), key=lambda k: abs(sizes[k][0] / sizes[k][1] - r))
 
 
 def fit(img: Image.Image, size: tuple[int, int]) -> Image.Image:
