@@ -112,10 +112,17 @@ def run_main(main: typing.Callable):
             raise  # a bare `assert` (no message) is a bug too
         line = " ".join(str(e.code if isinstance(e, SystemExit) else e).split())
         if oom:
-            batch = next((c.batch_size for c in reversed(PARSED) if hasattr(c, "batch_size")), "?")
+            flags = [
+                (f, getattr(c, f)) for c in PARSED for f in ("batch_size", "batch") if hasattr(c, f)
+            ]
+            flag, batch = flags[-1] if flags else ("batch_size", "?")  # sample.py's is --batch
             line = next((s for s in line.split(". ") if "allocate" in s), line)  # what it tried
-            line = f"out of memory at --batch_size {batch} ({line[:120]}): lower --batch_size, add "
-            line += "--grad_checkpointing (DiT stages), or size the run first with `python plan.py`"
+            line = f"out of memory at --{flag} {batch} ({line[:120]}): lower --{flag}, "
+            line += (
+                "add --grad_checkpointing (DiT stages), or size the run first with `python plan.py`"
+                if flag == "batch_size"
+                else "--tile_px or the size"
+            )
         print(f"error: {line}", file=sys.stderr, flush=True)
         sys.exit(2)
 

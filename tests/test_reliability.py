@@ -17,6 +17,7 @@ import torch
 from test_lora_stage import args, losses, make_cache
 
 import lora
+import sample
 from common import Dtype, load_ckpt, parse_config, run_main, save_ckpt
 from models.loading import read_state_dict, save_pretrained, staged_folder
 from models.pipeline import load_pipeline
@@ -176,6 +177,13 @@ def test_out_of_memory_names_the_batch_size_and_the_fixes(tmp_path, capsys):
     line = one_line(capsys, cuda_oom)
     assert line.startswith(
         "error: out of memory at --batch_size 64 (Tried to allocate 2.00 GiB): lower"
+    )
+
+    # sample.py's flag is --batch, and its fixes are its own
+    parse_config(sample.Config, ["--prompt", "x", "--batch", "4"])
+    line = one_line(capsys, cuda_oom)
+    assert line.endswith(
+        "at --batch 4 (Tried to allocate 2.00 GiB): lower --batch, --tile_px or the size"
     )
 
 
