@@ -14,6 +14,7 @@ The cache's layout and its reasons: docs/data.md.
 from __future__ import annotations
 
 import collections
+import ctypes
 import itertools
 import json
 import math
@@ -390,6 +391,17 @@ def write_meta(out: Path, meta: dict) -> None:
     atomic_write(out / "meta.json", lambda f: f.write((json.dumps(meta, indent=2) + "\n").encode()))
 
 
+def release_heap() -> None:
+    """Give the heap's free pages back to the OS (glibc's malloc_trim; nothing elsewhere). Tensors of
+    changing shapes (a batch per bucket) fragment glibc's heap: without this the writer's RSS grew
+    with every shard (0.97 GB for 64 generated items, 2.43 GB for 768); with it, it stays at about
+    0.37 GB after each shard, whatever the cache's size."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def write_shards(cfg, d, data, sizes, encode) -> int:
     """This rank's unfinished shards of `data` (at most cfg.max_shards of them), each written as it
     is made. Returns the number of shards of the whole cache."""
@@ -398,6 +410,8 @@ def write_shards(cfg, d, data, sizes, encode) -> int:
     for k in shards_to_do(out, n_shards, d.rank, d.world_size)[: cfg.max_shards or None]:
         rows, captions, skipped = make_shard(k, data, cfg.shard_size, cfg.batch_size, encode)
         write_shard(out, k, sizes, rows, captions, dict(skipped))
+        del rows
+        release_heap()
         done += sum(map(len, captions.values()))
         rate = (time.perf_counter() - t0) / max(done, 1)
         print0(
