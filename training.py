@@ -12,9 +12,7 @@ The anchor is EDM's split of `training/loss.py` from `training_loop.py`: the loo
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
-import itertools
 import math
 import time
 import types
@@ -22,6 +20,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -127,21 +126,20 @@ def latest_checkpoint(out_dir, log=None, keys=("model", "optimizer", "step")) ->
     return None, None
 
 
-def cache_rows(cache: LatentCache, rows, keys: list[str]) -> str:
-    """Where a non-finite loss came from: the batch's cache rows (by shard file) whose cached values are not finite,
-    or, when all are finite, the batch's rows (the model diverged)."""
-    rows = torch.as_tensor(rows).tolist()
-    values = cache.get(rows, keys)
+def cache_rows(cache: LatentCache, batch: tuple[int, list[int]], keys: list[str]) -> str:
+    """Where a non-finite loss came from: the batch's cache rows (bucket, rows in it), by shard file,
+    whose cached values are not finite, or, when all are finite, the batch's rows (the model
+    diverged)."""
+    bucket, rows = batch
+    values = cache.get(rows, keys, bucket)
     bad = [r for i, r in enumerate(rows) if not all(v[i].isfinite().all() for v in values.values())]
-    shards = cache.meta["shards"]
-    starts = [0, *itertools.accumulate(s["rows"] for s in shards)]
+    files, starts = cache.files[bucket], cache.starts[bucket]  # [(file, rows)], first row of each
     by_shard = {}  # shard file -> its rows
     for r in sorted(bad or rows):
-        s = bisect.bisect_right(starts, r) - 1
-        by_shard.setdefault(shards[s]["file"], []).append(str(r - starts[s]))
-    where = (
-        "; ".join(f"{f} rows {', '.join(r)}" for f, r in by_shard.items()) + f" of {cache.folder}"
-    )
+        s = int(np.searchsorted(starts, r, side="right")) - 1
+        by_shard.setdefault(files[s][0], []).append(str(r - int(starts[s])))
+    where = "; ".join(f"{f} rows {', '.join(r)}" for f, r in by_shard.items())
+    where += f" of {cache.folder}"
     return (
         f"non-finite cached values in {where}"
         if bad

@@ -2,18 +2,18 @@
 # DC-Gen's data recipe in miniature, from prompts only (docs/data.md): the toy FLUX.1-Krea (zoo/krea, 256 px on the
 # f8c4 VAE) generates an image per toy prompt at a 256 px base in three aspect-ratio buckets (192x320, 256x256,
 # 320x192: the official 0.6, 1.0 and 1.67 ratios), cached as paired latents (its latent as sampled, the student
-# f32c16 AE's of its image) -> align embed -> head -> a short LoRA -> merge, on a 2-core CPU (docs/data.md: the time it
-# took on a shared machine, where the cache alone took 36 min, 6-9 s per image at a load of 8-17). Then the
+# f32c16 AE's of its image) -> align embed -> head -> LoRA -> merge, on a 2-core CPU (docs/data.md: 14.3 min quiet;
+# beside other jobs libgomp's spinning threads made the cache 20-30x slower: OMP_WAIT_POLICY=PASSIVE). Then the
 # toy scorer on held-out prompts at the square size and both non-square buckets, next to zoo/dcgen-1k (trained on
 # rendered square images for 3000 LoRA steps). Every step is skipped when its output exists; training resumes.
 #
-#   N=192 LORA_STEPS=300 COUNT=32 bash runs/prompts_toy.sh      # the defaults
+#   N=768 LORA_STEPS=3000 COUNT=48 bash runs/prompts_toy.sh     # the defaults: 14.3 min on a quiet 2-core CPU
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/prompts-toy}
-N=${N:-192}                    # prompts (training captions of the toy grammar), one generated image each
-LORA_STEPS=${LORA_STEPS:-300}
-COUNT=${COUNT:-32}             # held-out prompts per size in the evaluation
+N=${N:-768}                    # prompts (training captions of the toy grammar), one generated image each
+LORA_STEPS=${LORA_STEPS:-3000}
+COUNT=${COUNT:-48}             # held-out prompts per size in the evaluation
 SEED=${SEED:-0}
 mkdir -p "$OUT"
 step() {  # name, output that marks it done, command...
