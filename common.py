@@ -140,14 +140,17 @@ class Dist:
     master: bool  # rank 0: the process that logs and writes files
 
 
+def pick_device(name: str) -> str:
+    """--device resolved: auto is cuda where torch sees a GPU; cuda without one is a UsageError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        why = "is built without CUDA" if torch.version.cuda is None else "sees no CUDA device"
+        raise UsageError(f"--device cuda: torch {torch.__version__} {why}; use --device cpu")
+    return name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def init_dist(device: str = "auto") -> Dist:
     """Join the torchrun process group (nccl on GPU, gloo on CPU), or run as world size 1 under plain `python`."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            f"--device cuda: torch {torch.__version__} sees no CUDA device; use --device cpu"
-        )
+    device = pick_device(device)
     torchrun = all(k in os.environ for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
     rank, local_rank, world = (
         (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))

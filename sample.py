@@ -46,6 +46,7 @@ from common import (  # noqa: E402
     guided_velocity,
     load_ckpt,
     parse_config,
+    pick_device,
     run_info,
     run_main,
     shift_for,
@@ -180,17 +181,6 @@ def check_tile_px(tile_px: int, f: int) -> None:
             f"--tile_px {tile_px}: give 0 (decode in one pass) or a multiple of this AE's factor "
             f"{f} px of at least {4 * f} px, so that tiles overlap by whole latent pixels"
         )
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        why = (
-            "this torch is built without CUDA"
-            if torch.version.cuda is None
-            else "no GPU is visible"
-        )
-        raise ValueError(f"--device cuda: {why} (torch {torch.__version__}); use --device cpu")
-    return torch.device(name if name != "auto" else "cuda" if torch.cuda.is_available() else "cpu")
 
 
 def pick_dtype(name: str, device: torch.device, folder: Path) -> tuple[torch.dtype, str]:
@@ -384,7 +374,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
     check_flags(cfg)
     out = Path(cfg.out)
     check_out(out)
-    device = pick_device(cfg.device)
+    device = torch.device(pick_device(cfg.device))
     if cfg.classes:  # a class-conditional folder (DiT, USiT): one image per class, as one PNG
         return sample_class_folder(cfg, out, device)
     prompts = read_prompts(cfg)

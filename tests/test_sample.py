@@ -260,7 +260,7 @@ def test_true_cfg_on_a_guidance_model_batches_like_one_image_at_a_time(world, tm
         ),
         (
             ["--device", "cuda"],
-            "--device cuda: this torch is built without CUDA .*; use --device cpu$",
+            "--device cuda: torch .* is built without CUDA; use --device cpu$",
         ),
         (
             ["--size", "16y"],
