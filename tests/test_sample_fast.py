@@ -6,6 +6,7 @@ Run: python -m pytest -q tests/test_sample_fast.py
 
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,19 @@ def test_png_round_trip_and_metadata(tmp_path):
         assert np.array_equal(np.asarray(im), pixels) and im.mode == "RGB"
         assert im.text == {k: str(v) for k, v in meta.items()}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png"]  # no temporary file left
+
+
+@pytest.mark.parametrize("level", [0, 1, 6, 9])
+def test_deflate_in_pieces_is_one_zlib_stream(level, tmp_path, monkeypatch):
+    """Pieces compressed apart and joined decode, as one stream, to the data; PIL reads the PNG."""
+    data = np.random.default_rng(0).integers(0, 3, 100_003, dtype=np.uint8) * 100
+    for pieces in (1, 2, 3, 7):
+        assert zlib.decompress(pngfile.deflate(data, level, pieces)) == data.tobytes()
+    pixels = data[: 99 * 101 * 3].reshape(99, 101, 3)
+    deflate = pngfile.deflate
+    monkeypatch.setattr(pngfile, "deflate", lambda d, lv: deflate(d, lv, pieces=3))
+    pngfile.write_png(tmp_path / "p.png", pixels, {}, level)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "p.png")), pixels)
 
 
 def test_an_interrupted_write_leaves_the_old_file(tmp_path, monkeypatch):
