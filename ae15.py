@@ -94,11 +94,11 @@ class Config:
     gan_weight: float = 0.0  # hinge-GAN generator weight (PatchGAN trained from scratch); 0 = off
     gan_start: int = 0  # step from which the GAN terms are on
     eval: bool = False  # evaluate --init (or the fresh --model) and exit: PSNR / SSIM per prefix
-    eval_n: int = 64  # images evaluated (held-out procedural scenes, or the first of the folder)
+    eval_n: int = 64  # images evaluated (held-out procedural scenes, or the first of the folder; 0: none)
     eval_prefixes: tuple[int, ...] = ()  # c' evaluated and sampled; empty: C/8, C/4, C/2, C (adaptive) or C
     log_every: int = 10  # steps between log lines
-    sample_every: int = 250  # steps between reconstruction grids
-    save_every: int = 500  # steps between checkpoints (the last step is always saved)
+    sample_every: int = 250  # steps between reconstruction grids (0: none)
+    save_every: int = 500  # steps between checkpoints (0: the last step only, which is always saved)
     out_dir: str = "out/ae15"  # where everything goes
     resume: bool = False  # continue from the newest out_dir/ckpt_*.pt
     seed: int = 0  # base seed (rank r uses seed + r; prefixes and data are shared-seeded per step)
@@ -120,6 +120,8 @@ def check_flags(cfg: Config) -> None:
         raise ValueError(
             f"--mask must be 'prefix' (DC-AE 1.5) or 'none' (DC-AE 1.0-style), got {cfg.mask!r}"
         )
+    if cfg.eval and cfg.eval_n < 1:
+        raise ValueError(f"--eval needs images to evaluate: --eval_n {cfg.eval_n}; give 1 or more")
     if cfg.lpips_weight > 0 and not cfg.lpips_path:
         raise ValueError(
             "--lpips_weight needs --lpips_path: LPIPS/VGG weights cannot be downloaded here and are not bundled; "
@@ -401,7 +403,7 @@ def export(
     )
     with staged_folder(out / "ae") as tmp:  # renamed into place once complete
         save_pretrained(tmp, {k: v.detach().cpu() for k, v in ae.state_dict().items()}, ae.config())
-    for c, r in evaluate(ae, cfg, show, device).items():
+    for c, r in (evaluate(ae, cfg, show, device) if cfg.eval_n else {}).items():
         print0(
             f"eval channels {c} | " + " | ".join(f"{k} {v:.4f}" for k, v in r.items()), log_file=log
         )
@@ -481,9 +483,9 @@ def main():
         if done % cfg.log_every == 0 or done == cfg.steps:
             print0(log_line(cfg, done, losses, prefixes, timed / n_timed, dist), log_file=log)
             timed, n_timed = 0.0, 0
-        if dist.master and (done % cfg.sample_every == 0 or done == cfg.steps):
+        if dist.master and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
             save_samples(ae, fixed, show, out, done)
-        if dist.master and (done % cfg.save_every == 0 or done == cfg.steps):
+        if dist.master and (done % (cfg.save_every or cfg.steps) == 0 or done == cfg.steps):
             save_checkpoint(out, done, cfg, ae, opt, disc, disc_opt)
 
     # --- export: measure the latent scale, write the diffusers-format folder, report held-out reconstruction quality

@@ -150,6 +150,16 @@ def test_kl_vae_with_gan(tmp_path, monkeypatch):
     assert isinstance(ae, VAE) and ae.params.shift_factor != 0.1
 
 
+def test_zero_turns_samples_and_eval_off(tmp_path, monkeypatch):
+    """--sample_every 0 / --eval_n 0: no grids, no eval; --save_every 0: the last checkpoint only."""
+    out = tmp_path / "quiet"
+    zero = ["--sample_every", 0, "--save_every", 0, "--eval_n", 0]
+    run(monkeypatch, *TINY, *zero, "--steps", 2, "--out_dir", out)
+    assert sorted(p.name for p in out.glob("ckpt_*.pt")) == ["ckpt_0000002.pt"]
+    assert not (out / "samples").exists() and (out / "ae" / "config.json").is_file()
+    assert "eval channels" not in (out / "log.txt").read_text()
+
+
 def test_bf16_autocast_trains_like_fp32(tmp_path, monkeypatch):
     for dtype in ("fp32", "bf16"):
         run(monkeypatch, *TINY, "--steps", 2, "--dtype", dtype, "--out_dir", tmp_path / dtype)
@@ -194,6 +204,7 @@ def test_lpips_loads_local_weights(tmp_path):
         (["--model", "tiny"], "--mask prefix needs an adaptive AE"),
         (["--lpips_weight", "0.5"], "LPIPS/VGG weights cannot be downloaded"),
         (["--model", "nope"], "unknown --model 'nope'; choose from"),
+        (["--eval", "--eval_n", "0"], "--eval needs images to evaluate"),
     ],
 )
 def test_bad_flags(tmp_path, monkeypatch, flags, error):
