@@ -19,7 +19,6 @@ Output: PNG(s) whose text metadata holds the whole recipe (prompt, seed, steps, 
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import json
 import os
@@ -55,7 +54,7 @@ from common import (  # noqa: E402
 from models.c2i import sample_classes  # noqa: E402
 from models.loading import read_config  # noqa: E402
 from models.pipeline import load_pipeline  # noqa: E402
-from models.tiling import nearest_multiples  # noqa: E402
+from models.tiling import nearest_multiples, reuse_freed_memory  # noqa: E402
 from pngfile import Writer, tile_grid, to_pixels  # noqa: E402
 from toy.text import knows_only_toy_captions, toy_prompts  # noqa: E402
 
@@ -314,20 +313,6 @@ def with_progress(velocity, steps: int, sync):
         return out
 
     return wrapped
-
-
-def reuse_freed_memory() -> None:
-    """Keep freed memory in the process for the next tensor instead of handing it back to the OS.
-    glibc unmaps freed blocks above its mmap threshold and trims the heap's free top, so the tiled
-    decode's 4-16 MB activations are faulted in again, page by page, tile after tile: at 4096 px
-    1.5 s of system time, a third of the decode. A fixed 32 MB threshold (glibc's largest) and no
-    trimming end it; the peak memory is unchanged (docs/performance.md). Nothing on other libcs."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
-    except (OSError, AttributeError):
-        pass
 
 
 class Clock:

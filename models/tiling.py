@@ -1,8 +1,10 @@
 """What the AEs (models/dcae.py, models/vae.py) share below their interface: the image-size check, and `tiled`, which
-runs an encoder or decoder on overlapping tiles of an image larger than the AE's `tile_px` and blends the results."""
+runs an encoder or decoder on overlapping tiles of an image larger than the AE's `tile_px` and blends the results,
+and `reuse_freed_memory`, which keeps the tiles' activations from being faulted in again."""
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
 
 import torch
@@ -102,3 +104,18 @@ def tiled(
         if progress:
             progress(i + 1, len(starts))
     return out.div_(weight).to(dtype)  # in place: a 4096 px canvas is 200 MB
+
+
+def reuse_freed_memory() -> None:
+    """Keep freed memory in the process for the next tensor instead of handing it back to the OS.
+    glibc unmaps freed blocks above its mmap threshold and trims the heap's free top, so the tiled
+    decode's 4-16 MB activations are faulted in again, page by page, tile after tile: at 4096 px
+    1.5 s of system time, a third of the decode. A fixed 32 MB threshold (glibc's largest) and no
+    trimming end it; the peak memory is unchanged (docs/performance.md). Process-wide, so the
+    scripts call it (sample.py, bench.py), not this module; nothing on other libcs."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
+    except (OSError, AttributeError):
+        pass
