@@ -52,7 +52,7 @@ from common import (
     seed_everything,
 )
 from data import LatentCache
-from models.c2i import C2I_PRESETS, build_c2i, gaussian_loss
+from models.c2i import C2I_PRESETS, build_c2i, eps_objective, gaussian_loss
 from models.flux import PRESETS, Flux
 from models.loading import staged_folder
 from models.pipeline import load_pipeline, write_pipeline
@@ -219,9 +219,7 @@ def main(cfg: Config | None = None) -> Path | None:
     raw = build_model(cfg, dtype)
     check_latent(raw, cache.shape(cfg.latent), f"the cache {cfg.cache} ({cfg.latent})")
     # an ε/Σ DiT (released DiT-XL/2) trains with DiT's own loss (models/c2i.py gaussian_loss)
-    gaussian = cfg.loss == "gaussian" or (
-        cfg.loss == "auto" and getattr(raw.params, "learn_sigma", False)
-    )
+    gaussian = eps_objective(cfg.loss, raw)
     guide = cfg.loss == "guide" or (
         cfg.loss == "auto" and getattr(raw.params, "guidance_embed", False)
     )

@@ -55,6 +55,7 @@ from common import (
 )
 from data import BucketSampler, LatentCache
 from models.autoencoder import load_autoencoder
+from models.c2i import ddim_sample, eps_objective, gaussian_loss
 from models.lora import inject_lora, lora_layers, save_diffusers_lora, unload_lora
 from models.pipeline import SHIFTS, read_shift
 
@@ -262,24 +263,26 @@ def guide_loss(
 
 
 @torch.no_grad()
-def validate(
-    raw, cache: LatentCache, latent: str, batch_size: int, shift: str, shift_value: float, device
-) -> float:
+def validate(raw, cache: LatentCache, latent: str, c, device) -> float:
     """Flow-matching loss of the conditional velocity (guidance w = 1 for guidance-distilled models)
     on every row of a held-out cache, with the same noise and noise levels at every call: comparable
-    across steps and runs."""
+    across steps and runs (c: the run's config). A model on DiT's ε/Σ objective: that loss instead,
+    per row, with the same fixed noise and timesteps."""
     keys = [latent, *sorted(cache.null)]
     total, values = 0.0, 0
     for bucket, n in enumerate(cache.counts()):  # every row of every bucket
-        for start in range(0, n, batch_size):
-            idx = torch.arange(start, min(n, start + batch_size))
+        for start in range(0, n, c.batch_size):
+            idx = torch.arange(start, min(n, start + c.batch_size))
             batch = {k: v.to(device) for k, v in cache.get(idx, keys, bucket).items()}
             x0 = batch.pop(latent).float()
-            r = shift_for(shift, x0.shape[1:], raw.params.patch_size, shift_value)
             seed = start if bucket == 0 else (bucket << 32) + start
-            x_t, sigma, v, _, _ = draw(
-                x0, torch.Generator().manual_seed(seed), len(idx), 0, r, 0.0, 1.0, 1.0
-            )
+            g = torch.Generator().manual_seed(seed)
+            if eps_objective(c.loss, raw):
+                total += gaussian_loss(raw, x0, batch, g).item() * len(idx)
+                values += len(idx)
+                continue
+            r = shift_for(c.shift, x0.shape[1:], raw.params.patch_size, c.shift_value)
+            x_t, sigma, v, _, _ = draw(x0, g, len(idx), 0, r, 0.0, 1.0, 1.0)
             w = (
                 {"guidance": torch.ones_like(sigma)}
                 if getattr(raw.params, "guidance_embed", False)
@@ -299,6 +302,9 @@ def preview(raw, ae, cond: dict, null: dict, latent_shape, r: float, c, path: Pa
     first = next(iter(cond.values()))  # text states, or class labels ("label")
     B = first.shape[0]
     x = get_noise((B, *latent_shape), seed=c.seed).to(first.device)
+    if eps_objective(c.loss, raw):  # DiT's ε/Σ objective: its DDIM sampler, CFG on the labels
+        x = ddim_sample(raw, x, cond["label"], {}, c.sample_steps, c.sample_guidance)
+        return save_image_grid(ae.decode(x.to(next(ae.parameters()).dtype)), path, nrow=B)
     # embedded guidance (whatever the training loss)
     if getattr(raw.params, "guidance_embed", False):
         v = guided_velocity(raw, cond, guidance=c.sample_guidance)
@@ -333,6 +339,7 @@ OPTIONAL = dict(
     num_prefixes=2,
     always_max=True,
     init="",
+    loss="fm",
 )
 LossFn = Callable[[nn.Module, torch.Tensor, dict, torch.Generator, float], torch.Tensor]
 
@@ -478,7 +485,7 @@ def monitor(raw, step: int, c, d: Dist, cache: LatentCache, latent: str, amp, lo
         raw.eval()
         with amp():
             val = LatentCache(c.val_cache)
-            loss = validate(raw, val, latent, c.batch_size, c.shift, c.shift_value, d.device)
+            loss = validate(raw, val, latent, c, d.device)
         print0(f"step {step:07d}/{c.steps:07d} | val_loss {loss:.5f}", log_file=log)
         raw.train()
         ran = True

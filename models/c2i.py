@@ -219,6 +219,13 @@ def discretized_nll(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
     return -torch.where(x < -0.999, log_plus, inner)
 
 
+def eps_objective(loss: str, model) -> bool:
+    """Whether a model trains with DiT's ε (and Σ) objective: asked for (--loss gaussian), or, with
+    --loss auto, implied by a learned Σ (the released DiT-XL/2). Its previews then sample with DDIM
+    and its validation loss is this objective's."""
+    return loss == "gaussian" or (loss == "auto" and getattr(model.params, "learn_sigma", False))
+
+
 def gaussian_loss(model, x0: Tensor, cond: dict, g: torch.Generator, sched: dict | None = None):
     """DiT's loss for an ε- and Σ-predicting model: t ~ U{0..T-1}, x_t = √ᾱ·x0 + √(1-ᾱ)·ε,
     mse(ε̂, ε) + L_vlb, where L_vlb (bits per dim) is KL(q(x_{t-1}|x_t, x0) || p(x_{t-1}|x_t)) with

@@ -261,11 +261,9 @@ def test_validation_loss_is_logged_and_deterministic(tmp_path):
         ln for ln in (tmp_path / "out" / "log.txt").read_text().splitlines() if "val_loss" in ln
     ]
     assert [ln.split()[1] for ln in lines] == ["0000001/0000002", "0000002/0000002"]
-    model = lora.build_model(lora.Config(preset="tiny", rank=0), torch.float32)
-    a, b = (
-        training.validate(model, LatentCache(val), "teacher", 2, "flux", 3.0, "cpu")
-        for _ in range(2)
-    )
+    c = lora.Config(preset="tiny", rank=0, batch_size=2, shift="flux", shift_value=3.0)
+    model = lora.build_model(c, torch.float32)
+    a, b = (training.validate(model, LatentCache(val), "teacher", c, "cpu") for _ in range(2))
     # same points every call; a random model's velocity error is O(1) per element
     assert a == b and 0.5 < a < 10
 
