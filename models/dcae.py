@@ -543,8 +543,9 @@ PRESETS = {
     # Toy zoo: DC-Gen's f32 and f64 roles, trainable on a 2-core CPU in minutes (docs/toy-zoo.md).
     "toy-f32c16": _dcae15((8, 16, 32, 32, 64, 64), (0, 1, 1, 1, 1, 1), 16),
     "toy-f64c32": _dcae15((8, 16, 32, 32, 64, 64, 64), (0, 1, 1, 1, 1, 1, 1), 32),
-    # the few-channel twin of toy-f32c16 (runs/c2i_toy.sh: DC-AE 1.5 Fig. 1b in miniature)
+    # the few- and many-channel twins of toy-f32c16 (runs/c2i_toy.sh: DC-AE 1.5 Fig. 1b in miniature)
     "toy-f32c4": _dcae15((8, 16, 32, 32, 64, 64), (0, 1, 1, 1, 1, 1), 4),
+    "toy-f32c64": _dcae15((8, 16, 32, 32, 64, 64), (0, 1, 1, 1, 1, 1), 64),
     # tests: a 1.0-type f8 AE with ResBlock and EfficientViT stages, multi-scale attention,
     # BatchNorm and shortcuts
     "tiny": DCAEParams(

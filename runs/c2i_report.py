@@ -32,9 +32,9 @@ parser.add_argument(
 )
 args = parser.parse_args()
 out = Path(args.out)
+A_ARMS = sorted((p.name for p in out.glob("a-c*")), key=lambda name: int(name[3:]))
 ARMS = {
-    "a-c4": "(a) unmasked f32c4",
-    "a-c16": "(a) unmasked f32c16",
+    **{arm: f"(a) unmasked f32{arm[2:]}" for arm in A_ARMS},  # a-c4, a-c16, a-c64
     "b-plain": "(b) 1.5 f32c16, plain",
     "b-aug": "(b) 1.5 f32c16, augmented",
     "c-base": "(c) base on f8c4 (teacher)",
@@ -78,7 +78,7 @@ lines = [
     f"| arm | {' | '.join(str(s) for s in steps)} | AE ceiling |",
     "|---|" + "---|" * (len(steps) + 1),
 ]
-caches = {"a-c4": "a4", "a-c16": "a16", "c-base": "zoo"}
+caches = {"c-base": "zoo", **{arm: f"a{arm[3:]}" for arm in A_ARMS}}
 for arm, c in curves.items():
     meta = json.loads((out / "cache" / caches.get(arm, "zoo") / "meta.json").read_text())
     ae = meta["teacher_ae"] if arm == "c-base" else meta["student_ae"]
@@ -105,7 +105,7 @@ W, H, M = 720, 420, 50
 img = Image.new("RGB", (W + 220, H), "white")
 draw = ImageDraw.Draw(img)
 draw.rectangle([M, 10, W - 10, H - M], outline="black")
-colors = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
+colors = ["#1f77b4", "#ff7f0e", "#17becf", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2"]
 s_max = max(steps) if steps else 1
 
 

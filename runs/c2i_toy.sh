@@ -6,7 +6,7 @@
 # steps) and scores it with toy/classes.py (the toy scorer's colour blob + template shape checks), then writes the
 # table and the curve $OUT/report.md, $OUT/curve.png.
 #
-#   a  DC-AE 1.5 Fig. 1b: two unmasked f32 AEs (ae15.py --mask none), c4 and c16, same architecture and steps;
+#   a  DC-AE 1.5 Fig. 1b: unmasked f32 AEs (ae15.py --mask none), c4, c16 and c64, same architecture and steps;
 #      a DiT on each latent (4x4 tokens at 128 px): does the wider latent converge slower?
 #   b  DC-AE 1.5 Fig. 5b: the masked (1.5) f32c16 AE of the toy zoo; the DiT with and without augmented diffusion
 #      training (lora.py --prefixes 4 8 12, K = 2 with the full latent always one of them)
@@ -25,6 +25,7 @@ COUNT=${COUNT:-2048}
 BATCH=${BATCH:-32}
 PX=128
 ARMS=${ARMS:-abc}
+A_CHANNELS=${A_CHANNELS:-4 16 64}  # (a): the latent channels of the unmasked AEs (toy-f32c4, -c16, -c64)
 mkdir -p "$OUT"
 step() {  # name, output that marks it done, command...
   local name=$1 done=$2; shift 2
@@ -36,8 +37,8 @@ step() {  # name, output that marks it done, command...
 LOG="--device cpu --seed 0 --log_every 100"
 SAVE=$((STEPS / 4))
 
-# --- (a) two unmasked AEs, few and many channels
-for c in $([[ $ARMS == *a* ]] && echo 4 16); do
+# --- (a) the unmasked AEs, few to many channels
+for c in $([[ $ARMS == *a* ]] && echo "$A_CHANNELS"); do
   step "ae f32c$c" "$OUT/ae-f32c$c/ae/config.json" python ae15.py --model toy-f32c$c --mask none --data shapes \
     --size_px $PX --zoom 1 4 --batch_size 8 --steps "$AE_STEPS" --lr 1e-3 --warmup 50 --l1_weight 0 --l2_weight 1 \
     --sample_every 0 --save_every 1000 --eval_n 16 $LOG --out_dir "$OUT/ae-f32c$c"
@@ -49,7 +50,7 @@ cache() {  # name, teacher AE (or ""), student AE
     --count "$COUNT" --teacher_ae "$2" --student_ae "$3" --batch_size 32 --shard_size 1024 --seed 0 --device cpu \
     --out_dir "$OUT/cache/$1"
 }
-if [[ $ARMS == *a* ]]; then cache a4 "" "$OUT/ae-f32c4/ae"; cache a16 "" "$OUT/ae-f32c16/ae"; fi
+for c in $([[ $ARMS == *a* ]] && echo "$A_CHANNELS"); do cache "a$c" "" "$OUT/ae-f32c$c/ae"; done
 if [[ $ARMS == *[bc]* ]]; then cache zoo zoo/ae/vae-f8c4 zoo/ae/f32c16; fi
 
 # --- the DiT arms: lora.py trains from scratch (--rank 0 --preset) or a LoRA on an --init folder
@@ -59,10 +60,7 @@ dit() {  # name, then lora.py flags
     --lr 1e-3 --warmup 50 --clip_grad 1 --ema 0.99 --sample_every 0 --save_every "$SAVE" $LOG --out_dir "$OUT/$name"
 }
 scratch="--preset dit-toy --rank 0 --latent student"
-if [[ $ARMS == *a* ]]; then
-  dit a-c4 $scratch --cache "$OUT/cache/a4"
-  dit a-c16 $scratch --cache "$OUT/cache/a16"
-fi
+for c in $([[ $ARMS == *a* ]] && echo "$A_CHANNELS"); do dit "a-c$c" $scratch --cache "$OUT/cache/a$c"; done
 if [[ $ARMS == *b* ]]; then
   dit b-plain $scratch --cache "$OUT/cache/zoo"
   dit b-aug $scratch --cache "$OUT/cache/zoo" --prefixes 4 8 12 --num_prefixes 2
