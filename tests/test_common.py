@@ -71,6 +71,7 @@ def test_crash_while_saving_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temp file left behind
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # torch's, on the raw pickle below
 def test_load_ckpt_refuses_pickled_code(tmp_path):
     path = tmp_path / "evil.pt"
     # a pickle that would construct an arbitrary object
