@@ -2,7 +2,7 @@
 curve PNG, plus each AE's ceiling (held-out ground truth through encode -> decode, scored the same way).
 
 Each checkpoint is merged to a model folder (lora.py --merge, its EMA weights) and sampled by models/c2i.py
-(sample_classes: 2 images per class, fixed noise, CFG 2, 20 Euler steps at the folder's shift); toy/classes.py
+(sample_classes: 8 images per class, fixed noise, CFG 2, 20 Euler steps at the folder's shift); toy/classes.py
 scores each image against its class.
 
 Run: python runs/c2i_report.py --out out/c2i_toy
@@ -24,7 +24,7 @@ from toy.classes import CLASSES, ClassDataset, correct  # noqa: E402
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
 parser.add_argument("--out", default="out/c2i_toy", help="runs/c2i_toy.sh's output folder")
-parser.add_argument("--per_class", type=int, default=2, help="images sampled per class")
+parser.add_argument("--per_class", type=int, default=8, help="images sampled per class")
 parser.add_argument("--cfg", type=float, default=2.0, help="CFG scale")
 parser.add_argument("--steps", type=int, default=20, help="Euler steps")
 parser.add_argument(
@@ -49,7 +49,7 @@ def accuracy(folder: Path) -> float:
     return sum(correct(img, int(k)) for img, k in zip(images, labels)) / len(labels)
 
 
-def ceiling(ae_folder: str, n: int = 48) -> float:
+def ceiling(ae_folder: str, n: int = 192) -> float:
     """Held-out images (another seed than the caches) through the AE, scored as samples are."""
     ae = load_autoencoder(ae_folder, tile_px=None).eval()
     data = ClassDataset(128, seed=123, split="test")

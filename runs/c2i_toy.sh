@@ -2,7 +2,7 @@
 # The class-conditional toy (docs/c2i.md): DC-AE 1.5's convergence experiments and DC-Gen-DiT in miniature, on
 # one-object images of 24 classes (colour x shape, toy/classes.py) at 128 px, with the project's own stages. Every
 # arm trains the same toy DiT (models/dit.py "toy": width 128, depth 6, velocity, 24 classes) for the same steps,
-# seed and data; runs/c2i_report.py samples each checkpoint (48 images, 2 per class, fixed noise, CFG 2, 20 Euler
+# seed and data; runs/c2i_report.py samples each checkpoint (192 images, 8 per class, fixed noise, CFG 2, 20 Euler
 # steps) and scores it with toy/classes.py (the toy scorer's colour blob + template shape checks), then writes the
 # table and the curve $OUT/report.md, $OUT/curve.png.
 #
