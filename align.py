@@ -10,8 +10,8 @@ f32c32 or DC-AE 1.5 f64c128) without collapsing it. Only the two layers that tou
                    --align downsample  teacher map average-pooled to the student grid (DC-Gen Eq. (1))
                  then assembles the student: base backbone + new embedder + a fresh head (xavier, bias 0).
   --stage head   embedder and head trained with the model's own loss (guide loss for FLUX, flow matching for
-                 SANA), backbone frozen: stage 3's loop (training.train) without LoRA, as the official stage 2
-                 runs its stage-3 trainer. Writes the complete student model folder for lora.py.
+                 SANA, DiT's for a learned-sigma DiT), backbone frozen: stage 3's loop without LoRA, as the
+                 official stage 2 runs its stage-3 trainer. Writes the complete student model folder for lora.py.
 
 Without alignment, fine-tuning on the new latent collapses (DC-Gen §3.2: DiT-XL FID 456, SANA 259, FLUX 15.8 with
 artifacts); with it, LoRA fine-tuning starts from a model that already sees the new tokens almost as the old ones.
@@ -70,6 +70,8 @@ from data import (
     write_shards,
 )
 from models.autoencoder import load_autoencoder
+from models.c2i import eps_objective, gaussian_loss
+from models.dit import DiT, positions_map
 from models.loading import staged_folder
 from models.pipeline import load_pipeline, read_shift, write_pipeline
 from models.text import drop_text, load_text_encoder
@@ -149,6 +151,7 @@ class EmbedConfig:
     base: str = ""  # the base model folder (its transformer and its patch embedder)
     cache: str = "out/cache"  # the latent cache, with both latents
     align: Literal["upsample", "downsample"] = "upsample"  # loss: upsample (official default) or downsample (Eq. (1))
+    positions: bool = True  # DiT: compare embeddings plus fixed positions, each on its own grid (official code)
     patch_size: int = 1  # patch size of the student model (DC-Gen: 1)
     shift: Shift = ""  # noise-level shift written to the model folder: "" the base folder's own (what sample.py uses
     # for it), flux, dcgen or constant (common.shift_factor)
@@ -176,7 +179,7 @@ class HeadConfig:
     out_dir: str = "out/head"  # checkpoints, log.txt, config.json, model/ (the complete student)
     init: str = ""  # the embed stage's model folder
     cache: str = "out/cache"  # the latent cache, with student latents and text states
-    loss: Literal["auto", "fm", "guide"] = "auto"  # fm: flow matching; auto: guide if the model embeds guidance
+    loss: Literal["auto", "fm", "guide", "gaussian"] = "auto"  # auto: guide / gaussian (learned-sigma DiT) / fm
     shift: Shift = ""  # training noise-level shift: "" the --init folder's own, flux, dcgen or constant
     shift_value: float = 3.0  # r of --shift constant
     steps: int = 5000  # optimizer steps
@@ -205,12 +208,13 @@ STAGES = {"cache": CacheConfig, "embed": EmbedConfig, "head": HeadConfig}
 # helpers
 
 
-def embed_map(layer: nn.Module, z: torch.Tensor, p: int) -> torch.Tensor:
+def embed_map(layer: nn.Module, z: torch.Tensor, p: int, base: int | None = None) -> torch.Tensor:
     """A patch embedder applied to a latent z (B, C, H, W), as a 2-D map of token embeddings (B, D,
-    H/p, W/p)."""
-    # SANA: conv with kernel = stride = p (DDP-wrapped)
+    H/p, W/p); plus DiT's fixed positions laid out for a grid of side `base`, if given."""
+    # DiT, SANA: conv with kernel = stride = p (DDP-wrapped)
     if isinstance(getattr(layer, "module", layer), nn.Conv2d):
-        return layer(z)
+        e = layer(z)
+        return e + positions_map(e, base)
     # FLUX: linear on p×p patches
     tokens = rearrange(z, "b c (h p1) (w p2) -> b h w (c p1 p2)", p1=p, p2=p)
     return layer(tokens).permute(0, 3, 1, 2)
@@ -238,9 +242,8 @@ def align_loss(e_t: torch.Tensor, e_s: torch.Tensor, mode: str) -> torch.Tensor:
     # bilinearly upsamples the student map instead. We follow the code; --align downsample is the
     # paper's variant.
     if mode == "upsample":  # at the teacher's resolution
-        return F.mse_loss(
-            e_t, F.interpolate(e_s, scale_factor=s, mode="bilinear") if s > 1 else e_s
-        )
+        up = F.interpolate(e_s, scale_factor=s, mode="bilinear") if s > 1 else e_s
+        return F.mse_loss(e_t, up)
     # DC-Gen Eq. (1): e' = AvgPool(e)
     return F.mse_loss(F.avg_pool2d(e_t, s) if s > 1 else e_t, e_s)
 
@@ -256,9 +259,7 @@ def cache_source(cfg: CacheConfig, sizes: list[tuple[int, int]]):
         return PromptItems(prompts, len(sizes), cfg.seed)
     if cfg.data not in ("shapes", "classes"):
         return ImageFolder(cfg.data, cfg.resolution, buckets=sizes, upscale=cfg.upscale)
-    assert sizes == [(cfg.resolution, cfg.resolution)], (
-        "procedural images are square: --buckets square"
-    )
+    assert sizes == [(cfg.resolution,) * 2], "procedural images are square: --buckets square"
     kind = ShapesDataset if cfg.data == "shapes" else ClassDataset  # scenes, or one object a class
     shapes = kind(cfg.resolution, cfg.seed, cfg.split, cfg.count)
     shapes.load = lambda i: shapes[i] | {"bucket": 0}
@@ -272,10 +273,7 @@ def cache_stage(cfg: CacheConfig, d) -> None:
     assert cfg.teacher_ae or cfg.student_ae, "give --teacher_ae and/or --student_ae"
     assert not cfg.prompts or cfg.teacher, "--prompts needs --teacher (the model that samples them)"
     r_t = cfg.teacher_resolution or cfg.resolution
-    assert r_t <= cfg.resolution, (
-        f"--teacher_resolution {r_t} > --resolution {cfg.resolution}: the teacher's copy is a "
-        "downsampled one"
-    )
+    assert r_t <= cfg.resolution, f"--teacher_resolution {r_t} > --resolution {cfg.resolution}"
     teacher = None
     if cfg.prompts:  # its latents are sampled, not encoded: no --teacher_ae
         dtype = torch.bfloat16 if cfg.dtype == "bf16" else torch.float32
@@ -319,9 +317,7 @@ def check_grids(base, cache: LatentCache, p_s: int) -> str:
                 "both directions"
             )
     assert len(found) == 1, f"the buckets' teacher/student grid ratios differ: {sorted(found)}"
-    return (
-        f"teacher grid {grid_t} -> student grid {grid_s} (x{s}) in {len(cache.buckets)} bucket(s)"
-    )
+    return f"teacher grid {grid_t} -> student grid {grid_s} (x{s}), {len(cache.buckets)} bucket(s)"
 
 
 def assemble(base, name: str, student: nn.Module, cache: LatentCache, cfg: EmbedConfig, dtype):
@@ -368,7 +364,12 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
     c_in = C_s if isinstance(teacher, nn.Conv2d) else C_s * p_s * p_s
     student = new_layer_like(teacher, c_in=c_in, patch=p_s).to(d.device)
     n_params = sum(p.numel() for p in student.parameters())
-    print0(f"embed: {grids}, {cfg.align} loss; {n_params} trainable parameters", log_file=log)
+    # DiT adds fixed positions to its patch embeddings; the official alignment compares the sums
+    # (dc_ai/dc_adapt/models/dit.py), each on its own grid, so the student learns the difference too
+    dit = isinstance(base, DiT) and cfg.positions
+    bases = (base.pos_embed.base, cache.shape("student")[1] // p_s) if dit else (None, None)
+    what = f"{cfg.align} loss{' of embeddings + positions' if dit else ''}"
+    print0(f"embed: {grids}, {what}; {n_params} trainable parameters", log_file=log)
     if cfg.dry_run:
         return
     seed_everything(cfg.seed + d.rank)
@@ -397,8 +398,8 @@ def embed_stage(cfg: EmbedConfig, d) -> None:
         batch = cache.get(rows, ["teacher", "student"], bucket)
         batch = {k: v.to(d.device, dtype) for k, v in batch.items()}
         with torch.no_grad():  # what the backbone expects: (b, D, *teacher grid)
-            e_t = embed_map(teacher, batch["teacher"], p_t).float()
-        e_s = embed_map(model, batch["student"].float(), p_s)  # (b, D, *student grid)
+            e_t = embed_map(teacher, batch["teacher"], p_t, bases[0]).float()
+        e_s = embed_map(model, batch["student"].float(), p_s, bases[1])  # (b, D, *student grid)
         loss = align_loss(e_t, e_s, cfg.align)
         loss.backward()
         if cfg.clip_grad > 0:
@@ -439,12 +440,11 @@ def head_stage(cfg: HeadConfig, d) -> None:
     distilled = getattr(raw.params, "guidance_embed", False)  # DiT, USiT: none
     guide = cfg.loss == "guide" or (cfg.loss == "auto" and distilled)
     assert not guide or distilled, "--loss guide needs a guidance embedding"
+    eps = eps_objective(cfg.loss, raw)  # a learned-sigma DiT (DiT-XL/2): DiT's own loss
     n_train = sum(p.numel() for p in raw.parameters() if p.requires_grad)
-    print0(
-        f"head: {raw.latent_layers} trainable ({n_train / 1e6:.2f} M parameters), backbone frozen; loss "
-        f"{'guide' if guide else 'flow matching'}",
-        log_file=log,
-    )
+    kind = "guide" if guide else "gaussian" if eps else "flow matching"
+    what = f"{raw.latent_layers} trainable ({n_train / 1e6:.2f} M parameters), backbone frozen"
+    print0(f"head: {what}; loss {kind}", log_file=log)
     check_run("head", raw, cfg, cache, "student", d, guide)  # on CUDA: does it fit the card?
     if cfg.dry_run:
         return
@@ -455,6 +455,8 @@ def head_stage(cfg: HeadConfig, d) -> None:
     def loss_fn(model, x0, text, g, r):
         x_t, sigma, v, drop, w = draw(x0, g, cfg.batch_size, d.rank, r, 0.1, 1.0, 14.0)
         cond = drop_text(text, null, drop)
+        if eps:
+            return gaussian_loss(model, x0, cond, g)
         if guide:
             return guide_loss(model, raw, x_t, sigma, v, cond, null, w)
         return flow_matching_loss(model, x_t, sigma, v, cond)

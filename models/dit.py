@@ -127,6 +127,15 @@ def sincos_2d(dim: int, h: int, w: int, base: int, device=None) -> Tensor:
     return emb.float().to(device)
 
 
+def positions_map(e: Tensor, base: int | None) -> Tensor | float:
+    """The fixed positions DiT adds to an embedding map e (b, D, h, w), laid out for a grid of side
+    `base`, as a (1, D, h, w) map; 0 for base None (a model without them)."""
+    if base is None:
+        return 0.0
+    D, h, w = e.shape[1:]
+    return sincos_2d(D, h, w, base, e.device).T.reshape(1, D, h, w).to(e.dtype)
+
+
 class TimestepEmbedder(nn.Module):
     """linear_1 -> SiLU -> linear_2 on the 256-dim sinusoid (diffusers' TimestepEmbedding)."""
 

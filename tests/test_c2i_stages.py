@@ -15,7 +15,7 @@ import align
 import lora
 import sample
 from data import LatentCache
-from models.c2i import class_ids
+from models.c2i import build_c2i, class_ids
 from models.pipeline import load_pipeline
 from tests.tiny_world import build_world
 
@@ -217,6 +217,7 @@ def test_dcgen_alignment_on_dit(world):
             str(world / "head"),
         ]
     )
+    assert "loss of embeddings + positions" in (world / "embed" / "log.txt").read_text()
     student = load_pipeline(world / "head" / "model").transformer
     teacher = load_pipeline(base).transformer
     assert student.params.patch_size == 1 and student.params.in_channels == 8
@@ -226,3 +227,39 @@ def test_dcgen_alignment_on_dit(world):
         a["transformer_blocks.0.attn1.to_q.weight"], b["transformer_blocks.0.attn1.to_q.weight"]
     )
     assert a["pos_embed.proj.weight"].shape != b["pos_embed.proj.weight"].shape
+
+
+@pytest.mark.parametrize(
+    "grid", [8, 4]
+)  # the model's own grid, and one it stretches its positions to
+def test_embed_map_with_positions_is_what_dits_blocks_see(grid):
+    """The embed stage's DiT target: the patch embedding plus the fixed positions, as the blocks get
+    it (official dc_adapt compares these sums), not the projection alone."""
+    torch.manual_seed(0)
+    model = build_c2i("dit-tiny")
+    p, C = model.params.patch_size, model.params.in_channels
+    z = torch.randn(2, C, grid * p, grid * p)
+    with torch.no_grad():
+        tokens = model.pos_embed(z, False)  # (B, h·w, D): what the first block receives
+        e = align.embed_map(model.pos_embed.proj, z, p, model.pos_embed.base)  # (B, D, h, w)
+        bare = align.embed_map(model.pos_embed.proj, z, p)
+    assert torch.allclose(e.flatten(2).transpose(1, 2), tokens, atol=1e-6)
+    assert not torch.allclose(bare.flatten(2).transpose(1, 2), tokens, atol=1e-2)
+
+
+def test_head_stage_on_a_learned_sigma_dit_uses_dits_loss(world):
+    """DC-Gen on a released-style DiT (ε and Σ): the head stage trains with DiT's own loss and
+    previews with DDIM; the flow loss would not even fit its 2C output channels."""
+    cache = ["--cache", str(world / "cache")]
+    base = run_lora(world, "eps-base", "--preset", "dit-tiny", *cache, "--latent", "teacher")
+    fast = ["--steps", "2", "--batch_size", "4", "--device", "cpu"]
+    embed = ["--stage", "embed", "--base", str(base), *cache, "--patch_size", "1", *fast]
+    align.main([*embed, "--out_dir", str(world / "eps-embed")])
+    head = ["--stage", "head", "--init", str(world / "eps-embed" / "model"), *cache, *fast]
+    align.main(
+        [*head, "--warmup", "1", "--sample_every", "2", "--out_dir", str(world / "eps-head")]
+    )
+    assert "loss gaussian" in (world / "eps-head" / "log.txt").read_text()
+    assert (world / "eps-head" / "samples" / "0000002.png").is_file()
+    student = load_pipeline(world / "eps-head" / "model").transformer
+    assert student.params.learn_sigma and student.params.in_channels == 8
