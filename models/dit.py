@@ -262,7 +262,9 @@ class DiTBlock(nn.Module):
 
 
 class DiT(nn.Module):
-    # DC-Gen re-learns these two for a new latent: stage 1 the embedder, stage 2 the head
+    # DC-Gen re-learns these two for a new latent: stage 1 the embedder, stage 2 the head.
+    # NOTE(deviation): the official head stage (c2icore freeze_backbone) also trains the final adaLN
+    # modulation (proj_out_1, part of its final_layer); we keep it frozen, as for FLUX's head.
     latent_layers = ("pos_embed.proj", "proj_out_2")
     # LoRA targets: every attention and MLP linear and the adaLN modulation of every block
     lora_targets = (
