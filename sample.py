@@ -93,6 +93,7 @@ class Config:
     max_length: int = 0  # text tokens: T5's for FLUX (0: 512, the most), Gemma's for SANA (0: 300)
     png_level: int = 1  # PNG zlib level 0-9: 1 writes a 4096 px image in a fifth of the time of 9, about 1.5x larger
     classes: tuple[str, ...] = ()  # class-conditional models (DiT, USiT): class ids or id2label names, not prompts
+    solver: typing.Literal["euler", "dopri5"] = "euler"  # class-conditional flow models: Euler on --steps, or dopri5
     # fmt: on
 
 
@@ -438,8 +439,8 @@ def main(argv: list[str] | None = None) -> list[Path]:
 
 def sample_class_folder(cfg: Config, out: Path, device: torch.device) -> list[Path]:
     size = int(cfg.size) if cfg.size.isdigit() else 0  # square only; 0: the model's own
-    args = (cfg.model, cfg.classes, cfg.steps, cfg.cfg or 4.0, cfg.seed, size, device)
-    images, names, meta = sample_classes(*args)  # models/c2i.py: DDIM, DDPM or flow Euler
+    args = (cfg.model, cfg.classes, cfg.steps, cfg.cfg or 4.0, cfg.seed, size, device, cfg.solver)
+    images, names, meta = sample_classes(*args)  # models/c2i.py: DDIM, DDPM, flow Euler or dopri5
     writer = Writer(cfg.png_level)
     writer.put(out, tile_grid([to_pixels(x) for x in images], min(4, len(images))), meta)
     writer.wait()

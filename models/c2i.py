@@ -8,7 +8,8 @@ classifier-free guidance against the null class; plus the class names of a folde
         `cfg_channels` makes it a setting); Σ is taken from the conditional half.
     flow (models trained here): x_t = (1 - σ)·x0 + σ·noise, v = noise - x0, Euler from σ = 1 to 0 (common.denoise).
     SiT (official USiT, `sit_sampler/transport.py` Linear/velocity): x_t = t·x1 + (1 - t)·x0, t from 0 (noise) to 1,
-        v = x1 - x0: the same path with t = 1 - σ and the opposite sign, so it is sampled by the same Euler loop.
+        v = x1 - x0: the same path with t = 1 - σ and the opposite sign, so it is sampled by the same Euler loop, or
+        by adaptive Dormand-Prince steps (`dopri5`, as the official USiT evaluation's ODE sampler).
 """
 
 from __future__ import annotations
@@ -164,6 +165,53 @@ def ddpm_sample(
     return x
 
 
+# Dormand-Prince 5(4) (Hairer, Nørsett & Wanner, Solving ODEs I, Table II.5.2): nodes, stage weights, and the
+# 5th-order weights minus the embedded 4th-order ones (the error estimate). The 5th-order solution is also the 7th
+# stage's input, so that stage's slope starts the next step ("first same as last").
+DOPRI_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
+DOPRI_A = (
+    (),
+    (1 / 5,),
+    (3 / 40, 9 / 40),
+    (44 / 45, -56 / 15, 32 / 9),
+    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
+)
+DOPRI_E = (71 / 57600, 0.0, -71 / 16695, 71 / 1920, -17253 / 339200, 22 / 525, -1 / 40)
+
+
+def dopri5(f, x: Tensor, t0: float, t1: float, atol: float = 1e-6, rtol: float = 1e-3) -> tuple:
+    """Solve dx/dt = f(t, x) from t0 to t1 > t0 with adaptive Dormand-Prince 5(4) steps, the
+    `dopri5` of torchdiffeq that SiT's ODE sampler calls: a step is kept when the RMS of its error
+    estimate over atol + rtol·max(|x|, |x_new|) is at most 1, and the next step is scaled by
+    0.9·err^(-1/5), clamped to [0.2, 10]; the first step as Hairer & Wanner's starting-step rule.
+    Returns x(t1) and the number of f evaluations."""
+
+    def rms(v: Tensor) -> float:
+        return v.float().pow(2).mean().sqrt().item()
+
+    k, scale = f(t0, x), atol + rtol * x.abs()
+    d0, d1 = rms(x / scale), rms(k / scale)
+    h0 = 1e-6 if d0 < 1e-5 or d1 < 1e-5 else 0.01 * d0 / d1
+    d2 = rms((f(t0 + h0, x + h0 * k) - k) / scale) / h0
+    h = min(100 * h0, max(1e-6, h0 * 1e-3) if max(d1, d2) <= 1e-15 else (0.01 / max(d1, d2)) ** 0.2)
+    t, nfe = t0, 2
+    while t1 - t > 1e-12 * max(1.0, abs(t1)):
+        h = min(h, t1 - t)
+        ks = [k]
+        for c, a in zip(DOPRI_C[1:], DOPRI_A[1:]):
+            ks.append(f(t + c * h, x + h * sum(ai * ki for ai, ki in zip(a, ks) if ai)))
+        x_new = x + h * sum(ai * ki for ai, ki in zip(DOPRI_A[-1], ks) if ai)  # 5th order
+        err = h * sum(e * ki for e, ki in zip(DOPRI_E, ks) if e)
+        ratio = rms(err / (atol + rtol * torch.maximum(x.abs(), x_new.abs())))
+        nfe += 6
+        if ratio <= 1:
+            t, x, k = t + h, x_new, ks[-1]
+        h *= 10.0 if ratio == 0 else min(10.0, max(0.2, 0.9 * ratio**-0.2))
+    return x, nfe
+
+
 @torch.no_grad()
 def flow_sample(
     model,
@@ -173,10 +221,13 @@ def flow_sample(
     cfg: float = 1.0,
     r: float = 1.0,
     sit: bool = False,
+    solver: str = "euler",
 ) -> Tensor:
-    """Euler from σ = 1 to 0 on the time-shifted schedule of `r` (common.get_schedule). A model
-    trained here takes σ and predicts noise - x0; an official SiT/USiT (`sit`) takes t = 1 - σ and
-    predicts x1 - x0, so its output is negated. CFG: v_u + cfg·(v_c - v_u)."""
+    """Euler from σ = 1 to 0 on the time-shifted schedule of `r` (common.get_schedule), or, with
+    solver "dopri5", the same ODE by adaptive Dormand-Prince steps (the official USiT evaluation's
+    ODE solver, at SiT's default tolerances atol 1e-6, rtol 1e-3; `steps` and `r` play no part).
+    A model trained here takes σ and predicts noise - x0; an official SiT/USiT (`sit`) takes
+    t = 1 - σ and predicts x1 - x0, so its output is negated. CFG: v_u + cfg·(v_c - v_u)."""
 
     def velocity(x: Tensor, sigma: float) -> Tensor:
         B = x.shape[0]
@@ -191,6 +242,8 @@ def flow_sample(
             v = v_u + cfg * (v_c - v_u)
         return -v if sit else v
 
+    if solver == "dopri5":  # in t = 1 - σ, forward: dx/dt = -v(x, σ)
+        return dopri5(lambda t, x: -velocity(x, 1.0 - t), noise.float(), 0.0, 1.0)[0]
     return denoise(velocity, noise.float(), get_schedule(steps, r))
 
 
@@ -289,12 +342,20 @@ def class_ids(classes: list[str], id2label: dict | None) -> list[int]:
 
 @torch.no_grad()
 def sample_classes(
-    folder, classes: list[str], steps: int, cfg: float, seed: int, size: int = 0, device="cpu"
+    folder,
+    classes: list[str],
+    steps: int,
+    cfg: float,
+    seed: int,
+    size: int = 0,
+    device="cpu",
+    solver: str = "euler",
 ) -> tuple[Tensor, list[str], dict]:
     """Images (B, 3, H, W) in [-1, 1] of a class-conditional folder (DiT or USiT), one per class (ids
     or id2label names), from seeded noise (common.get_noise): DDIM / DDPM when the folder's scheduler
-    is diffusers' DDIMScheduler / DDPMScheduler (released DiT), else flow Euler at the folder's shift.
-    size 0: the model's native size. Returns the images, the class names and the recipe."""
+    is diffusers' DDIMScheduler / DDPMScheduler (released DiT), else the flow ODE by `solver`: Euler at
+    the folder's shift, or adaptive dopri5. size 0: the model's native size. Returns the images, the
+    class names and the recipe."""
     from common import get_noise, shift_for
     from models.pipeline import load_pipeline
 
@@ -308,6 +369,10 @@ def sample_classes(
     sched_file = Path(folder) / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
     kind = sched.get("_class_name", "")
+    if solver != "euler" and kind in ("DDIMScheduler", "DDPMScheduler"):
+        raise ValueError(
+            f"--solver {solver} solves a flow model's ODE; {folder} is an ε model ({kind})"
+        )
     if kind == "DDIMScheduler":
         z = ddim_sample(model, noise, labels, sched, steps, cfg)
     elif kind == "DDPMScheduler":
@@ -316,14 +381,14 @@ def sample_classes(
         )
     else:
         r = shift_for(pipe.shift, (C, h, h), model.params.patch_size, pipe.shift_value)
-        z = flow_sample(model, noise, labels, steps, cfg, r)
+        z = flow_sample(model, noise, labels, steps, cfg, r, solver=solver)
     names = [(pipe.id2label or {}).get(str(i), str(i)) for i in ids]
     meta = {
         "model": str(folder),
         "classes": ",".join(map(str, ids)),
         "steps": steps,
         "cfg": cfg,
-        "sampler": kind or "flow Euler",
+        "sampler": kind if kind in ("DDIMScheduler", "DDPMScheduler") else f"flow {solver}",
         "seed": seed,
     }
     return ae.decode(z.to(next(ae.parameters()).dtype)).float().cpu(), names, meta

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 import align
 import lora
@@ -132,6 +133,9 @@ def test_train_from_scratch_with_prefixes_and_sample(world, preset, tmp_path):
         ]
     )
     assert out and all(p.is_file() for p in out)
+    flags = ["--model", str(folder), "--class", "3", "--solver", "dopri5", "--device", "cpu"]
+    ode = sample.main([*flags, "--out", str(tmp_path / "d.png")])
+    assert Image.open(ode[0]).text["sampler"] == "flow dopri5"
 
 
 def test_learned_sigma_dit_trains_with_dits_loss_and_samples_ddpm(world, tmp_path):
@@ -162,6 +166,10 @@ def test_learned_sigma_dit_trains_with_dits_loss_and_samples_ddpm(world, tmp_pat
         ]
     )
     assert out[0].is_file()
+    with pytest.raises(ValueError, match="--solver dopri5 solves a flow model's ODE"):
+        sample.main(
+            ["--model", str(folder), "--class", "3", "--solver", "dopri5", "--device", "cpu"]
+        )
 
 
 def test_dcgen_alignment_on_dit(world):

@@ -5,6 +5,7 @@ Run: python -m pytest -q tests/test_dit.py
 """
 
 import json
+import math
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from diffusers import (
 )
 
 from models.autoencoder import load_autoencoder
-from models.c2i import class_ids, ddim_sample, ddpm_sample, flow_sample
+from models.c2i import class_ids, ddim_sample, ddpm_sample, dopri5, flow_sample
 from models.dit import PRESETS, DiT
 from models.uvit import PRESETS as UVIT_PRESETS
 from models.uvit import UViT
@@ -217,6 +218,32 @@ def test_flow_sample_sit_convention():
     a = flow_sample(model, noise, y, steps=3, cfg=2.0)
     b = flow_sample(Sit(), noise, y, steps=3, cfg=2.0, sit=True)
     assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, noise)
+
+
+def test_dopri5_reaches_the_exact_solution_to_its_tolerance():
+    """A linear system (x(1) = e^A x0) and a time-dependent one (x(2) = x0·e^(sin 2)): the error
+    follows the tolerance, and a tighter tolerance takes more evaluations."""
+    torch.manual_seed(0)
+    A, x0 = torch.randn(6, 6, dtype=torch.float64) * 0.7, torch.randn(6, dtype=torch.float64)
+    exact = torch.linalg.matrix_exp(A) @ x0
+    loose, n_loose = dopri5(lambda t, x: A @ x, x0, 0.0, 1.0, atol=1e-9, rtol=1e-3)
+    tight, n_tight = dopri5(lambda t, x: A @ x, x0, 0.0, 1.0, atol=1e-9, rtol=1e-6)
+    assert (loose - exact).abs().max() < 1e-2 and (tight - exact).abs().max() < 1e-5
+    assert n_tight > n_loose
+    x, _ = dopri5(lambda t, x: math.cos(t) * x, x0, 0.0, 2.0, atol=1e-10, rtol=1e-8)
+    assert torch.allclose(x, x0 * math.exp(math.sin(2.0)), atol=1e-7)
+
+
+def test_flow_sample_dopri5_is_the_limit_of_euler():
+    """The same ODE: Euler's answer approaches dopri5's as its steps grow."""
+    model = UViT(UVIT_PRESETS["tiny"]).eval()
+    noise, y = (
+        torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)),
+        torch.tensor([1, 2]),
+    )
+    d = flow_sample(model, noise, y, steps=0, cfg=2.0, solver="dopri5")
+    gaps = [(flow_sample(model, noise, y, steps=n, cfg=2.0) - d).abs().max() for n in (5, 400)]
+    assert gaps[1] < gaps[0] and gaps[1] < 2e-3 and not torch.allclose(d, noise)
 
 
 def test_gaussian_loss_vlb_vanishes_for_the_true_posterior():
