@@ -304,13 +304,12 @@ def preview(raw, ae, cond: dict, null: dict, latent_shape, r: float, c, path: Pa
     x = get_noise((B, *latent_shape), seed=c.seed).to(first.device)
     if eps_objective(c.loss, raw):  # DiT's ε/Σ objective: its DDIM sampler, CFG on the labels
         x = ddim_sample(raw, x, cond["label"], {}, c.sample_steps, c.sample_guidance)
-        return save_image_grid(ae.decode(x.to(next(ae.parameters()).dtype)), path, nrow=B)
-    # embedded guidance (whatever the training loss)
-    if getattr(raw.params, "guidance_embed", False):
+    elif getattr(raw.params, "guidance_embed", False):  # embedded guidance, whatever the loss
         v = guided_velocity(raw, cond, guidance=c.sample_guidance)
+        x = denoise(v, x, get_schedule(c.sample_steps, r))
     else:
         v = guided_velocity(raw, cond, null, cfg=c.sample_guidance)
-    x = denoise(v, x, get_schedule(c.sample_steps, r))
+        x = denoise(v, x, get_schedule(c.sample_steps, r))
     save_image_grid(ae.decode(x.to(next(ae.parameters()).dtype)), path, nrow=B)
 
 

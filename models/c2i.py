@@ -369,7 +369,8 @@ def sample_classes(
     sched_file = Path(folder) / "scheduler" / "scheduler_config.json"
     sched = json.loads(sched_file.read_text()) if sched_file.is_file() else {}
     kind = sched.get("_class_name", "")
-    if solver != "euler" and kind in ("DDIMScheduler", "DDPMScheduler"):
+    eps = kind in ("DDIMScheduler", "DDPMScheduler")  # a released ε DiT; else a flow model
+    if solver != "euler" and eps:
         raise ValueError(
             f"--solver {solver} solves a flow model's ODE; {folder} is an ε model ({kind})"
         )
@@ -388,7 +389,7 @@ def sample_classes(
         "classes": ",".join(map(str, ids)),
         "steps": steps,
         "cfg": cfg,
-        "sampler": kind if kind in ("DDIMScheduler", "DDPMScheduler") else f"flow {solver}",
+        "sampler": kind if eps else f"flow {solver}",
         "seed": seed,
     }
     return ae.decode(z.to(next(ae.parameters()).dtype)).float().cpu(), names, meta

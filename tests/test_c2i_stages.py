@@ -172,61 +172,22 @@ def test_learned_sigma_dit_trains_with_dits_loss_and_samples_ddpm(world, tmp_pat
         )
 
 
+def run_align(world, base, name: str, *head_flags) -> None:
+    """DC-Gen stages 1 and 2 on the world's cache, 2 steps each: world/{name}-embed, -head."""
+    cache = ["--cache", str(world / "cache")]
+    fast = ["--steps", "2", "--batch_size", "4", "--device", "cpu"]
+    embed = ["--stage", "embed", "--base", str(base), *cache, "--patch_size", "1", *fast]
+    align.main([*embed, "--out_dir", str(world / f"{name}-embed")])
+    head = ["--stage", "head", "--init", str(world / f"{name}-embed" / "model"), *cache, *fast]
+    align.main([*head, "--warmup", "1", *head_flags, "--out_dir", str(world / f"{name}-head")])
+
+
 def test_dcgen_alignment_on_dit(world):
-    base = run_lora(
-        world,
-        "dit-base",
-        "--preset",
-        "dit-tiny-v",
-        "--cache",
-        str(world / "cache"),
-        "--latent",
-        "teacher",
-    )
-    align.main(
-        [
-            "--stage",
-            "embed",
-            "--base",
-            str(base),
-            "--cache",
-            str(world / "cache"),
-            "--patch_size",
-            "1",
-            "--steps",
-            "2",
-            "--batch_size",
-            "4",
-            "--device",
-            "cpu",
-            "--out_dir",
-            str(world / "embed"),
-        ]
-    )
-    align.main(
-        [
-            "--stage",
-            "head",
-            "--init",
-            str(world / "embed" / "model"),
-            "--cache",
-            str(world / "cache"),
-            "--steps",
-            "2",
-            "--batch_size",
-            "4",
-            "--warmup",
-            "1",
-            "--device",
-            "cpu",
-            "--sample_every",
-            "0",
-            "--out_dir",
-            str(world / "head"),
-        ]
-    )
-    assert "loss of embeddings + positions" in (world / "embed" / "log.txt").read_text()
-    student = load_pipeline(world / "head" / "model").transformer
+    cache = ["--cache", str(world / "cache")]
+    base = run_lora(world, "dit-base", "--preset", "dit-tiny-v", *cache, "--latent", "teacher")
+    run_align(world, base, "v", "--sample_every", "0")
+    assert "loss of embeddings + positions" in (world / "v-embed" / "log.txt").read_text()
+    student = load_pipeline(world / "v-head" / "model").transformer
     teacher = load_pipeline(base).transformer
     assert student.params.patch_size == 1 and student.params.in_channels == 8
     # the backbone is the base's; the embedder and head are new
@@ -260,13 +221,7 @@ def test_head_stage_on_a_learned_sigma_dit_uses_dits_loss(world):
     previews with DDIM; the flow loss would not even fit its 2C output channels."""
     cache = ["--cache", str(world / "cache")]
     base = run_lora(world, "eps-base", "--preset", "dit-tiny", *cache, "--latent", "teacher")
-    fast = ["--steps", "2", "--batch_size", "4", "--device", "cpu"]
-    embed = ["--stage", "embed", "--base", str(base), *cache, "--patch_size", "1", *fast]
-    align.main([*embed, "--out_dir", str(world / "eps-embed")])
-    head = ["--stage", "head", "--init", str(world / "eps-embed" / "model"), *cache, *fast]
-    align.main(
-        [*head, "--warmup", "1", "--sample_every", "2", "--out_dir", str(world / "eps-head")]
-    )
+    run_align(world, base, "eps", "--sample_every", "2")
     assert "loss gaussian" in (world / "eps-head" / "log.txt").read_text()
     assert (world / "eps-head" / "samples" / "0000002.png").is_file()
     student = load_pipeline(world / "eps-head" / "model").transformer
